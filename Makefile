@@ -1,0 +1,24 @@
+# Everything a fresh machine needs: a virtual environment with the CPU build of torch and opd.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.opd-installed
+
+.PHONY: quickstart test bench-loss clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/opd quickstart
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench-loss: $(STAMP)
+	$(PY) bench/loss_memory.py
+
+clean:
+	rm -rf $(VENV) runs .cache

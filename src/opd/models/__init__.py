@@ -1,0 +1,1 @@
+"""Backends: anything that can score (and generate) sequences."""

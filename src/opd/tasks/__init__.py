@@ -1,0 +1,1 @@
+"""Verifiable tasks: prompts, reference solutions, answer extraction, exact verifiers."""
