@@ -1,0 +1,41 @@
+"""Held-out evaluation: greedy accuracy, sampled pass@k and mean completion length."""
+
+from __future__ import annotations
+
+import torch
+
+from opd.methods.base import RolloutEnv
+from opd.rollouts.sampler import sample
+from opd.tasks.base import Problem
+
+
+def _complete(env: RolloutEnv, problems, *, temperature: float, generator, chunk: int = 256):
+    out = []
+    for i in range(0, len(problems), chunk):
+        part = problems[i : i + chunk]
+        res = sample(
+            env.student, [env.encode_prompt(p) for p in part], max_new_tokens=env.max_new_tokens,
+            eos_id=env.eos_id, pad_id=env.pad_id, temperature=temperature, top_p=1.0, generator=generator,
+        )
+        out.extend(res.batch.completions())
+    return out
+
+
+@torch.no_grad()
+def evaluate(env: RolloutEnv, problems: list[Problem], *, k: int, temperature: float, seed: int) -> dict:
+    """``eval/accuracy`` (greedy), ``eval/pass@k`` and ``eval/length`` (sampled at ``temperature``)."""
+    was_training = env.student.training
+    env.student.eval()
+    greedy = _complete(env, problems, temperature=0.0, generator=None)
+    accuracy = sum(env.verify(p, c) for p, c in zip(problems, greedy)) / len(problems)
+    generator = torch.Generator().manual_seed(seed)
+    rows = [p for p in problems for _ in range(k)]
+    sampled = _complete(env, rows, temperature=temperature, generator=generator)
+    correct = torch.tensor([env.verify(p, c) for p, c in zip(rows, sampled)]).view(len(problems), k)
+    env.student.train(was_training)
+    return {
+        "eval/accuracy": accuracy,
+        f"eval/pass@{k}": correct.any(1).float().mean().item(),
+        "eval/sample_accuracy": correct.float().mean().item(),
+        "eval/length": sum(len(c) for c in sampled) / len(sampled),
+    }

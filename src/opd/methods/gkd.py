@@ -1,0 +1,49 @@
+"""GKD: generalized JSD on a mix of on-policy and off-policy sequences (METHODS §3).
+
+    M = beta·P_T + (1-beta)·Q_theta,  JSD_beta = beta·KL(P_T‖M) + (1-beta)·KL(Q_theta‖M)
+    L = (1/N) Σ_{i,t} JSD_beta(t)          (full vocabulary, per position)
+
+Each step is on-policy (student samples) with probability ``lmbda``, else it trains on
+the dataset's solutions, or on teacher samples when ``seq_kd`` is set. ``beta=0`` is
+forward KL, ``beta=1`` reverse KL. No gradient flows through the sampling.
+Source: paper; code (TRL ``GKDTrainer.generalized_jsd_loss``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd.losses import divergence
+from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest
+from opd.rollouts.student import solution_rollout, student_rollout, teacher_rollout
+
+
+def gkd_rollout(env, problems, generator, *, lmbda: float, seq_kd: bool) -> Experience:
+    if float(torch.rand((), generator=generator)) < lmbda:
+        return student_rollout(env, problems, generator)
+    off = teacher_rollout if seq_kd else solution_rollout
+    return off(env, problems, generator)
+
+
+def gkd_signal(exp: Experience, scores) -> Signal:
+    return {"mask_BT": exp.batch.completion_mask_BT, "teacher_logits_BTV": scores.logits_BTV}
+
+
+def gkd_loss(view: StudentView, signal: Signal, *, beta: float, loss_temperature: float):
+    jsd_BT = divergence(
+        view.logits_BTV, signal["teacher_logits_BTV"], "jsd", beta=beta, temperature=loss_temperature
+    )
+    return jsd_BT, {"loss/jsd": jsd_BT}
+
+
+def build(
+    beta: float = 0.5, lmbda: float = 0.5, seq_kd: bool = False, loss_temperature: float = 1.0
+) -> Method:
+    return Method(
+        "gkd",
+        lambda env, problems, gen: gkd_rollout(env, problems, gen, lmbda=lmbda, seq_kd=seq_kd),
+        gkd_signal,
+        lambda view, signal: gkd_loss(view, signal, beta=beta, loss_temperature=loss_temperature),
+        teacher_request=TeacherRequest(topk=8, full=True),
+        needs=("teacher", "solutions") if lmbda < 1.0 and not seq_kd else ("teacher",),
+    )

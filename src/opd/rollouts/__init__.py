@@ -1,0 +1,1 @@
+"""Rollouts: whose tokens the loss is computed on."""

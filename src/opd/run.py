@@ -1,0 +1,127 @@
+"""A whole run: set-up, the step loop with evaluation, logs and checkpoints, resume."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from opd.errors import UserError
+
+import yaml
+
+from opd.checkpoint import checkpoint_dir, latest_checkpoint, load_trainer_state, save_checkpoint
+from opd.config import config_to_dict
+from opd.evaluate import evaluate
+from opd.metrics_log import MetricLogger
+from opd.models.hf import load_model
+from opd.setup import Setup, build_setup
+from opd.train import make_optimizer, make_scheduler, pick_problems, step_generator, train_step
+from opd.train_config import TrainConfig
+
+PROGRESS_KEYS = ["eval/accuracy", "rollout/reward", "rollout/length"]
+
+
+def _check_run_dir(cfg: TrainConfig) -> Path | None:
+    """The checkpoint to resume from, or None; refuses to clobber an earlier run."""
+    found = latest_checkpoint(cfg.run_dir)
+    if cfg.resume:
+        if found is None:
+            raise UserError(f"resume=true but {cfg.run_dir} has no complete checkpoint; drop resume=true to start fresh.")
+        return found
+    if found is not None and not cfg.overwrite:
+        raise UserError(
+            f"{cfg.run_dir} already holds checkpoints (latest: {found.name}); pass resume=true to continue it, "
+            "overwrite=true to start over there, or choose another run_dir."
+        )
+    return None
+
+
+def _eval_due(cfg: TrainConfig, step: int) -> bool:
+    return step == cfg.steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
+
+
+class Run:
+    """Holds the live objects of one run; ``fit()`` trains to ``cfg.steps``."""
+
+    def __init__(self, cfg: TrainConfig, setup: Setup | None = None):
+        self.cfg = cfg
+        self.resume_from = _check_run_dir(cfg)
+        student = load_model(self.resume_from, cfg.dtype) if self.resume_from else None
+        self.setup = setup or build_setup(cfg, student=student)
+        model = self.setup.env.student
+        self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, schedule=cfg.lr_schedule)
+        self.counters = {"step": 0, "sequences": 0, "teacher_tokens": 0, "wall_s": 0.0}
+        if self.resume_from:
+            self.counters = load_trainer_state(self.resume_from, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.history: list[dict] = []
+
+    def evaluate(self) -> dict:
+        c = self.cfg
+        row = evaluate(self.setup.env, self.setup.eval_problems, k=c.eval_k, temperature=c.eval_temperature, seed=c.seed)
+        row.update({f"usage/{k}": v for k, v in self.counters.items() if k != "step"})
+        self.history.append({"step": self.counters["step"], **row})
+        return row
+
+    def save(self) -> Path:
+        c = self.cfg
+        return save_checkpoint(
+            checkpoint_dir(c.run_dir, self.counters["step"]), model=self.setup.env.student, tokenizer=self.setup.tokenizer,
+            optimizer=self.optimizer, scheduler=self.scheduler, counters=dict(self.counters),
+            config_yaml=yaml.safe_dump(config_to_dict(c), sort_keys=False),
+        )
+
+    def one_step(self) -> dict:
+        c, step = self.cfg, self.counters["step"]
+        generator = step_generator(c.seed, step)
+        problems = pick_problems(self.setup.train_pool, c.prompts_per_step, generator)
+        t0 = time.perf_counter()
+        metrics, usage = train_step(
+            self.setup.env, self.setup.method, problems, generator, self.optimizer,
+            micro_batch_size=c.micro_batch_size, max_grad_norm=c.max_grad_norm, ppo_epochs=c.ppo_epochs,
+        )
+        metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.counters["step"] += 1
+        self.counters["sequences"] += usage["sequences"]
+        self.counters["teacher_tokens"] += usage["teacher_tokens"]
+        self.counters["wall_s"] += time.perf_counter() - t0
+        return metrics
+
+    def fit(self) -> list[dict]:
+        c = self.cfg
+        Path(c.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(c.run_dir) / "config.yaml").write_text(yaml.safe_dump(config_to_dict(c), sort_keys=False))
+        resume_step = self.counters["step"] if self.resume_from else None
+        with MetricLogger(c.run_dir, tensorboard=c.tensorboard, progress_total=c.steps, progress_keys=PROGRESS_KEYS,
+                          desc=c.method, resume_step=resume_step, progress=c.progress) as log:
+            if self.counters["step"] == 0:
+                log.log(0, self.evaluate())
+            try:
+                self._loop(log)
+            except KeyboardInterrupt:
+                print(f"interrupted: checkpoint saved to {self.save()}; resume with resume=true")
+                raise
+        return self.history
+
+    def _loop(self, log: MetricLogger) -> None:
+        c = self.cfg
+        while self.counters["step"] < c.steps:
+            metrics = self.one_step()
+            step = self.counters["step"]
+            metrics.update({f"usage/{k}": v for k, v in self.counters.items() if k != "step"})
+            if _eval_due(c, step):
+                metrics.update(self.evaluate())
+            log.log(step, metrics)
+            if step == c.steps or (c.save_every > 0 and step % c.save_every == 0):
+                self.save()
+
+
+def train(cfg: TrainConfig, setup: Setup | None = None) -> list[dict]:
+    """Train as configured; returns the evaluation history (one row per evaluation)."""
+    return Run(cfg, setup).fit()
+
+
+def with_overrides(cfg: TrainConfig, **changes) -> TrainConfig:
+    return replace(cfg, **changes)

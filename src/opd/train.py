@@ -1,0 +1,130 @@
+"""The one training loop: rollout -> teacher scoring -> signal -> loss -> step.
+
+It never branches on the method: a :class:`opd.methods.base.Method` supplies the four
+stage functions. Loss normalization is the token mean over the kept tokens of the whole
+optimizer step (``mask_BT`` summed over every micro-batch), METHODS rule 4.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from opd.losses import masked_token_mean
+from opd.methods.base import Experience, Method, Signal, StudentView
+from opd.models.hf import completion_logits
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """All randomness of step ``step`` comes from here, so a resumed run replays exactly."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def pick_problems(pool: list, n: int, generator: torch.Generator) -> list:
+    idx = torch.randperm(len(pool), generator=generator)[:n]
+    return [pool[i] for i in idx.tolist()]
+
+
+def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
+
+
+def make_scheduler(optimizer, *, warmup_steps: int, total_steps: int, schedule: str):
+    """Linear warm-up, then constant, linear or cosine decay to zero."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        frac = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "linear":
+            return max(0.0, 1.0 - frac)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def student_view(model, batch) -> StudentView:
+    logits_BTV = completion_logits(model, batch)
+    logp_BT = torch.log_softmax(logits_BTV, -1).gather(-1, batch.completion_ids_BT[..., None]).squeeze(-1)
+    return StudentView(logits_BTV, logp_BT)
+
+
+def _rows(signal: Signal, rows: slice) -> Signal:
+    return {k: v[rows] for k, v in signal.items()}
+
+
+def _accumulate(totals: dict, metrics: dict, mask_BT: torch.Tensor) -> None:
+    """Sum per-token metrics over kept tokens (scalars are weighted by the token count)."""
+    n = float(mask_BT.sum())
+    for key, val in metrics.items():
+        val = val.detach()
+        s = float((val * mask_BT).sum()) if val.dim() == mask_BT.dim() else float(val) * n
+        totals[key] = (totals.get(key, (0.0, 0.0))[0] + s, totals.get(key, (0.0, 0.0))[1] + n)
+
+
+def update(model, optimizer, exp: Experience, signal: Signal, method: Method, *, micro_batch_size: int, max_grad_norm: float) -> dict:
+    """One optimizer step over the experience, accumulating micro-batch gradients."""
+    mask_BT = signal["mask_BT"]
+    normalizer = mask_BT.sum().clamp(min=1)
+    optimizer.zero_grad(set_to_none=True)
+    totals: dict = {}
+    for start in range(0, mask_BT.shape[0], micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        view = student_view(model, exp.batch.select(rows))
+        micro = _rows(signal, rows)
+        loss_BT, metrics = method.loss(view, micro)
+        masked_token_mean(loss_BT, micro["mask_BT"], normalizer).backward()
+        _accumulate(totals, metrics, micro["mask_BT"])
+    clip = max_grad_norm if max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    out = {k: s / max(n, 1.0) for k, (s, n) in totals.items()}
+    out["optim/grad_norm"] = float(grad_norm)
+    return out
+
+
+def rollout_metrics(exp: Experience, signal: Signal) -> dict:
+    mask_BT = exp.batch.completion_mask_BT
+    out = {
+        "rollout/length": float(mask_BT.sum(1).float().mean()),
+        "rollout/on_policy": float(exp.on_policy),
+        "signal/kept_frac": float(signal["mask_BT"].sum() / mask_BT.sum().clamp(min=1)),
+    }
+    if exp.rewards_B is not None:
+        out["rollout/reward"] = float(exp.rewards_B.mean())
+    if exp.truncated_B is not None:
+        out["rollout/truncated"] = float(exp.truncated_B.float().mean())
+    return out
+
+
+def teacher_metrics(scores, mask_BT: torch.Tensor) -> dict:
+    n = mask_BT.sum().clamp(min=1)
+    return {
+        "teacher/entropy": float((scores.entropy_BT * mask_BT).sum() / n),
+        "teacher/token_logp": float((scores.token_logp_BT * mask_BT).sum() / n),
+    }
+
+
+def train_step(env, method: Method, problems: list, generator: torch.Generator, optimizer, *, micro_batch_size: int, max_grad_norm: float, ppo_epochs: int) -> tuple[dict, dict]:
+    """Rollout, score, shape, update. Returns (metrics, usage counters of this step)."""
+    t0 = time.perf_counter()
+    exp = method.rollout(env, problems, generator)
+    scores, teacher_tokens = None, exp.teacher_tokens
+    if method.teacher_request is not None:
+        req = method.teacher_request
+        scores = env.teacher.score(exp.batch, topk=req.topk, full=req.full, temperature=1.0)
+        teacher_tokens += exp.batch.num_tokens
+    signal = method.signal(exp, scores)
+    t1 = time.perf_counter()
+    for _ in range(ppo_epochs):
+        metrics = update(env.student, optimizer, exp, signal, method, micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm)
+    metrics.update(rollout_metrics(exp, signal))
+    if scores is not None:
+        metrics.update(teacher_metrics(scores, exp.batch.completion_mask_BT))
+    metrics.update({"time/rollout_s": t1 - t0, "time/update_s": time.perf_counter() - t1})
+    usage = {"sequences": exp.batch.input_ids_BL.shape[0], "teacher_tokens": teacher_tokens}
+    return metrics, usage

@@ -1,0 +1,85 @@
+"""The one flat, typed config of a training run (YAML + ``key=value`` overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+MethodName = Literal["sft", "grpo", "opd", "gkd"]
+
+
+def _h(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class TrainConfig:
+    # what to train, on what
+    method: MethodName = _h("training method (see `opd methods`)", "opd")
+    student: str = _h("student model dir or hub id; 'testbed' = the prepared tiny student base", "testbed")
+    teacher: str | None = _h("teacher dir or hub id; 'oracle' (testbed program), 'testbed' (learned tiny teacher)", "oracle")
+    dataset: str | None = _h("JSONL/Parquet with prompt, answer (, solution); unset = the synthetic testbed", None)
+    task: str = _h("testbed task family", "addition")
+    horizon: int = _h("testbed task horizon (number of chain-of-thought steps)", 4)
+    verifier: Literal["exact", "math"] = _h("answer check for datasets: exact match or math-verify", "exact")
+    eval_fraction: float = _h("share of dataset rows held out for evaluation", 0.1)
+    chat_template: Literal["auto", "on", "off"] = _h("wrap dataset prompts in the tokenizer's chat template", "auto")
+    dtype: Literal["float32", "bfloat16", "float16"] = _h("model weights dtype", "float32")
+    # the oracle teacher (testbed)
+    oracle_sharpness: float = _h("oracle: logit gap of the intended token", 8.0)
+    oracle_noise: float = _h("oracle: probability spread on plausible-but-wrong tokens", 0.0)
+    oracle_decay: float = _h("oracle: extra noise per deviation (or per position)", 0.0)
+    oracle_decay_mode: Literal["deviations", "position"] = _h("oracle: what the decay counts", "deviations")
+    oracle_recovers: bool = _h("oracle: correct a wrong prefix with 'wait' (else continue it)", True)
+    # optimisation
+    steps: int = _h("optimizer steps", 40)
+    prompts_per_step: int = _h("prompts per optimizer step", 16)
+    group_size: int = _h("rollouts per prompt (on-policy methods)", 4)
+    micro_batch_size: int = _h("rows per forward/backward (gradient accumulation)", 64)
+    lr: float = _h("peak learning rate (AdamW)", 1e-4)
+    weight_decay: float = _h("AdamW weight decay", 0.0)
+    warmup_steps: int = _h("linear warm-up steps", 0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = _h("decay after warm-up", "constant")
+    max_grad_norm: float = _h("gradient clipping (0 = off)", 1.0)
+    ppo_epochs: int = _h("updates per batch of experience", 1)
+    seed: int = _h("seed of the whole run", 0)
+    # sampling
+    max_new_tokens: int = _h("rollout length cap", 96)
+    temperature: float = _h("rollout sampling temperature", 1.0)
+    top_p: float = _h("rollout nucleus sampling", 1.0)
+    # method knobs (each method reads the ones its builder names)
+    gamma: float = _h("opd: reward-to-go discount (0 per-token, 1 sequence-level)", 0.0)
+    kl_coef: float = _h("opd: coefficient of the per-token reverse-KL reward", 1.0)
+    opd_loss: Literal["is", "ppo"] = _h("opd: importance sampling or PPO-clipped ratio", "is")
+    clip_eps: float = _h("grpo/opd: PPO clip range", 0.2)
+    adv_scale: Literal["std", "none"] = _h("grpo: divide group advantages by their std", "std")
+    beta: float = _h("gkd: JSD mixture weight (0 forward KL, 1 reverse KL)", 0.5)
+    lmbda: float = _h("gkd: probability of an on-policy step", 0.5)
+    seq_kd: bool = _h("gkd: off-policy steps use teacher samples instead of dataset solutions", False)
+    loss_temperature: float = _h("gkd: temperature of the divergence", 1.0)
+    sft_source: Literal["dataset", "teacher"] = _h("sft: reference solutions or teacher samples", "dataset")
+    # evaluation, checkpoints, logs
+    eval_every: int = _h("evaluate every N steps (0 = only at start and end)", 10)
+    eval_size: int = _h("held-out prompts per evaluation", 128)
+    eval_k: int = _h("samples per prompt for pass@k", 4)
+    eval_temperature: float = _h("sampling temperature of pass@k", 1.0)
+    save_every: int = _h("checkpoint every N steps (0 = only at the end)", 0)
+    run_dir: str = _h("where logs and checkpoints go", "runs/default")
+    resume: bool = _h("continue from the latest checkpoint in run_dir", False)
+    overwrite: bool = _h("allow a fresh run in a run_dir that already has checkpoints", False)
+    tensorboard: bool = _h("also write TensorBoard event files", False)
+    progress: bool = _h("show a progress bar", True)
+
+    def __post_init__(self):
+        positive = ["steps", "prompts_per_step", "group_size", "micro_batch_size", "max_new_tokens", "eval_size", "eval_k", "horizon", "ppo_epochs"]
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ValueError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"config key 'gamma' must be in [0, 1], got {self.gamma}")
+        if not 0.0 <= self.beta <= 1.0 or not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError("config keys 'beta' and 'lmbda' must be in [0, 1]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"config key 'top_p' must be in (0, 1], got {self.top_p}")
+        if self.lr <= 0:
+            raise ValueError(f"config key 'lr' must be > 0, got {self.lr}")
