@@ -33,6 +33,19 @@ class Cfg:
 
 
 @dataclass
+class NoneChoice:
+    scale: Literal["std", "none"] = "std"
+
+
+def test_none_as_a_literal_choice(tmp_path):
+    assert load_config(NoneChoice, overrides=["scale=none"]).scale == "none"
+    assert load_config(NoneChoice, write(tmp_path, "scale: none\n")).scale == "none"
+    path = tmp_path / "saved.yaml"
+    save_config(NoneChoice("none"), path)
+    assert load_config(NoneChoice, path) == NoneChoice("none")
+
+
+@dataclass
 class Required:
     model: str
     lr: float = 1e-3
@@ -117,6 +130,7 @@ def test_yaml_null_and_quoted_none(tmp_path):
     assert cfg.seed is None and cfg.clip is None and cfg.loss is None
     assert cfg.run_name == "none"  # a quoted YAML string stays text for a str field
     assert load_config(Cfg, write(tmp_path, "run_name: none\n")).run_name is None
+    assert load_config(Cfg, write(tmp_path, "tag: none\n")).tag == "none"  # not optional
 
 
 def test_literal():
@@ -125,7 +139,7 @@ def test_literal():
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("3,4,5", [3, 4, 5]), ("[3, 4]", [3, 4]), ("7", [7]), ("", []), ("[]", []), (" 1 ,2 ", [1, 2])],
+    [("3,4,5", [3, 4, 5]), ("[3, 4]", [3, 4]), ("7", [7]), ("", []), ("[]", []), (" 1 ,2", [1, 2])],
 )
 def test_int_list(text, expected):
     assert load_config(Cfg, overrides=[f"layers={text}"]).layers == expected
@@ -136,6 +150,8 @@ def test_float_and_str_lists(tmp_path):
     assert cfg.weights == [0.5, 1e-3] and cfg.names == ["x", "y,z"]
     cfg = load_config(Cfg, write(tmp_path, "layers: [1, 2, 3]\nweights: [3e-4]\nnames: a,b\n"))
     assert cfg.layers == [1, 2, 3] and cfg.weights == [3e-4] and cfg.names == ["a", "b"]
+    cfg = load_config(Cfg, write(tmp_path, "names: [none, x]\n"))
+    assert cfg.names == ["none", "x"] and type(cfg.names[0]) is str
 
 
 def test_str_override_keeps_equals_and_text():

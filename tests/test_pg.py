@@ -157,8 +157,9 @@ def test_is_log_ratio_limit():
     adv = torch.ones(1, 3, dtype=torch.float64)
     loss, _ = importance_sampling_loss(logp, sampler, adv, log_ratio_limit=20.0)
     loss.sum().backward()
-    torch.testing.assert_close(loss, -torch.tensor([[math.exp(20), math.exp(-20), math.exp(0.5)]]).double())
-    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.0, -math.exp(0.5)]], dtype=torch.float64))
+    f64 = torch.float64
+    torch.testing.assert_close(loss, -torch.tensor([[math.exp(20), math.exp(-20), math.exp(0.5)]], dtype=f64))
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.0, -math.exp(0.5)]], dtype=f64))
     raw, _ = importance_sampling_loss(logp, sampler, adv, log_ratio_limit=None)
     torch.testing.assert_close(raw, -(logp - sampler).exp())
 
@@ -187,8 +188,11 @@ def naive_ppo(logp, sampler, adv, clip_low, clip_high, dual_clip):
     return loss, grad, clipped, dual
 
 
+CLIPS = [(0.2, 0.2, None), (0.2, 0.28, None), (0.1, 0.3, 3.0), (0.2, 0.2, 1.5)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("clips", [(0.2, 0.2, None), (0.2, 0.28, None), (0.1, 0.3, 3.0), (0.2, 0.2, 1.5)])
+@pytest.mark.parametrize("clips", CLIPS)
 @pytest.mark.parametrize("seed", range(3))
 def test_ppo_matches_naive(dtype, clips, seed):
     clip_low, clip_high, dual_clip = clips
@@ -220,13 +224,15 @@ def test_ppo_crafted_cases():
     sampler = torch.zeros_like(ratio)
     loss, m = ppo_clip_loss(logp, sampler, adv, clip_low=0.2, clip_high=0.2, dual_clip=3.0)
     loss.sum().backward()
-    torch.testing.assert_close(loss, torch.tensor([[-1.2, -0.5, 0.8, 3.0, 2.0, -2.2]], dtype=torch.float64))
-    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.5, 0.0, 0.0, 2.0, -2.2]], dtype=torch.float64))
+    f64 = torch.float64
+    torch.testing.assert_close(loss, torch.tensor([[-1.2, -0.5, 0.8, 3.0, 2.0, -2.2]], dtype=f64))
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.5, 0.0, 0.0, 2.0, -2.2]], dtype=f64))
     assert m["pg/clip_frac_high"].tolist() == [[1, 0, 0, 0, 0, 0]]
     assert m["pg/clip_frac_low"].tolist() == [[0, 0, 1, 0, 0, 0]]
     assert m["pg/dual_clip_frac"].tolist() == [[0, 0, 0, 1, 0, 0]]
     # the clip fraction is the masked token mean of the indicator
-    assert masked_token_mean(m["pg/clip_frac"], torch.ones(1, 6, dtype=torch.bool)).item() == pytest.approx(2 / 6)
+    clip_frac = masked_token_mean(m["pg/clip_frac"], torch.ones(1, 6, dtype=torch.bool))
+    assert clip_frac.item() == pytest.approx(2 / 6)
 
 
 def test_ppo_on_policy_equals_is_gradient_and_validates():
@@ -273,7 +279,8 @@ def test_grpo_binary_rewards_and_degenerate_groups():
         out = grpo_advantages(rewards)
         single = grpo_advantages(torch.tensor([[0.3], [1.0]]))
     std = statistics.stdev([1, 0, 0, 1])
-    expected = torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0] * 4, [0.0] * 4]) / torch.tensor([[std + 1e-6], [1e-6], [1e-6]])
+    centered = torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0] * 4, [0.0] * 4])
+    expected = centered / torch.tensor([[std + 1e-6], [1e-6], [1e-6]])
     torch.testing.assert_close(out, expected)
     assert torch.equal(single, torch.zeros(2, 1))
     one_group = grpo_advantages(torch.tensor([1.0, 2.0, 3.0]))

@@ -23,7 +23,8 @@ def naive_token_mean(values, mask, normalizer=None):
     """Returns (value, d value / d values) with explicit loops."""
     B, T = len(values), len(values[0])
     total = sum(values[b][t] for b in range(B) for t in range(T) if mask[b][t])
-    n = sum(1 for b in range(B) for t in range(T) if mask[b][t]) if normalizer is None else normalizer
+    n = sum(1 for b in range(B) for t in range(T) if mask[b][t])
+    n = n if normalizer is None else normalizer
     n = n if n > 0 else 1
     grad = [[(1.0 / n if mask[b][t] else 0.0) for t in range(T)] for b in range(B)]
     return total / n, grad
@@ -62,7 +63,9 @@ def test_token_mean_explicit_normalizer_adds_up_over_micro_batches(dtype):
     values, mask = _inputs(6, 11, dtype, seed=7)
     full = masked_token_mean(values, mask)
     n_step = int(mask.sum())
-    parts = [masked_token_mean(values[i : i + 2], mask[i : i + 2], normalizer=n_step) for i in (0, 2, 4)]
+    parts = [
+        masked_token_mean(values[i : i + 2], mask[i : i + 2], normalizer=n_step) for i in (0, 2, 4)
+    ]
     torch.testing.assert_close(sum(parts), full, **TOL[dtype])
     # gradients add up too: accumulating the micro-batch losses gives the full-batch gradient
     (g_full,) = torch.autograd.grad(full, values)
@@ -122,7 +125,9 @@ def test_sequence_mean_adds_up_over_micro_batches():
     mask[4] = False
     full = masked_sequence_mean(values, mask)
     s_step = int((mask.sum(-1) > 0).sum())
-    parts = [masked_sequence_mean(values[i : i + 3], mask[i : i + 3], num_sequences=s_step) for i in (0, 3)]
+    parts = [
+        masked_sequence_mean(values[i : i + 3], mask[i : i + 3], num_sequences=s_step) for i in (0, 3)
+    ]
     torch.testing.assert_close(sum(parts), full, **TOL[torch.float64])
 
 
@@ -140,7 +145,8 @@ def test_row_mean_matches_naive():
     for row, m in zip(values.tolist(), mask.tolist()):
         kept = [v for v, k in zip(row, m) if k]
         ref.append(sum(kept) / len(kept) if kept else 0.0)
-    torch.testing.assert_close(masked_row_mean(values, mask), torch.tensor(ref, dtype=torch.float64))
+    expected = torch.tensor(ref, dtype=torch.float64)
+    torch.testing.assert_close(masked_row_mean(values, mask), expected)
 
 
 @st.composite

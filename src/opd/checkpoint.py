@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from opd.config import save_config
+
 STATE_FILE = "trainer_state.pt"
 
 
@@ -24,7 +26,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, counters: dict, config_yaml: str) -> Path:
+def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, counters: dict, config) -> Path:
     """Write to a temporary folder, then rename: a crash never leaves a half checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -32,7 +34,7 @@ def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, count
     model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    (tmp / "config.yaml").write_text(config_yaml)
+    save_config(config, tmp / "config.yaml")
     state = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),

@@ -46,7 +46,7 @@ def cmd_config(args) -> int:
 def cmd_quickstart(args) -> int:
     from opd.quickstart import quickstart
 
-    quickstart(out_dir=args.out, tune=args.tune)
+    quickstart(out_dir=args.out, tune_lrs=args.tune)
     return 0
 
 

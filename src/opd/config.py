@@ -13,8 +13,9 @@ expected, e.g. PyYAML reads ``3e-4`` as a string):
   (``1e3`` -> 1000; ``1.5`` and ``1e-3`` are errors).
 - ``float``: anything ``float()`` accepts (``3e-4``, ``inf``).
 - ``X | None``: ``none`` or ``null`` (any case) in an override; unquoted ``none``,
-  ``null`` or ``~`` in YAML. ``none`` always means None, even for ``str | None``; only a
-  quoted YAML ``'none'`` is the text (``save_config`` quotes it).
+  ``null`` or ``~`` in YAML. For an optional key ``none`` means None, even for
+  ``str | None``; only a quoted YAML ``'none'`` is the text (``save_config`` quotes it).
+  For a key that is not optional, ``none`` is just text (``Literal["std", "none"]``).
 - lists: ``a,b,c`` or YAML flow syntax ``[a, b]``; ``""`` or ``[]`` is the empty list.
 """
 
@@ -147,7 +148,7 @@ def _parse_float(value: Any) -> float:
 
 def _parse_str(value: Any) -> str:
     if isinstance(value, str):
-        return value
+        return str(value)  # a plain str, also for a _NoneWord
     raise _Bad("quote it in YAML to make it a string")
 
 
@@ -195,12 +196,14 @@ def _parse(tp: Any, value: Any, raw: bool) -> Any:
     """Coerce ``value`` to ``tp``; ``raw`` marks command-line text (``none`` means None)."""
     inner = _optional_inner(tp)
     if inner is not None:
-        if value is None:
+        if value is None or isinstance(value, _NoneWord):
             return None
         is_none_word = isinstance(value, str) and value.strip().lower() in _NONE
         if is_none_word and (raw or not _takes_strings(inner)):
             return None
         return _parse(inner, value, raw)
+    if isinstance(value, _NoneWord):
+        value = str(value)
     if value is None:
         raise _Bad("this key is not optional")
     if typing.get_origin(tp) is Literal:
@@ -277,14 +280,19 @@ def _set(values: dict, fields: dict, key: Any, value: Any, raw: bool, source: st
 
 
 _NONE_WORD = re.compile(r"^(?:none|None|NONE)$")
+_NONE_TAG = "!opd_none_word"
+
+
+class _NoneWord(str):
+    """An unquoted ``none`` in YAML: None for an optional key, the text 'none' otherwise."""
 
 
 class _Dumper(yaml.SafeDumper):
-    """SafeDumper that quotes the text 'none' (which :class:`_Loader` reads as null)."""
+    """SafeDumper that quotes the text 'none' (so it is not read back as a _NoneWord)."""
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads unquoted ``none`` as null and rejects duplicate keys."""
+    """SafeLoader that reads unquoted ``none`` as :class:`_NoneWord`; rejects duplicate keys."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -300,7 +308,8 @@ class _Loader(yaml.SafeLoader):
 
 
 for _cls in (_Dumper, _Loader):
-    _cls.add_implicit_resolver("tag:yaml.org,2002:null", _NONE_WORD, list("nN"))
+    _cls.add_implicit_resolver(_NONE_TAG, _NONE_WORD, list("nN"))
+_Loader.add_constructor(_NONE_TAG, lambda loader, node: _NoneWord(node.value))
 
 
 def _read_yaml(path: str | Path) -> dict:

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from opd.errors import UserError
 
-import yaml
 
 from opd.checkpoint import checkpoint_dir, latest_checkpoint, load_trainer_state, save_checkpoint
-from opd.config import config_to_dict
+from opd.config import save_config
 from opd.evaluate import evaluate
-from opd.metrics_log import MetricLogger
+from opd.metrics_log import METRICS_FILE, MetricLogger
 from opd.models.hf import load_model
 from opd.setup import Setup, build_setup
 from opd.train import make_optimizer, make_scheduler, pick_problems, step_generator, train_step
@@ -35,6 +35,15 @@ def _check_run_dir(cfg: TrainConfig) -> Path | None:
             "overwrite=true to start over there, or choose another run_dir."
         )
     return None
+
+
+def _clear_run_dir(run_dir: Path) -> None:
+    """A fresh run (``overwrite=true`` was asked for if anything was there) starts clean."""
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    for events in run_dir.glob("events.out.tfevents*"):
+        events.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _eval_due(cfg: TrainConfig, step: int) -> bool:
@@ -69,7 +78,7 @@ class Run:
         return save_checkpoint(
             checkpoint_dir(c.run_dir, self.counters["step"]), model=self.setup.env.student, tokenizer=self.setup.tokenizer,
             optimizer=self.optimizer, scheduler=self.scheduler, counters=dict(self.counters),
-            config_yaml=yaml.safe_dump(config_to_dict(c), sort_keys=False),
+            config=c,
         )
 
     def one_step(self) -> dict:
@@ -89,32 +98,34 @@ class Run:
         self.counters["wall_s"] += time.perf_counter() - t0
         return metrics
 
-    def fit(self) -> list[dict]:
+    def fit(self, stop_after: int | None = None) -> list[dict]:
+        """Train to ``cfg.steps`` (or stop early after ``stop_after`` steps, with a checkpoint)."""
         c = self.cfg
-        Path(c.run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(c.run_dir) / "config.yaml").write_text(yaml.safe_dump(config_to_dict(c), sort_keys=False))
+        if not self.resume_from:
+            _clear_run_dir(Path(c.run_dir))
+        save_config(c, Path(c.run_dir) / "config.yaml")
         resume_step = self.counters["step"] if self.resume_from else None
         with MetricLogger(c.run_dir, tensorboard=c.tensorboard, progress_total=c.steps, progress_keys=PROGRESS_KEYS,
                           desc=c.method, resume_step=resume_step, progress=c.progress) as log:
             if self.counters["step"] == 0:
                 log.log(0, self.evaluate())
             try:
-                self._loop(log)
+                self._loop(log, min(c.steps, stop_after or c.steps))
             except KeyboardInterrupt:
                 print(f"interrupted: checkpoint saved to {self.save()}; resume with resume=true")
                 raise
         return self.history
 
-    def _loop(self, log: MetricLogger) -> None:
+    def _loop(self, log: MetricLogger, last: int) -> None:
         c = self.cfg
-        while self.counters["step"] < c.steps:
+        while self.counters["step"] < last:
             metrics = self.one_step()
             step = self.counters["step"]
             metrics.update({f"usage/{k}": v for k, v in self.counters.items() if k != "step"})
             if _eval_due(c, step):
                 metrics.update(self.evaluate())
             log.log(step, metrics)
-            if step == c.steps or (c.save_every > 0 and step % c.save_every == 0):
+            if step in (c.steps, last) or (c.save_every > 0 and step % c.save_every == 0):
                 self.save()
 
 

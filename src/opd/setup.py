@@ -27,7 +27,6 @@ class Setup:
     tokenizer: object
     train_pool: list[Problem]
     eval_problems: list[Problem]
-    val_problems: list[Problem]
 
 
 def make_task(cfg: TrainConfig):
@@ -128,6 +127,5 @@ def build_setup(cfg: TrainConfig, student=None) -> Setup:
         temperature=cfg.temperature, top_p=cfg.top_p, group_size=cfg.group_size,
     )
     eval_n = None if cfg.dataset else cfg.eval_size
-    eval_problems = task.problems("test", eval_n, cfg.seed)[: cfg.eval_size]
-    val_problems = task.problems("val", eval_n, cfg.seed)[: cfg.eval_size]
-    return Setup(env, method, tokenizer, train_pool, eval_problems, val_problems)
+    eval_problems = task.problems(cfg.eval_split, eval_n, 0)[: cfg.eval_size]  # one held-out set for all seeds
+    return Setup(env, method, tokenizer, train_pool, eval_problems)

@@ -61,6 +61,7 @@ class TrainConfig:
     # evaluation, checkpoints, logs
     eval_every: int = _h("evaluate every N steps (0 = only at start and end)", 10)
     eval_size: int = _h("held-out prompts per evaluation", 128)
+    eval_split: Literal["test", "val"] = _h("which held-out split evaluations use (val: for tuning)", "test")
     eval_k: int = _h("samples per prompt for pass@k", 4)
     eval_temperature: float = _h("sampling temperature of pass@k", 1.0)
     save_every: int = _h("checkpoint every N steps (0 = only at the end)", 0)

@@ -1,5 +1,7 @@
 """Pure tensor math: divergences and policy-gradient surrogates (imports torch only)."""
 
+from opd.losses.chunked import chunked_divergence
+from opd.losses.divergence import divergence
 from opd.losses.pg import (
     clamp_log_ratio,
     discounted_returns,
@@ -10,10 +12,13 @@ from opd.losses.pg import (
     sequence_mean_logp,
 )
 from opd.losses.reduce import masked_row_mean, masked_sequence_mean, masked_token_mean
+from opd.losses.sparse import sparse_divergence
 
 __all__ = [
+    "chunked_divergence",
     "clamp_log_ratio",
     "discounted_returns",
+    "divergence",
     "grpo_advantages",
     "importance_sampling_loss",
     "masked_row_mean",
@@ -22,4 +27,5 @@ __all__ = [
     "perplexity",
     "ppo_clip_loss",
     "sequence_mean_logp",
+    "sparse_divergence",
 ]

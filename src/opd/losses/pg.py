@@ -108,6 +108,8 @@ def ppo_clip_loss(
     ratio_BT = _ratio(logp_BT, sampler_logp_BT, log_ratio_limit)
     adv_BT = upcast(adv_BT).detach()
     clipped_ratio_BT = ratio_BT.clamp(1 - clip_low, 1 + clip_high)
+    # inside the clip range the two branches tie; torch.maximum then splits the gradient
+    # evenly between them, which adds back up to the unclipped −A·∇r
     loss_BT = torch.maximum(-ratio_BT * adv_BT, -clipped_ratio_BT * adv_BT)
     r = ratio_BT.detach()
     low_BT, high_BT = (adv_BT < 0) & (r < 1 - clip_low), (adv_BT > 0) & (r > 1 + clip_high)
@@ -166,7 +168,7 @@ def discounted_returns(
 def grpo_advantages(
     rewards_NG: torch.Tensor, *, scale: str = "std", eps: float = 1e-6
 ) -> torch.Tensor:
-    """Group-relative advantages ``(R_i − mean_g) / (std_g + ε)`` -> ``[N, G]`` (or ``[..., G]``).
+    """Group-relative advantages ``(R_i − mean_g) / (std_g + ε)`` -> ``[N, G]``.
 
     Source: paper (Shao et al. 2024, DeepSeekMath; METHODS §19). Groups are the last
     dimension (a 1-D input is one group). ``scale="std"`` divides by the *sample*

@@ -29,10 +29,10 @@ def grpo_signal(exp: Experience, scores, *, group_size: int, adv_scale: str) -> 
 
 
 def grpo_loss(view: StudentView, signal: Signal, *, clip_eps: float):
-    loss_BT, clipped_BT = ppo_clip_loss(
+    loss_BT, metrics = ppo_clip_loss(
         view.logp_BT, signal["sampler_logp_BT"], signal["adv_BT"], clip_low=clip_eps, clip_high=clip_eps
     )
-    return loss_BT, {"loss/pg": loss_BT, "loss/clip_frac": clipped_BT.float()}
+    return loss_BT, {"loss/pg": loss_BT, **metrics}
 
 
 def build(group_size: int = 8, clip_eps: float = 0.2, adv_scale: Literal["std", "none"] = "std") -> Method:

@@ -34,14 +34,11 @@ def opd_signal(exp: Experience, scores, *, gamma: float, kl_coef: float) -> Sign
 
 def opd_token_loss(view: StudentView, signal: Signal, *, opd_loss: str, clip_eps: float):
     logp, old, adv = view.logp_BT, signal["sampler_logp_BT"], signal["adv_BT"]
-    metrics = {"loss/rkl_sampled": signal["log_ratio_BT"]}
     if opd_loss == "ppo":
-        loss_BT, clipped_BT = ppo_clip_loss(logp, old, adv, clip_low=clip_eps, clip_high=clip_eps)
-        metrics["loss/clip_frac"] = clipped_BT.float()
+        loss_BT, metrics = ppo_clip_loss(logp, old, adv, clip_low=clip_eps, clip_high=clip_eps)
     else:
-        loss_BT = importance_sampling_loss(logp, old, adv)
-    metrics["loss/pg"] = loss_BT
-    return loss_BT, metrics
+        loss_BT, metrics = importance_sampling_loss(logp, old, adv)
+    return loss_BT, {"loss/pg": loss_BT, "loss/rkl_sampled": signal["log_ratio_BT"], **metrics}
 
 
 def build(

@@ -1,0 +1,379 @@
+"""Memory-lean divergences straight from hidden states and the LM head.
+
+``D_n`` is :func:`opd.losses.divergence.divergence` of the student logits
+``z_n = h_n W^T + b`` against the teacher, per token ``n``. The student logits are made
+``chunk_size`` tokens at a time (``hidden[chunk] @ W.T``) and never held as ``[N, V]``;
+neither are the teacher's when it is given as hidden states and an LM head. Each chunk's
+gradient w.r.t. its logits is closed-form (below), and goes straight into the ``[N, H]``
+and ``[V, H]`` gradients: peak extra memory is about ``4·chunk_size·V`` floats plus the
+gradients themselves (Liger-Kernel's fused-linear-JSD idea; source: third-party code).
+
+Two entry points, one sweep:
+
+- :func:`chunked_divergence_loss` returns the scalar ``Σ_n w_n D_n`` (mask and
+  normalizer folded into ``weights_N``) and the detached ``D_N`` for logging. Gradients
+  are computed *during the forward* (3 matmuls per chunk, as the naive
+  forward+backward); backward only scales them by the upstream scalar. Fastest.
+- :func:`chunked_divergence` returns ``D_N`` itself, differentiable for *any* upstream
+  gradient ``g_N`` (so the caller reduces however it likes). ``dL/dW = Σ_n g_n
+  (∂D_n/∂z_n)^T h_n`` cannot be pre-reduced without ``g``, so its backward recomputes
+  each chunk's logits (4 student matmuls per chunk instead of 3).
+
+Closed-form gradients w.r.t. the scaled student logits ``x = z/τ`` (``S = softmax x``),
+with ``c_v = 1[ℓ_v ≤ entry_clip]`` (all ones without a clip), ``u_v = c_v S_v ∂ℓ_v/∂S_v``
+and ``∂D/∂x = u − S·Σ_v u_v``:
+
+- rkl: ``u = c·S(log S − log T + 1)``   (no clip: ``∂D/∂x = S(log S − log T − D)``)
+- fkl: ``u = −c·T``                     (no clip: ``∂D/∂x = S − T``)
+- jsd: ``u = c·(1−β)·S(log S − log M)``, since ``∂ℓ/∂S_v = (1−β)(log S_v − log M_v)``.
+
+``support`` (top-K) is handled by running :func:`~opd.losses.divergence.divergence`
+with autograd on each chunk (same values, slower). The teacher is a constant (``sg``):
+no gradient reaches it. Numerics as in :mod:`opd.losses.divergence`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from opd.losses.divergence import _check_support, check_args, compute_dtype, divergence
+
+#: logits ``[N, V]``, or ``(hidden_NH, weight_VH)`` / ``(hidden_NH, weight_VH, bias_V)``.
+Teacher = Union[torch.Tensor, tuple]
+
+CHUNK_ELEMENTS = 2**24  # default chunk: about this many logits (64 MiB in float32)
+
+
+def default_chunk_size(vocab: int) -> int:
+    """Tokens per chunk so that one ``[chunk, V]`` buffer holds about ``CHUNK_ELEMENTS``."""
+    return max(1, CHUNK_ELEMENTS // vocab)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    kind: str
+    beta: float
+    temperature: float
+    entry_clip: Optional[float]
+    support: Optional[str]
+    k: Optional[int]
+    renormalize: str
+    chunk_size: int
+
+
+# ---------------------------------------------------------------- per-chunk kernels
+
+
+def _log_softmax_(x_CV: torch.Tensor, p_CV: torch.Tensor, normalize_p: bool) -> torch.Tensor:
+    """In place: ``x ← log softmax(max(x, floor))``, ``p ← exp(x)`` (if ``normalize_p``).
+
+    Returns ``has_mass [C]`` (some logit above the floor). No temporaries of size V.
+    """
+    floor = torch.finfo(x_CV.dtype).min
+    m_C1 = x_CV.clamp_min_(floor).amax(-1, keepdim=True)
+    x_CV.sub_(m_C1)
+    z_C1 = torch.exp(x_CV, out=p_CV).sum(-1, keepdim=True)
+    if normalize_p:
+        p_CV.div_(z_C1)
+    x_CV.sub_(z_C1.log_())
+    return m_C1.squeeze(-1) > floor
+
+
+def _clipped_sum(ell_CV: torch.Tensor, clip: Optional[float]) -> torch.Tensor:
+    return (ell_CV if clip is None else ell_CV.clamp_max(clip)).sum(-1)
+
+
+def _rkl(lpS, pS, lpT, clip, need_grad):
+    """``ℓ = S(log S − log T)``; gradient ``u − S·Σu`` with ``u = c·(ℓ + S)``."""
+    ell = torch.sub(lpS, lpT, out=lpT).mul_(pS)
+    value = _clipped_sum(ell, clip)
+    if not need_grad:
+        return value, None
+    if clip is None:
+        return value, ell.addcmul_(pS, value[:, None], value=-1.0)
+    over = ell > clip
+    u = ell.add_(pS).masked_fill_(over, 0.0)
+    return value, u.addcmul_(pS, u.sum(-1, keepdim=True), value=-1.0)
+
+
+def _fkl(lpS, pS, lpT, pT, clip, need_grad):
+    """``ℓ = T(log T − log S)``; gradient ``S·Σ(c·T) − c·T``."""
+    ell = lpT.sub_(lpS).mul_(pT)
+    value = _clipped_sum(ell, clip)
+    if not need_grad:
+        return value, None
+    if clip is not None:
+        pT.masked_fill_(ell > clip, 0.0)
+    return value, pS.mul_(pT.sum(-1, keepdim=True)).sub_(pT)
+
+
+def _jsd(lpS, lpT, a, b, beta, clip, need_grad):
+    """``ℓ = β·T(log T − log M) + (1−β)·S(log S − log M)``; ``u = c·(1−β)·S(log S − log M)``."""
+    torch.add(lpT, math.log(beta), out=a)
+    torch.logaddexp(a, torch.add(lpS, math.log1p(-beta), out=b), out=a)  # a = log M
+    torch.exp(lpT, out=b)  # b = T
+    ell = lpT.sub_(a).mul_(b).mul_(beta)
+    torch.exp(lpS, out=b)  # b = S
+    u = torch.mul(b, lpS.sub_(a), out=a).mul_(1.0 - beta)
+    ell.add_(u)
+    value = _clipped_sum(ell, clip)
+    if not need_grad:
+        return value, None
+    if clip is not None:
+        u.masked_fill_(ell > clip, 0.0)
+    return value, u.addcmul_(b, u.sum(-1, keepdim=True), value=-1.0)
+
+
+def _closed_form(s, t, scratch, spec: _Spec, scale_C):
+    """Values ``[C]`` and ``scale·∂D/∂z`` ``[C, V]`` (or None) from raw logits, in place."""
+    a, b = scratch
+    if spec.temperature != 1.0:
+        s.div_(spec.temperature), t.div_(spec.temperature)
+    ok = _log_softmax_(s, a, normalize_p=True) & _log_softmax_(t, b, normalize_p=True)
+    need_grad, beta, clip = scale_C is not None, spec.beta, spec.entry_clip
+    if spec.kind == "rkl" or (spec.kind == "jsd" and beta == 1.0):
+        value, grad = _rkl(s, a, t, clip, need_grad)
+    elif spec.kind == "fkl" or (spec.kind == "jsd" and beta == 0.0):
+        value, grad = _fkl(s, a, t, b, clip, need_grad)
+    else:
+        value, grad = _jsd(s, t, a, b, beta, clip, need_grad)
+    if grad is not None:
+        grad.mul_((scale_C * ok / spec.temperature)[:, None])
+    return value.masked_fill_(~ok, 0.0), grad
+
+
+def _with_autograd(s, t, spec: _Spec, scale_C):
+    """Same contract as ``_closed_form``, via ``divergence`` and autograd on the chunk."""
+    with torch.enable_grad():
+        x = s.detach().requires_grad_(scale_C is not None)
+        value = divergence(
+            x, t, spec.kind, beta=spec.beta, temperature=spec.temperature,
+            support=spec.support, k=spec.k, renormalize=spec.renormalize,
+            entry_clip=spec.entry_clip,
+        )  # fmt: skip
+        if scale_C is None:
+            return value.detach(), None
+        (grad,) = torch.autograd.grad(value, x, grad_outputs=scale_C.to(value.dtype))
+    return value.detach(), grad
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def _linear_into(h_CH, w_VH, b_V, out_CV):
+    """``out ← h W^T + b`` without a temporary when dtypes agree."""
+    if h_CH.dtype != out_CV.dtype:
+        return out_CV.copy_(torch.nn.functional.linear(h_CH, w_VH, b_V))
+    if b_V is None:
+        return torch.mm(h_CH, w_VH.t(), out=out_CV)
+    return torch.addmm(b_V, h_CH, w_VH.t(), out=out_CV)
+
+
+def _teacher_into(teacher, lo, hi, out_CV):
+    logits, hidden, weight, bias = teacher
+    if logits is not None:
+        return out_CV.copy_(logits[lo:hi])
+    return _linear_into(hidden[lo:hi], weight, bias, out_CV)
+
+
+def _accumulate(grad_CV, h_CH, w_VH, grads, lo, hi):
+    """``g_h[chunk] = G W``, ``g_W += G^T h``, ``g_b += Σ G`` (accumulators in float32+)."""
+    g_h, g_w, g_b = grads
+    if g_h is not None:
+        torch.mm(grad_CV.to(w_VH.dtype), w_VH, out=g_h[lo:hi])
+    if g_w is not None:
+        g_w.addmm_(grad_CV.t(), h_CH.to(g_w.dtype))
+    if g_b is not None:
+        g_b.add_(grad_CV.sum(0))
+
+
+def _sweep(hidden, weight, bias, teacher, spec: _Spec, scale_N, need):
+    """Values ``[N]`` and, where ``need``, ``(g_hidden, g_weight, g_bias)`` of ``Σ scale·D``."""
+    (n, _), vocab, dtype = hidden.shape, weight.shape[0], compute_dtype(hidden, weight)
+    c = min(spec.chunk_size, n)
+    closed = spec.support is None
+    bufs = [hidden.new_empty(c, vocab, dtype=dtype) for _ in range(4 if closed else 2)]
+    values = hidden.new_empty(n, dtype=dtype)
+    grads = (
+        hidden.new_empty(hidden.shape) if need[0] else None,
+        weight.new_zeros(weight.shape, dtype=dtype) if need[1] else None,
+        weight.new_zeros(vocab, dtype=dtype) if need[2] else None,
+    )
+    for lo in range(0, n, c):
+        hi = min(lo + c, n)
+        s, t, *scratch = (buf[: hi - lo] for buf in bufs)
+        _linear_into(hidden[lo:hi], weight, bias, s)
+        _teacher_into(teacher, lo, hi, t)
+        scale_C = None if scale_N is None else scale_N[lo:hi].to(dtype)
+        if closed:
+            values[lo:hi], grad = _closed_form(s, t, scratch, spec, scale_C)
+        else:
+            values[lo:hi], grad = _with_autograd(s, t, spec, scale_C)
+        if grad is not None:
+            _accumulate(grad, hidden[lo:hi], weight, grads, lo, hi)
+    return values, grads
+
+
+def _scaled(x, g):
+    if x is None:
+        return None
+    return x if bool(g == 1) else x * g.to(x.dtype)
+
+
+class _FusedLoss(torch.autograd.Function):
+    """``Σ_n w_n D_n`` with all gradients made in the forward (no recompute)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, weights_N, t_logits, t_hidden, t_weight, t_bias, spec):
+        teacher = (t_logits, t_hidden, t_weight, t_bias)
+        values, grads = _sweep(hidden, weight, bias, teacher, spec, weights_N, ctx.needs_input_grad)
+        ctx.save_for_backward(*grads, values if ctx.needs_input_grad[3] else None)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(values)
+        return (weights_N.to(values.dtype) * values).sum(), values
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_loss, _g_values):
+        g_h, g_w, g_b, values = ctx.saved_tensors
+        grads = [_scaled(x, g_loss) for x in (g_h, g_w, g_b, values)]
+        grads[:3] = [None if x is None else x.to(d) for x, d in zip(grads[:3], ctx.dtypes)]
+        return (*grads, None, None, None, None, None)
+
+
+class _RecomputedValues(torch.autograd.Function):
+    """``D_N``; backward recomputes each chunk with the upstream ``g_N``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, spec):
+        teacher = (t_logits, t_hidden, t_weight, t_bias)
+        values, _ = _sweep(hidden, weight, bias, teacher, spec, None, (False, False, False))
+        ctx.save_for_backward(hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias)
+        ctx.spec = spec
+        return values
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_N):
+        hidden, weight, bias, *teacher = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        _, grads = _sweep(hidden, weight, bias, teacher, ctx.spec, g_N, need)
+        grads = [None if g is None else g.to(x.dtype) for g, x in zip(grads, (hidden, weight, bias))]
+        return (*grads, None, None, None, None, None)
+
+
+# ---------------------------------------------------------------- public API
+
+
+def _split_teacher(teacher: Teacher, n: int, vocab: int):
+    """``(logits [N, V] | None, hidden | None, weight | None, bias | None)``, validated."""
+    if isinstance(teacher, torch.Tensor):
+        logits = teacher.reshape(-1, teacher.shape[-1])
+        if logits.shape != (n, vocab):
+            raise ValueError(f"teacher logits must be [N={n}, V={vocab}], got {tuple(teacher.shape)}")
+        return logits.detach(), None, None, None
+    hidden, weight, bias = (*teacher, None)[:3] if len(teacher) == 2 else teacher
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    if hidden.shape[0] != n or weight.shape[0] != vocab or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"teacher hidden {tuple(hidden.shape)} / weight {tuple(weight.shape)} do not fit "
+            f"N={n}, V={vocab} (mismatched vocabularies are an error)"
+        )
+    return None, hidden.detach(), weight.detach(), None if bias is None else bias.detach()
+
+
+def _prepare(hidden, weight, bias, teacher, kind, beta, temperature, entry_clip, support, k,
+             renormalize, chunk_size):  # fmt: skip
+    check_args(kind, beta, temperature, renormalize, entry_clip)
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1] or hidden.dtype != weight.dtype:
+        raise ValueError(
+            f"hidden [..., H] and lm_head_weight [V, H] must agree in H and dtype, got "
+            f"{tuple(hidden.shape)} {hidden.dtype} and {tuple(weight.shape)} {weight.dtype}"
+        )
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}")
+    _check_support(support, k, weight.shape[0])
+    chunk = default_chunk_size(weight.shape[0]) if chunk_size is None else int(chunk_size)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    h_NH = hidden.reshape(-1, hidden.shape[-1])
+    spec = _Spec(kind, float(beta), float(temperature), entry_clip, support, k, renormalize, chunk)
+    return h_NH, _split_teacher(teacher, h_NH.shape[0], weight.shape[0]), spec
+
+
+def chunked_divergence(
+    hidden_NH: torch.Tensor,
+    lm_head_weight_VH: torch.Tensor,
+    teacher: Teacher,
+    kind: str,
+    *,
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    bias_V: torch.Tensor | None = None,
+    entry_clip: float | None = None,
+    support: str | None = None,
+    k: int | None = None,
+    renormalize: str = "both",
+) -> torch.Tensor:
+    """Per-token divergence ``D_n`` of the student ``z = h W^T + b`` vs the teacher -> ``[N]``.
+
+    Equals ``divergence(hidden @ W.T + b, teacher_logits, kind, ...)`` (same keyword
+    arguments and meaning; see :func:`opd.losses.divergence.divergence`) without ever
+    holding ``[N, V]``. ``hidden_NH`` may have leading dims ``[..., H]``; the result then
+    has shape ``[...]``. ``teacher`` is the teacher's logits ``[..., V]`` or
+    ``(hidden, weight[, bias])`` of its LM head (made chunk by chunk too); it gets no
+    gradient. ``chunk_size`` tokens per chunk (default ``default_chunk_size(V)``).
+
+    Differentiable w.r.t. ``hidden_NH``, ``lm_head_weight_VH`` and ``bias_V`` for any
+    upstream gradient ``g_N`` (mask/weights applied by the caller afterwards); backward
+    recomputes each chunk's logits. Cheapest for logging under ``torch.no_grad()``. For
+    training, :func:`chunked_divergence_loss` saves that recompute.
+    Source: see the module doc. Deviations: none (values and gradients equal the
+    unchunked form up to float rounding).
+    """
+    h_NH, teacher, spec = _prepare(hidden_NH, lm_head_weight_VH, bias_V, teacher, kind, beta,
+                                   temperature, entry_clip, support, k, renormalize, chunk_size)  # fmt: skip
+    values = _RecomputedValues.apply(h_NH, lm_head_weight_VH, bias_V, *teacher, spec)
+    return values.reshape(hidden_NH.shape[:-1])
+
+
+def chunked_divergence_loss(
+    hidden_NH: torch.Tensor,
+    lm_head_weight_VH: torch.Tensor,
+    teacher: Teacher,
+    kind: str,
+    weights_N: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    bias_V: torch.Tensor | None = None,
+    entry_clip: float | None = None,
+    support: str | None = None,
+    k: int | None = None,
+    renormalize: str = "both",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ_n w_n D_n, D_N)``: the weighted divergence sum and the detached per-token values.
+
+    ``D_n`` as :func:`chunked_divergence` (same arguments). ``weights_N [...]`` (shaped
+    like ``hidden_NH[..., 0]``) carries the mask and the normalizer, e.g.
+    ``mask / num_kept_tokens`` for METHODS rule 4's token mean. The gradients w.r.t.
+    hidden, weight and bias are computed during this forward, chunk by chunk (the same
+    3 matmuls as a naive forward+backward, no recompute), and stored (``[N, H]``,
+    ``[V, H]``, ``[V]``); backward scales them by the upstream scalar. ``weights_N`` gets
+    the gradient ``D_N`` if it requires grad. Backward runs once (no double backward).
+    Source: Liger-Kernel fused linear JSD (third-party code), generalized.
+    """
+    h_NH, teacher, spec = _prepare(hidden_NH, lm_head_weight_VH, bias_V, teacher, kind, beta,
+                                   temperature, entry_clip, support, k, renormalize, chunk_size)  # fmt: skip
+    w_N = weights_N.reshape(-1)
+    if w_N.shape != h_NH.shape[:1]:
+        raise ValueError(f"weights must match hidden's leading shape, got {tuple(weights_N.shape)}")
+    loss, values = _FusedLoss.apply(h_NH, lm_head_weight_VH, bias_V, w_N, *teacher, spec)
+    return loss, values.reshape(hidden_NH.shape[:-1])

@@ -1,0 +1,155 @@
+"""Divergences against a sparse teacher that only sends its top-K ids and log-probs.
+
+A teacher served remotely typically returns, per position, ``K`` token ids and their
+log-probs (``teacher_topk_ids_BTK``, ``teacher_topk_logp_BTK``) instead of ``[B, T, V]``
+logits. The student still has its full logits. The divergence is computed on the
+support ``S = ids`` (Fu et al., METHODS §6), optionally with a tail bucket holding the
+mass outside S (so both sides stay full distributions over ``K + 1`` outcomes).
+
+Numerics, kinds and per-entry terms: as in :mod:`opd.losses.divergence`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from opd.losses.divergence import (
+    check_args,
+    compute_dtype,
+    divergence_from_logp,
+    floored_logits,
+    has_mass,
+)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 − exp(x))`` for ``x < 0``, stable on both ends (Mächler 2012).
+
+    ``x ≥ 0`` (no mass left) gives the dtype's lowest finite value (a floored
+    ``log 0``) with zero gradient. Source: standard numerics.
+    """
+    floor = torch.finfo(x.dtype).min
+    neg = x < 0
+    x = torch.where(neg, x, -1.0)
+    near0 = x > -math.log(2.0)
+    out = torch.where(
+        near0, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x.clamp_max(-math.log(2.0))))
+    )
+    return torch.where(neg, out.clamp_min(floor), floor)
+
+
+def student_tail_logp(s_BTV: torch.Tensor, ids_BTK: torch.Tensor):
+    """``(log Σ_{v∉S} S(v) [..., 1], nonempty [..., 1])`` for floored scaled logits.
+
+    Exact, with no ``1 − Σ`` cancellation however peaked the student is: a
+    ``logsumexp`` over the logits with S's entries floored, minus the full one.
+    ``nonempty``: some logit outside S is above the floor (``False`` when S is the
+    whole vocabulary or everything else is ``-inf``).
+    """
+    outside_BTV = torch.scatter(s_BTV, -1, ids_BTK, torch.finfo(s_BTV.dtype).min)
+    tail = outside_BTV.logsumexp(-1, keepdim=True) - s_BTV.logsumexp(-1, keepdim=True)
+    return tail, has_mass(outside_BTV).unsqueeze(-1)
+
+
+def teacher_tail_logp(t_K: torch.Tensor, eps: float) -> torch.Tensor:
+    """``log max(1 − Σ_k exp(logp_k), K·eps)`` ``[..., 1]`` (``log1mexp``).
+
+    ``1 − Σ`` is only known to the rounding of the sent log-probs (``eps`` of their
+    dtype): a smaller tail is taken to be ``K·eps`` rather than 0, so that a very
+    confident teacher does not make the student's tail infinitely costly (rkl).
+    """
+    floor = math.log(t_K.shape[-1] * eps)
+    return log1mexp(t_K.logsumexp(-1, keepdim=True)).clamp_min(floor)
+
+
+def _with_tail(s_BTV, ids_BTK, s_K, t_K, eps):
+    """Both sides as log-probs over the K ids plus the tail bucket (sparse_divergence doc)."""
+    s_tail, nonempty = student_tail_logp(s_BTV, ids_BTK)
+    t_tail = teacher_tail_logp(t_K, eps).masked_fill(~nonempty, torch.finfo(t_K.dtype).min)
+    s_lp = s_K - s_BTV.logsumexp(-1, keepdim=True)
+    return torch.cat([s_lp, s_tail], dim=-1), torch.cat([t_K, t_tail], dim=-1)
+
+
+def _on_support(s_BTV, s_K, t_K, renormalize: str):
+    """Log-probs on the K ids by ``renormalize`` (as ``divergence``'s top-K support)."""
+    s_full = s_K - s_BTV.logsumexp(-1, keepdim=True)
+    if renormalize == "none":
+        return s_full, t_K
+    t_hat = F.log_softmax(t_K, dim=-1)
+    if renormalize == "teacher":
+        return s_full, t_hat
+    return F.log_softmax(s_K, dim=-1), t_hat
+
+
+def _check_sparse(student, ids, logp) -> None:
+    if ids.shape != logp.shape or ids.shape[:-1] != student.shape[:-1]:
+        raise ValueError(
+            f"shapes disagree: student {tuple(student.shape)}, ids {tuple(ids.shape)}, "
+            f"logp {tuple(logp.shape)} (want [..., V], [..., K], [..., K])"
+        )
+    if ids.dtype != torch.long:
+        raise TypeError(f"teacher_topk_ids must be int64, got {ids.dtype}")
+    if not 1 <= ids.shape[-1] <= student.shape[-1]:
+        raise ValueError(f"need 1 <= K <= V, got K={ids.shape[-1]}, V={student.shape[-1]}")
+
+
+def sparse_divergence(
+    student_logits_BTV: torch.Tensor,
+    teacher_topk_ids_BTK: torch.Tensor,
+    teacher_topk_logp_BTK: torch.Tensor,
+    kind: str,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    renormalize: str = "both",
+    tail_bucket: bool = False,
+    entry_clip: float | None = None,
+) -> torch.Tensor:
+    """Per-position divergence against a top-K teacher: ``[..., V]``, ``[..., K]`` -> ``[...]``.
+
+    ``D_t = Σ_{o} min(ℓ_{t,o}, entry_clip)`` (``ℓ`` of ``kind``, see
+    :mod:`opd.losses.divergence`) over the outcomes ``o``:
+
+    - ``tail_bucket=False``: the K ids, with ``renormalize`` exactly as
+      ``divergence(..., support="teacher_topk", k=K)`` ("both": both renormalized on
+      the ids; "teacher": teacher renormalized, student full-vocabulary log-probs;
+      "none": both as given). Equal to it when the ids are the teacher's top-K and the
+      log-probs its full-vocabulary log-probs at the loss temperature.
+    - ``tail_bucket=True``: K + 1 outcomes, the ids plus one bucket with the rest of
+      the mass: student ``Σ_{v∉ids} S(v)`` (an exact ``logsumexp`` over the other
+      logits), teacher ``1 − Σ_k exp(logp_k)`` (``log1mexp``), floored at ``K·eps``
+      (``eps`` of ``teacher_topk_logp``'s dtype: below that the sent log-probs cannot
+      resolve it), and exactly 0 where the student has no mass outside the ids (K = V,
+      or the rest of the vocabulary is ``-inf``: a vocabulary mask shared by both
+      sides). Both sides are (up to that floor) full distributions, so ``renormalize``
+      is ignored. ``entry_clip`` clips the bucket's entry like any other. With K = V
+      this is the full-vocabulary divergence.
+
+    ``temperature`` divides the *student* logits only: ``teacher_topk_logp`` must
+    already be the teacher's log-probs at the loss temperature (METHODS rule 3). Ids
+    may come in any order; they must be distinct. Gradients flow to the student logits
+    (and to ``teacher_topk_logp`` if it requires grad). A position whose teacher
+    log-probs are all ``-inf`` gets value 0 (as in ``divergence``).
+
+    Source: code/paper (METHODS §6 top-K support; the tail bucket as in TRL's
+    ``iw_opd`` ``add_tail``, which instead clamps both sides' tails at 1e-7).
+    Deviations: the teacher tail's ``K·eps`` floor (a numerical choice).
+    """
+    check_args(kind, beta, temperature, renormalize, entry_clip)
+    _check_sparse(student_logits_BTV, teacher_topk_ids_BTK, teacher_topk_logp_BTK)
+    dtype = compute_dtype(student_logits_BTV, teacher_topk_logp_BTK)
+    s_BTV = floored_logits(student_logits_BTV, temperature, dtype)
+    t_K = floored_logits(teacher_topk_logp_BTK, 1.0, dtype)
+    s_K = s_BTV.gather(-1, teacher_topk_ids_BTK)
+    ok = has_mass(s_BTV) & has_mass(t_K)
+    if tail_bucket:
+        eps = torch.finfo(teacher_topk_logp_BTK.dtype).eps
+        s_lp, t_lp = _with_tail(s_BTV, teacher_topk_ids_BTK, s_K, t_K, eps)
+    else:
+        s_lp, t_lp = _on_support(s_BTV, s_K, t_K, renormalize)
+        ok = ok & has_mass(s_K) if renormalize == "both" else ok
+    value = divergence_from_logp(s_lp, t_lp, kind, beta=beta, entry_clip=entry_clip)
+    return value.masked_fill(~ok, 0.0)

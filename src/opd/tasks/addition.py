@@ -1,0 +1,137 @@
+"""Multi-digit addition, written digit by digit with carries (horizon = number of digits).
+
+Numbers are written least-significant digit first, so each carry is local. Step ``i``
+copies the two operand digits and the carry in, then writes the two-digit sum (tens,
+units)::
+
+    prompt:   add a_1 .. a_h + b_1 .. b_h =
+    step i:   a_i b_i c_i = t_i u_i ;        c_1 = 0, c_i = t_{i-1}, t_i u_i = a_i+b_i+c_i
+    answer:   ans u_1 .. u_h t_h              (the sum, least-significant digit first)
+
+Horizon 4 (5472 + 8915 = 14387)::
+
+    add 2 7 4 5 + 5 1 9 8 =
+    2 5 0 = 0 7 ; 7 1 0 = 0 8 ; 4 9 0 = 1 3 ; 5 8 1 = 1 4 ; ans 7 8 3 4 1
+
+7 tokens per step, ``8h + 3`` tokens with ``<eos>``. A correction redoes the step:
+``2 5 0 = 0 8 wait 2 5 0 = 0 7 ;``. Any wrong step makes the answer wrong.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+from opd.tasks import steps
+from opd.tasks.base import Problem
+from opd.tasks.steps import at, digit, fits, others
+from opd.tasks.tokenizer import DIGITS, EQ, SEP
+
+KEYWORD = "add"
+STEP = ["d", "d", "d", EQ, "d", "d"]  # a b c = t u  (then ";")
+CARRIES = ["0", "1"]
+
+
+@dataclass(frozen=True)
+class AdditionSpec:
+    a: tuple[int, ...]  # least-significant digit first
+    b: tuple[int, ...]
+
+    @property
+    def horizon(self) -> int:
+        return len(self.a)
+
+
+def random_spec(rng: random.Random, horizon: int) -> AdditionSpec:
+    a = tuple(rng.randrange(10) for _ in range(horizon))
+    return AdditionSpec(a, tuple(rng.randrange(10) for _ in range(horizon)))
+
+
+def prompt_text(spec: AdditionSpec) -> str:
+    return " ".join([KEYWORD, *map(str, spec.a), "+", *map(str, spec.b), EQ])
+
+
+def parse_prompt(words: Sequence[str]) -> AdditionSpec | None:
+    if len(words) < 5 or len(words) % 2 == 0 or words[0] != KEYWORD or words[-1] != EQ:
+        return None
+    h = (len(words) - 3) // 2
+    a, plus, b = words[1 : 1 + h], words[1 + h], words[2 + h : 2 + 2 * h]
+    if plus != "+" or any(w not in DIGITS for w in (*a, *b)):
+        return None
+    return AdditionSpec(tuple(map(int, a)), tuple(map(int, b)))
+
+
+def reference_steps(spec: AdditionSpec) -> list[list[str]]:
+    out, carry = [], 0
+    for x, y in zip(spec.a, spec.b):
+        s = x + y + carry
+        out.append([str(x), str(y), str(carry), EQ, str(s // 10), str(s % 10)])
+        carry = s // 10
+    return out
+
+
+def answer_text(spec: AdditionSpec) -> str:
+    st = reference_steps(spec)
+    return " ".join([s[5] for s in st] + [st[-1][4]])
+
+
+def solution_text(spec: AdditionSpec) -> str:
+    body = " ".join(" ".join(s + [SEP]) for s in reference_steps(spec))
+    return f"{body} ans {answer_text(spec)}"
+
+
+def next_token(spec: AdditionSpec, committed: Sequence[tuple[str, ...]], cur: Sequence[str]):
+    """The intended next word, trusting the written words (see :mod:`opd.tasks.steps`)."""
+    h, k = spec.horizon, len(committed)
+    if k == h:
+        sources = [(i, 5) for i in range(h)] + [(h - 1, 4)]
+        return steps.answer_token(committed, cur, sources, [DIGITS] * h + [CARRIES])
+    if k > h or not fits(cur, STEP + [SEP]):
+        return None, ()
+    j = len(cur)
+    if j in (0, 1):
+        w = str((spec.a, spec.b)[j][k])
+        return w, others(w, DIGITS)
+    if j == 2:
+        w = "0" if k == 0 else at(committed[k - 1], 4)
+        return (w, others(w, CARRIES)) if w in DIGITS else (None, ())
+    if j == 3:
+        return EQ, ()
+    if j in (4, 5):
+        s = sum(digit(w) for w in cur[:3])
+        w = str(s // 10) if j == 4 else str(s % 10)
+        return w, others(w, CARRIES if j == 4 else DIGITS)
+    return SEP, ()
+
+
+GRAMMAR = steps.Grammar(KEYWORD, parse_prompt, next_token)
+
+
+@dataclass
+class AdditionTask:
+    """``horizon``-digit addition; problems are seeded and split by a hash of the prompt."""
+
+    horizon: int = 4
+    name: str = "addition"
+
+    def make_problem(self, spec: AdditionSpec) -> Problem:
+        meta = {"task": self.name, "horizon": spec.horizon, "spec": spec}
+        return Problem(prompt_text(spec), answer_text(spec), solution_text(spec), meta)
+
+    def problems(self, split: str, n: int, seed: int) -> list[Problem]:
+        def draw(rng: random.Random) -> Problem:
+            return self.make_problem(random_spec(rng, self.horizon))
+
+        return steps.sample_split(draw, split, n, f"{self.name}:{self.horizon}:{seed}")
+
+    @property
+    def solution_tokens(self) -> int:
+        """Length of a reference completion in tokens, ``<eos>`` included."""
+        return 8 * self.horizon + 3
+
+    def extract_answer(self, completion: str) -> str | None:
+        return steps.extract_answer(completion)
+
+    def verify(self, problem: Problem, completion: str) -> bool:
+        return steps.verify(problem, completion)

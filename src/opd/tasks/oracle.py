@@ -1,0 +1,320 @@
+"""The programmable teacher: the exact next-token distribution after any prefix.
+
+The oracle reads the problem from the prompt ids alone (its first word picks the family's
+:class:`~opd.tasks.steps.Grammar`), then walks the completion once, left to right, keeping
+the state of the solution grammar (closed steps, the step in progress, deviations so far).
+At every position the walk names an *intended* word ``i`` and a set ``W`` of
+plausible-but-wrong words; the knobs turn that into a distribution.
+
+Intended word:
+- ``recovers=True`` (default): on a correct prefix, the reference's next word. From the
+  first wrong word of a step on (a *deviation*), ``wait``, until a ``wait`` is written;
+  then the first word of the step that held the earliest uncorrected deviation, and the
+  rest of that step and the solution (see the correction grammar in
+  :mod:`opd.tasks.steps`). At a ``wait`` slot ``W`` = {the word that would continue the
+  wrong prefix}.
+- ``recovers=False``: the word that continues the written prefix as if it were right
+  (the grammar's ``next_token`` trusting what was written: the next step copies the
+  written carry/value, the answer copies the written results).
+- Both: after ``<eos>``, or once the answer is complete, ``<eos>``. Words that do not fit
+  the grammar (garbage) make ``wait`` intended (``W`` empty); an unparseable prompt makes
+  ``<eos>`` intended everywhere. A *deviation* is any written word that differs from the
+  word this oracle intended at its position.
+
+Distribution, with ``L`` the live tokens (all but ``<pad>``, ``<bos>``, ``<unk>``), ``D``
+the dead ones, ``s = sharpness``::
+
+    q_v = exp(s [v = i] + DEAD_LOGIT [v in D]) / Z,  Z = e^s + (|L| - 1) + |D| e^DEAD_LOGIT
+    p_v = (1 - eps) q_v + eps [v in W'] / |W'|,      W' = W if W else L \\ {i}
+    eps = 1 - (1 - noise) (1 - decay)^n
+
+``n`` is the number of deviations in the prefix (``decay_mode="deviations"``) or the
+number of completion tokens before the position (``decay_mode="position"``). So
+``sharpness`` is the logit gap of the intended word over every other live word; ``noise``
+is the mass moved onto plausible-but-wrong words (other digits at a digit slot; at a slot
+with no plausible alternative, e.g. ``=`` or ``;``, onto all other live words); ``decay``
+makes that mass grow geometrically toward 1 with deviations or position (coverage decay).
+Scoring at temperature ``tau`` uses ``logits = log p / tau``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+
+from opd.batch import SeqBatch
+from opd.models.base import Scores
+from opd.tasks.steps import Grammar
+from opd.tasks.tokenizer import BOS, EOS, PAD, SEP, UNK, VOCAB, WAIT
+
+DEAD_LOGIT = -30.0  # <pad>, <bos>, <unk>: finite but never sampled in practice
+DECAY_MODES = ("deviations", "position")
+
+
+class Target(NamedTuple):
+    intended: int  # the token id the oracle intends at this position
+    plausible: tuple[int, ...]  # W, the plausible-but-wrong ids (empty: all other live ids)
+    deviations: int  # deviations in the prefix before this position
+    position: int  # completion tokens before this position
+
+
+class _Walk:
+    """Incremental grammar state of one sequence: one pass, O(step length) work per word."""
+
+    __slots__ = (
+        "grammar", "spec", "recovers", "committed", "cur", "err", "last", "dev", "pos", "done"
+    )
+
+    def __init__(self, grammar: Grammar | None, spec, recovers: bool):
+        self.grammar, self.spec, self.recovers = grammar, spec, recovers
+        self.committed: list[tuple[str, ...]] = []
+        self.cur: list[str] = []
+        self.err: int | None = None  # step of the earliest uncorrected deviation
+        self.last: int | None = None  # step of the last non-wait word
+        self.dev = self.pos = 0
+        self.done = False
+
+    def target(self) -> tuple[str, tuple[str, ...]]:
+        if self.spec is None or self.done:
+            return EOS, ()
+        word, plausible = self.grammar.next_token(self.spec, self.committed, self.cur)
+        if self.recovers and self.err is not None:
+            return WAIT, ((word,) if word not in (None, WAIT) else ())
+        if word is None:
+            return WAIT, ()
+        return word, tuple(w for w in plausible if w != word)
+
+    def push(self, word: str, intended: str) -> None:
+        self.pos += 1
+        if word != intended:
+            self.dev += 1
+            if self.recovers and self.err is None and word != WAIT:
+                self.err = len(self.committed)
+        if self.done:
+            return
+        if word == EOS:
+            self.done = True
+        elif word == WAIT:
+            redo = len(self.committed) if self.last is None else self.last
+            redo = redo if self.err is None else min(self.err, redo)
+            self.committed, self.cur, self.err, self.last = self.committed[:redo], [], None, redo
+        elif word == SEP:
+            self.last = len(self.committed)
+            self.committed.append(tuple(self.cur))
+            self.cur = []
+        else:
+            self.last = len(self.committed)
+            self.cur.append(word)
+
+
+class OracleTeacher:
+    """A program teacher for the testbed tasks; implements :class:`opd.models.base.Teacher`.
+
+    Args:
+        task: optional; a testbed task (from :func:`opd.tasks.registry.make_task`) checked to
+            be one the oracle knows. The oracle reads every problem from its prompt, so one
+            oracle serves every family and horizon.
+        tokenizer: the testbed tokenizer (default: :func:`build_tokenizer`).
+        sharpness: logit gap ``s`` between the intended word and every other live word.
+        noise: base mass ``eps`` in [0, 1) spread on plausible-but-wrong words.
+        decay: in [0, 1); ``eps`` grows as ``1 - (1 - noise)(1 - decay)^n``.
+        decay_mode: ``"deviations"`` (n = deviations in the prefix) or ``"position"``.
+        recovers: correct a wrong prefix with ``wait`` + the redone step (True) or continue
+            it as if it were right (False).
+        grammars: keyword -> Grammar (default: every testbed family).
+    """
+
+    def __init__(
+        self,
+        task=None,
+        tokenizer=None,
+        *,
+        sharpness: float = 10.0,
+        noise: float = 0.0,
+        decay: float = 0.0,
+        decay_mode: str = "deviations",
+        recovers: bool = True,
+        grammars: dict[str, Grammar] | None = None,
+    ):
+        if not (0.0 <= noise < 1.0 and 0.0 <= decay < 1.0):
+            raise ValueError("noise and decay must lie in [0, 1)")
+        if decay_mode not in DECAY_MODES:
+            raise ValueError(f"decay_mode must be one of {DECAY_MODES}")
+        if tokenizer is None:
+            from opd.tasks.tokenizer import build_tokenizer
+
+            tokenizer = build_tokenizer()
+        if grammars is None:
+            from opd.tasks.registry import GRAMMARS as grammars
+        if task is not None:
+            from opd.tasks.registry import TASKS
+
+            if getattr(task, "name", None) not in TASKS:
+                raise ValueError(f"the oracle only knows the testbed tasks {sorted(TASKS)}")
+        self.sharpness, self.noise, self.decay = float(sharpness), float(noise), float(decay)
+        self.decay_mode, self.recovers, self.grammars = decay_mode, recovers, grammars
+        vocab = tokenizer.get_vocab()
+        missing = [w for w in VOCAB if w not in vocab]
+        if missing:
+            raise ValueError(f"tokenizer lacks testbed words {missing}; use build_tokenizer()")
+        self.vocab_size = len(tokenizer)
+        self.words = [UNK] * self.vocab_size
+        for w, i in vocab.items():
+            self.words[i] = w
+        self.ids = {w: i for i, w in enumerate(self.words)}
+        self.eos_token_id, self.wait_token_id = self.ids[EOS], self.ids[WAIT]
+        self.pad_token_id = self.ids[PAD]
+        dead = torch.zeros(self.vocab_size, dtype=torch.bool)
+        dead[[self.ids[w] for w in (PAD, BOS, UNK) if w in self.ids]] = True
+        self.live_V = ~dead
+        n_live, n_dead = int(self.live_V.sum()), int(dead.sum())
+        log_z = math.log(math.exp(self.sharpness) + (n_live - 1) + n_dead * math.exp(DEAD_LOGIT))
+        self._base_V = torch.where(dead, DEAD_LOGIT, 0.0).double() - log_z
+        self._keys: dict[tuple[str, tuple[str, ...]], int] = {}
+        self._rows: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (i, log q, log U(W'))
+        self._table: tuple[torch.Tensor, ...] | None = None
+
+    # ----------------------------------------------------------------- the walk
+    def _start(self, prompt_ids: Sequence[int]) -> _Walk:
+        words = [self._word(i) for i in prompt_ids]
+        words = [w for w in words if w not in (PAD, BOS)]
+        grammar = self.grammars.get(words[0]) if words else None
+        spec = grammar.parse_prompt(words) if grammar is not None else None
+        return _Walk(grammar, spec, self.recovers)
+
+    def _word(self, i: int) -> str:
+        return self.words[i] if 0 <= i < self.vocab_size else UNK
+
+    def _row(self, walk: _Walk) -> tuple[int, float]:
+        """Push-independent part of a position: (row in the target table, n for the decay)."""
+        key = walk.target()
+        row = self._keys.get(key)
+        if row is None:
+            row = self._keys[key] = len(self._rows)
+            intended = self.ids[key[0]]
+            mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+            mask[[self.ids[w] for w in key[1] if w in self.ids]] = True
+            if not mask.any():
+                mask = self.live_V.clone()
+            mask[intended] = False
+            base_V = self._base_V.clone()
+            base_V[intended] += self.sharpness  # log q
+            spread_V = torch.full_like(base_V, -math.inf).masked_fill(mask, -math.log(mask.sum()))
+            self._rows.append((intended, base_V, spread_V))
+            self._table = None
+        n = walk.dev if self.decay_mode == "deviations" else walk.pos
+        return row, float(n)
+
+    def _advance(self, walk: _Walk, token: int, row: int) -> None:
+        walk.push(self._word(token), self.words[self._rows[row][0]])
+
+    def _logp(self, rows: list[int], n: list[float]) -> torch.Tensor:
+        """log p [N, V] in float64 for table rows ``rows`` and decay counts ``n``."""
+        if self._table is None:
+            self._table = tuple(torch.stack([r[i] for r in self._rows]) for i in (1, 2))
+        base_RV, spread_RV = self._table
+        rows_N = torch.tensor(rows, dtype=torch.long)
+        n_N = torch.tensor(n, dtype=torch.float64)
+        log_keep_N = math.log1p(-self.noise) + n_N * math.log1p(-self.decay)  # log(1 - eps)
+        log_eps_N = torch.log(-torch.expm1(log_keep_N))
+        return torch.logaddexp(
+            log_keep_N[:, None] + base_RV[rows_N], log_eps_N[:, None] + spread_RV[rows_N]
+        )
+
+    # ----------------------------------------------------------------- public API
+    def trace(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[Target]:
+        """The oracle's target at each completion position (intended id, W, n counts)."""
+        walk, out = self._start(prompt_ids), []
+        for tok in completion_ids:
+            word, plausible = walk.target()
+            ids = tuple(self.ids[w] for w in plausible)
+            out.append(Target(self.ids[word], ids, walk.dev, walk.pos))
+            walk.push(self._word(tok), word)
+        return out
+
+    def next_logprobs(
+        self, prompt_ids: Sequence[int], prefix_ids: Sequence[int], temperature: float = 1.0
+    ) -> torch.Tensor:
+        """``log softmax(log p / temperature)`` [V] (float32) of the next token after the prefix."""
+        walk = self._start(prompt_ids)
+        for tok in prefix_ids:
+            self._advance(walk, tok, self._row(walk)[0])
+        row, n = self._row(walk)
+        return torch.log_softmax(self._logp([row], [n])[0] / temperature, -1).float()
+
+    def score(
+        self, batch: SeqBatch, *, topk: int = 8, full: bool = False, temperature: float = 1.0
+    ) -> Scores:
+        """Scores of every completion column of ``batch`` (one O(T) walk per row)."""
+        comp_BT = batch.completion_ids_BT
+        B, T = comp_BT.shape
+        rows, ns = [], []
+        for prompt, tokens in zip(batch.prompts(), comp_BT.tolist()):
+            walk = self._start(prompt)
+            for tok in tokens:
+                row, n = self._row(walk)
+                rows.append(row)
+                ns.append(n)
+                self._advance(walk, tok, row)
+        logits_BTV = (self._logp(rows, ns) / temperature).view(B, T, self.vocab_size)
+        logq_BTV = torch.log_softmax(logits_BTV, -1)
+        token_logp_BT = logq_BTV.gather(-1, comp_BT.cpu()[..., None]).squeeze(-1)
+        entropy_BT = -(logq_BTV.exp() * logq_BTV).sum(-1)
+        topk_logp_BTK, topk_ids_BTK = logq_BTV.topk(min(topk, self.vocab_size), dim=-1)
+        dev = batch.input_ids_BL.device
+        return Scores(
+            token_logp_BT=token_logp_BT.float().to(dev),
+            entropy_BT=entropy_BT.float().to(dev),
+            topk_ids_BTK=topk_ids_BTK.to(dev),
+            topk_logp_BTK=topk_logp_BTK.float().to(dev),
+            logits_BTV=logits_BTV.float().to(dev) if full else None,
+        )
+
+    def generate(
+        self,
+        prompt_ids_list: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        prefix_ids_list: Sequence[Sequence[int]] | None = None,
+    ) -> list[list[int]]:
+        """Sample completions from the oracle's own distribution; each stops after ``<eos>``.
+
+        ``temperature=0`` is greedy. ``prefix_ids_list`` (optional) gives completion tokens
+        already written (e.g. a student's prefix); only the new tokens are returned. The
+        returned lists include the final ``<eos>`` when one was generated.
+        """
+        walks = [self._start(p) for p in prompt_ids_list]
+        for walk, prefix in zip(walks, prefix_ids_list or [[]] * len(walks)):
+            for tok in prefix:
+                self._advance(walk, tok, self._row(walk)[0])
+        out: list[list[int]] = [[] for _ in walks]
+        active = [b for b, w in enumerate(walks) if not w.done]
+        for _ in range(max_new_tokens):
+            if not active:
+                break
+            targets = [self._row(walks[b]) for b in active]
+            logp_AV = self._logp([r for r, _ in targets], [n for _, n in targets])
+            tokens = _sample(logp_AV, temperature, top_p, generator).tolist()
+            for b, (row, _), tok in zip(active, targets, tokens):
+                self._advance(walks[b], tok, row)
+                out[b].append(tok)
+            active = [b for b, tok in zip(active, tokens) if tok != self.eos_token_id]
+        return out
+
+
+def _sample(logp_AV: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """One token per row: greedy at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logp_AV.argmax(-1)
+    probs_AV = torch.softmax(logp_AV / temperature, -1)
+    if top_p < 1.0:
+        sorted_AV, order_AV = probs_AV.sort(-1, descending=True)
+        drop_AV = (sorted_AV.cumsum(-1) - sorted_AV) >= top_p
+        sorted_AV = sorted_AV.masked_fill(drop_AV, 0.0)
+        probs_AV = torch.zeros_like(probs_AV).scatter(-1, order_AV, sorted_AV)
+    return torch.multinomial(probs_AV, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,20 @@
+"""The testbed's task families, by name (tasks) and by prompt keyword (oracle grammars)."""
+
+from __future__ import annotations
+
+from opd.tasks import addition, modchain
+from opd.tasks.steps import Grammar
+
+TASKS = {
+    "addition": addition.AdditionTask,
+    "modchain": modchain.ModChainTask,
+}
+
+GRAMMARS: dict[str, Grammar] = {g.keyword: g for g in (addition.GRAMMAR, modchain.GRAMMAR)}
+
+
+def make_task(name: str, horizon: int = 4, **kw):
+    """A testbed task by name, e.g. ``make_task("modchain", 6, moduli=(7,))``."""
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; known: {sorted(TASKS)}")
+    return TASKS[name](horizon=horizon, **kw)

@@ -1,0 +1,132 @@
+"""What the testbed's task families share: the solution grammar, splits, answer checking.
+
+Solution grammar (every family)::
+
+    solution := step* answer
+    step     := <family-specific tokens> ";"
+    answer   := "ans" <answer tokens>            (the completion then ends with <eos>)
+    correction: "wait" may follow any token; it discards the step in progress and the
+                step is then written again from its first token (the *redone step*).
+                A "wait" right after ";" redoes the step that ";" just closed.
+
+The oracle that recovers emits ``wait`` immediately after the first wrong token of a step
+(the correction onset), then the step in full. Reference solutions never contain ``wait``.
+Only the final answer counts: :func:`extract_answer` reads the words after the *last*
+``ans``, so corrected solutions verify like clean ones.
+
+A family plugs into the oracle through a :class:`Grammar`: ``parse_prompt(words)`` returns
+the problem's spec (or ``None`` if the prompt is not this family's), and
+``next_token(spec, committed, cur)`` says which word comes next when the closed steps are
+``committed`` (tuples of words, without ";") and the step in progress holds ``cur``,
+trusting what was written. It returns ``(word, plausible_wrong_words)``, or ``(None, ())``
+when the written words do not fit the grammar. Step ``len(committed) == horizon`` is the
+answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from opd.tasks.base import Problem
+from opd.tasks.tokenizer import ANS, BOS, DIGITS, EOS, OPS, PAD
+
+SPLITS = ("train", "val", "test")
+NextToken = tuple[str | None, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Grammar:
+    keyword: str  # the prompt's first word, which tells the family
+    parse_prompt: Callable[[Sequence[str]], Any]
+    next_token: Callable[[Any, Sequence[tuple[str, ...]], Sequence[str]], NextToken]
+
+
+def split_of(prompt: str) -> str:
+    """The split a prompt belongs to, from a hash of its text: 80% train, 10% val, 10% test."""
+    h = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") % 100
+    return "train" if h < 80 else "val" if h < 90 else "test"
+
+
+def sample_split(
+    draw: Callable[[random.Random], Problem], split: str, n: int, key: str
+) -> list[Problem]:
+    """``n`` problems from ``draw`` whose prompt hashes into ``split`` (seeded by ``key``)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    rng = random.Random(f"{key}:{split}")
+    out: list[Problem] = []
+    for _ in range(1000 * max(n, 1)):
+        if len(out) == n:
+            break
+        p = draw(rng)
+        if split_of(p.prompt) == split:
+            out.append(p)
+    if len(out) < n:
+        raise RuntimeError(f"could not draw {n} {split} problems ({key})")
+    return out
+
+
+def extract_answer(completion: str) -> str | None:
+    """The digits after the last ``ans`` (up to ``<eos>``), space-separated; else ``None``."""
+    words = [w for w in completion.split() if w not in (PAD, BOS)]
+    if EOS in words:
+        words = words[: words.index(EOS)]
+    if ANS not in words:
+        return None
+    tail = words[len(words) - 1 - words[::-1].index(ANS) + 1 :]
+    if not tail or any(w not in DIGITS for w in tail):
+        return None
+    return " ".join(tail)
+
+
+def verify(problem: Problem, completion: str) -> bool:
+    """Exact match of the extracted final answer."""
+    return extract_answer(completion) == problem.answer
+
+
+def digit(word: str | None) -> int | None:
+    return int(word) if word in DIGITS else None
+
+
+def at(seq: Sequence, i: int):
+    """``seq[i]`` or ``None`` when out of range."""
+    return seq[i] if 0 <= i < len(seq) else None
+
+
+def fits(words: Sequence[str], pattern: Sequence[str]) -> bool:
+    """Whether ``words`` is a prefix of ``pattern`` ("d": any digit, "op": an operator)."""
+    if len(words) > len(pattern):
+        return False
+    for w, p in zip(words, pattern):
+        ok = w in DIGITS if p == "d" else w in OPS if p == "op" else w == p
+        if not ok:
+            return False
+    return True
+
+
+def others(word: str, pool: Sequence[str]) -> tuple[str, ...]:
+    """The plausible-but-wrong alternatives to ``word``: the rest of its pool."""
+    return tuple(w for w in pool if w != word)
+
+
+def answer_token(committed: Sequence[tuple[str, ...]], cur: Sequence[str], sources, pools):
+    """Next word of the answer segment ``ans w_1 .. w_n <eos>``.
+
+    ``sources[j] = (step, slot)`` says where answer word ``j`` is copied from among the
+    committed steps; ``pools[j]`` its plausible alternatives.
+    """
+    j = len(cur)
+    if not fits(cur, [ANS] + ["d"] * len(sources)):
+        return None, ()
+    if j == 0:
+        return ANS, ()
+    if j == len(sources) + 1:
+        return EOS, ()
+    step, slot = sources[j - 1]
+    w = at(committed[step], slot) if step < len(committed) else None
+    if w not in DIGITS:
+        return None, ()
+    return w, others(w, pools[j - 1])

@@ -1,0 +1,105 @@
+"""`opd train` on Hugging Face models saved to disk and a JSONL dataset (the real-model path)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from opd.cli import main
+from opd.metrics_log import read_metrics
+
+WORDS = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "what", "is", "plus", "answer:"] + [str(i) for i in range(20)]
+CHAT = "{% for m in messages %}<|user|> {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+
+
+def make_tokenizer():
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    fast.chat_template = CHAT
+    return fast
+
+
+def save_model(path, tokenizer, hidden, vocab=None):
+    cfg = Qwen2Config(
+        vocab_size=vocab or len(WORDS), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def real_setup(tmp_path):
+    tok = make_tokenizer()
+    student = save_model(tmp_path / "student", tok, 16)
+    teacher = save_model(tmp_path / "teacher", tok, 32)
+    rows = [{"prompt": f"what is {a} plus {b}", "answer": str(a + b), "solution": f"{a} plus {b} is {a + b} answer: {a + b}"}
+            for a in range(5) for b in range(5)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    return student, teacher, data, tmp_path
+
+
+@pytest.mark.parametrize("method", ["opd", "gkd"])
+def test_train_checkpoint_resume_on_real_models(real_setup, method):
+    student, teacher, data, tmp = real_setup
+    common = [f"method={method}", f"student={student}", f"teacher={teacher}", f"dataset={data}", "prompts_per_step=4",
+              "group_size=2", "max_new_tokens=8", "eval_size=4", "eval_k=2", "progress=false", f"run_dir={tmp / 'run'}"]
+    assert main(["train", *common, "steps=2"]) == 0
+    assert (tmp / "run/checkpoints/step_000002/model.safetensors").exists()
+    assert (tmp / "run/checkpoints/step_000002/tokenizer.json").exists()
+    assert main(["train", *common, "steps=3", "resume=true"]) == 0
+    assert [r["step"] for r in read_metrics(tmp / "run")] == [0, 1, 2, 3]
+
+
+def test_mismatched_vocabularies_are_refused(real_setup, capsys):
+    student, _, data, tmp = real_setup
+    other = save_model(tmp / "other", make_tokenizer(), 16, vocab=len(WORDS) + 7)
+    code = main(["train", "method=opd", f"student={student}", f"teacher={other}", f"dataset={data}", f"run_dir={tmp / 'r'}"])
+    assert code == 2
+    assert "vocabularies differ" in capsys.readouterr().err
+    assert not (tmp / "r").exists()  # nothing written before the check
+
+
+def test_dataset_without_solutions_for_sft(real_setup, capsys):
+    student, teacher, _, tmp = real_setup
+    data = tmp / "nosol.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"what is {i}", "answer": str(i)}) for i in range(10)))
+    code = main(["train", "method=sft", f"student={student}", f"teacher={teacher}", f"dataset={data}", f"run_dir={tmp / 'r'}"])
+    assert code == 2
+    assert "needs reference solutions" in capsys.readouterr().err
+
+
+def test_bad_dataset_rows_are_named(real_setup, capsys):
+    student, teacher, _, tmp = real_setup
+    data = tmp / "bad.jsonl"
+    data.write_text('{"prompt": "what is 1", "answer": "1"}\n{"question": "x"}\n{"prompt": "what is 2", "answer": "2"}\n')
+    code = main(["train", f"student={student}", f"teacher={teacher}", f"dataset={data}", f"run_dir={tmp / 'r'}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "row 2" in err and "'prompt'" in err
+
+
+def test_unknown_config_key_via_cli(capsys):
+    assert main(["train", "lr_rate=3"]) == 2
+    err = capsys.readouterr().err
+    assert "lr_rate" in err and "'lr'" in err
+
+
+@pytest.mark.slow
+def test_console_script_runs(real_setup):
+    student, teacher, data, tmp = real_setup
+    out = subprocess.run(
+        [sys.executable, "-m", "opd.cli", "train", "method=opd", f"student={student}", f"teacher={teacher}",
+         f"dataset={data}", "steps=1", "prompts_per_step=2", "max_new_tokens=4", "eval_size=2", "eval_k=1",
+         "progress=false", f"run_dir={tmp / 'cli'}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "done:" in out.stdout

@@ -1,0 +1,129 @@
+import random
+
+import pytest
+
+from opd.tasks import addition, modchain
+from opd.tasks.registry import GRAMMARS, TASKS, make_task
+from opd.tasks.steps import extract_answer, split_of
+
+NAMES = ("addition", "modchain")
+
+
+def test_examples_at_horizon_4():
+    spec = addition.AdditionSpec((2, 7, 4, 5), (5, 1, 9, 8))  # 5472 + 8915 = 14387
+    assert addition.prompt_text(spec) == "add 2 7 4 5 + 5 1 9 8 ="
+    assert addition.solution_text(spec) == (
+        "2 5 0 = 0 7 ; 7 1 0 = 0 8 ; 4 9 0 = 1 3 ; 5 8 1 = 1 4 ; ans 7 8 3 4 1"
+    )
+    assert addition.answer_text(spec) == "7 8 3 4 1"
+    spec = modchain.ModChainSpec(7, 3, (("+", 4), ("*", 2), ("-", 5), ("*", 3)))
+    assert modchain.prompt_text(spec) == "mod 7 start 3 + 4 * 2 - 5 * 3 ="
+    assert modchain.solution_text(spec) == "3 + 4 = 0 ; 0 * 2 = 0 ; 0 - 5 = 2 ; 2 * 3 = 6 ; ans 6"
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("horizon", [1, 2, 4, 8])
+def test_reference_solutions_verify_and_parse(name, horizon):
+    task = make_task(name, horizon)
+    grammar = GRAMMARS[{"addition": "add", "modchain": "mod"}[name]]
+    for p in task.problems("train", 50, seed=horizon):
+        assert task.verify(p, p.solution)
+        assert task.verify(p, p.solution + " <eos> <pad> <pad>")
+        assert task.extract_answer(p.solution) == p.answer
+        assert "wait" not in p.solution.split()
+        assert len(p.solution.split()) + 1 == task.solution_tokens <= 8 * horizon + 3
+        assert grammar.parse_prompt(p.prompt.split()) == p.meta["spec"]
+        assert p.meta["horizon"] == horizon
+
+
+def test_token_budget():
+    assert make_task("addition", 4).solution_tokens == 35
+    assert make_task("addition", 8).solution_tokens == 67
+    assert make_task("modchain", 4).solution_tokens == 27
+    assert make_task("modchain", 8).solution_tokens == 51
+
+
+BAD_PROMPTS = ["", "add", "add 1 + =", "add 1 2 + 3 =", "add 1 + x =", "mod 7 3 + 4 ="]
+
+
+@pytest.mark.parametrize("bad", BAD_PROMPTS)
+def test_parse_rejects_malformed_prompts(bad):
+    words = bad.split()
+    assert addition.parse_prompt(words) is None
+    assert modchain.parse_prompt(words) is None
+
+
+def test_extract_answer_takes_the_last_answer():
+    assert extract_answer("1 2 0 = 0 3 ; ans 3 0") == "3 0"
+    assert extract_answer("1 2 0 = 0 4 wait 1 2 0 = 0 3 ; ans 3 0 <eos>") == "3 0"
+    assert extract_answer("ans 4 wait ans 3 0 <eos> ans 9") == "3 0"  # nothing after eos counts
+    assert extract_answer("<bos> ans 3 <eos> <pad>") == "3"
+    assert extract_answer("1 2 0 = 0 3 ;") is None
+    assert extract_answer("ans") is None
+    assert extract_answer("ans 3 wait") is None
+    assert extract_answer("ans 3 ;") is None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_verifier_rejects_wrong_and_accepts_corrected(name):
+    task = make_task(name, 4)
+    for p in task.problems("val", 20, seed=0):
+        words = p.solution.split()
+        wrong = words[:-1] + [str((int(words[-1]) + 1) % 10)]
+        assert not task.verify(p, " ".join(wrong))
+        assert not task.verify(p, " ".join(words[:-1]))  # truncated answer
+        assert not task.verify(p, p.solution.replace("ans", "wait"))
+        # a wrong first step then its correction; only the final answer counts
+        first = words.index(";")
+        step = words[:first]
+        bad = step[:-1] + [str((int(step[-1]) + 1) % 10)]
+        corrected = bad + ["wait"] + words
+        assert task.verify(p, " ".join(corrected))
+        assert task.verify(p, " ".join(wrong + ["wait", "ans", p.answer]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_splits_disjoint_seeded_and_hashed(name):
+    task = make_task(name, 3)
+    prompts = {s: {p.prompt for p in task.problems(s, 150, 0)} for s in ("train", "val", "test")}
+    assert not prompts["train"] & prompts["val"]
+    assert not prompts["train"] & prompts["test"]
+    assert not prompts["val"] & prompts["test"]
+    for s, ps in prompts.items():
+        assert all(split_of(p) == s for p in ps)
+    again = [p.prompt for p in task.problems("val", 30, seed=0)]
+    assert again == [p.prompt for p in task.problems("val", 30, seed=0)]
+    assert again != [p.prompt for p in task.problems("val", 30, seed=1)]
+    with pytest.raises(ValueError):
+        task.problems("dev", 1, 0)
+
+
+def test_split_fractions():
+    task = make_task("addition", 6)
+    rng = random.Random(0)
+    counts = {"train": 0, "val": 0, "test": 0}
+    for _ in range(4000):
+        counts[split_of(addition.prompt_text(addition.random_spec(rng, 6)))] += 1
+    assert 0.76 < counts["train"] / 4000 < 0.84
+    assert 0.07 < counts["val"] / 4000 < 0.13
+    assert task.name == "addition"
+
+
+def test_modchain_one_wrong_value_spoils_the_answer():
+    rng = random.Random(0)
+    for _ in range(200):
+        spec = modchain.random_spec(rng, 5)
+        i = rng.randrange(5)
+        v = int(modchain.reference_steps(spec)[i][4])
+        for wrong in set(range(spec.m)) - {v}:
+            for op, d in spec.ops[i + 1 :]:
+                wrong = modchain.apply(wrong, op, d, spec.m)
+            assert str(wrong) != modchain.answer_text(spec)
+
+
+def test_registry():
+    assert set(TASKS) == set(NAMES)
+    task = make_task("modchain", 6, moduli=(7,))
+    assert task.horizon == 6 and all(p.meta["spec"].m == 7 for p in task.problems("train", 10, 0))
+    with pytest.raises(KeyError):
+        make_task("sorting", 4)
