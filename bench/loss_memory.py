@@ -56,6 +56,16 @@ def _reset_peak() -> bool:
         return False
 
 
+def _available_mib() -> float:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) / 1024
+
+
+def naive_estimate_mib(kind: str, n: int, hidden: int, vocab: int) -> float:
+    """Naive peak extra, from measurements: ~4 (rkl) / ~8 (jsd) ``[N, V]`` tensors + W.grad."""
+    return ((4.1 if kind == "rkl" else 8.1) * n * vocab + vocab * hidden) * 4 / 2**20
+
+
 def naive_values(h, W, teacher, kind: str, beta: float) -> torch.Tensor:
     """Plain full-logits per-token divergence (the baseline a user would write)."""
     t = teacher if isinstance(teacher, torch.Tensor) else teacher[0] @ teacher[1].T
@@ -76,6 +86,9 @@ def run_case(method, kind, n, hidden, vocab, chunk, teacher_mode, beta=0.5) -> d
     else:
         teacher = (torch.randn(n, hidden), torch.randn(vocab, hidden) * (2.0 / hidden**0.5))
     w = torch.full((n,), 1.0 / n)
+    need, have = naive_estimate_mib(kind, n, hidden, vocab), _available_mib() - 1024
+    if method == "naive" and need > have:
+        return {"skipped": f"needs ~{need / 1024:.1f} GiB, {have / 1024:.1f} GiB available"}
     base_kib, exact = _status_kib("VmRSS:"), _reset_peak()
     base_kib = base_kib if exact else _status_kib("VmHWM:")
     t0 = time.perf_counter()
@@ -103,10 +116,11 @@ def _child(args) -> dict:
 
 
 def _row(n, kind, method, r, ref) -> str:
-    if "error" in r:
-        return f"{n:>6} {kind:>4} {method:>15}  failed: {r['error']}"
-    mem_ratio = r["extra_mib"] / ref["extra_mib"] if ref and "error" not in ref else float("nan")
-    time_ratio = r["seconds"] / ref["seconds"] if ref and "error" not in ref else float("nan")
+    if "error" in r or "skipped" in r:
+        return f"{n:>6} {kind:>4} {method:>15}  {r.get('error') or 'skipped: ' + r['skipped']}"
+    has_ref = ref is not None and "extra_mib" in ref
+    mem_ratio = r["extra_mib"] / ref["extra_mib"] if has_ref else float("nan")
+    time_ratio = r["seconds"] / ref["seconds"] if has_ref else float("nan")
     return (
         f"{n:>6} {kind:>4} {method:>15} {r['extra_mib']:>11.0f} {r['seconds']:>8.2f}"
         f" {mem_ratio:>9.3f} {time_ratio:>9.2f} {r['loss']:>12.6f}"
@@ -133,6 +147,7 @@ def main() -> None:
           f"threads={torch.get_num_threads()} cpus={os.cpu_count()}")  # fmt: skip
     print(f"{'N':>6} {'kind':>4} {'method':>15} {'extra_MiB':>11} {'time_s':>8}"
           f" {'mem/naive':>9} {'t/naive':>9} {'loss':>12}")  # fmt: skip
+    start = time.perf_counter()
     for n in args.n:
         for kind in args.kinds:
             ref = None
@@ -142,6 +157,7 @@ def main() -> None:
                 ref = r if method == "naive" else ref
                 print(_row(n, kind, method, r, ref), flush=True)
                 args.method_kind_n = None
+    print(f"total wall time {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -76,3 +76,21 @@ def test_metrics_are_namespaced_and_json(tiny_cfg):
     row = json.loads((open(f"{cfg.run_dir}/metrics.jsonl").read().splitlines())[1])
     for key in ("rollout/length", "teacher/entropy", "loss/pg", "optim/lr", "usage/sequences"):
         assert key in row
+
+
+def test_method_knobs_are_config_keys_with_the_same_defaults():
+    from dataclasses import fields
+
+    from opd.methods import method_knobs
+    from opd.train_config import TrainConfig
+
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    for name in METHODS:
+        for knob, default in method_knobs(name).items():
+            assert knob in defaults, f"{name}.{knob} is not a config key"
+            assert defaults[knob] == default, f"{name}.{knob}: builder {default!r} vs config {defaults[knob]!r}"
+
+
+def test_grpo_needs_groups(tiny_cfg):
+    with pytest.raises(UserError, match="group_size >= 2"):
+        train(tiny_cfg(method="grpo", group_size=1))

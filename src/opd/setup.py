@@ -96,7 +96,9 @@ def completion_verifier(task, tokenizer):
     return verify
 
 
-def check_needs(method: Method, teacher, train_pool: list[Problem]) -> None:
+def check_needs(method: Method, teacher, train_pool: list[Problem], group_size: int) -> None:
+    if group_size < method.min_group_size:
+        raise UserError(f"method {method.name!r} needs group_size >= {method.min_group_size} rollouts per prompt; got {group_size}.")
     if "teacher" in method.needs and teacher is None:
         raise UserError(f"method {method.name!r} needs a teacher; set teacher=PATH_OR_HUB_ID (or teacher=oracle on the testbed).")
     if "solutions" in method.needs and not all(p.solution for p in train_pool):
@@ -119,7 +121,7 @@ def build_setup(cfg: TrainConfig, student=None) -> Setup:
         check_same_vocab(student, teacher.vocab_size, len(tokenizer))
     method = build_method(cfg.method, vars(cfg))
     train_pool = task.problems("train", None, cfg.seed) if cfg.dataset else task.problems("train", 4096, cfg.seed)
-    check_needs(method, teacher, train_pool)
+    check_needs(method, teacher, train_pool, cfg.group_size)
     env = RolloutEnv(
         student=student, teacher=teacher, encode_prompt=prompt_encoder(tokenizer, cfg.chat_template, bool(cfg.dataset)),
         encode_solution=solution_encoder(tokenizer), verify=completion_verifier(task, tokenizer),

@@ -23,10 +23,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 CACHE_VERSION = 1
-STUDENT_ARCH = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
-TEACHER_ARCH = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)
-STUDENT_WARMUP = dict(steps=150, lr=3e-3, prompts_per_step=32)
-TEACHER_TRAINING = dict(steps=600, lr=2e-3, prompts_per_step=64)
+STUDENT_ARCH = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)
+TEACHER_ARCH = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4)
+STUDENT_WARMUP = dict(steps=600, lr=3e-3, prompts_per_step=32)
+TEACHER_TRAINING = dict(steps=1500, lr=3e-3, prompts_per_step=32)
 
 
 def cache_root() -> Path:
@@ -64,7 +64,7 @@ def _sft(init_dir: Path, run_dir: Path, task: str, horizon: int, seed: int, trai
 
     cfg = TrainConfig(
         method="sft", student=str(init_dir), teacher=None, task=task, horizon=horizon, seed=seed,
-        eval_every=0, eval_size=128, eval_k=1, run_dir=str(run_dir), overwrite=True, progress=not quiet,
+        eval_every=0, eval_size=256, eval_k=1, max_new_tokens=64, run_dir=str(run_dir), overwrite=True, progress=not quiet,
         lr_schedule="cosine", warmup_steps=10, **training,
     )
     return train(cfg)

@@ -5,8 +5,9 @@
 ``chunk_size`` tokens at a time (``hidden[chunk] @ W.T``) and never held as ``[N, V]``;
 neither are the teacher's when it is given as hidden states and an LM head. Each chunk's
 gradient w.r.t. its logits is closed-form (below), and goes straight into the ``[N, H]``
-and ``[V, H]`` gradients: peak extra memory is about ``4·chunk_size·V`` floats plus the
-gradients themselves (Liger-Kernel's fused-linear-JSD idea; source: third-party code).
+and ``[V, H]`` gradients: peak extra memory is 3 (rkl) or 4 (fkl, jsd) ``[chunk_size, V]``
+buffers plus the gradients themselves (Liger-Kernel's fused-linear-JSD idea; source:
+third-party code).
 
 Two entry points, one sweep:
 
@@ -129,19 +130,34 @@ def _jsd(lpS, lpT, a, b, beta, clip, need_grad):
     return value, u.addcmul_(b, u.sum(-1, keepdim=True), value=-1.0)
 
 
+def _base_kind(spec: _Spec) -> str:
+    """``"rkl"``/``"fkl"`` for the JSD endpoints (β = 1 / 0), else ``spec.kind``."""
+    if spec.kind == "jsd" and spec.beta in (0.0, 1.0):
+        return "fkl" if spec.beta == 0.0 else "rkl"
+    return spec.kind
+
+
+def _n_buffers(spec: _Spec) -> int:
+    """``[C, V]`` buffers a chunk needs: rkl 3, fkl/jsd 4, the autograd path 2."""
+    if spec.support is not None:
+        return 2
+    return 3 if _base_kind(spec) == "rkl" else 4
+
+
 def _closed_form(s, t, scratch, spec: _Spec, scale_C):
     """Values ``[C]`` and ``scale·∂D/∂z`` ``[C, V]`` (or None) from raw logits, in place."""
-    a, b = scratch
     if spec.temperature != 1.0:
         s.div_(spec.temperature), t.div_(spec.temperature)
-    ok = _log_softmax_(s, a, normalize_p=True) & _log_softmax_(t, b, normalize_p=True)
-    need_grad, beta, clip = scale_C is not None, spec.beta, spec.entry_clip
-    if spec.kind == "rkl" or (spec.kind == "jsd" and beta == 1.0):
+    a, b = scratch[0], scratch[-1]  # rkl has one scratch buffer: T's p is not needed
+    kind, need_grad, clip = _base_kind(spec), scale_C is not None, spec.entry_clip
+    ok = _log_softmax_(t, b, normalize_p=kind == "fkl")
+    ok &= _log_softmax_(s, a, normalize_p=kind != "jsd")
+    if kind == "rkl":
         value, grad = _rkl(s, a, t, clip, need_grad)
-    elif spec.kind == "fkl" or (spec.kind == "jsd" and beta == 0.0):
+    elif kind == "fkl":
         value, grad = _fkl(s, a, t, b, clip, need_grad)
     else:
-        value, grad = _jsd(s, t, a, b, beta, clip, need_grad)
+        value, grad = _jsd(s, t, a, b, spec.beta, clip, need_grad)
     if grad is not None:
         grad.mul_((scale_C * ok / spec.temperature)[:, None])
     return value.masked_fill_(~ok, 0.0), grad
@@ -197,7 +213,7 @@ def _sweep(hidden, weight, bias, teacher, spec: _Spec, scale_N, need):
     (n, _), vocab, dtype = hidden.shape, weight.shape[0], compute_dtype(hidden, weight)
     c = min(spec.chunk_size, n)
     closed = spec.support is None
-    bufs = [hidden.new_empty(c, vocab, dtype=dtype) for _ in range(4 if closed else 2)]
+    bufs = [hidden.new_empty(c, vocab, dtype=dtype) for _ in range(_n_buffers(spec))]
     values = hidden.new_empty(n, dtype=dtype)
     grads = (
         hidden.new_empty(hidden.shape) if need[0] else None,

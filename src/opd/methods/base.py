@@ -81,3 +81,4 @@ class Method:
     loss: Callable[[StudentView, Signal], LossOut]
     teacher_request: TeacherRequest | None = None
     needs: tuple[str, ...] = field(default=())  # "teacher", "verifier", "solutions"
+    min_group_size: int = 1  # rollouts per prompt the signal needs (GRPO: 2)

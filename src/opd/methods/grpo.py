@@ -17,7 +17,8 @@ from opd.methods.base import Experience, Method, Signal, StudentView
 from opd.rollouts.student import student_rollout
 
 
-def grpo_signal(exp: Experience, scores, *, group_size: int, adv_scale: str) -> Signal:
+def grpo_signal(exp: Experience, scores, *, adv_scale: str) -> Signal:
+    group_size = int((exp.group_B == exp.group_B[0]).sum())  # rows are grouped contiguously
     rewards_NG = exp.rewards_B.view(-1, group_size)
     adv_B = grpo_advantages(rewards_NG, scale=adv_scale).reshape(-1)
     mask_BT = exp.batch.completion_mask_BT
@@ -35,13 +36,12 @@ def grpo_loss(view: StudentView, signal: Signal, *, clip_eps: float):
     return loss_BT, {"loss/pg": loss_BT, **metrics}
 
 
-def build(group_size: int = 8, clip_eps: float = 0.2, adv_scale: Literal["std", "none"] = "std") -> Method:
-    if group_size < 2:
-        raise ValueError("grpo needs group_size >= 2 rollouts per prompt to form group advantages.")
+def build(clip_eps: float = 0.2, adv_scale: Literal["std", "none"] = "std") -> Method:
     return Method(
         "grpo",
         student_rollout,
-        lambda exp, scores: grpo_signal(exp, scores, group_size=group_size, adv_scale=adv_scale),
+        lambda exp, scores: grpo_signal(exp, scores, adv_scale=adv_scale),
         lambda view, signal: grpo_loss(view, signal, clip_eps=clip_eps),
         needs=("verifier",),
+        min_group_size=2,
     )

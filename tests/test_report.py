@@ -1,0 +1,42 @@
+"""The quickstart report: table, verdict in words, plot file."""
+
+from opd.report import table_rows, verdict, write_report
+
+
+def _history(accs, per_step=32):
+    return [{"eval/accuracy": a, "eval/pass@4": min(1.0, a + 0.1), "usage/sequences": i * per_step * 4,
+             "usage/teacher_tokens": i * 1000} for i, a in enumerate(accs)]
+
+
+SUMMARY = {
+    "teacher_accuracy": 1.0,
+    "results": {
+        "sft": {"lr": 1e-3, "history": _history([0.4, 0.6, 0.7]), "wall_s": 10.0},
+        "grpo": {"lr": 3e-4, "history": _history([0.4, 0.45, 0.5]), "wall_s": 12.0},
+        "opd": {"lr": 1e-3, "history": _history([0.4, 0.8, 0.95]), "wall_s": 11.0},
+    },
+    "lr_info": {"grid": {m: {"0.0003": 0.1, "0.001": 0.2} for m in ("sft", "grpo", "opd")},
+                "chosen": {"sft": 1e-3, "grpo": 3e-4, "opd": 1e-3}, "budget_sequences": 256},
+}
+
+
+def test_table_rows_report_before_after_and_reach():
+    rows = {r[0]: r for r in table_rows(SUMMARY)}
+    assert rows["opd"][2:4] == ["0.400", "0.950"]
+    assert rows["opd"][-1] == "256"  # first evaluation at >= 0.9 x teacher
+    assert rows["grpo"][-1] == "not reached"
+
+
+def test_verdict_states_the_outcome_either_way():
+    text = verdict(SUMMARY)
+    assert "**opd**" in text and "OPD ended above GRPO" in text
+    worse = {**SUMMARY, "results": {**SUMMARY["results"], "opd": {**SUMMARY["results"]["opd"], "history": _history([0.4, 0.4, 0.4])}}}
+    text = verdict(worse)
+    assert "OPD ended not above GRPO" in text and "SFT on the perfect teacher" in text
+
+
+def test_write_report_makes_markdown_and_png(tmp_path):
+    path = write_report(tmp_path, SUMMARY)
+    text = path.read_text()
+    assert "| opd | 0.001 | 0.400 | 0.950 |" in text
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000
