@@ -21,7 +21,13 @@ point: everything forward+backward allocates, including ``h.grad`` and ``W.grad`
 first run (page faults included on both sides).
 
     python bench/loss_memory.py                 # V=151936, H=1024, N in {1024, 4096}
-    python bench/loss_memory.py --hidden 256 --n 1024 4096 --kinds rkl
+    python bench/loss_memory.py --n 1024        # ~4 min
+    python bench/loss_memory.py --hidden 256 --methods naive lean-fused
+
+Cost on a 2-core CPU (~40 GFLOP/s): one N=4096 forward+backward is >= 3 matmuls of
+2·N·V·H = 1.3 TFLOP each, ~2 min per case; the default run takes ~17 min. The naive JSD
+at N=4096 needs ~20 GiB of free memory (8 ``[N, V]`` float32 tensors): where the estimate
+exceeds what is available the case is skipped rather than risk the OOM killer.
 """
 
 from __future__ import annotations

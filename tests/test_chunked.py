@@ -12,8 +12,10 @@ from opd.losses.divergence import divergence
 
 N, H, V = 7, 5, 13
 CHUNKS = [1, 3, 7, 10, None]  # 3 does not divide N=7; 10 > N; None is the default
-CASES = [("fkl", 0.5, None), ("rkl", 0.5, None), ("jsd", 0.3, None), ("jsd", 0.0, None),
-         ("jsd", 1.0, None), ("fkl", 0.5, 0.02), ("rkl", 0.5, 0.02), ("jsd", 0.5, 0.01)]  # fmt: skip
+CASES = [  # (kind, beta, entry_clip)
+    ("fkl", 0.5, None), ("rkl", 0.5, None), ("jsd", 0.3, None), ("jsd", 0.0, None),
+    ("jsd", 1.0, None), ("fkl", 0.5, 0.02), ("rkl", 0.5, 0.02), ("jsd", 0.5, 0.01),
+]  # fmt: skip
 TOL = {torch.float64: dict(rtol=1e-6, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
 
 
@@ -129,6 +131,16 @@ def test_no_grad_logging_and_teacher_gets_no_gradient():
     t = t.clone().requires_grad_()
     chunked_divergence(h, W, t, "rkl", chunk_size=2).sum().backward()
     assert t.grad is None and h.grad is not None
+
+
+def test_fused_loss_under_no_grad_makes_no_gradients():
+    h, W, b, t, g = _inputs(seed=8)
+    with torch.no_grad():
+        loss, values = chunked_divergence_loss(h, W, t, "jsd", g, bias_V=b, chunk_size=3)
+    assert not loss.requires_grad
+    ref = divergence(h @ W.T + b, t, "jsd").detach()
+    torch.testing.assert_close(values, ref)
+    torch.testing.assert_close(loss, (ref * g).sum())
 
 
 def test_default_chunk_size():

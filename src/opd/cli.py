@@ -50,6 +50,16 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from opd.testbed import prepare_student_base, prepare_teacher, prepared_info
+
+    for make in [prepare_student_base] + ([prepare_teacher] if args.teacher else []):
+        path = make(args.task, args.horizon)
+        acc = prepared_info(path)["warmup_eval_val"]["eval/accuracy"]
+        print(f"{path}  (validation accuracy {acc:.3f})")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opd", description="On-policy distillation of language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -59,6 +69,11 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
     sub.add_parser("methods", help="list the methods and their knobs").set_defaults(func=cmd_methods)
     sub.add_parser("config", help="list every config key with its type and default").set_defaults(func=cmd_config)
+    pr = sub.add_parser("prepare", help="build and cache the testbed's tiny student base (and learned teacher)")
+    pr.add_argument("--task", default="addition")
+    pr.add_argument("--horizon", type=int, default=4)
+    pr.add_argument("--teacher", action="store_true", help="also train the learned teacher")
+    pr.set_defaults(func=cmd_prepare)
     q = sub.add_parser("quickstart", help="SFT vs GRPO vs OPD on the synthetic testbed (a few minutes on a CPU)")
     q.add_argument("--out", default="runs/quickstart", help="where the runs and report.md go")
     q.add_argument("--tune", action="store_true", help="re-run the learning-rate grid on the validation split")

@@ -28,12 +28,12 @@ RECIPES = {
 }
 
 
-def base_config(out_dir: Path, name: str, lr: float, eval_split: str = "test") -> TrainConfig:
+def base_config(out_dir: Path, name: str, lr: float, eval_split: str = "test", run_name: str | None = None) -> TrainConfig:
     steps = BUDGET_SEQUENCES // SEQ_PER_STEP
     return TrainConfig(
         student="testbed", teacher="oracle", task=TASK, horizon=HORIZON, steps=steps, lr=lr,
-        eval_every=4, eval_size=256, eval_k=4, eval_split=eval_split, max_new_tokens=64,
-        run_dir=str(out_dir / name), overwrite=True, progress=True, **RECIPES[name],
+        eval_every=6, eval_size=200, eval_k=2, eval_split=eval_split, max_new_tokens=64,
+        run_dir=str(out_dir / (run_name or name)), overwrite=True, progress=True, **RECIPES[name],
     )
 
 
@@ -43,7 +43,7 @@ def tune(out_dir: Path) -> dict:
     for name in RECIPES:
         grid[name] = {}
         for lr in LR_GRID:
-            cfg = replace(base_config(out_dir / "tune", f"{name}-lr{lr:g}", lr, "val"), eval_every=0, eval_k=1)
+            cfg = replace(base_config(out_dir / "tune", name, lr, "val", run_name=f"{name}-lr{lr:g}"), eval_every=0, eval_k=1)
             grid[name][f"{lr:g}"] = train(cfg)[-1]["eval/accuracy"]
     chosen = {name: float(max(scores, key=scores.get)) for name, scores in grid.items()}
     LR_FILE.write_text(json.dumps({"grid": grid, "chosen": chosen, "budget_sequences": BUDGET_SEQUENCES}, indent=1))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-COLUMNS = ["method", "lr", "acc before", "acc after", "pass@4 after", "sequences", "teacher tokens", "wall s", "seqs to 90% of teacher"]
+COLUMNS = ["method", "lr", "acc before", "acc after", "sampled acc before", "sampled acc after", "sequences", "teacher tokens", "wall s", "seqs to 90% of teacher"]
 
 
 def _reach(history: list[dict], target: float) -> str:
@@ -20,7 +20,7 @@ def table_rows(summary: dict) -> list[list[str]]:
         first, last = res["history"][0], res["history"][-1]
         rows.append([
             name, f"{res['lr']:g}", f"{first['eval/accuracy']:.3f}", f"{last['eval/accuracy']:.3f}",
-            f"{last.get('eval/pass@4', float('nan')):.3f}", str(int(last["usage/sequences"])),
+            f"{first['eval/sample_accuracy']:.3f}", f"{last['eval/sample_accuracy']:.3f}", str(int(last["usage/sequences"])),
             str(int(last["usage/teacher_tokens"])), f"{res['wall_s']:.0f}", _reach(res["history"], target),
         ])
     return rows
@@ -124,5 +124,7 @@ validation split (`opd quickstart --tune` re-runs it; the choice is stored in
 
 {grid}
 
-Teacher tokens: tokens the teacher generated (SFT) or scored (OPD); GRPO uses none.
+Columns: "acc" is greedy held-out accuracy; "sampled acc" is the accuracy of one sample
+at temperature 1 (what on-policy rollouts see). Teacher tokens: tokens the teacher
+generated (SFT) or scored (OPD); GRPO uses none. Wall time is training plus evaluation.
 """

@@ -98,8 +98,9 @@ class Run:
         self.counters["wall_s"] += time.perf_counter() - t0
         return metrics
 
-    def fit(self, stop_after: int | None = None) -> list[dict]:
-        """Train to ``cfg.steps`` (or stop early after ``stop_after`` steps, with a checkpoint)."""
+    def fit(self, stop_after: int | None = None, stop_when=None) -> list[dict]:
+        """Train to ``cfg.steps``; stop early (with a checkpoint) after ``stop_after`` steps or
+        at the first evaluation row for which ``stop_when(row)`` is true."""
         c = self.cfg
         if not self.resume_from:
             _clear_run_dir(Path(c.run_dir))
@@ -110,23 +111,28 @@ class Run:
             if self.counters["step"] == 0:
                 log.log(0, self.evaluate())
             try:
-                self._loop(log, min(c.steps, stop_after or c.steps))
+                self._loop(log, min(c.steps, stop_after or c.steps), stop_when)
             except KeyboardInterrupt:
                 print(f"interrupted: checkpoint saved to {self.save()}; resume with resume=true")
                 raise
         return self.history
 
-    def _loop(self, log: MetricLogger, last: int) -> None:
+    def _loop(self, log: MetricLogger, last: int, stop_when) -> None:
         c = self.cfg
         while self.counters["step"] < last:
             metrics = self.one_step()
             step = self.counters["step"]
             metrics.update({f"usage/{k}": v for k, v in self.counters.items() if k != "step"})
+            stop = False
             if _eval_due(c, step):
-                metrics.update(self.evaluate())
+                row = self.evaluate()
+                metrics.update(row)
+                stop = stop_when is not None and stop_when(row)
             log.log(step, metrics)
-            if step in (c.steps, last) or (c.save_every > 0 and step % c.save_every == 0):
+            if stop or step in (c.steps, last) or (c.save_every > 0 and step % c.save_every == 0):
                 self.save()
+            if stop:
+                return
 
 
 def train(cfg: TrainConfig, setup: Setup | None = None) -> list[dict]:

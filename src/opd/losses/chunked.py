@@ -26,23 +26,26 @@ and ``∂D/∂x = u − S·Σ_v u_v``:
 
 - rkl: ``u = c·S(log S − log T + 1)``   (no clip: ``∂D/∂x = S(log S − log T − D)``)
 - fkl: ``u = −c·T``                     (no clip: ``∂D/∂x = S − T``)
-- jsd: ``u = c·(1−β)·S(log S − log M)``, since ``∂ℓ/∂S_v = (1−β)(log S_v − log M_v)``.
+- jsd: ``u = c·(1−β)·S(log S − log M)``
+  (since ``∂ℓ/∂S_v = (1−β)(log S_v − log M_v)``).
 
 ``support`` (top-K) is handled by running :func:`~opd.losses.divergence.divergence`
 with autograd on each chunk (same values, slower). The teacher is a constant (``sg``):
-no gradient reaches it. Numerics as in :mod:`opd.losses.divergence`.
+no gradient reaches it. Numerics as in :mod:`opd.losses.divergence`; the softmax math
+runs in float32 (float64 if hidden and W are float64), matmuls in the LM head's dtype
+(bf16 heads: the logits are upcast per chunk), W's gradient accumulates in float32.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from opd.losses.divergence import _check_support, check_args, compute_dtype, divergence
+from opd.losses.divergence import check_args, check_support, compute_dtype, divergence
 
 #: logits ``[N, V]``, or ``(hidden_NH, weight_VH)`` / ``(hidden_NH, weight_VH, bias_V)``.
 Teacher = Union[torch.Tensor, tuple]
@@ -64,7 +67,7 @@ class _Spec:
     support: Optional[str]
     k: Optional[int]
     renormalize: str
-    chunk_size: int
+    chunk_size: Optional[int]
 
 
 # ---------------------------------------------------------------- per-chunk kernels
@@ -114,7 +117,10 @@ def _fkl(lpS, pS, lpT, pT, clip, need_grad):
 
 
 def _jsd(lpS, lpT, a, b, beta, clip, need_grad):
-    """``ℓ = β·T(log T − log M) + (1−β)·S(log S − log M)``; ``u = c·(1−β)·S(log S − log M)``."""
+    """``ℓ = β·T(log T − log M) + (1−β)·S(log S − log M)``; ``u = c·(1−β)·S(log S − log M)``
+
+    with ``log M = logaddexp(log T + log β, log S + log(1−β))``; ``a``, ``b`` are scratch.
+    """
     torch.add(lpT, math.log(beta), out=a)
     torch.logaddexp(a, torch.add(lpS, math.log1p(-beta), out=b), out=a)  # a = log M
     torch.exp(lpT, out=b)  # b = T
@@ -211,7 +217,7 @@ def _accumulate(grad_CV, h_CH, w_VH, grads, lo, hi):
 def _sweep(hidden, weight, bias, teacher, spec: _Spec, scale_N, need):
     """Values ``[N]`` and, where ``need``, ``(g_hidden, g_weight, g_bias)`` of ``Σ scale·D``."""
     (n, _), vocab, dtype = hidden.shape, weight.shape[0], compute_dtype(hidden, weight)
-    c = min(spec.chunk_size, n)
+    c = max(1, min(spec.chunk_size, n))
     closed = spec.support is None
     bufs = [hidden.new_empty(c, vocab, dtype=dtype) for _ in range(_n_buffers(spec))]
     values = hidden.new_empty(n, dtype=dtype)
@@ -245,11 +251,15 @@ class _FusedLoss(torch.autograd.Function):
     """``Σ_n w_n D_n`` with all gradients made in the forward (no recompute)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, weights_N, t_logits, t_hidden, t_weight, t_bias, spec):
+    def forward(ctx, hidden, weight, bias, weights_N, t_logits, t_hidden, t_weight, t_bias, spec,
+                grad_enabled):  # fmt: skip
         teacher = (t_logits, t_hidden, t_weight, t_bias)
-        values, grads = _sweep(hidden, weight, bias, teacher, spec, weights_N, ctx.needs_input_grad)
-        ctx.save_for_backward(*grads, values if ctx.needs_input_grad[3] else None)
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        need = [n and grad_enabled for n in ctx.needs_input_grad]
+        scale_N = weights_N if any(need[:3]) else None
+        values, grads = _sweep(hidden, weight, bias, teacher, spec, scale_N, need)
+        ctx.save_for_backward(*grads, values if need[3] else None)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype,
+                      weights_N.dtype)  # fmt: skip
         ctx.mark_non_differentiable(values)
         return (weights_N.to(values.dtype) * values).sum(), values
 
@@ -258,8 +268,8 @@ class _FusedLoss(torch.autograd.Function):
     def backward(ctx, g_loss, _g_values):
         g_h, g_w, g_b, values = ctx.saved_tensors
         grads = [_scaled(x, g_loss) for x in (g_h, g_w, g_b, values)]
-        grads[:3] = [None if x is None else x.to(d) for x, d in zip(grads[:3], ctx.dtypes)]
-        return (*grads, None, None, None, None, None)
+        grads = [None if x is None else x.to(d) for x, d in zip(grads, ctx.dtypes)]
+        return (*grads, None, None, None, None, None, None)
 
 
 class _RecomputedValues(torch.autograd.Function):
@@ -279,7 +289,8 @@ class _RecomputedValues(torch.autograd.Function):
         hidden, weight, bias, *teacher = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
         _, grads = _sweep(hidden, weight, bias, teacher, ctx.spec, g_N, need)
-        grads = [None if g is None else g.to(x.dtype) for g, x in zip(grads, (hidden, weight, bias))]
+        inputs = (hidden, weight, bias)
+        grads = [None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs)]
         return (*grads, None, None, None, None, None)
 
 
@@ -291,9 +302,12 @@ def _split_teacher(teacher: Teacher, n: int, vocab: int):
     if isinstance(teacher, torch.Tensor):
         logits = teacher.reshape(-1, teacher.shape[-1])
         if logits.shape != (n, vocab):
-            raise ValueError(f"teacher logits must be [N={n}, V={vocab}], got {tuple(teacher.shape)}")
+            got = tuple(teacher.shape)
+            raise ValueError(f"teacher logits must be [N={n}, V={vocab}], got {got}")
         return logits.detach(), None, None, None
-    hidden, weight, bias = (*teacher, None)[:3] if len(teacher) == 2 else teacher
+    if len(teacher) not in (2, 3):
+        raise ValueError("teacher must be logits or (hidden, weight[, bias])")
+    hidden, weight, bias = (*teacher, None)[:3]
     hidden = hidden.reshape(-1, hidden.shape[-1])
     if hidden.shape[0] != n or weight.shape[0] != vocab or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -303,9 +317,9 @@ def _split_teacher(teacher: Teacher, n: int, vocab: int):
     return None, hidden.detach(), weight.detach(), None if bias is None else bias.detach()
 
 
-def _prepare(hidden, weight, bias, teacher, kind, beta, temperature, entry_clip, support, k,
-             renormalize, chunk_size):  # fmt: skip
-    check_args(kind, beta, temperature, renormalize, entry_clip)
+def _prepare(hidden, weight, bias, teacher, spec: _Spec):
+    """Validate; flatten hidden to ``[N, H]``; split the teacher; fill the chunk size."""
+    check_args(spec.kind, spec.beta, spec.temperature, spec.renormalize, spec.entry_clip)
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1] or hidden.dtype != weight.dtype:
         raise ValueError(
             f"hidden [..., H] and lm_head_weight [V, H] must agree in H and dtype, got "
@@ -313,13 +327,13 @@ def _prepare(hidden, weight, bias, teacher, kind, beta, temperature, entry_clip,
         )
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}")
-    _check_support(support, k, weight.shape[0])
-    chunk = default_chunk_size(weight.shape[0]) if chunk_size is None else int(chunk_size)
+    check_support(spec.support, spec.k, weight.shape[0])
+    chunk = default_chunk_size(weight.shape[0]) if spec.chunk_size is None else spec.chunk_size
     if chunk < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise ValueError(f"chunk_size must be >= 1, got {spec.chunk_size}")
     h_NH = hidden.reshape(-1, hidden.shape[-1])
-    spec = _Spec(kind, float(beta), float(temperature), entry_clip, support, k, renormalize, chunk)
-    return h_NH, _split_teacher(teacher, h_NH.shape[0], weight.shape[0]), spec
+    teacher = _split_teacher(teacher, h_NH.shape[0], weight.shape[0])
+    return h_NH, teacher, replace(spec, chunk_size=int(chunk))
 
 
 def chunked_divergence(
@@ -353,8 +367,8 @@ def chunked_divergence(
     Source: see the module doc. Deviations: none (values and gradients equal the
     unchunked form up to float rounding).
     """
-    h_NH, teacher, spec = _prepare(hidden_NH, lm_head_weight_VH, bias_V, teacher, kind, beta,
-                                   temperature, entry_clip, support, k, renormalize, chunk_size)  # fmt: skip
+    spec = _Spec(kind, beta, temperature, entry_clip, support, k, renormalize, chunk_size)
+    h_NH, teacher, spec = _prepare(hidden_NH, lm_head_weight_VH, bias_V, teacher, spec)
     values = _RecomputedValues.apply(h_NH, lm_head_weight_VH, bias_V, *teacher, spec)
     return values.reshape(hidden_NH.shape[:-1])
 
@@ -386,10 +400,11 @@ def chunked_divergence_loss(
     the gradient ``D_N`` if it requires grad. Backward runs once (no double backward).
     Source: Liger-Kernel fused linear JSD (third-party code), generalized.
     """
-    h_NH, teacher, spec = _prepare(hidden_NH, lm_head_weight_VH, bias_V, teacher, kind, beta,
-                                   temperature, entry_clip, support, k, renormalize, chunk_size)  # fmt: skip
+    spec = _Spec(kind, beta, temperature, entry_clip, support, k, renormalize, chunk_size)
+    h_NH, teacher, spec = _prepare(hidden_NH, lm_head_weight_VH, bias_V, teacher, spec)
     w_N = weights_N.reshape(-1)
     if w_N.shape != h_NH.shape[:1]:
         raise ValueError(f"weights must match hidden's leading shape, got {tuple(weights_N.shape)}")
-    loss, values = _FusedLoss.apply(h_NH, lm_head_weight_VH, bias_V, w_N, *teacher, spec)
+    args = (h_NH, lm_head_weight_VH, bias_V, w_N, *teacher, spec, torch.is_grad_enabled())
+    loss, values = _FusedLoss.apply(*args)
     return loss, values.reshape(hidden_NH.shape[:-1])

@@ -176,7 +176,8 @@ def check_args(kind, beta, temperature, renormalize, entry_clip) -> None:
         raise TypeError(f"entry_clip must be a number or None, got {type(entry_clip)}")
 
 
-def _check_support(support, k, vocab: int) -> None:
+def check_support(support, k, vocab: int) -> None:
+    """Validate ``support`` and, for a top-K support, ``1 <= k <= V``."""
     if support not in SUPPORTS:
         raise ValueError(f"support must be one of {SUPPORTS}, got {support!r}")
     if support is not None and (k is None or not 1 <= k <= vocab):
@@ -231,7 +232,7 @@ def divergence(
             f"student and teacher logits differ in shape: {tuple(student_logits.shape)} "
             f"vs {tuple(teacher_logits.shape)} (mismatched vocabularies are an error)"
         )
-    _check_support(support, k, student_logits.shape[-1])
+    check_support(support, k, student_logits.shape[-1])
     dtype = compute_dtype(student_logits, teacher_logits)
     s = floored_logits(student_logits, temperature, dtype)
     t = floored_logits(teacher_logits, temperature, dtype)

@@ -41,8 +41,8 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(neg, out.clamp_min(floor), floor)
 
 
-def student_tail_logp(s_BTV: torch.Tensor, ids_BTK: torch.Tensor):
-    """``(log Σ_{v∉S} S(v) [..., 1], nonempty [..., 1])`` for floored scaled logits.
+def _student_tail_logp(s_BTV, ids_BTK, lse_BT1):
+    """``(log Σ_{v∉S} S(v), nonempty)``, both ``[..., 1]``, for floored scaled logits.
 
     Exact, with no ``1 − Σ`` cancellation however peaked the student is: a
     ``logsumexp`` over the logits with S's entries floored, minus the full one.
@@ -50,38 +50,35 @@ def student_tail_logp(s_BTV: torch.Tensor, ids_BTK: torch.Tensor):
     whole vocabulary or everything else is ``-inf``).
     """
     outside_BTV = torch.scatter(s_BTV, -1, ids_BTK, torch.finfo(s_BTV.dtype).min)
-    tail = outside_BTV.logsumexp(-1, keepdim=True) - s_BTV.logsumexp(-1, keepdim=True)
-    return tail, has_mass(outside_BTV).unsqueeze(-1)
+    tail_BT1 = outside_BTV.logsumexp(-1, keepdim=True) - lse_BT1
+    return tail_BT1, has_mass(outside_BTV).unsqueeze(-1)
 
 
-def teacher_tail_logp(t_K: torch.Tensor, eps: float) -> torch.Tensor:
+def _teacher_tail_logp(t_BTK: torch.Tensor, eps: float) -> torch.Tensor:
     """``log max(1 − Σ_k exp(logp_k), K·eps)`` ``[..., 1]`` (``log1mexp``).
 
     ``1 − Σ`` is only known to the rounding of the sent log-probs (``eps`` of their
     dtype): a smaller tail is taken to be ``K·eps`` rather than 0, so that a very
     confident teacher does not make the student's tail infinitely costly (rkl).
     """
-    floor = math.log(t_K.shape[-1] * eps)
-    return log1mexp(t_K.logsumexp(-1, keepdim=True)).clamp_min(floor)
+    floor = math.log(t_BTK.shape[-1] * eps)
+    return log1mexp(t_BTK.logsumexp(-1, keepdim=True)).clamp_min(floor)
 
 
-def _with_tail(s_BTV, ids_BTK, s_K, t_K, eps):
+def _with_tail(s_BTV, ids_BTK, s_BTK, t_BTK, eps):
     """Both sides as log-probs over the K ids plus the tail bucket (sparse_divergence doc)."""
-    s_tail, nonempty = student_tail_logp(s_BTV, ids_BTK)
-    t_tail = teacher_tail_logp(t_K, eps).masked_fill(~nonempty, torch.finfo(t_K.dtype).min)
-    s_lp = s_K - s_BTV.logsumexp(-1, keepdim=True)
-    return torch.cat([s_lp, s_tail], dim=-1), torch.cat([t_K, t_tail], dim=-1)
+    lse_BT1 = s_BTV.logsumexp(-1, keepdim=True)
+    s_tail, nonempty = _student_tail_logp(s_BTV, ids_BTK, lse_BT1)
+    t_tail = _teacher_tail_logp(t_BTK, eps).masked_fill(~nonempty, torch.finfo(t_BTK.dtype).min)
+    return torch.cat([s_BTK - lse_BT1, s_tail], dim=-1), torch.cat([t_BTK, t_tail], dim=-1)
 
 
-def _on_support(s_BTV, s_K, t_K, renormalize: str):
+def _on_support(s_BTV, s_BTK, t_BTK, renormalize: str):
     """Log-probs on the K ids by ``renormalize`` (as ``divergence``'s top-K support)."""
-    s_full = s_K - s_BTV.logsumexp(-1, keepdim=True)
-    if renormalize == "none":
-        return s_full, t_K
-    t_hat = F.log_softmax(t_K, dim=-1)
-    if renormalize == "teacher":
-        return s_full, t_hat
-    return F.log_softmax(s_K, dim=-1), t_hat
+    t_hat = t_BTK if renormalize == "none" else F.log_softmax(t_BTK, dim=-1)
+    if renormalize == "both":
+        return F.log_softmax(s_BTK, dim=-1), t_hat
+    return s_BTK - s_BTV.logsumexp(-1, keepdim=True), t_hat
 
 
 def _check_sparse(student, ids, logp) -> None:
