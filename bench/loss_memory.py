@@ -18,14 +18,17 @@ teacher logits too, the lean side chunks them). Inputs are allocated before meas
 ``/proc/self/clear_refs`` once the inputs exist) minus its resident memory at that
 point: everything forward+backward allocates, including ``h.grad`` and ``W.grad``
 (``V·H`` floats, the same on both sides). Time is one forward+backward, wall clock,
-first run (page faults included on both sides).
+first run in its process (page faults included on both sides); with ``--repeat R`` the
+methods run interleaved R times and the median is printed. ``load1`` is the highest
+1-minute load average seen after the case's runs: on a shared machine, compare times
+only between rows run under similar load.
 
     python bench/loss_memory.py                 # V=151936, H=1024, N in {1024, 4096}
-    python bench/loss_memory.py --n 1024        # ~4 min
+    python bench/loss_memory.py --n 1024 --repeat 3
     python bench/loss_memory.py --hidden 256 --methods naive lean-fused
 
 Cost on a 2-core CPU (~40 GFLOP/s): one N=4096 forward+backward is >= 3 matmuls of
-2·N·V·H = 1.3 TFLOP each, ~2 min per case; the default run takes ~17 min. The naive JSD
+2·N·V·H = 1.3 TFLOP each, 1-2 min per case; the default run takes 13-17 min. The naive JSD
 at N=4096 needs ~20 GiB of free memory (8 ``[N, V]`` float32 tensors): where the estimate
 exceeds what is available the case is skipped rather than risk the OOM killer.
 """
@@ -36,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -112,24 +116,47 @@ def run_case(method, kind, n, hidden, vocab, chunk, teacher_mode, beta=0.5) -> d
     return {"seconds": seconds, "extra_mib": (peak_kib - base_kib) / 1024, "loss": float(loss)}
 
 
-def _child(args) -> dict:
-    cmd = [sys.executable, __file__, "--child", args.method_kind_n, "--hidden", str(args.hidden),
-           "--vocab", str(args.vocab), "--chunk", str(args.chunk), "--teacher", args.teacher]  # fmt: skip
+def _child(case: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", case, "--hidden", str(args.hidden),
+           "--vocab", str(args.vocab), "--chunk", str(args.chunk), "--teacher", args.teacher]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         return {"error": (out.stderr or out.stdout).strip().splitlines()[-1:]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]), load=os.getloadavg()[0])
+
+
+def _summary(runs: list[dict]) -> dict:
+    """Median time, max memory and max 1-min load average over the repeats."""
+    bad = [r for r in runs if "extra_mib" not in r]
+    if bad:
+        return bad[0]
+    return {
+        "seconds": statistics.median(r["seconds"] for r in runs),
+        "extra_mib": max(r["extra_mib"] for r in runs),
+        "loss": runs[0]["loss"],
+        "load": max(r["load"] for r in runs),
+    }
+
+
+def _measure(n: int, kind: str, args) -> dict:
+    """Each method ``args.repeat`` times, interleaved, so CPU contention hits all alike."""
+    runs = {method: [] for method in args.methods}
+    for _ in range(args.repeat):
+        for method, got in runs.items():
+            if not got or "extra_mib" in got[-1]:
+                got.append(_child(f"{method}:{kind}:{n}", args))
+    return {method: _summary(got) for method, got in runs.items()}
 
 
 def _row(n, kind, method, r, ref) -> str:
-    if "error" in r or "skipped" in r:
+    if "extra_mib" not in r:
         return f"{n:>6} {kind:>4} {method:>15}  {r.get('error') or 'skipped: ' + r['skipped']}"
     has_ref = ref is not None and "extra_mib" in ref
     mem_ratio = r["extra_mib"] / ref["extra_mib"] if has_ref else float("nan")
     time_ratio = r["seconds"] / ref["seconds"] if has_ref else float("nan")
     return (
         f"{n:>6} {kind:>4} {method:>15} {r['extra_mib']:>11.0f} {r['seconds']:>8.2f}"
-        f" {mem_ratio:>9.3f} {time_ratio:>9.2f} {r['loss']:>12.6f}"
+        f" {mem_ratio:>9.3f} {time_ratio:>9.2f} {r['load']:>6.1f} {r['loss']:>12.6f}"
     )
 
 
@@ -142,27 +169,25 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--chunk", type=int, default=0, help="tokens per chunk (0: library default)")
     p.add_argument("--teacher", default="logits", choices=["logits", "hidden"])
-    p.add_argument("--child", dest="method_kind_n", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--repeat", type=int, default=1, help="runs per case (median time)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     chunk = args.chunk or default_chunk_size(args.vocab)
-    if args.method_kind_n:
-        method, kind, n = args.method_kind_n.split(":")
-        print(json.dumps(run_case(method, kind, int(n), args.hidden, args.vocab, chunk, args.teacher)))
+    if args.child:
+        method, kind, n = args.child.split(":")
+        result = run_case(method, kind, int(n), args.hidden, args.vocab, chunk, args.teacher)
+        print(json.dumps(result))
         return
     print(f"V={args.vocab} H={args.hidden} chunk={chunk} teacher={args.teacher} float32 "
-          f"threads={torch.get_num_threads()} cpus={os.cpu_count()}")  # fmt: skip
+          f"threads={torch.get_num_threads()} cpus={os.cpu_count()} repeat={args.repeat}")
     print(f"{'N':>6} {'kind':>4} {'method':>15} {'extra_MiB':>11} {'time_s':>8}"
-          f" {'mem/naive':>9} {'t/naive':>9} {'loss':>12}")  # fmt: skip
+          f" {'mem/naive':>9} {'t/naive':>9} {'load1':>6} {'loss':>12}")
     start = time.perf_counter()
     for n in args.n:
         for kind in args.kinds:
-            ref = None
-            for method in args.methods:
-                args.method_kind_n = f"{method}:{kind}:{n}"
-                r = _child(args)
-                ref = r if method == "naive" else ref
-                print(_row(n, kind, method, r, ref), flush=True)
-                args.method_kind_n = None
+            results = _measure(n, kind, args)
+            for method, r in results.items():
+                print(_row(n, kind, method, r, results.get("naive")), flush=True)
     print(f"total wall time {time.perf_counter() - start:.0f} s")
 
 

@@ -143,6 +143,15 @@ def test_fused_loss_under_no_grad_makes_no_gradients():
     torch.testing.assert_close(loss, (ref * g).sum())
 
 
+def test_no_tokens():
+    h, W, b, t, _ = _inputs()
+    h0 = h.detach()[:0].requires_grad_()
+    value = chunked_divergence(h0, W, t[:0], "rkl", bias_V=b)
+    assert value.shape == (0,)
+    value.sum().backward()
+    assert W.grad.eq(0).all() and h0.grad.shape == (0, H)
+
+
 def test_default_chunk_size():
     assert default_chunk_size(151_936) == 110
     assert default_chunk_size(13) > N

@@ -25,10 +25,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 CACHE_VERSION = 1
 STUDENT_ARCH = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)
 TEACHER_ARCH = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4)
-# The student's warm-up stops at the first check (every 20 steps, greedy, validation split)
-# where it is right at least 30% of the time: such tiny models learn these tasks in a jump
-# after a plateau, so a fixed length would land anywhere from 0% to 99% across settings.
-STUDENT_WARMUP = dict(steps=600, lr=3e-3, prompts_per_step=32, stop_at_accuracy=0.3)
+# Such tiny models learn these tasks in a jump after a plateau. The student's warm-up is a
+# full cosine schedule short enough to end early in the jump (addition, horizon 4: 42%
+# greedy / 11% sampled validation accuracy after 350 steps; 85% / 57% after 450), with the
+# learning rate annealed to zero so that the base is not caught mid-jump: a base stopped
+# mid-jump at a high learning rate lost its accuracy to any later update.
+STUDENT_WARMUP = dict(steps=350, lr=3e-3, prompts_per_step=32, stop_at_accuracy=None)
 TEACHER_TRAINING = dict(steps=1200, lr=3e-3, prompts_per_step=32, stop_at_accuracy=0.95)
 
 
@@ -69,10 +71,10 @@ def _sft(init_dir: Path, run_dir: Path, task: str, horizon: int, seed: int, trai
     target = training.pop("stop_at_accuracy")
     cfg = TrainConfig(
         method="sft", student=str(init_dir), teacher=None, task=task, horizon=horizon, seed=seed,
-        eval_every=20, eval_size=256, eval_k=1, eval_split="val", max_new_tokens=16 * horizon, run_dir=str(run_dir),
+        eval_every=20 if target else 0, eval_size=256, eval_k=1, eval_split="val", max_new_tokens=16 * horizon, run_dir=str(run_dir),
         overwrite=True, progress=not quiet, lr_schedule="cosine", warmup_steps=10, **training,
     )
-    return Run(cfg).fit(stop_when=lambda row: row["eval/accuracy"] >= target)
+    return Run(cfg).fit(stop_when=(lambda row: row["eval/accuracy"] >= target) if target else None)
 
 
 def _prepare(kind: str, task: str, horizon: int, arch: dict, training: dict, seed: int, quiet: bool) -> Path:

@@ -398,6 +398,7 @@ def chunked_divergence_loss(
     3 matmuls as a naive forward+backward, no recompute), and stored (``[N, H]``,
     ``[V, H]``, ``[V]``); backward scales them by the upstream scalar. ``weights_N`` gets
     the gradient ``D_N`` if it requires grad. Backward runs once (no double backward).
+    Weights multiply: a 0 weight does not shield a NaN produced by NaN inputs.
     Source: Liger-Kernel fused linear JSD (third-party code), generalized.
     """
     spec = _Spec(kind, beta, temperature, entry_clip, support, k, renormalize, chunk_size)
