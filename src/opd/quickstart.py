@@ -19,7 +19,7 @@ from opd.train_config import TrainConfig
 TASK, HORIZON = "addition", 4
 BUDGET_SEQUENCES = 768
 SEQ_PER_STEP = 32
-LR_GRID = [3e-4, 1e-3, 3e-3]
+LR_GRID = [1e-5, 3e-5, 1e-4, 3e-4]
 LR_FILE = Path(__file__).with_name("quickstart_lrs.json")
 RECIPES = {
     "sft": dict(method="sft", sft_source="teacher", prompts_per_step=SEQ_PER_STEP, group_size=1),

@@ -1,7 +1,7 @@
 """Pure tensor math: divergences and policy-gradient surrogates (imports torch only)."""
 
-from opd.losses.chunked import chunked_divergence
-from opd.losses.divergence import divergence
+from opd.losses.chunked import chunked_divergence, chunked_divergence_loss
+from opd.losses.divergence import divergence, divergence_from_logp, entropy, log_softmax_t
 from opd.losses.pg import (
     clamp_log_ratio,
     discounted_returns,
@@ -16,6 +16,10 @@ from opd.losses.sparse import sparse_divergence
 
 __all__ = [
     "chunked_divergence",
+    "chunked_divergence_loss",
+    "divergence_from_logp",
+    "entropy",
+    "log_softmax_t",
     "clamp_log_ratio",
     "discounted_returns",
     "divergence",
