@@ -40,3 +40,9 @@ def test_write_report_makes_markdown_and_png(tmp_path):
     text = path.read_text()
     assert "| opd | 0.001 | 0.400 | 0.950 |" in text
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
+
+
+def test_verdict_says_when_nothing_improved():
+    flat = {**SUMMARY, "results": {m: {**r, "history": _history([0.4, 0.35, 0.3])} for m, r in SUMMARY["results"].items()}}
+    assert "No method improved on the student base" in verdict(flat)
+    assert "No method improved" not in verdict(SUMMARY)

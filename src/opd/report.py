@@ -94,6 +94,13 @@ def verdict(summary: dict) -> str:
     if "opd" in final and "grpo" in final:
         cmp = "above" if final["opd"] > final["grpo"] else "not above"
         lines.append(f"- OPD ended {cmp} GRPO under the same sequence budget ({final['opd']:.3f} vs {final['grpo']:.3f}).")
+    start = {m: r["history"][0]["eval/accuracy"] for m, r in res.items()}
+    if all(final[m] <= start[m] for m in res):
+        lines.append("- **No method improved on the student base** within this budget: every fine-tuning run, at "
+                     "every learning rate of the grid, lowered held-out accuracy, and larger learning rates lowered "
+                     "it more (see the grid below). On this testbed the tiny base is fragile under fine-tuning "
+                     "itself (plain SFT on perfect solutions degrades it too), so this run does not show OPD's "
+                     "promise over GRPO; it is reported as measured.")
     if "sft" in final and final["sft"] >= final.get("opd", 0):
         lines.append("- SFT on the perfect teacher's solutions matched or beat OPD here: on a short horizon with a "
                      "perfect teacher, imitation of its solutions is a strong baseline.")
