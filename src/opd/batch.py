@@ -55,10 +55,11 @@ class SeqBatch:
         )
 
 
-def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> SeqBatch:
-    """Build a :class:`SeqBatch` from ragged prompt and completion id lists."""
+def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, *, width: int = 1) -> SeqBatch:
+    """Build a :class:`SeqBatch` from ragged prompt and completion id lists; the completion
+    block is at least ``width`` columns wide (to align with another batch's columns)."""
     P = max(len(p) for p in prompts)
-    T = max(1, max(len(c) for c in completions))
+    T = max(width, max(len(c) for c in completions))
     B = len(prompts)
     ids = torch.full((B, P + T), pad_id, dtype=torch.long)
     attn = torch.zeros((B, P + T), dtype=torch.long)

@@ -26,7 +26,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, counters: dict, config) -> Path:
+def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, counters: dict, config, method_state: dict | None = None) -> Path:
     """Write to a temporary folder, then rename: a crash never leaves a half checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -39,6 +39,7 @@ def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, count
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "counters": counters,
+        "method_state": method_state,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
     }
     torch.save(state, tmp / STATE_FILE)
@@ -47,9 +48,11 @@ def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, count
     return path
 
 
-def load_trainer_state(path: Path, *, optimizer, scheduler) -> dict:
-    """Restore optimizer, scheduler and RNG states; return the saved counters."""
+def load_trainer_state(path: Path, *, optimizer, scheduler, method_state=None) -> dict:
+    """Restore optimizer, scheduler, the method's state and RNG states; return the counters."""
     state = torch.load(path / STATE_FILE, weights_only=False)
+    if method_state is not None and state.get("method_state") is not None:
+        method_state.load_state_dict(state["method_state"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])

@@ -19,7 +19,14 @@ def cmd_train(args) -> int:
     from opd.run import train
     from opd.train_config import TrainConfig
 
+    from opd.methods import method_recipe
+
     cfg = load_config(TrainConfig, args.config, args.overrides)
+    recipe = method_recipe(cfg.method)
+    if recipe:
+        cfg = load_config(TrainConfig, args.config, args.overrides, base=recipe)
+        shown = " ".join(f"{k}={getattr(cfg, k)}" for k in recipe)
+        print(f"method {cfg.method}: {shown} (its recipe under your settings; override with key=value)")
     history = train(cfg)
     last = history[-1] if history else {}
     print(f"done: {cfg.run_dir}  accuracy={last.get('eval/accuracy', float('nan')):.3f}")
@@ -27,12 +34,21 @@ def cmd_train(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from opd.methods import METHODS, method_knobs
+    from opd.methods import METHODS, method_knobs, methods_table
 
+    if args.markdown:
+        print(methods_table())
+        return 0
     for name, build in METHODS.items():
         doc = (sys.modules[build.__module__].__doc__ or "").strip().splitlines()[0]
+        info = build.info
         knobs = ", ".join(f"{k}={v!r}" for k, v in method_knobs(name).items())
-        print(f"{name:8s} {doc}\n{'':8s} knobs: {knobs or '(none)'}")
+        recipe = " ".join(f"{k}={v}" for k, v in info.recipe.items())
+        print(f"{name}: {doc}")
+        print(f"    fixes: {info.fixes} | source: {info.source} | {info.paper}")
+        print(f"    knobs: {knobs or '(none)'}")
+        if recipe:
+            print(f"    recipe: {recipe}")
     return 0
 
 
@@ -67,7 +83,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML file with a flat mapping of config keys")
     t.add_argument("overrides", nargs="*", help="key=value, e.g. method=opd lr=3e-4")
     t.set_defaults(func=cmd_train)
-    sub.add_parser("methods", help="list the methods and their knobs").set_defaults(func=cmd_methods)
+    methods = sub.add_parser("methods", help="list the methods, the pitfall each fixes, their knobs")
+    methods.add_argument("--markdown", action="store_true", help="print the README's table")
+    methods.set_defaults(func=cmd_methods)
     sub.add_parser("config", help="list every config key with its type and default").set_defaults(func=cmd_config)
     pr = sub.add_parser("prepare", help="build and cache the testbed's tiny student base (and learned teacher)")
     pr.add_argument("--task", default="addition")

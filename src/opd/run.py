@@ -63,7 +63,9 @@ class Run:
         self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, schedule=cfg.lr_schedule)
         self.counters = {"step": 0, "sequences": 0, "teacher_tokens": 0, "wall_s": 0.0}
         if self.resume_from:
-            self.counters = load_trainer_state(self.resume_from, optimizer=self.optimizer, scheduler=self.scheduler)
+            self.counters = load_trainer_state(
+                self.resume_from, optimizer=self.optimizer, scheduler=self.scheduler, method_state=self.setup.method.state
+            )
         self.history: list[dict] = []
 
     def evaluate(self) -> dict:
@@ -78,13 +80,14 @@ class Run:
         return save_checkpoint(
             checkpoint_dir(c.run_dir, self.counters["step"]), model=self.setup.env.student, tokenizer=self.setup.tokenizer,
             optimizer=self.optimizer, scheduler=self.scheduler, counters=dict(self.counters),
-            config=c,
+            config=c, method_state=state.state_dict() if (state := self.setup.method.state) is not None else None,
         )
 
     def one_step(self) -> dict:
         c, step = self.cfg, self.counters["step"]
         generator = step_generator(c.seed, step)
         problems = pick_problems(self.setup.train_pool, c.prompts_per_step, generator)
+        self.setup.env.step = step
         t0 = time.perf_counter()
         metrics, usage = train_step(
             self.setup.env, self.setup.method, problems, generator, self.optimizer,

@@ -53,8 +53,32 @@ def student_view(model, batch) -> StudentView:
     return StudentView(logits_BTV, logp_BT)
 
 
+def is_metric(key: str) -> bool:
+    """Signal keys with a ``/`` are metrics to log, not loss inputs."""
+    return "/" in key
+
+
+def loss_inputs(signal: Signal) -> Signal:
+    return {k: v for k, v in signal.items() if not is_metric(k)}
+
+
 def _rows(signal: Signal, rows: slice) -> Signal:
     return {k: v[rows] for k, v in signal.items()}
+
+
+def signal_metrics(signal: Signal) -> dict:
+    """Means of the signal's metric entries: scalars as they are, ``[B, T]`` over kept tokens."""
+    mask_BT = signal["mask_BT"]
+    out = {}
+    for key, val in signal.items():
+        if not is_metric(key):
+            continue
+        val = val.detach().float()
+        if val.dim() == 2 and val.shape == mask_BT.shape:
+            out[key] = float((val * mask_BT).sum() / mask_BT.sum().clamp(min=1))
+        else:
+            out[key] = float(val.mean()) if val.numel() else float("nan")
+    return out
 
 
 def _accumulate(totals: dict, metrics: dict, mask_BT: torch.Tensor) -> None:
@@ -68,6 +92,7 @@ def _accumulate(totals: dict, metrics: dict, mask_BT: torch.Tensor) -> None:
 
 def update(model, optimizer, exp: Experience, signal: Signal, method: Method, *, micro_batch_size: int, max_grad_norm: float) -> dict:
     """One optimizer step over the experience, accumulating micro-batch gradients."""
+    signal = loss_inputs(signal)
     mask_BT = signal["mask_BT"]
     normalizer = mask_BT.sum().clamp(min=1)
     optimizer.zero_grad(set_to_none=True)
@@ -116,13 +141,15 @@ def train_step(env, method: Method, problems: list, generator: torch.Generator, 
     scores, teacher_tokens = None, exp.teacher_tokens
     if method.teacher_request is not None:
         req = method.teacher_request
-        scores = env.teacher.score(exp.batch, topk=req.topk, full=req.full, temperature=1.0)
-        teacher_tokens += exp.batch.num_tokens
+        teacher, context_batch = method.context(env, exp)
+        scores = teacher.score(context_batch, topk=req.topk, full=req.full, temperature=1.0)
+        teacher_tokens += context_batch.num_tokens
     signal = method.signal(exp, scores)
     t1 = time.perf_counter()
     for _ in range(ppo_epochs):
         metrics = update(env.student, optimizer, exp, signal, method, micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm)
     metrics.update(rollout_metrics(exp, signal))
+    metrics.update(signal_metrics(signal))
     if scores is not None:
         metrics.update(teacher_metrics(scores, exp.batch.completion_mask_BT))
     metrics.update({"time/rollout_s": t1 - t0, "time/update_s": time.perf_counter() - t1})

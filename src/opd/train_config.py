@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-MethodName = Literal["sft", "grpo", "opd", "gkd"]
+MethodName = Literal[
+    "sft", "grpo", "opd", "gkd",
+    "trunc", "topd", "popd", "skd", "trd", "minillm", "opsd", "dasd",
+    "topk_lsm", "tip", "scope", "eopd", "prune_opd", "suffix_fade", "stable_opd", "srpo", "gopd",
+]
 
 
 def _h(text: str, default):
@@ -58,6 +62,57 @@ class TrainConfig:
     seq_kd: bool = _h("gkd: off-policy steps use teacher samples instead of dataset solutions", False)
     loss_temperature: float = _h("gkd: temperature of the divergence", 1.0)
     sft_source: Literal["dataset", "teacher"] = _h("sft: reference solutions or teacher samples", "dataset")
+    # rollout length budget (trunc / topd / popd; METHODS §14)
+    trunc_tokens: int = _h("trunc: response tokens generated and distilled (ESR's N)", 100)
+    horizon_frac: float = _h("topd: rollout horizon as a fraction of max_new_tokens", 0.1)
+    popd_start_frac: float = _h("popd: horizon fraction at step 0", 0.1)
+    popd_schedule: Literal["linear", "geometric"] = _h("popd: how the horizon grows", "linear")
+    popd_ramp_frac: float = _h("popd: share of the run's steps after which the horizon is full", 1.0)
+    # trajectory-changing methods (METHODS §15-16)
+    skd_block: int = _h("skd: student tokens proposed per block (the paper's gamma)", 5)
+    skd_topk: int = _h("skd: a proposed token is accepted if in the teacher's top-K", 25)
+    skd_temperature: float = _h("skd: teacher sampling temperature of replacements", 0.2)
+    skd_top_p: float = _h("skd: teacher nucleus of replacements", 0.5)
+    skd_loss: Literal["fkl", "rkl", "jsd"] = _h("skd: divergence on the resulting sequence (jsd uses beta)", "fkl")
+    trd_refine: Literal["prompt", "prefix"] = _h("trd: teacher refines from the refine prompt, or continues the draft's teacher-accepted prefix", "prompt")
+    trd_context: Literal["refine", "plain"] = _h("trd: teacher scores y_r behind the refine prompt (official) or plain x", "refine")
+    trd_loss: Literal["fkl", "rkl"] = _h("trd: divergence along the refined rollout", "fkl")
+    refine_temperature: float = _h("trd: teacher sampling temperature when refining (0 = greedy)", 0.0)
+    # MiniLLM (METHODS §4)
+    mix_alpha: float = _h("minillm: teacher share of the mixed sampling distribution", 0.2)
+    minillm_gamma: float = _h("minillm: discount of the long-term reward", 0.95)
+    reward_scale: float = _h("minillm: reward scaling", 0.5)
+    reward_clip: float = _h("minillm: reward clip (absolute)", 100.0)
+    # self-distillation (METHODS §5, §10)
+    opsd_divergence: Literal["fkl", "jsd", "rkl"] = _h("opsd: full-vocabulary divergence (v3 fkl; v1 jsd with beta)", "fkl")
+    opsd_clip: float = _h("opsd: per-vocabulary-entry clip tau (0 = off)", 0.05)
+    opsd_sampled: bool = _h("opsd: sampled-token advantage instead of the full-vocabulary divergence", False)
+    dasd_rho: float = _h("dasd: entropy quantile of the router's threshold", 0.2)
+    dasd_beta: float = _h("dasd: weight of the routed self-teacher term on the GRPO advantage", 0.1)
+    # local-noise fixes (METHODS §6-9)
+    lsm_k: int = _h("topk_lsm: teacher top-K support size", 32)
+    lsm_add_sampled: bool = _h("topk_lsm: add the sampled token to the support", False)
+    tip_rho: float = _h("tip: fraction of tokens kept", 0.5)
+    scope_tau: float = _h("scope: perplexity weight temperature", 1.0)
+    eopd_k: int = _h("eopd: teacher top-K of the forward-KL term", 16)
+    eopd_tau: float = _h("eopd: teacher entropy threshold in nats", 0.8)
+    eopd_lambda: float = _h("eopd: weight of the forward-KL term", 1.0)
+    eopd_mode: Literal["add", "switch"] = _h("eopd: add forward KL where uncertain (code) or switch to it (blog)", "add")
+    # horizon-decay fixes (METHODS §11-13)
+    prune_k: int = _h("prune_opd: top-K size of the compatibility overlap", 8)
+    prune_delta: float = _h("prune_opd: overlap below this is a drift event", 0.5)
+    prune_eta: float = _h("prune_opd: reliability decay per drift event", 0.9)
+    prune_w_min: float = _h("prune_opd: stop supervising once reliability falls below this", 0.3)
+    prune_quantile: float = _h("prune_opd: quantile of reliable lengths the budget shrinks toward", 0.5)
+    prune_grow: float = _h("prune_opd: budget growth factor when rollouts stay reliable", 1.25)
+    fade_k: int = _h("suffix_fade: student top-K candidates of the teacher margin", 8)
+    fade_penalty: float = _h("suffix_fade: BIC penalty multiplier of the change point", 1.0)
+    gold_coef: float = _h("stable_opd: weight of SFT on golden solutions", 0.1)
+    ref_kl_coef: float = _h("stable_opd: weight of KL to the initial student", 0.01)
+    rep_threshold: float = _h("stable_opd: compression ratio above which a tail counts as repetitive", 3.0)
+    # RLVR + distillation, beyond the teacher (METHODS §17-18)
+    srpo_weight: Literal["confidence", "none"] = _h("srpo: per-token weight of the distillation on failed rollouts", "confidence")
+    gopd_lambda: float = _h("gopd: reward extrapolation (1 = standard OPD)", 1.25)
     # evaluation, checkpoints, logs
     eval_every: int = _h("evaluate every N steps (0 = only at start and end)", 10)
     eval_size: int = _h("held-out prompts per evaluation", 128)

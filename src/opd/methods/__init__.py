@@ -22,6 +22,21 @@ def method_knobs(name: str) -> dict[str, Any]:
     return {p.name: p.default for p in params}
 
 
+def method_recipe(name: str) -> dict[str, Any]:
+    """Run settings the method's source uses (temperature, group size, ...), applied under
+    the user's own settings by ``opd train``."""
+    return dict(METHODS[name].info.recipe)
+
+
+def methods_table() -> str:
+    """The README's Markdown table of every registered method."""
+    rows = ["| method | paper | fixes | source | run it on the testbed |", "|---|---|---|---|---|"]
+    for name, build in METHODS.items():
+        info = build.info
+        rows.append(f"| `{name}` | {info.paper} | {info.fixes} | {info.source} | `opd train method={name}` |")
+    return "\n".join(rows)
+
+
 def build_method(name: str, settings: dict[str, Any]) -> Method:
     """Build ``name`` from the knobs it names, taken from a flat settings mapping."""
     if name not in METHODS:

@@ -10,12 +10,27 @@ The loop (``opd.train``) calls these four in order and never looks at a method's
 ``signal`` must hold ``mask_BT`` (the tokens that count, the loop's token-mean normalizer)
 and may hold anything else the loss reads (advantages, teacher logits, sampler log-probs).
 Every tensor in it has the batch as its first dimension, so the loop can cut micro-batches.
+Keys with a ``/`` (``"signal/drift_rate"``, ``"monitor/repetition"``) are metrics, not loss
+inputs: the loop logs their mean (a scalar, or a ``[B]``/``[B, T]`` tensor averaged over
+rows / kept tokens) and does not pass them to the loss.
+
+Which teacher scores which sequences is part of the method (``Method.context``): by
+default ``env.teacher`` on the rollout's own batch; OPSD's frozen self-teacher scores the
+same completions behind a privileged prompt, TRD's teacher behind its refine prompt. A
+context returns a batch whose completion columns equal the rollout's, so the scores stay
+aligned with ``exp.batch``. Extra per-row tensors a rollout computes (reference-model
+log-probs, SKD's acceptance flags) travel in ``Experience.extra``.
+
+A method with state across steps (POPD's horizon schedule, Prune-OPD's adaptive budget)
+keeps it in ``Method.state``: an object with ``state_dict()`` / ``load_state_dict()``,
+saved with every checkpoint so that a resumed run continues exactly. ``env.step`` is the
+index of the step being taken.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -36,6 +51,7 @@ class Experience:
     on_policy: bool = True  # sampled by the student (False: dataset or teacher data)
     teacher_tokens: int = 0  # tokens the teacher generated to build this experience
     truncated_B: torch.Tensor | None = None  # hit the length cap without EOS
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # per-row tensors for the signal
 
 
 @dataclass
@@ -53,6 +69,13 @@ class RolloutEnv:
     temperature: float
     top_p: float
     group_size: int
+    # contexts a method may put the teacher in (see opd.setup for the formats)
+    encode_privileged: Callable[[Problem], list[int]] | None = None  # x with y* shown (OPSD)
+    encode_refine: Callable[[Problem, list[int]], list[int]] | None = None  # x and a draft (TRD)
+    reference: torch.nn.Module | None = None  # frozen initial student (when a method needs it)
+    special_ids: tuple[int, ...] = ()  # ids a loss may mask (pad, bos, eos, template tokens)
+    vocab_size: int = 0
+    step: int = 0  # index of the step being taken (set by the loop)
 
 
 @dataclass
@@ -73,12 +96,52 @@ Signal = dict[str, torch.Tensor]
 LossOut = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 
+class MethodState(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+Context = Callable[[RolloutEnv, Experience], tuple[Teacher, SeqBatch]]
+
+
+def plain_context(env: RolloutEnv, exp: Experience) -> tuple[Teacher, SeqBatch]:
+    """The teacher scores the rollout's own sequences (prompt x, completion y)."""
+    return env.teacher, exp.batch
+
+
 @dataclass(frozen=True)
 class Method:
+    """``needs``: "teacher", "verifier", "solutions", "reference" (frozen initial student),
+    "full_teacher" (full-vocabulary teacher logits), "teacher_generate" (a teacher that
+    samples). ``setup.check_needs`` turns an unmet need into an error at start."""
+
     name: str
     rollout: Callable[[RolloutEnv, list[Problem], torch.Generator], Experience]
     signal: Callable[[Experience, Scores | None], Signal]
     loss: Callable[[StudentView, Signal], LossOut]
     teacher_request: TeacherRequest | None = None
-    needs: tuple[str, ...] = field(default=())  # "teacher", "verifier", "solutions"
+    needs: tuple[str, ...] = field(default=())
     min_group_size: int = 1  # rollouts per prompt the signal needs (GRPO: 2)
+    context: Context = plain_context
+    state: MethodState | None = None
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What ``opd methods`` and the README table say about a method."""
+
+    paper: str  # "Gu et al., 2306.08543"
+    fixes: str  # the pitfall it addresses: "baseline", "local noise", "horizon decay", "myopic supervision", ...
+    source: str  # METHODS.md's label: paper / code / third-party / reconstruction
+    recipe: dict[str, Any] = field(default_factory=dict)  # run settings the method's source uses
+
+
+def method_info(**info) -> Callable:
+    """Decorator for a builder: ``@method_info(paper=..., fixes=..., source=..., recipe=...)``."""
+
+    def mark(build: Callable[..., Method]) -> Callable[..., Method]:
+        build.info = MethodInfo(**info)
+        return build
+
+    return mark

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from opd.losses import divergence
-from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest
+from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
 from opd.rollouts.student import solution_rollout, student_rollout, teacher_rollout
 
 
@@ -36,6 +36,7 @@ def gkd_loss(view: StudentView, signal: Signal, *, beta: float, loss_temperature
     return jsd_BT, {"loss/jsd": jsd_BT}
 
 
+@method_info(paper="Agarwal et al., 2306.13649", fixes="baseline (on/off-policy mix)", source="code", recipe={"temperature": 0.9})
 def build(
     beta: float = 0.5, lmbda: float = 0.5, seq_kd: bool = False, loss_temperature: float = 1.0
 ) -> Method:

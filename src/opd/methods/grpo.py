@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Literal
 
 from opd.losses import grpo_advantages, ppo_clip_loss
-from opd.methods.base import Experience, Method, Signal, StudentView
+from opd.methods.base import Experience, Method, Signal, StudentView, method_info
 from opd.rollouts.student import student_rollout
 
 
@@ -36,6 +36,7 @@ def grpo_loss(view: StudentView, signal: Signal, *, clip_eps: float):
     return loss_BT, {"loss/pg": loss_BT, **metrics}
 
 
+@method_info(paper="Shao et al., 2402.03300", fixes="baseline (on-policy, sparse reward)", source="paper", recipe={"group_size": 4})
 def build(clip_eps: float = 0.2, adv_scale: Literal["std", "none"] = "std") -> Method:
     return Method(
         "grpo",

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Literal
 
 from opd.losses import discounted_returns, importance_sampling_loss, ppo_clip_loss
-from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest
+from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
 from opd.rollouts.student import student_rollout
 
 
@@ -41,6 +41,7 @@ def opd_token_loss(view: StudentView, signal: Signal, *, opd_loss: str, clip_eps
     return loss_BT, {"loss/pg": loss_BT, "loss/rkl_sampled": signal["log_ratio_BT"], **metrics}
 
 
+@method_info(paper="Lu and Thinking Machines, 2025", fixes="baseline; gamma=1 is the sequence-level gradient", source="code", recipe={"group_size": 4})
 def build(
     gamma: float = 0.0,
     kl_coef: float = 1.0,

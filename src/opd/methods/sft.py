@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from opd.methods.base import Experience, Method, Signal, StudentView
+from opd.methods.base import Experience, Method, Signal, StudentView, method_info
 from opd.rollouts.student import solution_rollout, teacher_rollout
 
 
@@ -24,6 +24,7 @@ def sft_loss(view: StudentView, signal: Signal):
     return nll_BT, {"loss/nll": nll_BT}
 
 
+@method_info(paper="standard baseline", fixes="baseline (off-policy, dense)", source="paper")
 def build(sft_source: Literal["dataset", "teacher"] = "dataset") -> Method:
     if sft_source == "teacher":
         return Method("sft", teacher_rollout, sft_signal, sft_loss, needs=("teacher",))

@@ -84,6 +84,7 @@ class HFTeacher:
         self.model = model.eval()
         self.eos_id, self.pad_id = eos_id, pad_id
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.full_logits = True  # can return full next-token logits (a server may not)
 
     @torch.no_grad()
     def score(self, batch: SeqBatch, *, topk: int = 8, full: bool = False, temperature: float = 1.0) -> Scores:

@@ -160,6 +160,7 @@ class OracleTeacher:
         if missing:
             raise ValueError(f"tokenizer lacks testbed words {missing}; use build_tokenizer()")
         self.vocab_size = len(tokenizer)
+        self.full_logits = True
         self.words = [UNK] * self.vocab_size
         for w, i in vocab.items():
             self.words[i] = w
@@ -180,6 +181,8 @@ class OracleTeacher:
     def _start(self, prompt_ids: Sequence[int]) -> _Walk:
         words = [self._word(i) for i in prompt_ids]
         words = [w for w in words if w not in (PAD, BOS)]
+        starts = [i for i, w in enumerate(words) if w in self.grammars]
+        words = words[starts[-1]:] if starts else words  # a context may put y* or a draft before x
         grammar = self.grammars.get(words[0]) if words else None
         spec = grammar.parse_prompt(words) if grammar is not None else None
         return _Walk(grammar, spec, self.recovers)
