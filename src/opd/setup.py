@@ -173,6 +173,19 @@ def special_ids(tokenizer) -> tuple[int, ...]:
     return tuple(sorted(i for i in ids if i is not None))
 
 
+SENTENCE_ENDS = (".", "!", "?", ";", "\u3002", "\uff01", "\uff1f", "\uff1b")
+
+
+def boundary_ids(tokenizer) -> tuple[int, ...]:
+    """Ids whose text ends a sentence, a line or a testbed step: the decoded token holds a
+    newline or, right-stripped, ends with one of :data:`SENTENCE_ENDS` (special ids never)."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    special = set(tokenizer.all_special_ids)
+    return tuple(
+        i for i, t in enumerate(texts) if i not in special and ("\n" in t or t.rstrip().endswith(SENTENCE_ENDS))
+    )
+
+
 def build_setup(cfg: TrainConfig, student=None) -> Setup:
     """Student, tokenizer, teacher, data and the method, checked against each other."""
     task = make_task(cfg)
@@ -194,6 +207,7 @@ def build_setup(cfg: TrainConfig, student=None) -> Setup:
         temperature=cfg.temperature, top_p=cfg.top_p, group_size=cfg.group_size,
         encode_privileged=privileged, encode_refine=refine, reference=reference,
         special_ids=special_ids(tokenizer), vocab_size=len(tokenizer),
+        boundary_ids=boundary_ids(tokenizer) if "boundaries" in method.needs else (),
     )
     eval_n = None if cfg.dataset else cfg.eval_size
     eval_problems = task.problems(cfg.eval_split, eval_n, 0)[: cfg.eval_size]  # one held-out set for all seeds

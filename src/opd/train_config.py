@@ -16,6 +16,20 @@ def _h(text: str, default):
     return field(default=default, metadata={"help": text})
 
 
+def _check_horizon_knobs(cfg) -> None:
+    """Ranges of the rollout-budget and horizon-decay knobs (trunc/topd/popd/prune_opd/suffix_fade)."""
+    for key in ("trunc_tokens", "prune_k", "fade_k", "fade_window"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"config key {key!r} must be >= 1, got {getattr(cfg, key)}")
+    unit = {"horizon_frac": (0, 1), "popd_start_frac": (0, 1), "prune_delta": (0, 1), "prune_eta": (0, 1),
+            "prune_w_min": (0, 1), "prune_quantile": (0, 1)}
+    for key, (lo, hi) in unit.items():
+        if not lo <= getattr(cfg, key) <= hi or (key in ("horizon_frac", "popd_start_frac", "prune_eta") and getattr(cfg, key) == 0):
+            raise ValueError(f"config key {key!r} must be in [{lo}, {hi}] (and > 0 for fractions and eta), got {getattr(cfg, key)}")
+    if cfg.popd_ramp_frac < 0 or cfg.prune_grow < 1 or cfg.fade_penalty < 0:
+        raise ValueError("config keys 'popd_ramp_frac' and 'fade_penalty' must be >= 0 and 'prune_grow' >= 1")
+
+
 @dataclass
 class TrainConfig:
     # what to train, on what
@@ -78,11 +92,14 @@ class TrainConfig:
     trd_context: Literal["refine", "plain"] = _h("trd: teacher scores y_r behind the refine prompt (official) or plain x", "refine")
     trd_loss: Literal["fkl", "rkl"] = _h("trd: divergence along the refined rollout", "fkl")
     refine_temperature: float = _h("trd: teacher sampling temperature when refining (0 = greedy)", 0.0)
+    trd_topk: int = _h("trd (prefix mode): draft tokens are kept while in the teacher's top-K (ties included)", 5)
     # MiniLLM (METHODS §4)
     mix_alpha: float = _h("minillm: teacher share of the mixed sampling distribution", 0.2)
     minillm_gamma: float = _h("minillm: discount of the long-term reward", 0.95)
     reward_scale: float = _h("minillm: reward scaling", 0.5)
     reward_clip: float = _h("minillm: reward clip (absolute)", 100.0)
+    minillm_whiten: bool = _h("minillm: whiten the long-term advantages over the step's tokens (LMOps)", True)
+    minillm_future: Literal["from_t", "after_t"] = _h("minillm: return from t incl. r_t (code) or after t (paper R_{t+1})", "from_t")
     # self-distillation (METHODS §5, §10)
     opsd_divergence: Literal["fkl", "jsd", "rkl"] = _h("opsd: full-vocabulary divergence (v3 fkl; v1 jsd with beta)", "fkl")
     opsd_clip: float = _h("opsd: per-vocabulary-entry clip tau (0 = off)", 0.05)
@@ -107,6 +124,8 @@ class TrainConfig:
     prune_grow: float = _h("prune_opd: budget growth factor when rollouts stay reliable", 1.25)
     fade_k: int = _h("suffix_fade: student top-K candidates of the teacher margin", 8)
     fade_penalty: float = _h("suffix_fade: BIC penalty multiplier of the change point", 1.0)
+    fade_margin: Literal["gap", "sampled"] = _h("suffix_fade: teacher margin: best minus 2nd-best of the student's top-K, or sampled token minus best", "gap")
+    fade_window: int = _h("suffix_fade: tokens per step when the tokenizer has no sentence-boundary ids", 16)
     gold_coef: float = _h("stable_opd: weight of SFT on golden solutions", 0.1)
     ref_kl_coef: float = _h("stable_opd: weight of KL to the initial student", 0.01)
     rep_threshold: float = _h("stable_opd: compression ratio above which a tail counts as repetitive", 3.0)
@@ -139,3 +158,29 @@ class TrainConfig:
             raise ValueError(f"config key 'top_p' must be in (0, 1], got {self.top_p}")
         if self.lr <= 0:
             raise ValueError(f"config key 'lr' must be > 0, got {self.lr}")
+        for key in ("skd_block", "skd_topk", "trd_topk"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
+        if self.skd_temperature < 0 or self.refine_temperature < 0 or not 0.0 < self.skd_top_p <= 1.0:
+            raise ValueError("config keys 'skd_temperature', 'refine_temperature' must be >= 0 and 'skd_top_p' in (0, 1]")
+        _check_horizon_knobs(self)
+        _check_selfdistill_knobs(self)
+        _check_mixture_knobs(self)
+
+
+def _check_selfdistill_knobs(cfg: TrainConfig) -> None:
+    """Ranges of the MiniLLM / OPSD / DASD knobs."""
+    for key in ("mix_alpha", "minillm_gamma", "dasd_rho"):
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            raise ValueError(f"config key {key!r} must be in [0, 1], got {getattr(cfg, key)}")
+    if cfg.reward_scale <= 0 or cfg.reward_clip < 0 or cfg.opsd_clip < 0:
+        raise ValueError("config key 'reward_scale' must be > 0, and 'reward_clip', 'opsd_clip' >= 0 (0 = off)")
+
+
+def _check_mixture_knobs(cfg: TrainConfig) -> None:
+    """Ranges of the StableOPD / SRPO / G-OPD knobs."""
+    if cfg.gold_coef < 0 or cfg.ref_kl_coef < 0 or cfg.rep_threshold <= 0 or cfg.gopd_lambda < 0:
+        raise ValueError(
+            "config keys 'gold_coef', 'ref_kl_coef' and 'gopd_lambda' must be >= 0 and 'rep_threshold' > 0, got "
+            f"{cfg.gold_coef}, {cfg.ref_kl_coef}, {cfg.gopd_lambda}, {cfg.rep_threshold}"
+        )

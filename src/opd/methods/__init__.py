@@ -6,6 +6,11 @@ import inspect
 from typing import Any, Callable
 
 from opd.methods import gkd, grpo, opd, sft
+from opd.methods import dasd, minillm, opsd
+from opd.methods import eopd, scope, tip, topk_lsm
+from opd.methods import skd, trd
+from opd.methods import gopd, srpo, stable_opd
+from opd.methods import prune_opd, suffix_fade, truncation
 from opd.methods.base import Method
 
 METHODS: dict[str, Callable[..., Method]] = {
@@ -13,6 +18,23 @@ METHODS: dict[str, Callable[..., Method]] = {
     "grpo": grpo.build,
     "opd": opd.build,
     "gkd": gkd.build,
+    "minillm": minillm.build,
+    "opsd": opsd.build,
+    "dasd": dasd.build,
+    "topk_lsm": topk_lsm.build,
+    "tip": tip.build,
+    "scope": scope.build,
+    "eopd": eopd.build,
+    "skd": skd.build,
+    "trd": trd.build,
+    "stable_opd": stable_opd.build,
+    "srpo": srpo.build,
+    "gopd": gopd.build,
+    "trunc": truncation.build_trunc,
+    "topd": truncation.build_topd,
+    "popd": truncation.build_popd,
+    "prune_opd": prune_opd.build,
+    "suffix_fade": suffix_fade.build,
 }
 
 

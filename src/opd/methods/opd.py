@@ -18,11 +18,12 @@ from typing import Literal
 from opd.losses import discounted_returns, importance_sampling_loss, ppo_clip_loss
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
 from opd.rollouts.student import student_rollout
+from opd.signals.opd import floored_log_ratio_BT
 
 
 def opd_signal(exp: Experience, scores, *, gamma: float, kl_coef: float) -> Signal:
     mask_BT = exp.batch.completion_mask_BT
-    log_ratio_BT = (exp.sampler_logp_BT - scores.token_logp_BT) * mask_BT
+    log_ratio_BT = floored_log_ratio_BT(exp.sampler_logp_BT, scores.token_logp_BT, mask_BT)
     adv_BT = discounted_returns(-kl_coef * log_ratio_BT, mask_BT, gamma)
     return {
         "mask_BT": mask_BT,

@@ -93,9 +93,13 @@ class HFTeacher:
             logits_BTV, batch.completion_ids_BT, topk=topk, full=full, temperature=temperature
         )
 
-    def generate(self, prompts: list[list[int]], **sampling) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], *, prefix_ids_list=None, **sampling) -> list[list[int]]:
+        """Sample completions (``sample``'s keywords). ``prefix_ids_list``: completion tokens
+        already written, continued but not returned (as :meth:`OracleTeacher.generate`)."""
         from opd.rollouts.sampler import sample
 
+        if prefix_ids_list is not None:
+            prompts = [list(p) + list(q) for p, q in zip(prompts, prefix_ids_list)]
         out = sample(self.model, prompts, eos_id=self.eos_id, pad_id=self.pad_id, **sampling)
         return out.batch.completions()
 

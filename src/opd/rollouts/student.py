@@ -7,7 +7,7 @@ import torch
 from opd.errors import UserError
 
 from opd.batch import make_batch
-from opd.methods.base import Experience, RolloutEnv
+from opd.rollouts.base import Experience, RolloutEnv
 from opd.rollouts.sampler import sample
 from opd.tasks.base import Problem
 

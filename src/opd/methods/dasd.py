@@ -1,0 +1,112 @@
+"""DASD, direction-adaptive self-distillation on top of GRPO (METHODS §10).
+
+Source: third-party equation summary of Zhang et al. 2605.22263; the quantile side of the
+router is a *reconstruction* (see :mod:`opd.signals.dasd`). This does not claim to
+reproduce the paper.
+
+``G`` student rollouts per prompt, verifier rewards, the GRPO group advantage
+``A_G = (R − mean_G R)/(std_G R + eps)`` (``adv_scale="none"``: centered only), and OPSD's
+privileged self-teacher (the frozen initial student with the reference solution in its
+context, ``privileged_context``) scoring the sampled tokens::
+
+    d_t  = log π_T(y_t|x, y*, c_t) − log π_θ(y_t|c_t)          (teacher − student)
+    Â_t  = A_G + β·ω_t·d̄_t,   ω_t = tanh((τ_ρ − H^S_t)/σ_H)·sigmoid(|d̄_t| − 1)
+    L_t  = max(−ρ_t·Â_t, −clip(ρ_t, 1−ε, 1+ε)·Â_t),  ρ_t = exp(log π_θ − sg(log π_sampler))
+
+Sign convention: METHODS defines ``δ_t = log π_θ − log π_T``; the routed term uses
+``d_t = −δ_t`` so that ``ω_t > 0`` (confident tokens, entropy below the trajectory's
+``(1−ρ)`` quantile) pushes ``log π_θ(y_t)`` up where the teacher prefers ``y_t`` and down
+where it does not (attraction toward the teacher), and ``ω_t < 0`` (high-entropy forks)
+does the opposite (repulsion).
+
+The student's entropies ``H^S_t`` and log-probs are those at sampling time: the rollout
+adds one no-grad forward of the student over its own samples and stores the entropies in
+``exp.extra["student_entropy_BT"]`` (the log-probs are the sampler's).
+
+Knobs: ``dasd_rho`` (ρ, 0.2), ``dasd_beta`` (β, 0.1), ``clip_eps`` (ε, 0.2), ``adv_scale``
+(GRPO's std scaling, "std").
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from opd.losses import entropy, grpo_advantages, ppo_clip_loss
+from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
+from opd.methods.contexts import privileged_context
+from opd.models.hf import completion_logits
+from opd.rollouts.student import student_rollout
+from opd.signals.dasd import dasd_advantages, dasd_router, normalized_log_ratio, teacher_log_ratio
+
+ENTROPY_CHUNK = 16  # rows per no-grad forward when measuring the student's entropies
+
+
+@torch.no_grad()
+def student_entropy(model, batch, chunk: int = ENTROPY_CHUNK) -> torch.Tensor:
+    """``H(π_θ(·|c_t))`` of every completion column at temperature 1 -> ``[B, T]``, 0 on padding."""
+    was_training = model.training
+    model.eval()
+    rows = range(0, batch.input_ids_BL.shape[0], chunk)
+    H_BT = torch.cat([entropy(completion_logits(model, batch.select(slice(i, i + chunk)))) for i in rows])
+    model.train(was_training)
+    return H_BT.masked_fill(~batch.completion_mask_BT, 0.0)
+
+
+def dasd_rollout(env, problems, generator) -> Experience:
+    exp = student_rollout(env, problems, generator)
+    exp.extra["student_entropy_BT"] = student_entropy(env.student, exp.batch)
+    return exp
+
+
+def group_advantages(exp: Experience, adv_scale: str) -> torch.Tensor:
+    """GRPO's ``A_G`` per row -> ``[B]`` (rows are grouped contiguously)."""
+    group_size = int((exp.group_B == exp.group_B[0]).sum())
+    return grpo_advantages(exp.rewards_B.view(-1, group_size), scale=adv_scale).reshape(-1)
+
+
+def dasd_signal(exp: Experience, scores, *, rho: float, beta: float, adv_scale: str) -> Signal:
+    mask_BT = exp.batch.completion_mask_BT
+    d_BT = teacher_log_ratio(scores.token_logp_BT, exp.sampler_logp_BT, mask_BT)
+    d_bar_BT = normalized_log_ratio(d_BT, mask_BT)
+    omega_BT = dasd_router(exp.extra["student_entropy_BT"], d_bar_BT, mask_BT, rho=rho)
+    adv_BT = dasd_advantages(group_advantages(exp, adv_scale), omega_BT, d_bar_BT, mask_BT, beta=beta)
+    return {
+        "mask_BT": mask_BT,
+        "adv_BT": adv_BT.float(),
+        "sampler_logp_BT": exp.sampler_logp_BT,
+        "signal/router": omega_BT,
+        "signal/attract_frac": (omega_BT > 0).float(),
+        "signal/teacher_log_ratio": d_BT,
+    }
+
+
+def dasd_loss(view: StudentView, signal: Signal, *, clip_eps: float):
+    loss_BT, metrics = ppo_clip_loss(
+        view.logp_BT, signal["sampler_logp_BT"], signal["adv_BT"], clip_low=clip_eps, clip_high=clip_eps
+    )
+    return loss_BT, {"loss/pg": loss_BT, **metrics}
+
+
+@method_info(
+    paper="Zhang et al., 2605.22263",
+    fixes="self-distillation collapsing exploration (entropy-routed direction)",
+    source="third-party; quantile side reconstruction",
+)
+def build(
+    dasd_rho: float = 0.2,
+    dasd_beta: float = 0.1,
+    clip_eps: float = 0.2,
+    adv_scale: Literal["std", "none"] = "std",
+) -> Method:
+    return Method(
+        "dasd",
+        dasd_rollout,
+        lambda exp, scores: dasd_signal(exp, scores, rho=dasd_rho, beta=dasd_beta, adv_scale=adv_scale),
+        lambda view, signal: dasd_loss(view, signal, clip_eps=clip_eps),
+        teacher_request=TeacherRequest(topk=1, full=False),
+        needs=("verifier", "reference", "solutions"),
+        min_group_size=2,
+        context=privileged_context,
+    )

@@ -1,0 +1,78 @@
+"""Entropy-aware OPD: add (or switch to) forward KL where the teacher is uncertain.
+
+    u_t      = 1[H^T_t > τ_H]
+    FKL^K_t  = Σ_{v∈S_t} π̂_T(v)(log π̂_T(v) − log π̂_θ(v)),  S_t = teacher top-K, both renormalized on S_t
+    add    (code): L = (1/N) Σ_{i,t} [ OPD_t + λ·u_t·FKL^K_t ]  = L_RKL-OPD + λ·mean_t(u_t·FKL^K_t)
+    switch (blog): L = (1/N) Σ_{i,t} [ (1 − u_t)·OPD_t + λ·u_t·FKL^K_t ]
+
+Source: third-party audit of the official code (Jin et al., 2603.07079; METHODS §9); the
+``switch`` reading is the blog's ("reverse KL where the teacher is confident, forward KL
+where it is uncertain").
+
+The OPD term is the per-token OPD policy-gradient surrogate of ``methods/opd.py``
+(``OPD_t = −ρ_t·sg(A_t)``, ``A_t = −(log π_sampler(y_t) − log π_T(y_t))``, γ = 0, c = 1;
+``opd_loss="ppo"`` clips ρ), not the exact full-vocabulary reverse KL: it needs only the
+sampled token's teacher log-prob, so a sparse teacher suffices. ``FKL^K`` renormalizes both
+sides on the teacher's top-K (the audit does not say; ``sparse_divergence`` with
+``renormalize="both"``). ``H^T_t`` is the teacher's full-vocabulary entropy as its
+``Scores`` report it. In ``switch`` λ still scales the forward-KL term.
+
+Knobs: ``eopd_k`` (K = 16, clamped to the vocabulary by the teacher), ``eopd_tau``
+(τ_H = 0.8 nats), ``eopd_lambda`` (λ = 1.0), ``eopd_mode`` ("add"), and the OPD term's
+``opd_loss`` / ``clip_eps``. Logged: ``signal/uncertain_frac`` (share of completion tokens
+with ``u_t = 1``), ``signal/retained_mass`` ``Σ_{v∈S_t} π_T(v)``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal
+
+from opd.losses import sparse_divergence
+from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
+from opd.methods.opd import opd_signal, opd_token_loss
+from opd.rollouts.student import student_rollout
+from opd.signals.eopd import MODES, eopd_combine, uncertain_mask
+
+
+def eopd_signal(exp: Experience, scores, *, tau: float) -> Signal:
+    signal = opd_signal(exp, scores, gamma=0.0, kl_coef=1.0)
+    uncertain_BT = uncertain_mask(scores.entropy_BT, tau) & signal["mask_BT"]
+    signal.update({
+        "uncertain_BT": uncertain_BT,
+        "teacher_topk_ids_BTK": scores.topk_ids_BTK,
+        "teacher_topk_logp_BTK": scores.topk_logp_BTK,
+        "signal/uncertain_frac": uncertain_BT.float(),
+        "signal/retained_mass": scores.topk_logp_BTK.logsumexp(-1).exp(),
+    })
+    return signal
+
+
+def eopd_loss(view: StudentView, signal: Signal, *, lam: float, mode: str, opd_loss: str, clip_eps: float):
+    opd_BT, metrics = opd_token_loss(view, signal, opd_loss=opd_loss, clip_eps=clip_eps)
+    fkl_BT = sparse_divergence(
+        view.logits_BTV, signal["teacher_topk_ids_BTK"], signal["teacher_topk_logp_BTK"], "fkl", renormalize="both"
+    )
+    loss_BT = eopd_combine(opd_BT, fkl_BT, signal["uncertain_BT"], lam=lam, mode=mode)
+    return loss_BT, {**metrics, "loss/eopd": loss_BT, "loss/fkl_topk": fkl_BT}
+
+
+@method_info(paper="Jin et al., 2603.07079", fixes="local noise", source="third-party")
+def build(
+    eopd_k: int = 16,
+    eopd_tau: float = 0.8,
+    eopd_lambda: float = 1.0,
+    eopd_mode: Literal["add", "switch"] = "add",
+    opd_loss: Literal["is", "ppo"] = "is",
+    clip_eps: float = 0.2,
+) -> Method:
+    if eopd_k < 1 or eopd_lambda < 0 or eopd_mode not in MODES:
+        raise ValueError(f"need eopd_k >= 1, eopd_lambda >= 0, eopd_mode in {MODES}; got {eopd_k}, {eopd_lambda}, {eopd_mode!r}")
+    return Method(
+        "eopd",
+        student_rollout,
+        partial(eopd_signal, tau=eopd_tau),
+        partial(eopd_loss, lam=eopd_lambda, mode=eopd_mode, opd_loss=opd_loss, clip_eps=clip_eps),
+        teacher_request=TeacherRequest(topk=eopd_k, full=False),
+        needs=("teacher",),
+    )

@@ -1,0 +1,146 @@
+"""Prune-OPD: reliability-weighted OPD on the reliable prefix, with an adaptive budget.
+
+Source: reconstruction (METHODS §12; Yang et al. 2605.07804, abstract only). This is an
+operational reading of the abstract, not a reproduction of the paper. Per rollout
+(equations in :mod:`opd.signals.prune`)::
+
+    o_t = |TopK_theta(c_t) ∩ TopK_T(c_t)| / k,   D_t = #{t' <= t : o_t' < delta},   w_t = eta^{D_t}
+    keep_t = 1[w_t >= w_min],   L_eff = Σ_t keep_t
+    r_t = -c · (log pi_sampler(y_t) - log pi_T(y_t)),   A_t = Σ_{t'>=t, kept} gamma^{t'-t} w_t' r_t'
+    L   = OPD's importance-sampling (or PPO) loss with sg(A_t), token mean over kept tokens
+
+and after every step the generation budget ``N`` of the next one is updated
+(:func:`opd.signals.prune.next_budget`): ``N <- ceil(N · grow)`` when most rollouts stayed
+reliable through all they generated, else ``N <- quantile_q(L_eff)``; clamped to
+``[1, max_new_tokens]``, starting at ``max_new_tokens``. The budget is ``Method.state`` and
+is saved with checkpoints.
+
+Knobs: ``prune_k`` (top-K size on both sides), ``prune_delta``, ``prune_eta``,
+``prune_w_min``, ``prune_quantile``, ``prune_grow``, ``max_new_tokens`` (the cap), and the
+OPD knobs ``gamma``, ``kl_coef``, ``opd_loss``, ``clip_eps``.
+
+Deliberate choices (the abstract leaves them open):
+- The student's top-K is computed right after sampling by one no-grad forward pass of the
+  same weights over the sampled batch (the sampler only records the sampled token's
+  log-prob), and travels in ``exp.extra["student_topk_ids_BTK"]``.
+- "Stop generating once w_t < w_min" needs online teacher scoring during sampling; with one
+  teacher pass after the rollout we stop *supervising* there and let the adaptive budget cut
+  generation at later steps.
+- With ``gamma > 0`` the weighted rewards are summed over the kept prefix only.
+- The teacher's sampled-token log-prob is floored at -100 nats (a ``-inf`` would make the
+  reward infinite); the floor never binds for a teacher with full support.
+
+Logged: ``signal/drift_rate`` (drift events per generated token), ``signal/overlap`` (mean
+``o_t`` over generated tokens), ``signal/reliable_len`` (mean ``L_eff``), ``signal/reliability``
+(mean ``w_t`` over kept tokens), ``rollout/budget`` (tokens allowed this step).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from opd.batch import SeqBatch
+from opd.losses import discounted_returns
+from opd.methods.base import Experience, Method, RolloutEnv, Signal, TeacherRequest, method_info
+from opd.methods.opd import opd_token_loss
+from opd.methods.truncation import budget_metric, budget_rollout
+from opd.models.hf import completion_logits
+from opd.rollouts.budget import LengthBudget, adaptive_budget
+from opd.signals.prune import (
+    drift_reliability_BT,
+    floored_log_ratio_BT,
+    next_budget,
+    reliable_mask_BT,
+    topk_overlap_BT,
+)
+from opd.tasks.base import Problem
+
+LOGIT_ELEMENTS = 2**27  # rows per no-grad pass are chosen so that [rows, T, V] stays under this
+
+
+@torch.no_grad()
+def student_topk_ids_BTK(model: torch.nn.Module, batch: SeqBatch, k: int) -> torch.Tensor:
+    """The student's ``k`` most likely next-token ids at every completion column (eval mode,
+    row chunks of at most ``LOGIT_ELEMENTS`` logits)."""
+    was_training = model.training
+    model.eval()
+    B, T = batch.completion_mask_BT.shape
+    V = model.get_output_embeddings().weight.shape[0]
+    rows = max(1, LOGIT_ELEMENTS // max(1, T * V))
+    out = [
+        completion_logits(model, batch.select(slice(s, s + rows))).topk(min(k, V), dim=-1).indices
+        for s in range(0, B, rows)
+    ]
+    model.train(was_training)
+    return torch.cat(out).to(batch.input_ids_BL.device)
+
+
+def with_student_topk(exp: Experience, env: RolloutEnv, k: int) -> Experience:
+    exp.extra["student_topk_ids_BTK"] = student_topk_ids_BTK(env.student, exp.batch, k)
+    return exp
+
+
+def prune_signal(
+    exp: Experience, scores, budget: LengthBudget, *, delta: float, eta: float, w_min: float,
+    quantile: float, grow: float, gamma: float, kl_coef: float,
+) -> Signal:
+    """Reliability-weighted OPD advantages on the reliable prefix; updates ``budget``."""
+    mask_BT = exp.batch.completion_mask_BT
+    overlap_BT = topk_overlap_BT(exp.extra["student_topk_ids_BTK"], scores.topk_ids_BTK)
+    drift_BT, w_BT = drift_reliability_BT(overlap_BT, mask_BT, delta=delta, eta=eta)
+    keep_BT = reliable_mask_BT(w_BT, mask_BT, w_min=w_min)
+    log_ratio_BT = floored_log_ratio_BT(exp.sampler_logp_BT, scores.token_logp_BT, mask_BT)
+    reward_BT = -kl_coef * log_ratio_BT * w_BT.to(log_ratio_BT.dtype)
+    reliable_len_B, generated_len_B = keep_BT.sum(-1), mask_BT.sum(-1)
+    used = int(exp.extra["budget_B"][0])
+    budget.set_next(next_budget(used, reliable_len_B, generated_len_B, grow=grow, quantile=quantile))
+    n_gen = mask_BT.sum().clamp(min=1)
+    return {
+        "mask_BT": keep_BT,
+        "adv_BT": discounted_returns(reward_BT, keep_BT, gamma),
+        "sampler_logp_BT": exp.sampler_logp_BT,
+        "log_ratio_BT": log_ratio_BT,
+        "signal/drift_rate": drift_BT.sum() / n_gen,
+        "signal/overlap": (overlap_BT * mask_BT).sum() / n_gen,
+        "signal/reliable_len": reliable_len_B.float(),
+        "signal/reliability": w_BT.float(),
+        **budget_metric(exp),
+    }
+
+
+@method_info(paper="Yang et al., 2605.07804", fixes="horizon decay", source="reconstruction", recipe={})
+def build(
+    prune_k: int = 8,
+    prune_delta: float = 0.5,
+    prune_eta: float = 0.9,
+    prune_w_min: float = 0.3,
+    prune_quantile: float = 0.5,
+    prune_grow: float = 1.25,
+    max_new_tokens: int = 96,
+    gamma: float = 0.0,
+    kl_coef: float = 1.0,
+    opd_loss: Literal["is", "ppo"] = "is",
+    clip_eps: float = 0.2,
+) -> Method:
+    budget = adaptive_budget(max_new_tokens)
+
+    def rollout(env: RolloutEnv, problems: list[Problem], generator: torch.Generator) -> Experience:
+        return with_student_topk(budget_rollout(env, problems, generator, budget), env, prune_k)
+
+    def signal(exp: Experience, scores) -> Signal:
+        return prune_signal(
+            exp, scores, budget, delta=prune_delta, eta=prune_eta, w_min=prune_w_min,
+            quantile=prune_quantile, grow=prune_grow, gamma=gamma, kl_coef=kl_coef,
+        )
+
+    return Method(
+        "prune_opd",
+        rollout,
+        signal,
+        lambda view, sig: opd_token_loss(view, sig, opd_loss=opd_loss, clip_eps=clip_eps),
+        teacher_request=TeacherRequest(topk=prune_k, full=False),
+        needs=("teacher",),
+        state=budget,
+    )

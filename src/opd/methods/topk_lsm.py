@@ -1,0 +1,91 @@
+"""Top-K local support matching: reverse KL on the teacher's top-K, both sides renormalized.
+
+    S_t    = TopK_T(c_t)  (∪ {y_t} with ``lsm_add_sampled``)
+    π̂(v)   = π(v) / Σ_{u∈S_t} π(u)        for v ∈ S_t, both student and teacher
+    L      = (1/N) Σ_{i,t} m_t Σ_{v∈S_t} π̂_θ(v) (log π̂_θ(v) − log π̂_T(v))     (coefficient 1)
+
+``m_t`` drops the completion positions whose token is a special id (``env.special_ids``:
+pad, bos, unk, template tokens; EOS is trained), so ``N`` counts the remaining tokens.
+The loss is differentiated directly (an exact divergence on S, not a policy gradient).
+Source: code (hhh675597/revisiting_opd, Fu et al. 2603.25562; METHODS §6).
+
+Knobs: ``lsm_k`` (K = 32; the teacher clamps it to the vocabulary size, so on the 24-token
+testbed S is the whole vocabulary and the loss is the full reverse KL); ``lsm_add_sampled``
+(add ``y_t`` as a K+1-th element with the teacher's ``log π_T(y_t)``; nothing is added
+where ``y_t`` is already in the top K). Recipe: top-p 0.9 rollouts (top-K alone was worse
+than the baseline in the paper).
+
+The teacher may be sparse: only its top-K ids/log-probs and the sampled token's log-prob
+are read; the student's logits are gathered on those ids. Logged: ``signal/retained_mass``
+``Σ_{v∈S_t} π_T(v)`` (METHODS rule 5) and ``signal/special_frac``.
+Deviations: the paper's code masks the *first occurrence* of template tokens ("<",
+"think", "<|im_end|>"); here every position whose token is a special id is masked.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from opd.losses import divergence
+from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
+from opd.rollouts.student import student_rollout
+from opd.signals.topk_lsm import retained_mass, special_token_mask, teacher_support
+
+
+def lsm_rollout(env, problems, generator) -> Experience:
+    """Student samples, with the positions of special tokens (``exp.extra["special_BT"]``)."""
+    exp = student_rollout(env, problems, generator)
+    exp.extra["special_BT"] = special_token_mask(exp.batch.completion_ids_BT, env.special_ids)
+    return exp
+
+
+def lsm_signal(exp: Experience, scores, *, add_sampled: bool) -> Signal:
+    sampled = (exp.batch.completion_ids_BT, scores.token_logp_BT) if add_sampled else (None, None)
+    ids_BTS, logp_BTS, keep_BTS = teacher_support(scores.topk_ids_BTK, scores.topk_logp_BTK, *sampled)
+    completion_BT = exp.batch.completion_mask_BT
+    special_BT = exp.extra["special_BT"] & completion_BT
+    return {
+        "mask_BT": completion_BT & ~special_BT,
+        "support_ids_BTS": ids_BTS,
+        "teacher_logp_BTS": logp_BTS,
+        "keep_BTS": keep_BTS,
+        "signal/retained_mass": retained_mass(logp_BTS, keep_BTS),
+        "signal/special_frac": special_BT.sum() / completion_BT.sum().clamp(min=1),
+    }
+
+
+def support_rkl(
+    student_logits_BTV: torch.Tensor, ids_BTS: torch.Tensor, teacher_logp_BTS: torch.Tensor, keep_BTS: torch.Tensor
+) -> torch.Tensor:
+    """``Σ_{v∈S} π̂_θ(v)(log π̂_θ(v) − log π̂_T(v))`` -> ``[B, T]``, both renormalized on S.
+
+    S is the kept entries of ``ids_BTS``. The student's logits gathered on S and the
+    teacher's log-probs there are full-support inputs to ``divergence`` over the S axis, whose
+    softmax renormalizes both sides on S; dropped entries are ``-inf`` on both sides (no
+    mass, no gradient). Equal to ``sparse_divergence(..., "rkl", renormalize="both")``
+    when every entry is kept.
+    """
+    s_BTS = student_logits_BTV.gather(-1, ids_BTS).masked_fill(~keep_BTS, float("-inf"))
+    t_BTS = teacher_logp_BTS.masked_fill(~keep_BTS, float("-inf"))
+    return divergence(s_BTS, t_BTS, "rkl")
+
+
+def lsm_loss(view: StudentView, signal: Signal):
+    rkl_BT = support_rkl(view.logits_BTV, signal["support_ids_BTS"], signal["teacher_logp_BTS"], signal["keep_BTS"])
+    return rkl_BT, {"loss/rkl_topk": rkl_BT}
+
+
+@method_info(paper="Fu et al., 2603.25562", fixes="local noise", source="code", recipe={"top_p": 0.9})
+def build(lsm_k: int = 32, lsm_add_sampled: bool = False) -> Method:
+    if lsm_k < 1:
+        raise ValueError(f"lsm_k must be >= 1, got {lsm_k}")
+    return Method(
+        "topk_lsm",
+        lsm_rollout,
+        partial(lsm_signal, add_sampled=lsm_add_sampled),
+        lsm_loss,
+        teacher_request=TeacherRequest(topk=lsm_k, full=False),
+        needs=("teacher",),
+    )

@@ -1,0 +1,90 @@
+"""TRD, trajectory-refined distillation (Jiang et al., 2606.08432; METHODS §16).
+
+Rollout (:mod:`opd.rollouts.refine`): the student samples a raw rollout ``y_o ~ π_θ(·|x)``
+(``group_size`` per prompt); the teacher rewrites it into ``y_r``:
+
+- ``trd_refine="prompt"`` (official): ``y_r ~ π_T(·| r(x, y_o))`` with ``r`` the refine
+  prompt (``env.encode_refine``: show x and y_o, keep the structure and correct steps,
+  fix the errors, output only the rewrite).
+- ``trd_refine="prefix"`` (reconstruction, for teachers that cannot follow the
+  instruction): ``y_r = y_o[:k] + continuation ~ π_T(·| x, y_o[:k])`` with ``k`` the
+  longest prefix of ``y_o`` (its EOS excluded) whose tokens are in the teacher's
+  top-``trd_topk`` (ties included).
+
+The teacher samples at ``refine_temperature`` (0 = greedy). Distillation along ``y_r``,
+student context x, full vocabulary, at ``loss_temperature`` τ:
+
+    L = (1/N) Σ_{i,t} D(π_T(·| c_T, y_r,<t) ‖ π_θ(·| x, y_r,<t)),  D = FKL (default) | RKL
+    c_T = r(x, y_o)  (``trd_context="refine"``, official)  |  x  (``"plain"``, online port)
+
+Logged: ``rollout/raw_reward`` (y_o correct), ``rollout/reward`` (y_r correct) and, in
+prefix mode, ``rollout/refine_kept`` (share of y_o's tokens before EOS kept).
+``exp.teacher_tokens`` counts the tokens the teacher wrote into ``y_r`` (prefix mode: the
+continuation only; the vetting pass is not counted). The experience is off-policy
+(``on_policy=False``): the loss runs along the teacher's rewrite.
+
+Source: code (louieworth/trd; louieworth/opd-baselines for the online port, whose top-64
+reverse KL with PPO is not reproduced here: ``trd_context="plain"`` with
+``trd_loss="rkl"`` is its full-vocabulary counterpart). Fails when the recovery exceeds
+the teacher's own ability. On the testbed, the oracle does not read the draft in prompt
+mode (it writes its own solution, and scores behind the refine prompt exactly as behind
+x); prefix mode keeps the draft's agreeing prefix. The learned testbed teacher was trained
+on ``x`` alone: use it with ``trd_refine="prefix"`` and ``trd_context="plain"``.
+``trd_topk`` (prefix mode only) has no source value; with the noise-free oracle (all
+non-intended words tied) any K >= 2 keeps every live word of the draft.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from opd.losses import divergence
+from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info, plain_context
+from opd.methods.contexts import with_prompts
+from opd.rollouts.refine import drafts_of, refine_prompts, refine_rollout
+
+
+def refine_context(env, exp: Experience):
+    """Official scoring context: ``y_r`` behind the refine prompt built from ``y_o``
+    (completion columns equal the rollout's)."""
+    return env.teacher, with_prompts(exp, refine_prompts(env, exp.problems, drafts_of(exp)), env.pad_id)
+
+
+def trd_signal(exp: Experience, scores) -> Signal:
+    signal = {
+        "mask_BT": exp.batch.completion_mask_BT,
+        "teacher_logits_BTV": scores.logits_BTV,
+        "rollout/raw_reward": exp.extra["raw_reward_B"],
+    }
+    if "refine_kept_B" in exp.extra:
+        signal["rollout/refine_kept"] = exp.extra["refine_kept_B"]
+    return signal
+
+
+def trd_divergence_loss(view: StudentView, signal: Signal, *, kind: str, loss_temperature: float):
+    d_BT = divergence(view.logits_BTV, signal["teacher_logits_BTV"], kind, temperature=loss_temperature)
+    return d_BT, {f"loss/{kind}": d_BT}
+
+
+@method_info(paper="Jiang et al., 2606.08432", fixes="myopic supervision (the teacher rewrites the whole rollout)", source="code")
+def build(
+    trd_refine: Literal["prompt", "prefix"] = "prompt",
+    trd_context: Literal["refine", "plain"] = "refine",
+    trd_loss: Literal["fkl", "rkl"] = "fkl",
+    refine_temperature: float = 0.0,
+    trd_topk: int = 5,
+    loss_temperature: float = 1.0,
+) -> Method:
+    if trd_context not in ("refine", "plain"):
+        raise ValueError(f"trd_context must be 'refine' or 'plain', got {trd_context!r}")
+    return Method(
+        "trd",
+        lambda env, problems, gen: refine_rollout(
+            env, problems, gen, mode=trd_refine, topk=trd_topk, temperature=refine_temperature
+        ),
+        trd_signal,
+        lambda view, signal: trd_divergence_loss(view, signal, kind=trd_loss, loss_temperature=loss_temperature),
+        teacher_request=TeacherRequest(topk=8, full=True),
+        needs=("teacher", "full_teacher", "teacher_generate"),
+        context=refine_context if trd_context == "refine" else plain_context,
+    )

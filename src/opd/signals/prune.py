@@ -1,0 +1,70 @@
+"""Prune-OPD shaping: top-K compatibility, drift events, reliability, the adaptive budget.
+
+Source: reconstruction (METHODS §12, Yang et al. 2605.07804, abstract only)::
+
+    o_t = |TopK_theta(c_t) ∩ TopK_T(c_t)| / k           compatibility
+    d_t = 1[o_t < delta]                                  drift event (generated tokens only)
+    D_t = Σ_{t' <= t} d_{t'},   w_t = eta^{D_t}            reliability (monotone non-increasing)
+    keep_t = 1[w_t >= w_min]                              supervision stops once w_t < w_min
+    L_eff = Σ_t keep_t                                    reliable length (a prefix of the row)
+    r_t = −c · δ_t,  A_t = Σ_{t'>=t, kept} γ^{t'−t} w_t' r_t'
+
+Pure torch: no models, no config.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+from opd.signals.opd import TEACHER_LOGP_FLOOR, floored_log_ratio_BT  # noqa: F401  (re-exported)
+
+
+def topk_overlap_BT(student_ids_BTK: torch.Tensor, teacher_ids_BTK: torch.Tensor) -> torch.Tensor:
+    """``o_t = |S_t ∩ T_t| / k`` with ``k = student_ids_BTK.shape[-1]``; ids within a set are
+    distinct (as ``topk`` gives them). The teacher set may be of another size."""
+    hits_BTK = (student_ids_BTK[..., :, None] == teacher_ids_BTK[..., None, :]).any(-1)
+    return hits_BTK.sum(-1).double() / student_ids_BTK.shape[-1]
+
+
+def drift_reliability_BT(
+    overlap_BT: torch.Tensor, mask_BT: torch.Tensor, *, delta: float, eta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(drift_BT, w_BT)``: ``d_t = m_t·1[o_t < delta]`` and ``w_t = eta^{Σ_{t'<=t} d_{t'}}``.
+    Masked positions are never drift events (``w`` carries over them)."""
+    drift_BT = mask_BT.bool() & (overlap_BT < delta)
+    count_BT = drift_BT.long().cumsum(-1)
+    return drift_BT, torch.pow(torch.as_tensor(float(eta), dtype=torch.float64), count_BT.double())
+
+
+def reliable_mask_BT(w_BT: torch.Tensor, mask_BT: torch.Tensor, *, w_min: float) -> torch.Tensor:
+    """``keep_t = m_t · 1[w_t >= w_min]``: every token from the first one whose reliability
+    fell below ``w_min`` on is dropped (``w`` never rises again)."""
+    return mask_BT.bool() & (w_BT >= w_min)
+
+
+def next_budget(
+    budget: int,
+    reliable_len_B: torch.Tensor,
+    generated_len_B: torch.Tensor,
+    *,
+    grow: float,
+    quantile: float,
+    majority: float = 0.5,
+) -> int:
+    """The next step's generation budget from this step's reliable lengths.
+
+    If more than ``majority`` of the rollouts stayed reliable through everything they
+    generated (``L_eff == n``: they reached the cap or their EOS unpruned), grow:
+    ``ceil(budget · grow)``. Otherwise shrink to the ``quantile`` (linear interpolation)
+    of ``L_eff``, never above ``budget``. The caller clamps to ``[1, cap]``.
+    """
+    if reliable_len_B.numel() == 0:
+        return budget
+    reliable_B = reliable_len_B >= generated_len_B
+    if float(reliable_B.double().mean()) > majority:
+        return math.ceil(budget * grow)
+    q = float(torch.quantile(reliable_len_B.double(), quantile))
+    return min(budget, math.ceil(q))
