@@ -299,7 +299,9 @@ def test_lmbda_one_is_always_on_policy(gkd_setup, monkeypatch):
     for seed in range(200):
         mixed.rollout(None, [], torch.Generator().manual_seed(seed))
     assert set(calls) == {"student", "teacher"}  # lmbda < 1 does go off-policy, to teacher samples
-    assert gkd_method.build(lmbda=1.0).needs == ("teacher",)
+    assert gkd_method.build(lmbda=1.0).needs == ("teacher", "full_teacher")
+    assert "teacher_generate" in gkd_method.build(lmbda=0.5, seq_kd=True).needs
+    assert "solutions" in gkd_method.build(lmbda=0.5).needs
 
 
 def test_lmbda_one_rollout_is_the_students(gkd_setup):

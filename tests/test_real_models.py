@@ -103,3 +103,64 @@ def test_console_script_runs(real_setup):
     )
     assert out.returncode == 0, out.stderr
     assert "done:" in out.stdout
+
+
+def prompt_only(tmp):
+    data = tmp / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"what is {i} plus {i}"}) for i in range(10)))
+    return data
+
+
+def test_prompt_only_dataset_trains_opd_and_reports_no_accuracy(real_setup):
+    student, teacher, _, tmp = real_setup
+    args = ["train", "method=opd", f"student={student}", f"teacher={teacher}", f"dataset={prompt_only(tmp)}",
+            "steps=1", "prompts_per_step=2", "group_size=2", "max_new_tokens=4", "eval_size=2", "eval_k=1",
+            "progress=false", f"run_dir={tmp / 'r'}"]
+    assert main(args) == 0
+    rows = read_metrics(tmp / "r")
+    assert "eval/length" in rows[0] and "eval/accuracy" not in rows[0]
+
+
+@pytest.mark.parametrize(
+    "method, data_kind, message",
+    [
+        ("scope", "prompts", "needs a verifier"),
+        ("srpo", "prompts", "needs a verifier"),
+        ("opsd", "nosolution", "needs reference solutions"),
+        ("stable_opd", "nosolution", "needs reference solutions"),
+    ],
+)
+def test_unmet_needs_fail_at_start(real_setup, capsys, method, data_kind, message):
+    student, teacher, _, tmp = real_setup
+    if data_kind == "prompts":
+        data = prompt_only(tmp)
+    else:
+        data = tmp / "nosol.jsonl"
+        data.write_text("\n".join(json.dumps({"prompt": f"what is {i}", "answer": str(i)}) for i in range(10)))
+    code = main(["train", f"method={method}", f"student={student}", f"teacher={teacher}", f"dataset={data}",
+                 f"run_dir={tmp / 'r'}"])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp / "r").exists()
+
+
+def test_sparse_teacher_is_refused_for_full_vocabulary_losses(real_setup, monkeypatch):
+    from opd.errors import UserError
+    from opd.models.hf import HFTeacher
+    from opd.setup import build_setup
+    from opd.train_config import TrainConfig
+
+    student, teacher, data, tmp = real_setup
+    monkeypatch.setattr(HFTeacher, "full_logits", False, raising=False)
+    orig_init = HFTeacher.__init__
+
+    def sparse_init(self, *a, **k):
+        orig_init(self, *a, **k)
+        self.full_logits = False
+
+    monkeypatch.setattr(HFTeacher, "__init__", sparse_init)
+    for method in ("tip", "skd", "gkd"):
+        cfg = TrainConfig(method=method, student=student, teacher=teacher, dataset=str(data), run_dir=str(tmp / "r"))
+        with pytest.raises(UserError, match="full-vocabulary loss"):
+            build_setup(cfg)
+    build_setup(TrainConfig(method="opd", student=student, teacher=teacher, dataset=str(data), run_dir=str(tmp / "r")))

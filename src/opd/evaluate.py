@@ -23,9 +23,17 @@ def _complete(env: RolloutEnv, problems, *, temperature: float, generator, chunk
 
 @torch.no_grad()
 def evaluate(env: RolloutEnv, problems: list[Problem], *, k: int, temperature: float, seed: int) -> dict:
-    """``eval/accuracy`` (greedy), ``eval/pass@k`` and ``eval/length`` (sampled at ``temperature``)."""
+    """``eval/accuracy`` (greedy), ``eval/pass@k`` and ``eval/length`` (sampled at ``temperature``).
+
+    Problems without an answer (a prompt-only distillation set) cannot be verified: then
+    only ``eval/length`` is reported, never an accuracy of 0.
+    """
     was_training = env.student.training
     env.student.eval()
+    if not all(p.answer for p in problems):
+        sampled = _complete(env, problems, temperature=temperature, generator=torch.Generator().manual_seed(seed))
+        env.student.train(was_training)
+        return {"eval/length": sum(len(c) for c in sampled) / len(sampled)}
     greedy = _complete(env, problems, temperature=0.0, generator=None)
     accuracy = sum(env.verify(p, c) for p, c in zip(problems, greedy)) / len(problems)
     generator = torch.Generator().manual_seed(seed)

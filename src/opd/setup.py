@@ -145,6 +145,13 @@ def check_needs(method: Method, teacher, train_pool: list[Problem], group_size: 
         raise UserError(f"method {method.name!r} needs group_size >= {method.min_group_size} rollouts per prompt; got {group_size}.")
     if "teacher" in method.needs and teacher is None:
         raise UserError(f"method {method.name!r} needs a teacher; set teacher=PATH_OR_HUB_ID (or teacher=oracle on the testbed).")
+    if "verifier" in method.needs and not all(p.answer for p in train_pool):
+        n = sum(not p.answer for p in train_pool)
+        raise UserError(
+            f"method {method.name!r} needs a verifier, but {n} of {len(train_pool)} training rows have no 'answer' "
+            "field to check completions against; add answers to the dataset, or use a method that needs only a "
+            "teacher (opd, topk_lsm, tip, eopd, gkd, ...)."
+        )
     if "full_teacher" in method.needs and teacher is not None and not getattr(teacher, "full_logits", True):
         raise UserError(
             f"method {method.name!r} computes a full-vocabulary loss, but the teacher only returns top-K "
@@ -192,10 +199,13 @@ def build_setup(cfg: TrainConfig, student=None) -> Setup:
     student_path = resolve_student(cfg)
     tokenizer = load_tokenizer(student_path)
     student = student if student is not None else load_model(student_path, cfg.dtype)
-    teacher = make_teacher(cfg, task, tokenizer)
+    method = build_method(cfg.method, vars(cfg))
+    # a method that never asks a teacher (sft on solutions, grpo, opsd) runs on a dataset
+    # with the default teacher=oracle; the oracle is still built on the testbed (reports use it)
+    unused_oracle = cfg.teacher == "oracle" and bool(cfg.dataset) and "teacher" not in method.needs
+    teacher = None if unused_oracle else make_teacher(cfg, task, tokenizer)
     if teacher is not None:
         check_same_vocab(student, teacher.vocab_size, len(tokenizer))
-    method = build_method(cfg.method, vars(cfg))
     reference = frozen(load_model(student_path, cfg.dtype)) if "reference" in method.needs else None
     train_pool = task.problems("train", None, cfg.seed) if cfg.dataset else task.problems("train", 4096, cfg.seed)
     check_needs(method, teacher, train_pool, cfg.group_size)

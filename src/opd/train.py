@@ -113,16 +113,18 @@ def update(model, optimizer, exp: Experience, signal: Signal, method: Method, *,
 
 
 def rollout_metrics(exp: Experience, signal: Signal) -> dict:
+    """Rollout statistics over the rows the rollout sampled (``exp.sampled_B``, default all)."""
     mask_BT = exp.batch.completion_mask_BT
+    rows = exp.sampled_B if exp.sampled_B is not None else torch.ones(mask_BT.shape[0], dtype=torch.bool)
     out = {
-        "rollout/length": float(mask_BT.sum(1).float().mean()),
+        "rollout/length": float(mask_BT[rows].sum(1).float().mean()),
         "rollout/on_policy": float(exp.on_policy),
         "signal/kept_frac": float(signal["mask_BT"].sum() / mask_BT.sum().clamp(min=1)),
     }
     if exp.rewards_B is not None:
-        out["rollout/reward"] = float(exp.rewards_B.mean())
+        out["rollout/reward"] = float(exp.rewards_B[rows].float().mean())
     if exp.truncated_B is not None:
-        out["rollout/truncated"] = float(exp.truncated_B.float().mean())
+        out["rollout/truncated"] = float(exp.truncated_B[rows].float().mean())
     return out
 
 

@@ -36,6 +36,13 @@ def gkd_loss(view: StudentView, signal: Signal, *, beta: float, loss_temperature
     return jsd_BT, {"loss/jsd": jsd_BT}
 
 
+def gkd_needs(lmbda: float, seq_kd: bool) -> tuple[str, ...]:
+    off_policy = lmbda < 1.0
+    return ("teacher", "full_teacher") + (("teacher_generate",) if off_policy and seq_kd else ()) + (
+        ("solutions",) if off_policy and not seq_kd else ()
+    )
+
+
 @method_info(paper="Agarwal et al., 2306.13649", fixes="baseline (on/off-policy mix)", source="code", recipe={"temperature": 0.9})
 def build(
     beta: float = 0.5, lmbda: float = 0.5, seq_kd: bool = False, loss_temperature: float = 1.0
@@ -46,5 +53,5 @@ def build(
         gkd_signal,
         lambda view, signal: gkd_loss(view, signal, beta=beta, loss_temperature=loss_temperature),
         teacher_request=TeacherRequest(topk=8, full=True),
-        needs=("teacher", "solutions") if lmbda < 1.0 and not seq_kd else ("teacher",),
+        needs=gkd_needs(lmbda, seq_kd),
     )

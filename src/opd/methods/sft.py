@@ -27,5 +27,5 @@ def sft_loss(view: StudentView, signal: Signal):
 @method_info(paper="standard baseline", fixes="baseline (off-policy, dense)", source="paper")
 def build(sft_source: Literal["dataset", "teacher"] = "dataset") -> Method:
     if sft_source == "teacher":
-        return Method("sft", teacher_rollout, sft_signal, sft_loss, needs=("teacher",))
+        return Method("sft", teacher_rollout, sft_signal, sft_loss, needs=("teacher", "teacher_generate"))
     return Method("sft", solution_rollout, sft_signal, sft_loss, needs=("solutions",))

@@ -75,6 +75,7 @@ def with_golden_rows(env: RolloutEnv, exp: Experience, gold: Experience) -> Expe
         sampler_logp_BT=_pad_cols(exp.sampler_logp_BT, B, T),
         rewards_B=torch.cat([exp.rewards_B, gold_rewards]),
         truncated_B=torch.cat([exp.truncated_B, torch.zeros(B - R, dtype=torch.bool)]),
+        sampled_B=torch.arange(B) < R,
         extra={"gold_B": torch.arange(B) >= R, "ref_logits_BTV": _pad_cols(ref_logits.float(), B, T)},
     )
 

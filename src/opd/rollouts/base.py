@@ -29,6 +29,7 @@ class Experience:
     teacher_tokens: int = 0  # tokens the teacher generated to build this experience
     truncated_B: torch.Tensor | None = None  # hit the length cap without EOS
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # per-row tensors for the signal
+    sampled_B: torch.Tensor | None = None  # bool, the rows rollout/* metrics describe (None: all)
 
 
 @dataclass

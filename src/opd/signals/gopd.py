@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from opd.signals.opd import TEACHER_LOGP_FLOOR
+
 
 @torch.no_grad()
 def gopd_advantages_BT(
@@ -29,6 +31,8 @@ def gopd_advantages_BT(
     """``A_t`` (module doc) on kept tokens, 0 elsewhere (masked garbage, even ``-inf``,
     does not leak); detached."""
     mask_BT = mask_BT.bool()
+    teacher_logp_BT = teacher_logp_BT.clamp(min=TEACHER_LOGP_FLOOR)  # a -inf token stays finite
+    ref_logp_BT = ref_logp_BT.clamp(min=TEACHER_LOGP_FLOOR)
     opd_BT = torch.where(mask_BT, teacher_logp_BT - sampler_logp_BT, 0.0)
     gap_BT = torch.where(mask_BT, teacher_logp_BT - ref_logp_BT, 0.0)
     return opd_BT + (lam - 1.0) * gap_BT

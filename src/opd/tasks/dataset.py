@@ -1,4 +1,6 @@
-"""Real data: a JSONL or Parquet file with ``prompt`` and ``answer`` fields (``solution`` optional).
+"""Real data: a JSONL or Parquet file with a ``prompt`` field; ``answer`` (needed by methods
+that verify, and for accuracy) and ``solution`` (needed by methods that train on references)
+are optional.
 
 Rows are split into train / val / test by a seeded shuffle (``eval_fraction`` of the rows
 each for val and test, at least one row each). Verifiers are pluggable: ``exact`` compares
@@ -17,7 +19,8 @@ from pathlib import Path
 from opd.errors import UserError
 from opd.tasks.base import Problem
 
-REQUIRED = ("prompt", "answer")
+REQUIRED = ("prompt",)
+SCALAR = (str, int, float)
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -41,13 +44,14 @@ def read_rows(path: str | Path) -> list[dict]:
 
 
 def to_problems(rows: list[dict], path) -> list[Problem]:
-    bad = [i for i, r in enumerate(rows) if any(not isinstance(r.get(k), (str, int, float)) for k in REQUIRED)]
+    bad = [i for i, r in enumerate(rows) if not isinstance(r.get("prompt"), SCALAR)]
     if bad:
         raise UserError(
-            f"dataset {path}: {len(bad)} of {len(rows)} rows lack a 'prompt' or 'answer' field "
-            f"(first: row {bad[0] + 1}, keys {sorted(rows[bad[0]])}); every row needs both."
+            f"dataset {path}: {len(bad)} of {len(rows)} rows lack a 'prompt' field "
+            f"(first: row {bad[0] + 1}, keys {sorted(rows[bad[0]])}); every row needs one."
         )
-    return [Problem(str(r["prompt"]), str(r["answer"]), str(r.get("solution") or "")) for r in rows]
+    answer = lambda r: str(r["answer"]) if isinstance(r.get("answer"), SCALAR) else ""  # noqa: E731
+    return [Problem(str(r["prompt"]), answer(r), str(r.get("solution") or "")) for r in rows]
 
 
 def extract_answer(text: str) -> str | None:
