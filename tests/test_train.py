@@ -94,3 +94,22 @@ def test_method_knobs_are_config_keys_with_the_same_defaults():
 def test_grpo_needs_groups(tiny_cfg):
     with pytest.raises(UserError, match="group_size >= 2"):
         train(tiny_cfg(method="grpo", group_size=1))
+
+
+def test_readme_methods_table_is_current():
+    from pathlib import Path
+
+    from opd.methods import methods_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert methods_table() in readme, "README's methods table is stale: paste `opd methods --markdown` into it"
+
+
+def test_every_method_has_info_and_a_documented_module():
+    import sys
+
+    for name, build in METHODS.items():
+        info = build.info
+        assert info.paper and info.fixes and info.source, name
+        doc = sys.modules[build.__module__].__doc__ or ""
+        assert "Source" in doc or "source" in doc, f"{name}: module docstring names no source label"

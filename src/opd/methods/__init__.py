@@ -14,27 +14,33 @@ from opd.methods import prune_opd, suffix_fade, truncation
 from opd.methods.base import Method
 
 METHODS: dict[str, Callable[..., Method]] = {
+    # baselines
     "sft": sft.build,
     "grpo": grpo.build,
     "opd": opd.build,
     "gkd": gkd.build,
     "minillm": minillm.build,
-    "opsd": opsd.build,
-    "dasd": dasd.build,
+    # local noise
     "topk_lsm": topk_lsm.build,
     "tip": tip.build,
     "scope": scope.build,
     "eopd": eopd.build,
-    "skd": skd.build,
-    "trd": trd.build,
-    "stable_opd": stable_opd.build,
-    "srpo": srpo.build,
-    "gopd": gopd.build,
+    # horizon decay
     "trunc": truncation.build_trunc,
     "topd": truncation.build_topd,
     "popd": truncation.build_popd,
     "prune_opd": prune_opd.build,
     "suffix_fade": suffix_fade.build,
+    "stable_opd": stable_opd.build,
+    # myopic supervision (the trajectory itself changes)
+    "skd": skd.build,
+    "trd": trd.build,
+    # beyond the teacher
+    "srpo": srpo.build,
+    "gopd": gopd.build,
+    # self-distillation (no external teacher)
+    "opsd": opsd.build,
+    "dasd": dasd.build,
 }
 
 

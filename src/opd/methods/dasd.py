@@ -33,7 +33,8 @@ from typing import Literal
 
 import torch
 
-from opd.losses import entropy, grpo_advantages, ppo_clip_loss
+from opd.losses import entropy, grpo_advantages
+from opd.methods.grpo import grpo_loss
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
 from opd.methods.contexts import privileged_context
 from opd.models.hf import completion_logits
@@ -82,13 +83,6 @@ def dasd_signal(exp: Experience, scores, *, rho: float, beta: float, adv_scale: 
     }
 
 
-def dasd_loss(view: StudentView, signal: Signal, *, clip_eps: float):
-    loss_BT, metrics = ppo_clip_loss(
-        view.logp_BT, signal["sampler_logp_BT"], signal["adv_BT"], clip_low=clip_eps, clip_high=clip_eps
-    )
-    return loss_BT, {"loss/pg": loss_BT, **metrics}
-
-
 @method_info(
     paper="Zhang et al., 2605.22263",
     fixes="self-distillation collapsing exploration (entropy-routed direction)",
@@ -104,7 +98,7 @@ def build(
         "dasd",
         dasd_rollout,
         lambda exp, scores: dasd_signal(exp, scores, rho=dasd_rho, beta=dasd_beta, adv_scale=adv_scale),
-        lambda view, signal: dasd_loss(view, signal, clip_eps=clip_eps),
+        lambda view, signal: grpo_loss(view, signal, clip_eps=clip_eps),
         teacher_request=TeacherRequest(topk=1, full=False),
         needs=("verifier", "reference", "solutions"),
         min_group_size=2,

@@ -38,11 +38,11 @@ from typing import Literal
 from opd.losses import divergence
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
 from opd.rollouts.speculative import speculative_sample
-from opd.rollouts.student import _groups, _rewards, _truncated
+from opd.rollouts.student import group_rows, verify_rows, truncated_rows
 
 
 def skd_rollout(env, problems, generator, *, block: int, topk: int, temperature: float, top_p: float) -> Experience:
-    rows, group_B = _groups(problems, env.group_size)
+    rows, group_B = group_rows(problems, env.group_size)
     was_training = env.student.training
     env.student.eval()
     out = speculative_sample(
@@ -55,9 +55,9 @@ def skd_rollout(env, problems, generator, *, block: int, topk: int, temperature:
     completions = out.batch.completions()
     written_BT = out.teacher_written_BT
     return Experience(
-        batch=out.batch, problems=rows, group_B=group_B, rewards_B=_rewards(env, rows, completions),
+        batch=out.batch, problems=rows, group_B=group_B, rewards_B=verify_rows(env, rows, completions),
         on_policy=not bool(written_BT.any()), teacher_tokens=int(written_BT.sum()),
-        truncated_B=_truncated(completions, env.eos_id),
+        truncated_B=truncated_rows(completions, env.eos_id),
         extra={"teacher_written_BT": written_BT, "proposed_B": out.proposed_B, "accepted_B": out.accepted_B},
     )
 

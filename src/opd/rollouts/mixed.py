@@ -35,12 +35,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from opd.batch import SeqBatch, make_batch
 from opd.rollouts.base import Experience, RolloutEnv
-from opd.rollouts.sampler import _assemble, _decoder_step, pick_tokens
-from opd.rollouts.student import _groups, _rewards, _truncated
+from opd.rollouts.sampler import Decoder, assemble, pick_tokens
+from opd.rollouts.student import group_rows, verify_rows, truncated_rows
 from opd.tasks.base import Problem
 
 
@@ -114,19 +113,13 @@ def mixed_sample(
     generator: torch.Generator | None = None,
 ) -> MixedSampled:
     """Sample one completion per prompt from ``p̃ = α·π_T + (1−α)·π_θ`` (module doc)."""
-    prompt_batch = make_batch(prompts, [[] for _ in prompts], pad_id)
-    P = prompt_batch.prompt_len
-    attn = prompt_batch.attention_mask_BL[:, :P]
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=student.config)
-    logits_BV = _decoder_step(student, prompt_batch.input_ids_BL[:, :P], attn, pos, cache)
+    dec = Decoder(student, prompts, pad_id)
     B = len(prompts)
     prefixes: list[list[int]] = [[] for _ in range(B)]
     tokens, s_logps, m_logps, queries = [], [], [], 0
     done_B = torch.zeros(B, dtype=torch.bool)
-    next_pos = pos[:, -1] + 1
     for _ in range(max_new_tokens):
-        student_BV = torch.log_softmax(logits_BV, -1)
+        student_BV = torch.log_softmax(dec.logits_BV, -1)
         teacher_BV = student_BV.clone()  # finished rows: never read
         if alpha > 0:
             live = (~done_B).nonzero().squeeze(-1).tolist()
@@ -140,13 +133,12 @@ def mixed_sample(
         m_logps.append(mix_BV.gather(-1, tok_B[:, None]).squeeze(-1).masked_fill(done_B, 0.0))
         for b in (~done_B).nonzero().squeeze(-1).tolist():
             prefixes[b].append(int(tok_B[b]))
+        live_B = ~done_B
         done_B = done_B | (tok_B == eos_id)
         if bool(done_B.all()):
             break
-        attn = torch.cat([attn, (~done_B | (tok_B == eos_id)).long()[:, None]], dim=1)
-        logits_BV = _decoder_step(student, tok_B[:, None], attn, next_pos[:, None], cache)
-        next_pos = next_pos + 1
-    out = _assemble(prompts, torch.stack(tokens, 1), torch.stack(s_logps, 1), eos_id, pad_id)
+        dec.advance(tok_B, live_B)
+    out = assemble(prompts, torch.stack(tokens, 1), torch.stack(s_logps, 1), eos_id, pad_id)
     return MixedSampled(out.batch, out.sampler_logp_BT, _cut(torch.stack(m_logps, 1), out.batch), queries)
 
 
@@ -157,7 +149,7 @@ def mixed_rollout(env: RolloutEnv, problems: list[Problem], generator: torch.Gen
     ``log π_θ``) and ``extra["mix_logp_BT"]`` the mixture's (the PPO ratio's denominator).
     ``on_policy`` is true only for ``α = 0``; ``teacher_tokens`` counts teacher queries.
     """
-    rows, group_B = _groups(problems, env.group_size)
+    rows, group_B = group_rows(problems, env.group_size)
     was_training = env.student.training
     env.student.eval()
     out = mixed_sample(
@@ -169,6 +161,6 @@ def mixed_rollout(env: RolloutEnv, problems: list[Problem], generator: torch.Gen
     completions = out.batch.completions()
     return Experience(
         batch=out.batch, problems=rows, group_B=group_B, sampler_logp_BT=out.student_logp_BT,
-        rewards_B=_rewards(env, rows, completions), truncated_B=_truncated(completions, env.eos_id),
+        rewards_B=verify_rows(env, rows, completions), truncated_B=truncated_rows(completions, env.eos_id),
         on_policy=alpha == 0.0, teacher_tokens=out.teacher_queries, extra={"mix_logp_BT": out.mix_logp_BT},
     )

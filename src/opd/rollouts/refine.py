@@ -28,7 +28,7 @@ from opd.batch import SeqBatch, make_batch
 from opd.errors import UserError
 from opd.rollouts.base import Experience, RolloutEnv
 from opd.rollouts.speculative import accepted_prefix_len, in_teacher_topk
-from opd.rollouts.student import _rewards, _truncated, student_rollout
+from opd.rollouts.student import verify_rows, truncated_rows, student_rollout
 from opd.tasks.base import Problem
 
 REFINE_MODES = ("prompt", "prefix")
@@ -94,8 +94,8 @@ def refine_rollout(env: RolloutEnv, problems: list[Problem], generator: torch.Ge
     extra["draft_ids_BT"], extra["draft_mask_BT"] = raw.batch.completion_ids_BT, raw.batch.completion_mask_BT
     batch = make_batch(raw.batch.prompts(), refined, env.pad_id)
     return Experience(
-        batch=batch, problems=raw.problems, group_B=raw.group_B, rewards_B=_rewards(env, raw.problems, refined),
-        on_policy=False, teacher_tokens=teacher_tokens, truncated_B=_truncated(refined, env.eos_id), extra=extra,
+        batch=batch, problems=raw.problems, group_B=raw.group_B, rewards_B=verify_rows(env, raw.problems, refined),
+        on_policy=False, teacher_tokens=teacher_tokens, truncated_B=truncated_rows(refined, env.eos_id), extra=extra,
     )
 
 

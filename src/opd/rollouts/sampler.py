@@ -46,6 +46,30 @@ def _decoder_step(model, ids_BL, attn_BL, pos_BL, cache):
     return model.get_output_embeddings()(out.last_hidden_state[:, -1]).float()
 
 
+class Decoder:
+    """Incremental decoding of a batch: one prefill, then one cached step per token.
+
+    ``logits_BV`` always holds the next-token logits of every row; :meth:`advance` feeds
+    the tokens just chosen (finished rows feed padding, masked out of attention).
+    """
+
+    def __init__(self, model: PreTrainedModel, prompts: list[list[int]], pad_id: int):
+        prompt_batch = make_batch(prompts, [[] for _ in prompts], pad_id)
+        P = prompt_batch.prompt_len
+        self.model = model
+        self.attn_BL = prompt_batch.attention_mask_BL[:, :P]
+        pos_BL = (self.attn_BL.cumsum(-1) - 1).clamp(min=0)
+        self.cache = DynamicCache(config=model.config)
+        self.logits_BV = _decoder_step(model, prompt_batch.input_ids_BL[:, :P], self.attn_BL, pos_BL, self.cache)
+        self.next_pos_B = pos_BL[:, -1] + 1
+
+    def advance(self, tok_B: torch.Tensor, live_B: torch.Tensor) -> None:
+        """Append ``tok_B``; ``live_B`` marks rows whose token is real (attended to)."""
+        self.attn_BL = torch.cat([self.attn_BL, live_B.long()[:, None]], dim=1)
+        self.logits_BV = _decoder_step(self.model, tok_B[:, None], self.attn_BL, self.next_pos_B[:, None], self.cache)
+        self.next_pos_B = self.next_pos_B + 1
+
+
 @torch.no_grad()
 def sample(
     model: PreTrainedModel,
@@ -59,32 +83,24 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> Sampled:
     """Sample one completion per prompt (up to ``max_new_tokens``, stopping at EOS)."""
-    prompt_batch = make_batch(prompts, [[] for _ in prompts], pad_id)
-    P = prompt_batch.prompt_len
-    attn = prompt_batch.attention_mask_BL[:, :P]
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    logits_BV = _decoder_step(model, prompt_batch.input_ids_BL[:, :P], attn, pos, cache)
-    B = len(prompts)
+    dec = Decoder(model, prompts, pad_id)
     tokens, logps = [], []
-    done_B = torch.zeros(B, dtype=torch.bool)
-    next_pos = pos[:, -1] + 1
+    done_B = torch.zeros(len(prompts), dtype=torch.bool)
     for _ in range(max_new_tokens):
-        tok_B = pick_tokens(logits_BV, temperature, top_p, generator)
+        tok_B = pick_tokens(dec.logits_BV, temperature, top_p, generator)
         tok_B = tok_B.masked_fill(done_B, pad_id)
-        logp_B = torch.log_softmax(logits_BV, -1).gather(-1, tok_B[:, None]).squeeze(-1)
+        logp_B = torch.log_softmax(dec.logits_BV, -1).gather(-1, tok_B[:, None]).squeeze(-1)
         tokens.append(tok_B)
         logps.append(logp_B.masked_fill(done_B, 0.0))
+        live_B = ~done_B
         done_B = done_B | (tok_B == eos_id)
         if bool(done_B.all()):
             break
-        attn = torch.cat([attn, (~done_B | (tok_B == eos_id)).long()[:, None]], dim=1)
-        logits_BV = _decoder_step(model, tok_B[:, None], attn, next_pos[:, None], cache)
-        next_pos = next_pos + 1
-    return _assemble(prompts, torch.stack(tokens, 1), torch.stack(logps, 1), eos_id, pad_id)
+        dec.advance(tok_B, live_B)
+    return assemble(prompts, torch.stack(tokens, 1), torch.stack(logps, 1), eos_id, pad_id)
 
 
-def _assemble(prompts, tokens_BT, logp_BT, eos_id, pad_id) -> Sampled:
+def assemble(prompts, tokens_BT, logp_BT, eos_id, pad_id) -> Sampled:
     """Cut each row after its EOS and build the shared layout."""
     completions, T = [], tokens_BT.shape[1]
     for row in tokens_BT.tolist():

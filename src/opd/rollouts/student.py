@@ -12,17 +12,17 @@ from opd.rollouts.sampler import sample
 from opd.tasks.base import Problem
 
 
-def _groups(problems: list[Problem], group_size: int) -> tuple[list[Problem], torch.Tensor]:
+def group_rows(problems: list[Problem], group_size: int) -> tuple[list[Problem], torch.Tensor]:
     rows = [p for p in problems for _ in range(group_size)]
     group_B = torch.arange(len(problems)).repeat_interleave(group_size)
     return rows, group_B
 
 
-def _rewards(env: RolloutEnv, rows: list[Problem], completions: list[list[int]]) -> torch.Tensor:
+def verify_rows(env: RolloutEnv, rows: list[Problem], completions: list[list[int]]) -> torch.Tensor:
     return torch.tensor([float(env.verify(p, c)) for p, c in zip(rows, completions)])
 
 
-def _truncated(completions: list[list[int]], eos_id: int) -> torch.Tensor:
+def truncated_rows(completions: list[list[int]], eos_id: int) -> torch.Tensor:
     return torch.tensor([not c or c[-1] != eos_id for c in completions])
 
 
@@ -30,7 +30,7 @@ def student_rollout(
     env: RolloutEnv, problems: list[Problem], generator: torch.Generator, *, max_new_tokens: int | None = None
 ) -> Experience:
     """``group_size`` samples per prompt from the current student (on-policy)."""
-    rows, group_B = _groups(problems, env.group_size)
+    rows, group_B = group_rows(problems, env.group_size)
     was_training = env.student.training
     env.student.eval()
     out = sample(
@@ -50,8 +50,8 @@ def student_rollout(
         problems=rows,
         group_B=group_B,
         sampler_logp_BT=out.sampler_logp_BT,
-        rewards_B=_rewards(env, rows, completions),
-        truncated_B=_truncated(completions, env.eos_id),
+        rewards_B=verify_rows(env, rows, completions),
+        truncated_B=truncated_rows(completions, env.eos_id),
     )
 
 
@@ -85,5 +85,5 @@ def teacher_rollout(env: RolloutEnv, problems: list[Problem], generator: torch.G
     tokens = sum(len(c) for c in completions)
     return Experience(
         batch, list(problems), torch.arange(len(problems)), on_policy=False, teacher_tokens=tokens,
-        rewards_B=_rewards(env, list(problems), completions),
+        rewards_B=verify_rows(env, list(problems), completions),
     )
