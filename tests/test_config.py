@@ -334,3 +334,18 @@ def test_describe_config():
     assert "float" in lr_line and "0.0003" in lr_line and "peak learning rate" in lr_line
     assert "'sft'|'grpo'|'gkd'" in text and "int | None" in text and "list[int]" in text
     assert "(required)" in describe_config(Required)
+
+
+def test_method_recipe_applies_under_the_users_settings(tmp_path):
+    from opd.cli import train_config
+
+    cfg, recipe = train_config(None, ["method=scope"])
+    assert (cfg.group_size, cfg.temperature) == (8, 0.6) and recipe == {"group_size": 8, "temperature": 0.6}
+    cfg, _ = train_config(None, ["method=scope", "group_size=3"])
+    assert (cfg.group_size, cfg.temperature) == (3, 0.6)
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("method: scope\ntemperature: 1.0\n")
+    cfg, _ = train_config(str(yaml_file), [])
+    assert (cfg.group_size, cfg.temperature) == (8, 1.0)
+    cfg, recipe = train_config(None, ["method=sft"])
+    assert recipe == {} and cfg.temperature == 1.0

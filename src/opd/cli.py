@@ -15,17 +15,25 @@ def _threads() -> None:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 16)))
 
 
-def cmd_train(args) -> int:
-    from opd.run import train
+def train_config(path, overrides):
+    """The run's config: defaults, then the method's recipe, then the YAML file, then
+    ``key=value`` overrides (later wins). Returns (config, the recipe keys as applied)."""
+    from opd.methods import method_recipe
     from opd.train_config import TrainConfig
 
-    from opd.methods import method_recipe
-
-    cfg = load_config(TrainConfig, args.config, args.overrides)
+    cfg = load_config(TrainConfig, path, overrides)
     recipe = method_recipe(cfg.method)
     if recipe:
-        cfg = load_config(TrainConfig, args.config, args.overrides, base=recipe)
-        shown = " ".join(f"{k}={getattr(cfg, k)}" for k in recipe)
+        cfg = load_config(TrainConfig, path, overrides, base=recipe)
+    return cfg, {k: getattr(cfg, k) for k in recipe}
+
+
+def cmd_train(args) -> int:
+    from opd.run import train
+
+    cfg, recipe = train_config(args.config, args.overrides)
+    if recipe:
+        shown = " ".join(f"{k}={v}" for k, v in recipe.items())
         print(f"method {cfg.method}: {shown} (its recipe under your settings; override with key=value)")
     history = train(cfg)
     last = history[-1] if history else {}
