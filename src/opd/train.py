@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from opd.diagnostics.step import repetition_metrics, student_step_stats, teacher_step_metrics
 from opd.losses import masked_token_mean
 from opd.methods.base import Experience, Method, Signal, StudentView
 from opd.models.hf import completion_logits
@@ -90,24 +91,42 @@ def _accumulate(totals: dict, metrics: dict, mask_BT: torch.Tensor) -> None:
         totals[key] = (totals.get(key, (0.0, 0.0))[0] + s, totals.get(key, (0.0, 0.0))[1] + n)
 
 
-def update(model, optimizer, exp: Experience, signal: Signal, method: Method, *, micro_batch_size: int, max_grad_norm: float) -> dict:
-    """One optimizer step over the experience, accumulating micro-batch gradients."""
+def _student_diag(view: StudentView, completion_mask_BT: torch.Tensor, scores, rows: slice) -> dict:
+    """Student-side ``diag/`` statistics of one micro-batch from its detached logits
+    (no extra forward pass); the top-K overlap when ``scores`` (row-aligned) are given."""
+    with torch.no_grad():
+        ids_BTK = lp_BTK = None
+        if scores is not None:
+            dev = view.logits_BTV.device
+            ids_BTK, lp_BTK = scores.topk_ids_BTK[rows].to(dev), scores.topk_logp_BTK[rows].to(dev)
+        return student_step_stats(view.logits_BTV.detach(), completion_mask_BT, ids_BTK, lp_BTK)
+
+
+def update(model, optimizer, exp: Experience, signal: Signal, method: Method, *, micro_batch_size: int, max_grad_norm: float, scores=None) -> dict:
+    """One optimizer step over the experience, accumulating micro-batch gradients.
+
+    ``scores``: the teacher's scores of ``exp.batch`` (row- and column-aligned) or None;
+    they only feed the ``diag/`` statistics, never the loss."""
     signal = loss_inputs(signal)
     mask_BT = signal["mask_BT"]
     normalizer = mask_BT.sum().clamp(min=1)
     optimizer.zero_grad(set_to_none=True)
     totals: dict = {}
+    diag: dict = {}
     for start in range(0, mask_BT.shape[0], micro_batch_size):
         rows = slice(start, start + micro_batch_size)
-        view = student_view(model, exp.batch.select(rows))
+        batch = exp.batch.select(rows)
+        view = student_view(model, batch)
         micro = _rows(signal, rows)
         loss_BT, metrics = method.loss(view, micro)
         masked_token_mean(loss_BT, micro["mask_BT"], normalizer).backward()
         _accumulate(totals, metrics, micro["mask_BT"])
+        _accumulate(diag, _student_diag(view, batch.completion_mask_BT, scores, rows), batch.completion_mask_BT)
     clip = max_grad_norm if max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
     out = {k: s / max(n, 1.0) for k, (s, n) in totals.items()}
+    out.update({k: s / n for k, (s, n) in diag.items() if n > 0})  # nothing to measure: omitted
     out["optim/grad_norm"] = float(grad_norm)
     return out
 
@@ -125,15 +144,29 @@ def rollout_metrics(exp: Experience, signal: Signal) -> dict:
         out["rollout/reward"] = float(exp.rewards_B[rows].float().mean())
     if exp.truncated_B is not None:
         out["rollout/truncated"] = float(exp.truncated_B[rows].float().mean())
+    out.update(repetition_metrics(exp.batch.completion_ids_BT[rows], mask_BT[rows]))
     return out
 
 
-def teacher_metrics(scores, mask_BT: torch.Tensor) -> dict:
+def aligned_scores(scores, batch):
+    """``scores`` when they are column-aligned with ``batch`` (the method contract), else None."""
+    if scores is None or tuple(scores.topk_ids_BTK.shape[:2]) != tuple(batch.completion_mask_BT.shape):
+        return None
+    return scores
+
+
+def teacher_metrics(scores, mask_BT: torch.Tensor, completion_ids_BT: torch.Tensor | None = None) -> dict:
+    """``teacher/entropy`` and ``teacher/token_logp`` (means over ``mask_BT``), plus the
+    teacher-side ``diag/`` metrics when the completion ids are given."""
     n = mask_BT.sum().clamp(min=1)
-    return {
+    out = {
         "teacher/entropy": float((scores.entropy_BT * mask_BT).sum() / n),
         "teacher/token_logp": float((scores.token_logp_BT * mask_BT).sum() / n),
     }
+    if completion_ids_BT is not None:
+        ids_BT, m_BT = completion_ids_BT.to(scores.topk_ids_BTK.device), mask_BT.to(scores.topk_ids_BTK.device)
+        out.update(teacher_step_metrics(scores.token_logp_BT, scores.topk_ids_BTK, scores.topk_logp_BTK, ids_BT, m_BT))
+    return out
 
 
 def train_step(env, method: Method, problems: list, generator: torch.Generator, optimizer, *, micro_batch_size: int, max_grad_norm: float, ppo_epochs: int) -> tuple[dict, dict]:
@@ -148,12 +181,14 @@ def train_step(env, method: Method, problems: list, generator: torch.Generator, 
         teacher_tokens += context_batch.num_tokens
     signal = method.signal(exp, scores)
     t1 = time.perf_counter()
+    diag_scores = aligned_scores(scores, exp.batch)
     for _ in range(ppo_epochs):
-        metrics = update(env.student, optimizer, exp, signal, method, micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm)
+        metrics = update(env.student, optimizer, exp, signal, method, micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm, scores=diag_scores)
     metrics.update(rollout_metrics(exp, signal))
     metrics.update(signal_metrics(signal))
     if scores is not None:
-        metrics.update(teacher_metrics(scores, exp.batch.completion_mask_BT))
+        ids_BT = exp.batch.completion_ids_BT if diag_scores is not None else None
+        metrics.update(teacher_metrics(scores, exp.batch.completion_mask_BT, ids_BT))
     metrics.update({"time/rollout_s": t1 - t0, "time/update_s": time.perf_counter() - t1})
     usage = {"sequences": exp.batch.input_ids_BL.shape[0], "teacher_tokens": teacher_tokens}
     return metrics, usage
