@@ -1,4 +1,4 @@
-"""The ``opd`` command line: ``quickstart``, ``train``, ``methods``, ``config``."""
+"""The ``opd`` command line: ``quickstart``, ``train``, ``compare``, ``methods``, ``config``."""
 
 from __future__ import annotations
 
@@ -15,16 +15,17 @@ def _threads() -> None:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 16)))
 
 
-def train_config(path, overrides):
-    """The run's config: defaults, then the method's recipe, then the YAML file, then
-    ``key=value`` overrides (later wins). Returns (config, the recipe keys as applied)."""
+def train_config(path, overrides, base: dict | None = None):
+    """The run's config: defaults, then the method's recipe, then ``base`` (a mapping of
+    settings, e.g. from ``opd compare``), then the YAML file, then ``key=value`` overrides
+    (later wins). Returns (config, the recipe keys as applied)."""
     from opd.methods import method_recipe
     from opd.train_config import TrainConfig
 
-    cfg = load_config(TrainConfig, path, overrides)
+    cfg = load_config(TrainConfig, path, overrides, base=base)
     recipe = method_recipe(cfg.method)
     if recipe:
-        cfg = load_config(TrainConfig, path, overrides, base=recipe)
+        cfg = load_config(TrainConfig, path, overrides, base={**recipe, **(base or {})})
     return cfg, {k: getattr(cfg, k) for k in recipe}
 
 
@@ -74,6 +75,13 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from opd.compare import compare
+
+    compare(args.spec, out_dir=args.out, overrides=args.overrides, force=args.force)
+    return 0
+
+
 def cmd_prepare(args) -> int:
     from opd.testbed import prepare_student_base, prepare_teacher, prepared_info
 
@@ -84,6 +92,13 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_diagnose(args) -> int:
+    from opd.diagnostics.diagnose import diagnose
+
+    print(f"report: {diagnose(args.path, args.out, prompts=args.prompts, seed=args.seed)}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opd", description="On-policy distillation of language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -91,6 +106,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML file with a flat mapping of config keys")
     t.add_argument("overrides", nargs="*", help="key=value, e.g. method=opd lr=3e-4")
     t.set_defaults(func=cmd_train)
+    c = sub.add_parser("compare", help="several method configs x seeds under one budget; writes report.md + plots")
+    c.add_argument("spec", help="YAML spec: base, methods, seeds, budget_kind, budget, lr_grid, eval_every")
+    c.add_argument("--out", help="where runs and the report go (default runs/compare/SPEC_NAME)")
+    c.add_argument("--force", action="store_true", help="recompute runs instead of reusing finished ones")
+    c.add_argument("overrides", nargs="*", help="key=value: spec keys (seeds=3, budget=512) or config keys for every run")
+    c.set_defaults(func=cmd_compare)
     methods = sub.add_parser("methods", help="list the methods, the pitfall each fixes, their knobs")
     methods.add_argument("--markdown", action="store_true", help="print the README's table")
     methods.set_defaults(func=cmd_methods)
@@ -104,11 +125,21 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="runs/quickstart", help="where the runs and report.md go")
     q.add_argument("--tune", action="store_true", help="re-run the learning-rate grid on the validation split")
     q.set_defaults(func=cmd_quickstart)
+    d = sub.add_parser("diagnose", help="measure the pitfalls on a run or checkpoint (report.md + plots)")
+    d.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="a run directory (its latest checkpoint) or a checkpoint")
+    d.add_argument("--out", help="report folder (default: RUN/diagnose)")
+    d.add_argument("--prompts", type=int, default=16, help="held-out prompts to measure on")
+    d.add_argument("--seed", type=int, default=0, help="sampling seed")
+    d.set_defaults(func=cmd_diagnose)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args, extra = parser().parse_known_args(argv)
+    if extra:  # key=value after an option (``opd compare SPEC --out DIR k=v``) are overrides too
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser().error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     _threads()
     try:
         return args.func(args)

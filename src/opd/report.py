@@ -40,19 +40,22 @@ def print_table(summary: dict) -> None:
     print(f"teacher (oracle) greedy accuracy: {summary['teacher_accuracy']:.3f}")
 
 
-def plot_accuracy(summary: dict, path: Path) -> Path:
+def accuracy_axes():
+    """A figure and axes in the reports' style (held-out accuracy on y)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=150)
-    for name, res in summary["results"].items():
-        xs = [row["usage/sequences"] for row in res["history"]]
-        ax.plot(xs, [row["eval/accuracy"] for row in res["history"]], marker="o", ms=3, label=f"{name} (lr {res['lr']:g})")
-    ax.axhline(summary["teacher_accuracy"], color="grey", ls="--", lw=1, label="teacher")
-    ax.set_xlabel("training sequences used")
-    ax.set_ylabel("held-out accuracy (greedy)")
+    return fig, ax
+
+
+def save_accuracy_plot(fig, ax, path: Path, xlabel: str, ylabel: str = "held-out accuracy (greedy)") -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(frameon=False, fontsize=8)
@@ -60,6 +63,15 @@ def plot_accuracy(summary: dict, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_accuracy(summary: dict, path: Path) -> Path:
+    fig, ax = accuracy_axes()
+    for name, res in summary["results"].items():
+        xs = [row["usage/sequences"] for row in res["history"]]
+        ax.plot(xs, [row["eval/accuracy"] for row in res["history"]], marker="o", ms=3, label=f"{name} (lr {res['lr']:g})")
+    ax.axhline(summary["teacher_accuracy"], color="grey", ls="--", lw=1, label="teacher")
+    return save_accuracy_plot(fig, ax, path, "training sequences used")
 
 
 def _grid_table(lr_info: dict) -> str:

@@ -46,12 +46,19 @@ def _clear_run_dir(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def budget_spent(cfg: TrainConfig, counters: dict) -> bool:
+    """Whether the ``budget_kind`` usage counter has reached ``budget`` (never, without a budget)."""
+    counter = "step" if cfg.budget_kind == "steps" else cfg.budget_kind
+    return cfg.budget is not None and counters[counter] >= cfg.budget
+
+
 def _eval_due(cfg: TrainConfig, step: int) -> bool:
     return step == cfg.steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
 
 
 class Run:
-    """Holds the live objects of one run; ``fit()`` trains to ``cfg.steps``."""
+    """Holds the live objects of one run; ``fit()`` trains to ``cfg.steps`` or until the
+    ``budget_kind`` counter reaches ``budget``, whichever comes first."""
 
     def __init__(self, cfg: TrainConfig, setup: Setup | None = None):
         self.cfg = cfg
@@ -102,8 +109,9 @@ class Run:
         return metrics
 
     def fit(self, stop_after: int | None = None, stop_when=None) -> list[dict]:
-        """Train to ``cfg.steps``; stop early (with a checkpoint) after ``stop_after`` steps or
-        at the first evaluation row for which ``stop_when(row)`` is true."""
+        """Train to ``cfg.steps`` or to the budget (evaluated and checkpointed at the stop); stop
+        early (with a checkpoint) after ``stop_after`` steps or at the first evaluation row for
+        which ``stop_when(row)`` is true."""
         c = self.cfg
         if not self.resume_from:
             _clear_run_dir(Path(c.run_dir))
@@ -122,15 +130,15 @@ class Run:
 
     def _loop(self, log: MetricLogger, last: int, stop_when) -> None:
         c = self.cfg
-        while self.counters["step"] < last:
+        while self.counters["step"] < last and not budget_spent(c, self.counters):
             metrics = self.one_step()
             step = self.counters["step"]
             metrics.update({f"usage/{k}": v for k, v in self.counters.items() if k != "step"})
-            stop = False
-            if _eval_due(c, step):
+            stop = budget_spent(c, self.counters)
+            if stop or _eval_due(c, step):
                 row = self.evaluate()
                 metrics.update(row)
-                stop = stop_when is not None and stop_when(row)
+                stop = stop or (stop_when is not None and stop_when(row))
             log.log(step, metrics)
             if stop or step in (c.steps, last) or (c.save_every > 0 and step % c.save_every == 0):
                 self.save()

@@ -61,6 +61,8 @@ class TrainConfig:
     max_grad_norm: float = _h("gradient clipping (0 = off)", 1.0)
     ppo_epochs: int = _h("updates per batch of experience", 1)
     seed: int = _h("seed of the whole run", 0)
+    budget_kind: Literal["steps", "sequences", "teacher_tokens", "wall_s"] = _h("usage counter that `budget` limits", "steps")
+    budget: float | None = _h("stop (evaluate, checkpoint) once the budget_kind counter reaches this; `steps` stays the cap and the schedule's length", None)
     # sampling
     max_new_tokens: int = _h("rollout length cap", 96)
     temperature: float = _h("rollout sampling temperature", 1.0)
@@ -156,6 +158,10 @@ class TrainConfig:
             raise ValueError("config keys 'beta' and 'lmbda' must be in [0, 1]")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"config key 'top_p' must be in (0, 1], got {self.top_p}")
+        if self.budget is not None and not self.budget > 0:
+            raise ValueError(f"config key 'budget' must be > 0 (or none), got {self.budget}")
+        if self.budget_kind != "steps" and self.budget is None:
+            raise ValueError(f"budget_kind={self.budget_kind} needs a budget: set budget=N (or budget_kind=steps)")
         if self.lr <= 0:
             raise ValueError(f"config key 'lr' must be > 0, got {self.lr}")
         for key in ("skd_block", "skd_topk", "trd_topk"):

@@ -8,6 +8,14 @@
   and ``opd.signals.monitors`` only): no models, no config, so the algorithm-blind loop
   can call them without knowing the method.
 
+``opd diagnose`` (:mod:`opd.diagnostics.diagnose`, the only module here that reads a
+config) measures the pitfalls on a checkpoint with :mod:`~opd.diagnostics.coverage`
+(teacher log-likelihood, entropy, top-K overlap by position, student vs teacher
+rollouts), :mod:`~opd.diagnostics.noise` (teacher entropy on student prefixes; its argmax
+after a wrong step), :mod:`~opd.diagnostics.variance` (gradient variance of the per-token
+and reward-to-go estimators vs horizon) and :mod:`~opd.diagnostics.probe` (planted wrong
+steps), and :mod:`~opd.diagnostics.report` writes the Markdown and PNGs.
+
 This package imports nothing at load time, so ``opd.train`` importing
 ``opd.diagnostics.step`` pulls in no reporting or plotting code.
 """

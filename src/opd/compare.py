@@ -1,0 +1,336 @@
+"""``opd compare SPEC.yaml``: several method configs under one budget and several seeds.
+
+The spec (YAML)::
+
+    base:                     # config keys shared by every run (see `opd config`)
+      student: testbed
+      teacher: oracle
+      eval_size: 200
+    methods:                  # label -> config overrides; `method:` defaults to the label
+      opd: {method: opd}
+      opd_g1: {method: opd, gamma: 1}
+      grpo: {group_size: 8, prompts_per_step: 4}
+    seeds: [0, 1, 2]          # or a count: 3 -> 0, 1, 2
+    budget_kind: sequences    # steps | sequences | teacher_tokens | wall_s
+    budget: 768               # every run stops once its counter reaches this
+    lr_grid: [1e-5, 1e-4]     # optional: each label's lr, by final validation accuracy (seed 0)
+    eval_every: 4             # optional
+
+Each run's config is: defaults < the method's recipe < ``base`` < command-line ``key=value``
+< the label's overrides < what the comparison sets (seed, lr, run_dir, eval split, budget).
+Runs go to ``OUT/runs/LABEL/seedS`` (tuning runs to ``OUT/tune/LABEL/lrX``); each finished
+run leaves ``result.json`` with its config and evaluation history, and a re-run reuses it when
+the config is the same (``--force`` recomputes). The whole spec is checked, and every config
+built, before any run starts. Writes ``OUT/report.md``, ``OUT/summary.json`` and PNGs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from opd.config import ConfigError, config_to_dict
+from opd.errors import UserError
+from opd.train_config import TrainConfig
+
+SPEC_KEYS = ["base", "methods", "seeds", "budget_kind", "budget", "lr_grid", "eval_every"]
+BUDGET_KINDS = ("steps", "sequences", "teacher_tokens", "wall_s")
+SET_BY_COMPARE = {
+    "seed": "list the seeds under `seeds:`", "run_dir": "runs go under --out", "resume": "a re-run reuses finished runs",
+    "overwrite": "use --force to recompute", "eval_split": "tuning uses val and the compared runs test",
+    "budget_kind": "set it at the top level of the spec", "budget": "set it at the top level of the spec",
+    "eval_every": "set it at the top level of the spec",
+}
+RUN_DEFAULTS = {"progress": False}
+STEP_CAP = 100_000  # `steps` when a non-step budget is set and no steps are given: the budget stops the run
+NOT_IN_REUSE_KEY = ("progress", "tensorboard", "overwrite", "resume")
+RESULT_FILE = "result.json"
+_LABEL = re.compile(r"^[A-Za-z0-9_.-]+$")
+EXAMPLE = "methods:\n  opd: {method: opd}\n  opd_g1: {method: opd, gamma: 1}"
+
+
+@dataclass
+class Spec:
+    path: str
+    base: dict
+    methods: dict[str, dict]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    budget_kind: str = "steps"
+    budget: float | None = None
+    lr_grid: list[float] = field(default_factory=list)
+    eval_every: int | None = None
+    cli: list[str] = field(default_factory=list)
+
+
+def _error(spec_path: str, where: str, msg: str) -> UserError:
+    return UserError(f"spec '{spec_path}', {where}: {msg}")
+
+
+def _read_spec(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"spec file '{path}' not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"spec file '{path}' is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise _error(path, "top level", f"must be a mapping with keys {', '.join(SPEC_KEYS)}; for example:\n{EXAMPLE}")
+    return data
+
+
+def _check_keys(path: str, data: dict) -> None:
+    for key in data:
+        if key not in SPEC_KEYS:
+            close = difflib.get_close_matches(str(key), SPEC_KEYS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise _error(path, f"key {key!r}", f"unknown spec key; {hint}the spec's keys are {', '.join(SPEC_KEYS)} "
+                         "(config keys go under `base:` or under a method's label)")
+
+
+def _methods(path: str, raw) -> dict[str, dict]:
+    from opd.methods import METHODS
+
+    if not isinstance(raw, dict) or not raw:
+        raise _error(path, "methods", f"needs at least one `label: {{config overrides}}` entry, for example:\n{EXAMPLE}")
+    out = {}
+    for label, overrides in raw.items():
+        overrides = {} if overrides is None else overrides
+        if not isinstance(label, str) or not _LABEL.match(label):
+            raise _error(path, f"methods.{label}", "a label is a folder name: letters, digits, '_', '-', '.'")
+        if not isinstance(overrides, dict):
+            raise _error(path, f"methods.{label}", f"must map config keys to values, e.g. `{label}: {{method: opd}}`")
+        if "method" not in overrides and label not in METHODS:
+            raise _error(path, f"methods.{label}", f"no `method:` and {label!r} is not a method name; write "
+                         f"`{label}: {{method: NAME, ...}}` with NAME one of {', '.join(METHODS)} (see `opd methods`)")
+        out[label] = {"method": label, **overrides}
+    return out
+
+
+def _seeds(path: str, raw) -> list[int]:
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1:
+        return list(range(raw))
+    if isinstance(raw, list) and raw and all(isinstance(s, int) and not isinstance(s, bool) for s in raw):
+        if len(set(raw)) == len(raw):
+            return list(raw)
+    raise _error(path, "seeds", f"must be a count (e.g. 3 for seeds 0, 1, 2) or a list of distinct ints, got {raw!r}")
+
+
+def _positive_float(path: str, where: str, value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not number > 0 or math.isinf(number):
+        raise _error(path, where, f"must be a positive number, got {value!r}")
+    return number
+
+
+def _budget(path: str, data: dict) -> tuple[str, float | None]:
+    kind, budget = data.get("budget_kind", "steps"), data.get("budget")
+    if kind not in BUDGET_KINDS:
+        raise _error(path, "budget_kind", f"must be one of {', '.join(BUDGET_KINDS)}, got {kind!r}")
+    if budget is None:
+        if kind != "steps":
+            raise _error(path, "budget", f"budget_kind: {kind} needs `budget: N` (the {kind} each run may use)")
+        return kind, None
+    return kind, _positive_float(path, "budget", budget)
+
+
+def _eval_every(path: str, raw) -> int | None:
+    if raw is None:
+        return None
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+        return raw
+    raise _error(path, "eval_every", f"must be an int >= 0 (0: only at the start and the stop), got {raw!r}")
+
+
+def _lr_grid(path: str, raw) -> list[float]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not raw:
+        raise _error(path, "lr_grid", f"must be a non-empty list of learning rates, e.g. [1e-5, 1e-4], got {raw!r}")
+    return [_positive_float(path, f"lr_grid[{i}]", v) for i, v in enumerate(raw)]
+
+
+def _apply_cli(data: dict, overrides: list[str]) -> list[str]:
+    """Spec keys given as ``key=value`` replace the spec's; the rest are config keys (returned)."""
+    config_overrides = []
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"malformed override {text!r}: expected key=value, e.g. seeds=3 or lr=1e-4")
+        if key.strip() in SPEC_KEYS and key.strip() not in ("base", "methods"):
+            data[key.strip()] = yaml.safe_load(value)
+        else:
+            config_overrides.append(text)
+    return config_overrides
+
+
+def load_spec(path: str, overrides: list[str] = ()) -> Spec:
+    """The checked spec; raises :class:`UserError` naming the problem and its fix."""
+    data = _read_spec(path)
+    _check_keys(path, data)
+    cli = _apply_cli(data, list(overrides))
+    base = data.get("base") or {}
+    if not isinstance(base, dict):
+        raise _error(path, "base", "must map config keys to values (see `opd config`)")
+    kind, budget = _budget(path, data)
+    spec = Spec(path=path, base=base, methods=_methods(path, data.get("methods")), seeds=_seeds(path, data.get("seeds", [0])),
+                budget_kind=kind, budget=budget, lr_grid=_lr_grid(path, data.get("lr_grid")),
+                eval_every=_eval_every(path, data.get("eval_every")), cli=cli)
+    _check_layers(spec)
+    return spec
+
+
+def _check_layers(spec: Spec) -> None:
+    layers = {"base": spec.base, "the command line": _cli_dict(spec.cli), **{f"methods.{k}": v for k, v in spec.methods.items()}}
+    for where, layer in layers.items():
+        for key in layer:
+            if key in SET_BY_COMPARE:
+                raise _error(spec.path, where, f"{key!r} is set by the comparison: {SET_BY_COMPARE[key]}")
+            if key == "method" and where == "the command line":
+                raise _error(spec.path, where, "'method' is set per label under `methods:`, not for every run")
+            if key == "lr" and spec.lr_grid:
+                raise _error(spec.path, where, "'lr' is chosen from lr_grid; drop `lr` here or drop `lr_grid`")
+
+
+def _cli_dict(cli: list[str]) -> dict:
+    return {text.partition("=")[0].strip(): text.partition("=")[2] for text in cli}
+
+
+# ---------------------------------------------------------------- configs
+
+
+def run_config(spec: Spec, label: str, seed: int, lr: float | None, run_dir: Path, tune: bool = False) -> TrainConfig:
+    """One run's config (see the module docstring for the layers); errors name the label."""
+    from opd.cli import train_config
+
+    controlled = {"seed": seed, "run_dir": str(run_dir), "overwrite": True, "eval_split": "val" if tune else "test",
+                  "budget_kind": spec.budget_kind, "budget": spec.budget}
+    if lr is not None:
+        controlled["lr"] = lr
+    if spec.budget_kind == "steps" and spec.budget is not None:
+        controlled["steps"] = math.ceil(spec.budget)
+    if tune:
+        controlled["eval_every"] = 0
+    elif spec.eval_every is not None:
+        controlled["eval_every"] = spec.eval_every
+    given_steps = "steps" in {**spec.base, **_cli_dict(spec.cli), **spec.methods[label]}
+    cap = {"steps": STEP_CAP} if spec.budget_kind != "steps" and not given_steps else {}
+    layers = {**RUN_DEFAULTS, **cap, **spec.base, **_cli_values(spec), **spec.methods[label], **controlled}
+    try:
+        cfg = train_config(None, [], base=layers)[0]
+    except ConfigError as e:
+        raise _error(spec.path, f"methods.{label}", f"{e} (fix it in `base:` or in the label's overrides)") from None
+    if cap and cfg.lr_schedule != "constant":
+        raise _error(spec.path, f"methods.{label}", f"lr_schedule={cfg.lr_schedule} needs the run's length: set `steps` in base")
+    return cfg
+
+
+def _cli_values(spec: Spec) -> dict:
+    """The command line's config keys, parsed as ``key=value`` text against the spec's base."""
+    from opd.config import load_config
+
+    if not spec.cli:
+        return {}
+    try:
+        cfg = load_config(TrainConfig, None, spec.cli, base={**RUN_DEFAULTS, **spec.base})
+    except ConfigError as e:
+        raise UserError(f"command line: {e}") from None
+    return {key: getattr(cfg, key) for key in _cli_dict(spec.cli)}
+
+
+def check_all(spec: Spec, out: Path) -> None:
+    """Build every config the comparison will run, so that a bad one fails before any run."""
+    for label in spec.methods:
+        for lr in spec.lr_grid:
+            run_config(spec, label, spec.seeds[0], lr, tune_dir(out, label, lr), tune=True)
+        for seed in spec.seeds:
+            run_config(spec, label, seed, spec.lr_grid[0] if spec.lr_grid else None, run_path(out, label, seed))
+
+
+def run_path(out: Path, label: str, seed: int) -> Path:
+    return out / "runs" / label / f"seed{seed}"
+
+
+def tune_dir(out: Path, label: str, lr: float) -> Path:
+    return out / "tune" / label / f"lr{lr:g}"
+
+
+# ---------------------------------------------------------------- runs
+
+
+def _reuse_key(cfg: TrainConfig) -> dict:
+    key = {k: v for k, v in config_to_dict(cfg).items() if k not in NOT_IN_REUSE_KEY}
+    return json.loads(json.dumps(key))
+
+
+def run_or_reuse(cfg: TrainConfig, force: bool = False) -> dict:
+    """``{"config", "history", "reused"}``: the finished run in ``cfg.run_dir`` if its config is
+    ``cfg`` (and not ``force``), else a fresh run."""
+    from opd.run import train
+
+    path, key = Path(cfg.run_dir) / RESULT_FILE, _reuse_key(cfg)
+    if not force and path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("config") == key:
+            return {**saved, "reused": True}
+    path.unlink(missing_ok=True)
+    result = {"config": key, "history": train(cfg)}
+    path.write_text(json.dumps(result, indent=1))
+    return {**result, "reused": False}
+
+
+def _say(what: str, result: dict) -> None:
+    acc = result["history"][-1].get("eval/accuracy", float("nan"))
+    print(f"{what}: accuracy {acc:.3f}{' (reused)' if result['reused'] else ''}", flush=True)
+
+
+def tune(spec: Spec, out: Path, force: bool) -> dict | None:
+    """Each label's lr from ``lr_grid``: final validation accuracy with the first seed."""
+    if not spec.lr_grid:
+        return None
+    grid, chosen = {}, {}
+    for label in spec.methods:
+        grid[label] = {}
+        for lr in spec.lr_grid:
+            result = run_or_reuse(run_config(spec, label, spec.seeds[0], lr, tune_dir(out, label, lr), tune=True), force)
+            _say(f"tune {label} lr {lr:g}", result)
+            grid[label][f"{lr:g}"] = result["history"][-1].get("eval/accuracy", float("nan"))
+        scores = grid[label]
+        chosen[label] = spec.lr_grid[max(range(len(spec.lr_grid)), key=lambda i: scores[f"{spec.lr_grid[i]:g}"])]
+    return {"grid": grid, "chosen": chosen, "seed": spec.seeds[0]}
+
+
+def compare(spec_path: str, out_dir: str | None = None, overrides: list[str] = (), force: bool = False) -> dict:
+    """Run (or reuse) every label x seed under the budget and write the report; returns the summary."""
+    from opd.compare_report import write_compare_report
+
+    spec = load_spec(spec_path, overrides)
+    out = Path(out_dir or Path("runs") / "compare" / Path(spec_path).stem)
+    check_all(spec, out)
+    lr_info = tune(spec, out, force)
+    labels = {}
+    for label in spec.methods:
+        lr = lr_info["chosen"][label] if lr_info else None
+        runs = {}
+        for seed in spec.seeds:
+            cfg = run_config(spec, label, seed, lr, run_path(out, label, seed))
+            result = run_or_reuse(cfg, force)
+            _say(f"{label} seed {seed}", result)
+            runs[seed] = {"history": result["history"], "run_dir": cfg.run_dir, "reused": result["reused"]}
+        labels[label] = {"lr": cfg.lr, "method": cfg.method, "overrides": spec.methods[label], "runs": runs}
+    summary = {"spec": spec_path, "seeds": spec.seeds, "budget_kind": spec.budget_kind, "budget": spec.budget,
+               "eval_size": cfg.eval_size, "labels": labels, "lr_info": lr_info}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    path = write_compare_report(out, summary)
+    print(f"report: {path}")
+    return summary

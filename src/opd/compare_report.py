@@ -1,0 +1,182 @@
+"""The ``opd compare`` report: accuracy curves with seed bands, mean ± std tables, diagnostics."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from opd.metrics_log import read_metrics
+from opd.report import accuracy_axes, markdown_table, save_accuracy_plot
+
+AXES = {  # x key of the evaluation rows -> (file stem, axis label)
+    "usage/sequences": ("accuracy_sequences", "training sequences used"),
+    "usage/teacher_tokens": ("accuracy_teacher_tokens", "teacher tokens used"),
+    "usage/wall_s": ("accuracy_wall_time", "training wall time (s)"),
+}
+DIAG_PREFIXES = ("diag/", "teacher/")
+DIAG_KEYS = ("rollout/length", "rollout/truncated")
+COLUMNS = ["label", "method", "lr", "final accuracy", "pass@k", "sequences", "teacher tokens", "train wall s"]
+
+
+def _histories(entry: dict) -> list[list[dict]]:
+    return [run["history"] for run in entry["runs"].values()]
+
+
+def seed_band(histories: list[list[dict]], x_key: str, y_key: str = "eval/accuracy"):
+    """``(xs, mean, lo, hi)`` over seeds (lo/hi: min and max). Seeds with the same number of
+    evaluations are aligned evaluation by evaluation (x: the seeds' mean); otherwise each
+    curve is interpolated on the union of the evaluation points, within the x range every
+    seed covers."""
+    curves = [(np.asarray([r[x_key] for r in h], float), np.asarray([r.get(y_key, math.nan) for r in h], float)) for h in histories]
+    if len({len(x) for x, _ in curves}) == 1:
+        xs, ys = np.stack([x for x, _ in curves]).mean(0), np.stack([y for _, y in curves])
+    else:
+        start, stop = max(x[0] for x, _ in curves), min(x[-1] for x, _ in curves)
+        xs = np.unique(np.concatenate([x for x, _ in curves]))
+        xs = xs[(xs >= start) & (xs <= stop)]
+        ys = np.stack([np.interp(xs, x, y) for x, y in curves])
+    return xs, ys.mean(0), ys.min(0), ys.max(0)
+
+
+def plot_bands(summary: dict, x_key: str, path: Path) -> Path:
+    fig, ax = accuracy_axes()
+    n = len(summary["seeds"])
+    for label, entry in summary["labels"].items():
+        xs, mean, lo, hi = seed_band(_histories(entry), x_key)
+        line = ax.plot(xs, mean, marker="o", ms=3, label=f"{label} (lr {entry['lr']:g})")[0]
+        if n > 1:
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+    ax.set_title(f"mean over {n} seed{'s' if n > 1 else ''}" + (" (band: min-max)" if n > 1 else ""), fontsize=9)
+    return save_accuracy_plot(fig, ax, path, AXES[x_key][1])
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def _pm(values: list[float]) -> str:
+    mean, std = _mean_std(values)
+    return "n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
+
+
+def _pass_at_k(row: dict) -> float:
+    return next((v for k, v in row.items() if k.startswith("eval/pass@")), math.nan)
+
+
+def final_rows(summary: dict) -> list[list[str]]:
+    rows = []
+    for label, entry in summary["labels"].items():
+        last = [h[-1] for h in _histories(entry)]
+        mean = lambda key: _mean_std([r[key] for r in last])[0]  # noqa: E731
+        rows.append([
+            label, entry["method"], f"{entry['lr']:g}", _pm([r.get("eval/accuracy", math.nan) for r in last]),
+            _pm([_pass_at_k(r) for r in last]), f"{mean('usage/sequences'):.0f}", f"{mean('usage/teacher_tokens'):.0f}",
+            f"{mean('usage/wall_s'):.1f}",
+        ])
+    return rows
+
+
+def run_diagnostics(run_dir: str) -> dict[str, float]:
+    """Mean over the training steps of a run of its diag/*, teacher/* and rollout length keys."""
+    sums: dict[str, list[float]] = {}
+    for row in read_metrics(run_dir):
+        for key, value in row.items():
+            if (key.startswith(DIAG_PREFIXES) or key in DIAG_KEYS) and value is not None:
+                sums.setdefault(key, []).append(value)
+    return {key: sum(vals) / len(vals) for key, vals in sums.items()}
+
+
+def diagnostics_table(summary: dict) -> str:
+    per_label = {}
+    for label, entry in summary["labels"].items():
+        runs = [run_diagnostics(run["run_dir"]) for run in entry["runs"].values()]
+        keys = sorted({k for r in runs for k in r})
+        per_label[label] = {k: float(np.mean([r[k] for r in runs if k in r])) for k in keys}
+    keys = sorted({k for d in per_label.values() for k in d})
+    if not keys:
+        return "(no diag/, teacher/ or rollout length metrics were logged)"
+    rows = [[f"`{k}`"] + [f"{per_label[label][k]:.4g}" if k in per_label[label] else "-" for label in per_label] for k in keys]
+    return markdown_table(["metric"] + list(per_label), rows)
+
+
+def spread_text(summary: dict) -> str:
+    seeds = summary["seeds"]
+    if len(seeds) == 1:
+        return (f"One seed ({seeds[0]}): no spread was measured, so differences between labels carry no error bar; "
+                "run with more `seeds` before reading much into them.")
+    parts = []
+    for label, entry in summary["labels"].items():
+        accs = [h[-1].get("eval/accuracy", math.nan) for h in _histories(entry)]
+        parts.append(f"{label} {min(accs):.3f}–{max(accs):.3f} (std {_mean_std(accs)[1]:.3f})")
+    return (f"{len(seeds)} seeds ({', '.join(map(str, seeds))}) per label; ± is the standard deviation over seeds "
+            f"(ddof=1). Final accuracy ranged over seeds as: {'; '.join(parts)}. A gap between two labels smaller "
+            "than these ranges is within seed noise.")
+
+
+def grid_table(lr_info: dict) -> str:
+    grid = lr_info["grid"]
+    lrs = list(next(iter(grid.values())))
+    rows = [[label] + [f"{grid[label][lr]:.3f}" for lr in lrs] + [f"{lr_info['chosen'][label]:g}"] for label in grid]
+    return markdown_table(["label"] + [f"lr {lr}" for lr in lrs] + ["chosen"], rows)
+
+
+def _budget_text(summary: dict) -> str:
+    if summary["budget"] is None:
+        return "each run's own `steps` (no budget set)"
+    return f"{summary['budget']:g} {summary['budget_kind'].replace('_', ' ')} per run (a run stops at the first step that reaches it)"
+
+
+def _lr_section(summary: dict) -> str:
+    info = summary["lr_info"]
+    if info is None:
+        return "No `lr_grid`: every label ran at the lr of its config (shown in the table)."
+    return (f"Each label's lr was chosen from the same grid by final greedy accuracy on the validation split "
+            f"(seed {info['seed']}, same budget; ties go to the first lr of the grid); the compared runs then used it on the test split.\n\n{grid_table(info)}")
+
+
+def write_compare_report(out: Path, summary: dict) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    images = [plot_bands(summary, x_key, out / f"{stem}.png").name for x_key, (stem, _) in AXES.items()]
+    plots = "\n".join(f"![{AXES[x][1]}]({name})" for x, name in zip(AXES, images))
+    text = REPORT.format(
+        spec=summary["spec"], budget=_budget_text(summary), n=len(summary["seeds"]), eval_size=summary["eval_size"],
+        table=markdown_table(COLUMNS, final_rows(summary)), spread=spread_text(summary), plots=plots,
+        lrs=_lr_section(summary), diagnostics=diagnostics_table(summary),
+    )
+    path = out / "report.md"
+    path.write_text(text)
+    return path
+
+
+REPORT = """# opd compare: `{spec}`
+
+Budget: {budget}. Seeds: {n}. Evaluation: {eval_size} held-out test prompts per evaluation.
+
+{table}
+
+Columns: mean ± std over seeds of the final greedy accuracy and pass@k (at the stop); mean
+sequences, teacher tokens and training wall time used (wall time excludes evaluation).
+
+{spread}
+
+{plots}
+
+Lines: mean over seeds, evaluation by evaluation (x: the seeds' mean usage there; seeds with
+different numbers of evaluations are interpolated on shared x); bands: min–max over seeds.
+
+## Learning rates
+
+{lrs}
+
+## Diagnostics
+
+Mean over each run's training steps, then over seeds ("-": not logged for that label).
+
+{diagnostics}
+
+Runs: `runs/LABEL/seedS/` (metrics.jsonl, checkpoints, result.json). Re-running the same
+command reuses finished runs whose config is unchanged; `--force` recomputes them.
+"""

@@ -1,0 +1,146 @@
+"""``opd compare`` end to end on a tiny student, reuse/recompute equality, the budget stop, spec errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from opd.cli import main
+from opd.compare import compare, load_spec
+from opd.config import ConfigError, load_config
+from opd.errors import UserError
+from opd.metrics_log import read_metrics
+from opd.run import Run
+from opd.train_config import TrainConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny models gain nothing from threads; on a shared machine they cost a lot."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _write_spec(tmp_path, student, **changes):
+    spec = {
+        "base": {"student": student, "teacher": "oracle", "prompts_per_step": 4, "group_size": 2, "micro_batch_size": 8,
+                 "max_new_tokens": 40, "eval_size": 8, "eval_k": 2},
+        "methods": {"opd": {"method": "opd"}, "opd_g1": {"method": "opd", "gamma": 1}},
+        "seeds": [0, 1], "budget_kind": "sequences", "budget": 20, "lr_grid": [1e-3, 3e-3], "eval_every": 2,
+    }
+    spec.update(changes)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def _numbers(summary):
+    """Every evaluation row of every run, without wall time (the one counter that varies)."""
+    return {(label, seed): [{k: v for k, v in row.items() if k != "usage/wall_s"} for row in run["history"]]
+            for label, entry in summary["labels"].items() for seed, run in entry["runs"].items()}
+
+
+def _losses(out):
+    runs = sorted((out / "runs").glob("*/seed*"))
+    return [[{k: v for k, v in r.items() if k.startswith("loss/")} for r in read_metrics(d)] for d in runs]
+
+
+def test_compare_writes_report_and_reruns_give_the_same_numbers(tiny_student_dir, tmp_path):
+    spec, out = _write_spec(tmp_path, tiny_student_dir), tmp_path / "out"
+    first = compare(spec, str(out))
+    report = (out / "report.md").read_text()
+    for name in ("accuracy_sequences.png", "accuracy_teacher_tokens.png", "accuracy_wall_time.png", "summary.json"):
+        assert (out / name).stat().st_size > 0
+    assert "| opd_g1 | opd |" in report and "2 seeds (0, 1)" in report and "| label | lr 0.001 | lr 0.003 | chosen |" in report
+    assert "`teacher/entropy`" in report and "`rollout/length`" in report
+    for label, entry in first["labels"].items():
+        assert entry["lr"] == first["lr_info"]["chosen"][label] and entry["lr"] in (1e-3, 3e-3)
+        for seed, run in entry["runs"].items():
+            assert run["run_dir"] == str(out / "runs" / label / f"seed{seed}")
+            assert [r["usage/sequences"] for r in run["history"]] == [0, 16, 24]  # eval at step 2 and at the stop (3)
+    assert (out / "tune/opd/lr0.001/result.json").exists()
+    losses = _losses(out)
+    reused = compare(spec, str(out))
+    assert all(run["reused"] for entry in reused["labels"].values() for run in entry["runs"].values())
+    forced = compare(spec, str(out), force=True)
+    assert not any(run["reused"] for entry in forced["labels"].values() for run in entry["runs"].values())
+    assert _numbers(first) == _numbers(reused) == _numbers(forced)
+    assert _losses(out) == losses and any(row for run in losses for row in run)
+    lengths = {row["eval/length"] for rows in _numbers(first).values() for row in rows}
+    assert len(lengths) > 1  # the numbers compared are not all one constant
+    assert forced["lr_info"] == first["lr_info"]
+
+
+def test_changed_config_is_rerun_not_reused(tiny_student_dir, tmp_path):
+    spec, out = _write_spec(tmp_path, tiny_student_dir, seeds=1, lr_grid=None, budget=8, methods={"opd": {}}), tmp_path / "o"
+    compare(spec, str(out))
+    again = compare(spec, str(out), overrides=["kl_coef=0.5"])
+    assert not again["labels"]["opd"]["runs"][0]["reused"]
+    assert json.loads((out / "runs/opd/seed0/result.json").read_text())["config"]["kl_coef"] == 0.5
+    assert "One seed (0)" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("kind, budget", [("sequences", 20), ("teacher_tokens", 300), ("steps", 2), ("wall_s", 1e-9)])
+def test_budget_stop_evaluates_and_saves_at_the_first_step_that_reaches_it(tiny_cfg, kind, budget):
+    cfg = tiny_cfg(method="opd", steps=50, eval_every=0, budget_kind=kind, budget=budget)
+    history = Run(cfg).fit()
+    rows = read_metrics(cfg.run_dir)
+    counter = "step" if kind == "steps" else f"usage/{kind}"
+    last, before = rows[-1], rows[-2]
+    assert last[counter] >= budget and (len(rows) == 2 or before[counter] < budget)  # not one step more
+    assert "eval/accuracy" in last and history[-1]["usage/sequences"] == last["usage/sequences"]
+    assert (Path(cfg.run_dir) / f"checkpoints/step_{last['step']:06d}").is_dir()
+    if kind == "sequences":
+        assert last["step"] == 3 and last["usage/sequences"] == 24
+
+
+def test_budget_config_errors():
+    with pytest.raises(ConfigError, match="needs a budget"):
+        load_config(TrainConfig, None, ["budget_kind=sequences"])
+    with pytest.raises(ConfigError, match="'budget' must be > 0"):
+        load_config(TrainConfig, None, ["budget=0"])
+    assert load_config(TrainConfig).budget is None and load_config(TrainConfig).budget_kind == "steps"
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"methods": {"x": {"method": "nope"}}}, r"methods\.x: .*'method' must be one of"),
+    ({"methods": {"mystery": {}}}, r"not a method name"),
+    ({"methods": {}}, r"methods: needs at least one"),
+    ({"base": {"lr_grdi": 1}}, r"unknown config key 'lr_grdi'"),
+    ({"methods": {"opd": {"gama": 1}}}, r"methods\.opd: unknown config key 'gama'; did you mean 'gamma'"),
+    ({"seed": [1]}, r"unknown spec key; did you mean 'seeds'"),
+    ({"base": {"seed": 3}}, r"base: 'seed' is set by the comparison"),
+    ({"methods": {"opd": {"lr": 1e-3}}}, r"'lr' is chosen from lr_grid"),
+    ({"budget_kind": "tokens"}, r"budget_kind: must be one of"),
+    ({"seeds": []}, r"seeds: must be a count"),
+])
+def test_spec_errors_name_the_problem_before_any_run(tiny_student_dir, tmp_path, changes, match):
+    spec = _write_spec(tmp_path, tiny_student_dir, **changes)
+    with pytest.raises(UserError, match=match):
+        compare(spec, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_reports_a_bad_spec_and_applies_spec_overrides(tiny_student_dir, tmp_path, capsys):
+    spec = _write_spec(tmp_path, tiny_student_dir)
+    assert main(["compare", spec, "--out", str(tmp_path / "o"), "gama=1"]) == 2
+    assert "unknown config key 'gama'" in capsys.readouterr().err
+    with pytest.raises(UserError, match="'method' is set per label"):
+        load_spec(spec, ["method=grpo"])
+    loaded = load_spec(spec, ["seeds=3", "budget=64", "lr=1e-4", "lr_grid=null"])
+    assert loaded.seeds == [0, 1, 2] and loaded.budget == 64 and loaded.lr_grid == [] and loaded.cli == ["lr=1e-4"]
+
+
+def test_example_spec_builds_every_config(tmp_path):
+    from opd.compare import check_all, run_config
+
+    spec = load_spec(str(Path(__file__).resolve().parents[1] / "experiments/compare_example.yaml"))
+    check_all(spec, tmp_path)
+    cfg = run_config(spec, "grpo", 2, 1e-5, tmp_path / "r")
+    assert (cfg.method, cfg.group_size, cfg.prompts_per_step, cfg.seed, cfg.lr) == ("grpo", 8, 4, 2, 1e-5)
+    assert (cfg.budget_kind, cfg.budget, cfg.eval_split, cfg.eval_every) == ("sequences", 768, "test", 6)
+    assert run_config(spec, "opd_g1", 0, 1e-5, tmp_path / "t", tune=True).eval_split == "val"
