@@ -1,4 +1,4 @@
-"""The ``opd`` command line: ``quickstart``, ``train``, ``compare``, ``methods``, ``config``."""
+"""The ``opd`` command line: ``quickstart``, ``train``, ``compare``, ``diagnose``, ``methods``, ``config``, ``prepare``."""
 
 from __future__ import annotations
 
