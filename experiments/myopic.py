@@ -33,16 +33,17 @@ def probe(ckpt: Path, n: int) -> dict:
     return probe_section(cfg, setup.env, setup.tokenizer, setup.eval_problems[:n], generator)["depths"]
 
 
-def mean_pm(values: list[float]) -> str:
+def mean_pm(values: list[float], fmt: str = ".3f") -> str:
     if len(values) < 2:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
 
 
 def probe_rows(label: str, probes: list[dict], acc: list[float]) -> list[str]:
     rows = []
     for k in sorted(probes[0]):
-        cells = [mean_pm([p[k][key] for p in probes]) for key in ("p_wait", "onset", "recovery", "clean_recovery")]
+        cells = [mean_pm([p[k]["p_wait"] for p in probes], ".1e")]
+        cells += [mean_pm([p[k][key] for p in probes]) for key in ("onset", "recovery", "clean_recovery")]
         rows.append(f"| {label} | {mean_pm(acc)} | {k} | " + " | ".join(cells) + " |")
     return rows
 
@@ -62,8 +63,10 @@ def main() -> None:
             probes.append(probe(resolve(run["run_dir"])[1], args.probe_prompts))
             acc.append(run["history"][-1]["eval/accuracy"])
         lines += probe_rows(f"{label} (lr {entry['lr']:g})", probes, acc)
-    shutil.copy(Path(args.out) / "accuracy_vs_sequences.png", DOC.with_name("myopic_accuracy.png"))
-    DOC.write_text("\n".join(lines) + "\n")
+    shutil.copy(Path(args.out) / "accuracy_sequences.png", DOC.with_name("myopic_accuracy.png"))
+    training = (Path(args.out) / "report.md").read_text().split("\n", 1)[1]  # opd compare's report, title dropped
+    training = "\n".join(ln for ln in training.splitlines() if not ln.startswith("!["))
+    DOC.write_text("\n".join(lines) + "\n\n## Training (the `opd compare` report)\n" + training + "\n")
     print(f"wrote {DOC}")
 
 

@@ -1,0 +1,50 @@
+"""Run one shipped experiment (``experiments/NAME.yaml``) with ``opd compare`` and publish it.
+
+    python experiments/run.py NAME [--out runs/NAME] [--force]
+
+Writes ``docs/results/NAME.md`` (the comparison report: seeds, learning-rate grid, final
+accuracy mean ± std, diagnostics side by side) and ``docs/results/NAME_accuracy.png``.
+Re-running reuses finished runs whose config is unchanged, with the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+
+from opd.compare import compare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def publish(name: str, out: Path) -> Path:
+    doc = ROOT / "docs" / "results" / f"{name}.md"
+    spec = (ROOT / "experiments" / f"{name}.yaml").read_text().splitlines()
+    intro = [ln[2:] for ln in spec if ln.startswith("# ") and not ln.startswith("# Run with")]
+    report = (out / "report.md").read_text().split("\n", 1)[1]
+    report = "\n".join(ln for ln in report.splitlines() if not ln.startswith("!["))
+    shutil.copy(out / "accuracy_sequences.png", doc.with_name(f"{name}_accuracy.png"))
+    doc.write_text(
+        f"# Experiment: {name}\n\n" + "\n".join(intro) + f"\n\nRegenerate: `python experiments/run.py {name}` "
+        f"(spec: `experiments/{name}.yaml`).\n\n![accuracy vs training sequences]({name}_accuracy.png)\n" + report + "\n"
+    )
+    return doc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("name")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--force", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # the testbed's tiny models gain nothing from more threads
+    out = Path(args.out or f"runs/{args.name}")
+    compare(str(ROOT / "experiments" / f"{args.name}.yaml"), str(out), force=args.force)
+    print(f"wrote {publish(args.name, out)}")
+
+
+if __name__ == "__main__":
+    main()
