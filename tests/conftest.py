@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # the tiny test models gain nothing from threads; a shared machine makes them costly
 
 
 @pytest.fixture(scope="session", autouse=True)

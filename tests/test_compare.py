@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from opd.cli import main
@@ -14,15 +13,6 @@ from opd.errors import UserError
 from opd.metrics_log import read_metrics
 from opd.run import Run
 from opd.train_config import TrainConfig
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models gain nothing from threads; on a shared machine they cost a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _write_spec(tmp_path, student, **changes):

@@ -18,14 +18,6 @@ TOK = build_tokenizer()
 SEP, WAIT, EOS, PAD = (TOK.convert_tokens_to_ids(w) for w in (";", "wait", "<eos>", "<pad>"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _ids(text):
     return TOK(text, add_special_tokens=False)["input_ids"]
 

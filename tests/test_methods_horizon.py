@@ -33,15 +33,6 @@ from opd.signals.suffix_fade import (
 F64 = dict(rtol=1e-9, atol=1e-9)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models gain nothing from threads; on a shared machine they cost a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 

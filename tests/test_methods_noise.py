@@ -446,20 +446,11 @@ def test_builders_refuse_bad_knobs():
     assert not build_method("eopd", {}).teacher_request.full
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight for the shared cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize(
     "method,knobs",
     [("topk_lsm", {"lsm_add_sampled": True, "top_p": 0.9}), ("tip", {}), ("scope", {}), ("eopd", {"eopd_mode": "switch", "eopd_tau": 0.0})],
 )
-def test_method_trains_two_steps(method, knobs, tiny_cfg, one_thread):
+def test_method_trains_two_steps(method, knobs, tiny_cfg):
     cfg = tiny_cfg(method=method, eval_size=2, eval_k=1, **knobs)
     train(cfg)
     rows = read_metrics(cfg.run_dir)
