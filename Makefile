@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.opd-installed
 
-.PHONY: quickstart test bench-loss clean
+.PHONY: quickstart test bench-loss bench-rollout clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,6 +19,9 @@ test: $(STAMP)
 
 bench-loss: $(STAMP)
 	$(PY) bench/loss_memory.py
+
+bench-rollout: $(STAMP)
+	$(PY) bench/rollout.py
 
 clean:
 	rm -rf $(VENV) runs .cache
