@@ -87,8 +87,11 @@ def cmd_prepare(args) -> int:
 
     for make in [prepare_student_base] + ([prepare_teacher] if args.teacher else []):
         path = make(args.task, args.horizon)
-        acc = prepared_info(path)["warmup_eval_val"]["eval/accuracy"]
-        print(f"{path}  (validation accuracy {acc:.3f})")
+        info = prepared_info(path)
+        acc = info.get("eval_val", info["warmup_eval_val"])["eval/accuracy"]
+        before = info["warmup_eval_val"]["eval/accuracy"]
+        damaged = f", {before:.3f} before damage {info['damage']:g}" if "damage" in info else ""
+        print(f"{path}  (validation accuracy {acc:.3f}{damaged})")
     return 0
 
 

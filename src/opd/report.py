@@ -107,6 +107,11 @@ def verdict(summary: dict) -> str:
         cmp = "above" if final["opd"] > final["grpo"] else "not above"
         lines.append(f"- OPD ended {cmp} GRPO under the same sequence budget ({final['opd']:.3f} vs {final['grpo']:.3f}).")
     start = {m: r["history"][0]["eval/accuracy"] for m, r in res.items()}
+    sampled = {m: r["history"][-1].get("eval/sample_accuracy") for m, r in res.items()}
+    if all(v is not None for v in sampled.values()):
+        best_s = max(sampled, key=sampled.get)
+        lines.append(f"- Highest sampled accuracy (temperature 1, what rollouts see): **{best_s}** ({sampled[best_s]:.3f}); "
+                     + ", ".join(f"{m} {v:.3f}" for m, v in sampled.items()) + ".")
     if all(final[m] <= start[m] for m in res):
         lines.append("- **No method improved on the student base** within this budget: every fine-tuning run, at "
                      "every learning rate of the grid, lowered held-out accuracy, and larger learning rates lowered "
@@ -122,8 +127,9 @@ def verdict(summary: dict) -> str:
 REPORT = """# opd quickstart: SFT vs GRPO vs OPD on the synthetic testbed
 
 Task: multi-digit addition written digit by digit (horizon 4), held-out test split.
-Student: the testbed's tiny student base (warm-started by a short SFT). Teacher: the
-oracle (a perfect program teacher), greedy held-out accuracy **{teacher:.3f}**.
+Student: the testbed's tiny student base (trained by SFT until it converged, then damaged
+by Gaussian weight noise, as quantization or pruning would, so that it makes mistakes).
+Teacher: the oracle (a perfect program teacher), greedy held-out accuracy **{teacher:.3f}**.
 Each method used the same budget of {budget} training sequences (SFT: teacher solutions;
 GRPO and OPD: the student's own samples, groups of 8 and 4).
 

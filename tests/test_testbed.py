@@ -1,0 +1,52 @@
+"""The testbed's student base: weight damage and the cached, damaged preparation."""
+
+import json
+
+import pytest
+import torch
+
+from opd import testbed
+from opd.tasks.tokenizer import build_tokenizer
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+
+
+def test_damage_adds_noise_of_the_asked_relative_size_and_is_seeded():
+    model = testbed.init_model(build_tokenizer(), TINY, seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    testbed.damage_weights(model, 0.3, seed=1)
+    twin = testbed.init_model(build_tokenizer(), TINY, seed=0)
+    testbed.damage_weights(twin, 0.3, seed=1)
+    for name, p in model.named_parameters():
+        noise = p.detach() - before[name]
+        assert torch.equal(p, dict(twin.named_parameters())[name])  # same seed, same damage
+        if p.numel() >= 1000:  # the noise's std is 0.3 x the tensor's std (a sample estimate)
+            ratio = float(noise.std() / before[name].std())
+            assert 0.27 < ratio < 0.33, (name, ratio)
+
+
+def test_prepared_base_is_damaged_cached_and_reports_both_accuracies(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPD_CACHE", str(tmp_path))
+    monkeypatch.setattr(testbed, "STUDENT_ARCH", TINY)
+    monkeypatch.setattr(testbed, "STUDENT_WARMUP", dict(steps=2, lr=1e-3, prompts_per_step=4, stop_at_accuracy=None))
+    path = testbed.prepare_student_base("addition", 2, quiet=True, damage=0.5)
+    info = json.loads((path / "READY.json").read_text())
+    assert info["damage"] == 0.5 and "eval/accuracy" in info["eval_val"] and "eval/accuracy" in info["warmup_eval_val"]
+    undamaged = testbed.prepare_student_base("addition", 2, quiet=True, damage=0.0)
+    assert undamaged != path and "damage" not in json.loads((undamaged / "READY.json").read_text())
+    stamp = (path / "READY.json").stat().st_mtime_ns
+    assert testbed.prepare_student_base("addition", 2, quiet=True, damage=0.5) == path  # cached, not rebuilt
+    assert (path / "READY.json").stat().st_mtime_ns == stamp
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(undamaged).state_dict()
+    diffs = [float((a[k] - b[k]).abs().max()) for k in a]
+    assert max(diffs) > 0.0  # the same SFT run, then noise: the weights differ
+
+
+def test_unknown_task_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPD_CACHE", str(tmp_path))
+    with pytest.raises(KeyError, match="unknown task 'no-such-task'; known: \\['addition', 'modchain'\\]"):
+        testbed.prepare_student_base("no-such-task", 2, quiet=True)
+    assert not any(tmp_path.rglob("*"))
