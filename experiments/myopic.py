@@ -91,10 +91,11 @@ def start_accuracy(summary: dict) -> float:
 
 
 def header(summary: dict) -> list[str]:
+    grid = ", ".join(f"{float(lr):g}" for lr in next(iter(summary["lr_info"]["grid"].values())))
     return [
         "# Myopic supervision: does per-token OPD teach recovery?", "",
         "Regenerate: `python experiments/myopic.py` (spec: `experiments/myopic.yaml`). Each method's lr is",
-        "chosen from {1e-5, 1e-4} by validation accuracy, then 2 seeds on the test split (200 prompts),",
+        f"chosen from {{{grid}}} by validation accuracy, then 2 seeds on the test split (200 prompts),",
         f"{summary['budget']:g} training sequences each. Probe: 64 held-out problems, wrong digit planted in step k.",
         "", "![accuracy](myopic_accuracy.png)", "",
         "| run | greedy acc. (end) | k | P(wait) | greedy starts with wait | recovery | recovery, clean prefix |",

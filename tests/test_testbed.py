@@ -29,13 +29,17 @@ def test_prepared_base_is_damaged_cached_and_reports_both_accuracies(tmp_path, m
     monkeypatch.setenv("OPD_CACHE", str(tmp_path))
     monkeypatch.setattr(testbed, "STUDENT_ARCH", TINY)
     monkeypatch.setattr(testbed, "STUDENT_WARMUP", dict(steps=2, lr=1e-3, prompts_per_step=4, stop_at_accuracy=None))
-    path = testbed.prepare_student_base("addition", 2, quiet=True, damage=0.5)
+    monkeypatch.setattr(testbed, "DAMAGE_GRID", (0.01, 1.0, 2.0))
+    undamaged = testbed.prepare_student_base("addition", 2, quiet=True, target_accuracy=None)
+    # a random tiny model scores 0: the first level already reaches a target of 0
+    path = testbed.prepare_student_base("addition", 2, quiet=True, target_accuracy=0.0)
     info = json.loads((path / "READY.json").read_text())
-    assert info["damage"] == 0.5 and "eval/accuracy" in info["eval_val"] and "eval/accuracy" in info["warmup_eval_val"]
-    undamaged = testbed.prepare_student_base("addition", 2, quiet=True, damage=0.0)
+    assert info["damage"] == 0.01 and info["eval_val"]["eval/accuracy"] == 0.0
+    assert [row["damage"] for row in info["damage_search"]] == [0.01]
+    assert "eval/accuracy" in info["warmup_eval_val"] and info["target_accuracy"] == 0.0
     assert undamaged != path and "damage" not in json.loads((undamaged / "READY.json").read_text())
     stamp = (path / "READY.json").stat().st_mtime_ns
-    assert testbed.prepare_student_base("addition", 2, quiet=True, damage=0.5) == path  # cached, not rebuilt
+    assert testbed.prepare_student_base("addition", 2, quiet=True, target_accuracy=0.0) == path  # cached
     assert (path / "READY.json").stat().st_mtime_ns == stamp
     from transformers import AutoModelForCausalLM
 
@@ -50,3 +54,15 @@ def test_unknown_task_is_refused_before_anything_is_written(tmp_path, monkeypatc
     with pytest.raises(KeyError, match="unknown task 'no-such-task'; known: \\['addition', 'modchain'\\]"):
         testbed.prepare_student_base("no-such-task", 2, quiet=True)
     assert not any(tmp_path.rglob("*"))
+
+
+def test_damage_search_stops_at_the_first_level_reaching_the_target(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPD_CACHE", str(tmp_path))
+    monkeypatch.setattr(testbed, "STUDENT_ARCH", TINY)
+    monkeypatch.setattr(testbed, "STUDENT_WARMUP", dict(steps=2, lr=1e-3, prompts_per_step=4, stop_at_accuracy=None))
+    monkeypatch.setattr(testbed, "DAMAGE_GRID", (0.1, 0.2, 0.3))
+    accuracies = iter([0.9, 0.5, 0.2])
+    monkeypatch.setattr(testbed, "_val_accuracy", lambda *a: {"eval/accuracy": next(accuracies)})
+    path = testbed.prepare_student_base("addition", 2, quiet=True, target_accuracy=0.5)
+    info = json.loads((path / "READY.json").read_text())
+    assert info["damage"] == 0.2 and [r["damage"] for r in info["damage_search"]] == [0.1, 0.2]
