@@ -1,0 +1,499 @@
+"""GPU benchmark: student-update MFU, memory-lean loss vs naive (and Liger), sampler vs generate.
+
+    bash bench/gpu.sh                                    # the GPU machine: JSON to $OUT/gpu_results.json
+    python bench/gpu.py --size gpu --out results.json    # the same, by hand (needs CUDA)
+    python bench/gpu.py --size cpu --out results.json    # tiny sizes, any machine (make bench-gpu)
+
+Not a test. Three sections (``loss``, ``mfu``, ``rollout``) in one process; a failing one records
+``error`` and ``traceback`` beside what it had filled, and the others still run; each keeps to its
+budget (``BUDGET_S``; parts that would overrun are skipped, saying so), so the GPU run stays under
+8 minutes on one H100/H200. The JSON is rewritten after each section and on SIGTERM.
+
+Model: Qwen2.5-0.5B's shape (hidden 896, intermediate 4864, 24 layers, 14 heads, 2 KV heads,
+V = 151,936, tied embeddings), random init, bf16 on the GPU (float32 on the CPU), default SDPA
+attention (causal, no mask: its flash kernel), no gradient checkpointing. ``cpu`` size: tiny.
+
+1. ``mfu``: opd's student update: ``completion_hidden`` over ``[prompt 256 | completion]`` rows
+   of S = 4096 tokens, ``chunked_divergence_loss`` (JSD, beta 0.5, weights ``1/(B*T)``) of those
+   hidden states through the LM head against fixed random bf16 teacher logits ``[B*T, V]`` (as a
+   teacher's scoring pass hands them over), ``backward``; ``AdamW.step`` timed apart. FLOPs of
+   one forward+backward (6ND, attention and LM head apart; P_ne: non-embedding parameters)::
+
+       F = 6 * P_ne * B * S  +  6 * L * d * S^2 * B  +  6 * B * T * V * d
+           dense layers          attention: 12*L*d*S^2     LM head on the T = S - 256
+                                 per row, causal: /2       completion positions
+
+   MFU = F / median(fwd+bwd time) / peak dense bf16 FLOP/s (``PEAK_BF16``: H100 SXM and H200
+   989.4e12; null on the CPU or an unknown device). ``mfu_with_optimizer`` adds the AdamW step;
+   the measured rate of an 8192^3 bf16 matmul is recorded beside it, as a practical ceiling.
+2. ``loss``: JSD (beta 0.5, mean over tokens) of student ``h W^T`` vs teacher ``h_t W_t^T``,
+   N = 16,384, H = 896, V = 151,936, bf16 inputs, float32 softmax math, forward+backward
+   w.r.t. ``h`` and ``W``: ``naive`` (full ``[N, V]`` logits, bench/loss_memory.py's naive
+   math), opd's ``lean-fused`` (``chunked_divergence_loss``) and ``lean-recompute``
+   (``chunked_divergence``), and ``liger`` (``LigerFusedLinearJSD``, its defaults) when
+   ``liger_kernel`` imports. Time: median of CUDA-event timings after a warm-up. Memory:
+   ``max_memory_allocated`` minus what was allocated before (grads included; null on the CPU).
+   Naive is skipped where its estimate exceeds the free memory. Losses and ``h.grad`` are
+   compared across methods (relative differences recorded).
+3. ``rollout``: opd's ``sample`` vs ``model.generate`` (default dynamic cache; on the GPU also
+   ``cache_implementation="static"``, its compiling first call timed apart), same model, batch
+   64, 128-token prompts, 256 new tokens, temperature 1, top-p 1, no EOS: generated tokens/s
+   (median after a warm-up) and the ratio. ``greedy_agreement``: fraction of equal tokens of
+   greedy ``sample`` vs greedy ``generate`` on 4 rows (1.0 expected in float32; bf16 near-ties
+   may differ; a low value means the sampler does not compute what generate does).
+
+``summary``: the issue's GPU targets (MFU >= 40%; lean loss within Liger's memory and <= 1.1x
+its time; sampler >= 10x default generate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import inspect
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import replace
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from opd.batch import make_batch
+from opd.losses.chunked import chunked_divergence, chunked_divergence_loss
+from opd.models.hf import completion_hidden
+from opd.rollouts.sampler import sample
+
+QWEN_05B = dict(vocab=151_936, hidden=896, inter=4864, layers=24, heads=14, kv_heads=2)
+SIZES = {
+    "gpu": dict(
+        model=QWEN_05B,
+        mfu=dict(batch=4, seq=4096, prompt=256, warmup=2, reps=5),
+        loss=dict(n=16_384, hidden=896, vocab=151_936, warmup=1, reps=3),
+        rollout=dict(batch=64, prompt=128, new=256, warmup=1, reps=2, static=True),
+    ),
+    "cpu": dict(
+        model=dict(vocab=512, hidden=64, inter=128, layers=2, heads=4, kv_heads=2),
+        mfu=dict(batch=2, seq=64, prompt=16, warmup=1, reps=2),
+        loss=dict(n=64, hidden=32, vocab=512, warmup=1, reps=2),
+        rollout=dict(batch=4, prompt=8, new=8, warmup=1, reps=2, static=False),
+    ),
+}
+BUDGET_S = {"loss": 100.0, "mfu": 100.0, "rollout": 200.0, "total": 430.0}
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12),
+             ("H800", 989.4e12), ("A100", 312e12))  # dense bf16 FLOP/s by device-name substring
+NAIVE_BYTES_PER_LOGIT = 48  # ~12 float32 [N, V] tensors live at the naive JSD's peak
+PAD, EOS, BETA, GIB = 0, 1, 0.5, 2**30
+log = functools.partial(print, flush=True)
+
+
+class Budget:
+    def __init__(self, seconds: float):
+        self.end = time.perf_counter() + seconds
+
+    def left(self) -> float:  # seconds
+        return self.end - time.perf_counter()
+
+
+def elapsed_s(fn, device: torch.device) -> float:
+    """Seconds of one ``fn()``: CUDA events on the GPU, the host clock on the CPU."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def timed(fn, device, warmup: int, reps: int, budget: Budget) -> list[float]:
+    """Seconds of each timed ``fn()`` after ``warmup`` calls; stops early when out of budget."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    out: list[float] = []
+    for _ in range(reps):
+        if out and budget.left() < 1.5 * out[-1]:
+            break
+        out.append(elapsed_s(fn, device))
+    return out
+
+
+def peak_extra_bytes(fn, device: torch.device):
+    """Peak allocated memory during ``fn()`` above what was allocated before (None on CPU)."""
+    if device.type != "cuda":
+        return fn()  # None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def free_memory() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()  # a no-op where CUDA was never initialized
+
+
+def attempt(name: str, fn) -> dict:
+    """``fn()``, or ``{"error", "traceback"}`` (one case failing, e.g. OOM, must not hide the others)."""
+    try:
+        r = fn()
+    except Exception as e:  # noqa: BLE001
+        r = {"error": f"{type(e).__name__}: {e}"[:1000], "traceback": traceback.format_exc()[-1500:]}
+    log(f"  {name}: { {k: v for k, v in r.items() if k != 'traceback'} }")
+    return r
+
+
+def build_model(arch: dict, dtype: torch.dtype, device: torch.device) -> Qwen2ForCausalLM:
+    """A randomly initialized Qwen2 causal LM of the given shape, made on ``device``."""
+    cfg = Qwen2Config(
+        vocab_size=arch["vocab"], hidden_size=arch["hidden"], intermediate_size=arch["inter"],
+        num_hidden_layers=arch["layers"], num_attention_heads=arch["heads"],
+        num_key_value_heads=arch["kv_heads"], tie_word_embeddings=True, max_position_embeddings=32_768,
+        pad_token_id=PAD, eos_token_id=EOS,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with device:
+        model = Qwen2ForCausalLM(cfg)
+    return model.to(dtype)
+
+
+# ---------------------------------------------------------------- 1. student update MFU
+
+
+def step_flops(n_nonembed: int, arch: dict, batch: int, seq: int, completion: int) -> dict:
+    """Model FLOPs of one forward+backward (module doc): dense, attention, head, total."""
+    d, L, V = arch["hidden"], arch["layers"], arch["vocab"]
+    dense, attention, head = 6 * n_nonembed * batch * seq, 6 * L * d * seq**2 * batch, 6 * batch * completion * V * d
+    return {"dense": dense, "attention": attention, "head": head, "total": dense + attention + head}
+
+
+def peak_flops(device: torch.device):
+    if device.type != "cuda":
+        return None, "cpu"
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16 if key in name), None), name
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, budget: Budget):
+    """FLOP/s of an 8192^3 matmul (median of 10), a practical ceiling; None on the CPU."""
+    if device.type != "cuda" or budget.left() < 20:
+        return None
+    a, b = (torch.randn(8192, 8192, device=device, dtype=dtype) for _ in range(2))
+    secs = timed(lambda: a @ b, device, warmup=3, reps=10, budget=budget)
+    return 2 * 8192**3 / statistics.median(secs)
+
+
+def mfu_batch(cfg: dict, vocab: int, device: torch.device, dtype: torch.dtype):
+    """A full ``[prompt | completion]`` SeqBatch, teacher logits ``[B*T, V]`` and weights ``[B*T]``."""
+    B, P, T = cfg["batch"], cfg["prompt"], cfg["seq"] - cfg["prompt"]
+    ids = torch.randint(2, vocab, (B, P + T), generator=torch.Generator().manual_seed(0)).tolist()
+    b = make_batch([r[:P] for r in ids], [r[P:] for r in ids], PAD)
+    b = replace(b, input_ids_BL=b.input_ids_BL.to(device), attention_mask_BL=b.attention_mask_BL.to(device),
+                completion_mask_BT=b.completion_mask_BT.to(device))  # fmt: skip
+    teacher_NV = torch.randn(B * T, vocab, device=device, dtype=dtype) * 2.0
+    return b, teacher_NV, torch.full((B * T,), 1.0 / (B * T), device=device)
+
+
+def section_mfu(size: dict, device, dtype, budget: Budget, out: dict) -> None:
+    arch, cfg = size["model"], size["mfu"]
+    model = build_model(arch, dtype, device).train()
+    batch, teacher_NV, w_N = mfu_batch(cfg, arch["vocab"], device, dtype)
+    W = model.get_output_embeddings().weight
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
+
+    def fwd_bwd():
+        opt.zero_grad(set_to_none=True)
+        h_BTH = completion_hidden(model, batch)
+        loss, _ = chunked_divergence_loss(h_BTH, W, teacher_NV, "jsd", w_N, beta=BETA)
+        loss.backward()
+
+    opt.zero_grad(set_to_none=True)
+    peak_mem = peak_extra_bytes(fwd_bwd, device)  # first call: activations + grads, no optimizer state yet
+    fwd_bwd_s, opt_s = [], []
+    for i in range(cfg["warmup"] + cfg["reps"]):
+        if fwd_bwd_s and budget.left() < 3 * (fwd_bwd_s[-1] + opt_s[-1]):
+            break
+        t = elapsed_s(fwd_bwd, device)
+        t_opt = elapsed_s(opt.step, device)
+        if i >= cfg["warmup"]:
+            fwd_bwd_s.append(t), opt_s.append(t_opt)
+        log(f"  mfu step {i}: fwd+bwd {t * 1e3:.1f} ms, optimizer {t_opt * 1e3:.1f} ms")
+    n_nonembed = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    flops = step_flops(n_nonembed, arch, cfg["batch"], cfg["seq"], cfg["seq"] - cfg["prompt"])
+    t, t_opt = statistics.median(fwd_bwd_s), statistics.median(opt_s)
+    peak, device_name = peak_flops(device)
+    mm = matmul_rate(device, dtype, budget)
+    out.update({
+        "arch": arch, "batch": cfg["batch"], "seq": cfg["seq"], "prompt": cfg["prompt"],
+        "dtype": str(dtype), "attn_implementation": model.config._attn_implementation,
+        "params": sum(p.numel() for p in model.parameters()), "params_nonembed": n_nonembed,
+        "flops_per_step": flops, "fwd_bwd_ms": t * 1e3, "fwd_bwd_ms_all": [x * 1e3 for x in fwd_bwd_s],
+        "optimizer_ms": t_opt * 1e3, "tokens_per_s": cfg["batch"] * cfg["seq"] / t,
+        "achieved_flops_per_s": flops["total"] / t, "device": device_name, "peak_flops_per_s": peak,
+        "mfu": None if peak is None else flops["total"] / t / peak,
+        "mfu_with_optimizer": None if peak is None else flops["total"] / (t + t_opt) / peak,
+        "matmul_8192_flops_per_s": mm, "fraction_of_matmul_rate": None if mm is None else flops["total"] / t / mm,
+        "peak_extra_gib_first_step": None if peak_mem is None else peak_mem / GIB,
+    })  # fmt: skip
+
+
+# ---------------------------------------------------------------- 2. loss: naive vs lean vs Liger
+
+
+def naive_jsd_loss(h, W, th, tW) -> torch.Tensor:
+    """Mean over tokens of the JSD from full ``[N, V]`` logits (float32 softmax math)."""
+    lp_s = F.log_softmax((h @ W.T).float(), dim=-1)
+    lp_t = F.log_softmax((th @ tW.T).float(), dim=-1)
+    lp_m = torch.logaddexp(lp_t + math.log(BETA), lp_s + math.log1p(-BETA))
+    kl_t = (lp_t.exp() * (lp_t - lp_m)).sum(-1)
+    kl_s = (lp_s.exp() * (lp_s - lp_m)).sum(-1)
+    return (BETA * kl_t + (1 - BETA) * kl_s).mean()
+
+
+def loss_methods(device, out: dict) -> dict:
+    """name -> fn(h, W, th, tW, w_N) returning the scalar loss (mean over tokens)."""
+    methods = {
+        "lean-fused": lambda h, W, th, tW, w: chunked_divergence_loss(h, W, (th, tW), "jsd", w, beta=BETA)[0],
+        "lean-recompute": lambda h, W, th, tW, w: (chunked_divergence(h, W, (th, tW), "jsd", beta=BETA) * w).sum(),
+    }
+    if device.type == "cuda":
+        try:
+            from liger_kernel.transformers import LigerFusedLinearJSD
+
+            liger = LigerFusedLinearJSD(jsd_beta=BETA)
+            methods["liger"] = lambda h, W, th, tW, w: liger(h, W, th, tW, None)
+        except Exception as e:  # noqa: BLE001 (absent or broken: recorded, the rest still runs)
+            out["liger_unavailable"] = f"{type(e).__name__}: {e}"[:500]
+    methods["naive"] = lambda h, W, th, tW, w: naive_jsd_loss(h, W, th, tW)
+    return methods
+
+
+def naive_skip_reason(n: int, hidden: int, vocab: int, device) -> str | None:
+    """Why the naive case cannot run on this GPU (None: it fits; the cpu size is tiny)."""
+    if device.type != "cuda":
+        return None
+    need, have = NAIVE_BYTES_PER_LOGIT * n * vocab + 4 * vocab * hidden, torch.cuda.mem_get_info(device)[0] * 0.95
+    return None if need <= have else f"skipped: needs ~{need / GIB:.1f} GiB, {have / GIB:.1f} GiB free"
+
+
+def run_loss_method(fn, inputs, device, cfg, budget: Budget, grads: dict, name: str) -> dict:
+    """Timings, peak memory and loss of ``fn``; its ``h.grad`` goes to ``grads[name]``."""
+    h, W, th, tW, w = inputs
+    state = {}
+
+    def step():
+        h.grad = W.grad = None
+        loss = fn(h, W, th, tW, w)
+        loss.backward()
+        state["loss"] = float(loss.detach())
+
+    secs = timed(step, device, cfg["warmup"], cfg["reps"], budget)
+    h.grad = W.grad = None
+    peak = peak_extra_bytes(step, device)
+    grads[name] = h.grad.detach().float().clone()
+    return {"ms": statistics.median(secs) * 1e3, "ms_all": [s * 1e3 for s in secs],
+            "peak_extra_gib": None if peak is None else peak / GIB, "loss": state["loss"]}  # fmt: skip
+
+
+def section_loss(size: dict, device, dtype, budget: Budget, out: dict) -> None:
+    cfg = size["loss"]
+    n, H, V = cfg["n"], cfg["hidden"], cfg["vocab"]
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(n, H, generator=g, device=device, dtype=dtype).requires_grad_()
+    W = (torch.randn(V, H, generator=g, device=device, dtype=dtype) / H**0.5).requires_grad_()
+    th = torch.randn(n, H, generator=g, device=device, dtype=dtype)
+    tW = torch.randn(V, H, generator=g, device=device, dtype=dtype) * (2.0 / H**0.5)
+    inputs = (h, W, th, tW, torch.full((n,), 1.0 / n, device=device))
+    out.update(n=n, hidden=H, vocab=V, dtype=str(dtype), beta=BETA, methods={})
+    grads = {}
+    for name, fn in loss_methods(device, out).items():
+        free_memory()
+        skip = naive_skip_reason(n, H, V, device) if name == "naive" else None
+        skip = skip or (f"skipped: {budget.left():.0f} s of the budget left" if budget.left() < 10 else None)
+        run = lambda: run_loss_method(fn, inputs, device, cfg, budget, grads, name)  # noqa: E731
+        out["methods"][name] = attempt(f"loss {name}", (lambda: {"skipped": skip}) if skip else run)
+    h.grad = W.grad = None
+    _compare_loss_methods(out["methods"], grads)
+
+
+def _compare_loss_methods(results: dict, grads: dict) -> None:
+    """Relative loss and ``h.grad`` differences against naive (else lean-fused)."""
+    ref = "naive" if "naive" in grads else "lean-fused"
+    if ref not in grads:
+        return
+    for name, g in grads.items():
+        r = results[name]
+        r["compared_to"] = ref
+        r["loss_rel_diff"] = abs(r["loss"] - results[ref]["loss"]) / max(abs(results[ref]["loss"]), 1e-30)
+        r["grad_h_rel_err"] = float((g - grads[ref]).norm() / grads[ref].norm().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------- 3. rollout: sampler vs generate
+
+
+def run_sampler(model, prompts, new: int, temperature: float = 1.0):
+    gen = torch.Generator(device=model.device).manual_seed(0)
+    return sample(model, prompts, max_new_tokens=new, eos_id=-1, pad_id=PAD, temperature=temperature,
+                  top_p=1.0, generator=gen)  # fmt: skip
+
+
+@torch.no_grad()
+def run_generate(model, prompts, new: int, do_sample: bool = True, **extra) -> torch.Tensor:
+    """Generated ids ``[B, new]`` (prompts all of one length: no padding)."""
+    ids = torch.tensor(prompts, device=model.device)
+    torch.manual_seed(0)
+    sampling = dict(temperature=1.0, top_p=1.0, top_k=0) if do_sample else {}
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                         min_new_tokens=new, do_sample=do_sample, pad_token_id=PAD, eos_token_id=None,
+                         **sampling, **extra)  # fmt: skip
+    return out[:, ids.shape[1] :]
+
+
+def greedy_agreement(model, prompts, new: int) -> float:
+    ours = run_sampler(model, prompts, new, temperature=0.0).batch.completion_ids_BT.cpu()
+    theirs = run_generate(model, prompts, new, do_sample=False).cpu()
+    return float((ours == theirs).float().mean()) if ours.shape == theirs.shape else 0.0
+
+
+def rate(fn, n_tokens: int, device, cfg: dict, budget: Budget, compiles: bool = False) -> dict:
+    """Generated tokens/s of ``fn`` (median); with ``compiles``, its first call is timed apart."""
+    first_s = elapsed_s(fn, device) if compiles else None
+    secs = timed(fn, device, cfg["warmup"], cfg["reps"], budget)
+    return {"tokens_per_s": n_tokens / statistics.median(secs), "s_all": secs, "first_call_s": first_s}
+
+
+def section_rollout(size: dict, device, dtype, budget: Budget, out: dict) -> None:
+    arch, cfg = size["model"], size["rollout"]
+    model = build_model(arch, dtype, device).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(2, arch["vocab"], (cfg["batch"], cfg["prompt"]), generator=g).tolist()  # one length
+    B, new = cfg["batch"], cfg["new"]
+    out.update(batch=B, prompt_len=cfg["prompt"], new_tokens=new, dtype=str(dtype), settings="T=1, top-p 1, no EOS")
+    out["greedy_agreement"] = attempt("greedy", lambda: {"fraction": greedy_agreement(model, prompts[:4], 8)})
+    cases = {
+        "opd_sampler": (lambda: run_sampler(model, prompts, new), False),
+        "generate_default": (lambda: run_generate(model, prompts, new), False),
+    }
+    if cfg["static"]:
+        cases["generate_static"] = (lambda: run_generate(model, prompts, new, cache_implementation="static"), True)
+    for name, (fn, compiles) in cases.items():
+        if compiles and budget.left() < 90:
+            out[name] = {"skipped": f"{budget.left():.0f} s of the section's budget left"}
+            continue
+        out[name] = attempt(name, lambda: rate(fn, B * new, device, cfg, budget, compiles))
+    for key in ("generate_default", "generate_static"):
+        if "tokens_per_s" in out["opd_sampler"] and "tokens_per_s" in out.get(key, {}):
+            out[f"ratio_sampler_vs_{key}"] = out["opd_sampler"]["tokens_per_s"] / out[key]["tokens_per_s"]
+
+
+# ---------------------------------------------------------------- driver
+
+
+SECTIONS = {"loss": section_loss, "mfu": section_mfu, "rollout": section_rollout}
+
+
+def meta(size_name: str, device, dtype) -> dict:
+    liger = [d.version for d in metadata.distributions() if (d.name or "").lower().replace("_", "-") == "liger-kernel"]
+    info = {
+        "size": size_name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype), "torch": torch.__version__, "transformers": transformers.__version__,
+        "cuda": torch.version.cuda, "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(), "budgets_s": BUDGET_S, "liger_kernel": liger[0] if liger else None,
+    }  # fmt: skip
+    if "cache" not in inspect.signature(transformers.Qwen2Model.forward).parameters:
+        info["warning"] = "decoder has no `cache` argument: opd's sampler may run without a KV cache"
+    return info
+
+
+def summary(res: dict) -> dict:
+    """The issue's GPU targets, each ``None`` where the numbers are missing."""
+    mfu = res.get("mfu", {}).get("mfu")
+    methods = res.get("loss", {}).get("methods", {})
+    lean, liger = methods.get("lean-fused", {}), methods.get("liger", {})
+    has = "ms" in lean and "ms" in liger
+    t_ratio = lean["ms"] / liger["ms"] if has else None
+    m_ok = has and lean["peak_extra_gib"] is not None and lean["peak_extra_gib"] <= liger["peak_extra_gib"]
+    s_ratio = res.get("rollout", {}).get("ratio_sampler_vs_generate_default")
+    if res["meta"]["size"] != "gpu":  # the targets are GPU targets: ratios only
+        return {"mfu": mfu, "lean_vs_liger_time": t_ratio, "sampler_vs_generate_default": s_ratio}
+    return {
+        "mfu": mfu, "mfu_ge_0.40": None if mfu is None else mfu >= 0.40,
+        "lean_vs_liger_time": t_ratio, "lean_time_le_1.1x_liger": None if t_ratio is None else t_ratio <= 1.1,
+        "lean_memory_within_liger": m_ok if has else None,
+        "sampler_vs_generate_default": s_ratio,
+        "sampler_ge_10x_generate": None if s_ratio is None else s_ratio >= 10,
+    }  # fmt: skip
+
+
+class Stopped(BaseException):
+    """SIGTERM (bench/gpu.sh's ``timeout``): the section records it, the JSON is written, the run ends."""
+
+
+def _stop(signum, frame):
+    raise Stopped(f"signal {signum}: stopped from outside")
+
+
+def run_section(name: str, res: dict, size: dict, device, dtype, total: Budget) -> bool:
+    """Run one section into ``res[name]`` (what it filled is kept on error); False once stopped."""
+    seconds = min(BUDGET_S[name], max(total.left(), 0.0))
+    log(f"== {name} (budget {seconds:.0f} s)")
+    t0, res[name] = time.perf_counter(), {}
+    try:
+        SECTIONS[name](size, device, dtype, Budget(seconds), res[name])
+    except (Exception, Stopped) as e:  # noqa: BLE001 (a failing section is recorded; the others still run)
+        res[name].update(error=f"{type(e).__name__}: {e}"[:1000], traceback=traceback.format_exc()[-3000:])
+        log(res[name]["traceback"])
+    res[name]["section_s"] = time.perf_counter() - t0
+    free_memory()
+    return "Stopped:" not in res[name].get("error", "")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="gpu" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="bench/results/gpu_results.json")
+    p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bf16 gpu, fp32 cpu")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    signal.signal(signal.SIGTERM, _stop)
+    if args.size == "gpu" and not torch.cuda.is_available():
+        sys.exit("--size gpu needs CUDA; use --size cpu here")
+    device = torch.device("cuda" if args.size == "gpu" else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.size == "gpu" else "float32"))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    res: dict = {"meta": meta(args.size, device, dtype)}
+    log(json.dumps(res["meta"]))
+    total = Budget(BUDGET_S["total"])
+    for name in args.sections:
+        go_on = run_section(name, res, size=SIZES[args.size], device=device, dtype=dtype, total=total)
+        res["summary"] = summary(res)
+        res["meta"]["total_s"] = BUDGET_S["total"] - total.left()
+        out.write_text(json.dumps(res, indent=1, default=str))
+        if not go_on:
+            sys.exit(f"stopped by SIGTERM after {name}: partial results in {out}")
+    log("== summary " + json.dumps(res["summary"]) + f"\nwrote {out} after {res['meta']['total_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The one command for a GPU machine: bench/gpu.py at the gpu size (CPU size where there is no GPU).
+#
+#   bash bench/gpu.sh [extra bench/gpu.py arguments, e.g. --sections loss mfu]
+#
+# Writes $OUT/gpu_results.json (and the log, $OUT/gpu_log.txt) when $OUT is set, else
+# bench/results/gpu_results.json. Finishes in under 8 minutes on one H100 or H200: bench/gpu.py
+# keeps each section within its budget (430 s in all) and `timeout` stops it at 470 s in any case;
+# the JSON is rewritten after each section, so what finished is kept.
+#
+# Python: the GPU machine has no internet, so nothing is pip-installed from a registry. The first of
+# $PYTHON, python3, python, .venv/bin/python that imports torch and transformers is used (on the lent
+# H100/H200 machines that is the image's python3, which has a CUDA torch and transformers); opd
+# itself is not installed: PYTHONPATH=src imports it from this checkout. A `.venv` made here holds
+# the CPU build of torch and is far over what can be carried (64 MiB), so it only serves a CPU run.
+#
+# Extra packages travel as wheels in `.whl/` (git-ignored through .git/info/exclude, named in the
+# run's `carry`); they are installed with --no-index into /tmp/opd-site, which goes first on
+# PYTHONPATH. For Liger-Kernel's fused linear JSD (pure Python over Triton, which the image has):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl liger-kernel==0.8.5
+# If the machine's transformers lacks the `cache` argument that opd's sampler passes (see the
+# JSON's meta.warning and rollout.greedy_agreement), carry the transformers wheel this repo is
+# tested with (5.24.0) the same way.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/opd-site .whl/*.whl && export PYTHONPATH="/tmp/opd-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+py=""
+for cand in "${PYTHON:-}" python3 python .venv/bin/python; do
+    if [ -n "$cand" ] && command -v "$cand" >/dev/null && "$cand" -c "import torch, transformers" 2>/dev/null; then
+        py=$cand
+        break
+    fi
+done
+if [ -z "$py" ]; then
+    echo "bench/gpu.sh: no python with torch and transformers (tried \$PYTHON, python3, python, .venv)" >&2
+    exit 2
+fi
+"$py" -c "import sys, torch, transformers; print(sys.executable, 'python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, torch.cuda.is_available(), '| transformers', transformers.__version__)"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+if [ -n "${OUT:-}" ]; then
+    out="$OUT/gpu_results.json" logfile="$OUT/gpu_log.txt"
+else
+    out="bench/results/gpu_results.json" logfile="bench/results/gpu_log.txt"
+fi
+mkdir -p "$(dirname "$out")"
+timeout -k 10 470 "$py" bench/gpu.py --out "$out" "$@" 2>&1 | tee "$logfile"
+rc=$?
+echo "bench/gpu.sh: exit $rc, results in $out"
+exit $rc
