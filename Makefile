@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.opd-installed
 
-.PHONY: quickstart test bench-loss bench-rollout bench-gpu clean
+.PHONY: quickstart test bench-loss bench-rollout bench-trl bench-gpu clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,9 @@ bench-loss: $(STAMP)
 
 bench-rollout: $(STAMP)
 	$(PY) bench/rollout.py
+
+bench-trl: $(STAMP)
+	$(PY) bench/trl_step.py
 
 # CPU size here; on a GPU machine run `bash bench/gpu.sh` (see its header).
 bench-gpu: $(STAMP)
