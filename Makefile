@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.opd-installed
 
-.PHONY: quickstart test bench-loss bench-rollout clean
+.PHONY: quickstart test bench-loss bench-rollout bench-scoring clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,9 @@ bench-loss: $(STAMP)
 
 bench-rollout: $(STAMP)
 	$(PY) bench/rollout.py
+
+bench-scoring: $(STAMP)
+	$(PY) bench/teacher_scoring.py
 
 clean:
 	rm -rf $(VENV) runs .cache
