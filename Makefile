@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.opd-installed
 
-.PHONY: quickstart test bench-loss bench-rollout clean
+.PHONY: quickstart test bench-loss bench-rollout bench-scaling clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,9 @@ bench-loss: $(STAMP)
 
 bench-rollout: $(STAMP)
 	$(PY) bench/rollout.py
+
+bench-scaling: $(STAMP)
+	$(PY) bench/scaling.py
 
 clean:
 	rm -rf $(VENV) runs .cache
