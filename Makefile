@@ -33,5 +33,8 @@ bench-gpu: $(STAMP)
 bench-scoring: $(STAMP)
 	$(PY) bench/teacher_scoring.py
 
+bench-scaling: $(STAMP)
+	$(PY) bench/scaling.py
+
 clean:
 	rm -rf $(VENV) runs .cache
