@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.opd-installed
 
-.PHONY: quickstart test bench-loss bench-rollout bench-trl bench-gpu clean
+.PHONY: quickstart test bench-loss bench-rollout bench-trl bench-gpu bench-scoring bench-scaling clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,6 +29,12 @@ bench-trl: $(STAMP)
 # CPU size here; on a GPU machine run `bash bench/gpu.sh` (see its header).
 bench-gpu: $(STAMP)
 	$(PY) bench/gpu.py --size cpu --out bench/results/gpu_results_cpu.json
+
+bench-scoring: $(STAMP)
+	$(PY) bench/teacher_scoring.py
+
+bench-scaling: $(STAMP)
+	$(PY) bench/scaling.py
 
 clean:
 	rm -rf $(VENV) runs .cache

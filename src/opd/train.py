@@ -12,10 +12,16 @@ import time
 
 import torch
 
-from opd.diagnostics.step import repetition_metrics, student_step_stats, teacher_step_metrics
+from opd.diagnostics.step import (
+    repetition_metrics,
+    student_step_stats,
+    student_step_stats_from_hidden,
+    student_step_stats_from_parts,
+    teacher_step_metrics,
+)
 from opd.losses import masked_token_mean
 from opd.methods.base import Experience, Method, Signal, StudentView
-from opd.models.hf import completion_logits
+from opd.models.hf import completion_hidden, completion_logits
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -48,9 +54,18 @@ def make_scheduler(optimizer, *, warmup_steps: int, total_steps: int, schedule: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def student_view(model, batch) -> StudentView:
+def student_view(model, batch, *, lean: bool = True, stats_topk: int | None = None) -> StudentView:
+    """The student's outputs on ``batch``'s completion columns. ``lean`` (default): the
+    completion hidden states and the LM head, logits and log-probs made lazily (never the
+    full ``[B, T, V]`` for a method that reads only ``logp_BT``; ``stats_topk``: see
+    :class:`StudentView`); else the eager full-logits view (kept for comparison, e.g.
+    ``bench/scaling.py``)."""
+    ids_BT = batch.completion_ids_BT
+    if lean:
+        hidden_BTH = completion_hidden(model, batch)
+        return StudentView.from_hidden(hidden_BTH, model.get_output_embeddings(), ids_BT, stats_topk=stats_topk)
     logits_BTV = completion_logits(model, batch)
-    logp_BT = torch.log_softmax(logits_BTV, -1).gather(-1, batch.completion_ids_BT[..., None]).squeeze(-1)
+    logp_BT = torch.log_softmax(logits_BTV, -1).gather(-1, ids_BT[..., None]).squeeze(-1)
     return StudentView(logits_BTV, logp_BT)
 
 
@@ -92,36 +107,48 @@ def _accumulate(totals: dict, metrics: dict, mask_BT: torch.Tensor) -> None:
 
 
 def _student_diag(view: StudentView, completion_mask_BT: torch.Tensor, scores, rows: slice) -> dict:
-    """Student-side ``diag/`` statistics of one micro-batch from its detached logits
-    (no extra forward pass); the top-K overlap when ``scores`` (row-aligned) are given."""
+    """Student-side ``diag/`` statistics of one micro-batch, with no extra decoder pass:
+    from the lean view's chunked sweep (``side_stats``) when the loss read ``logp_BT``,
+    else from the detached logits when the loss made them, else chunked from the hidden
+    states (same values; never ``[B, T, V]``). The top-K overlap when ``scores``
+    (row-aligned) are given."""
+    head = view.linear_head
+    lean = not view.has_logits and view.hidden_BTH is not None and head is not None
     with torch.no_grad():
         ids_BTK = lp_BTK = None
         if scores is not None:
-            dev = view.logits_BTV.device
+            dev = view.hidden_BTH.device if view.hidden_BTH is not None else view.logits_BTV.device
             ids_BTK, lp_BTK = scores.topk_ids_BTK[rows].to(dev), scores.topk_logp_BTK[rows].to(dev)
+        if view.side_stats is not None and (ids_BTK is None or view.stats_topk == ids_BTK.shape[-1]):
+            return student_step_stats_from_parts(*view.side_stats, completion_mask_BT, ids_BTK, lp_BTK)
+        if lean:
+            return student_step_stats_from_hidden(view.hidden_BTH, *head, completion_mask_BT, ids_BTK, lp_BTK, chunk_size=view.chunk_size)
         return student_step_stats(view.logits_BTV.detach(), completion_mask_BT, ids_BTK, lp_BTK)
 
 
-def update(model, optimizer, exp: Experience, signal: Signal, method: Method, *, micro_batch_size: int, max_grad_norm: float, scores=None) -> dict:
+def update(model, optimizer, exp: Experience, signal: Signal, method: Method, *, micro_batch_size: int, max_grad_norm: float, scores=None, lean: bool = True) -> dict:
     """One optimizer step over the experience, accumulating micro-batch gradients.
 
     ``scores``: the teacher's scores of ``exp.batch`` (row- and column-aligned) or None;
-    they only feed the ``diag/`` statistics, never the loss."""
+    they only feed the ``diag/`` statistics, never the loss. ``lean``: the lazy student
+    view (:func:`student_view`); False builds the full logits of every micro-batch."""
     signal = loss_inputs(signal)
     mask_BT = signal["mask_BT"]
     normalizer = mask_BT.sum().clamp(min=1)
     optimizer.zero_grad(set_to_none=True)
     totals: dict = {}
     diag: dict = {}
+    stats_topk = 0 if scores is None else scores.topk_ids_BTK.shape[-1]
     for start in range(0, mask_BT.shape[0], micro_batch_size):
         rows = slice(start, start + micro_batch_size)
         batch = exp.batch.select(rows)
-        view = student_view(model, batch)
+        view = student_view(model, batch, lean=lean, stats_topk=stats_topk)
         micro = _rows(signal, rows)
         loss_BT, metrics = method.loss(view, micro)
         masked_token_mean(loss_BT, micro["mask_BT"], normalizer).backward()
         _accumulate(totals, metrics, micro["mask_BT"])
         _accumulate(diag, _student_diag(view, batch.completion_mask_BT, scores, rows), batch.completion_mask_BT)
+        del view, loss_BT, metrics  # a cached [B, T, V] must not outlive its micro-batch
     clip = max_grad_norm if max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()

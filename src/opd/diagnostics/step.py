@@ -1,15 +1,19 @@
 """Per-step diagnostics: cheap statistics of the student's tokens, logged under ``diag/``.
 
 Pure tensor functions (no model, no config, no method): the loop computes them on every
-step for every method from what it already holds — the student's micro-batch logits
-(detached, under ``no_grad``), the teacher's :class:`opd.models.base.Scores` fields when
-the method asked for scores, and the completion ids. Notation: ``m_t`` the batch's
-completion mask (real tokens, whoever sampled them), ``y_t`` the completion token at
-position ``t``, ``pi_S`` / ``pi_T`` student / teacher, ``K`` the teacher's returned top-K
-size. Every mean is over real tokens, ``Σ_t m_t x_t / Σ_t m_t``; a metric with nothing to
-measure (no real token, an empty bucket, no rows) is omitted, never NaN.
+step for every method from what it already holds — the student's micro-batch logits, or
+its hidden states and LM head (detached, under ``no_grad``), the teacher's
+:class:`opd.models.base.Scores` fields when the method asked for scores, and the
+completion ids. Notation: ``m_t`` the batch's completion mask (real tokens, whoever
+sampled them), ``y_t`` the completion token at position ``t``, ``pi_S`` / ``pi_T``
+student / teacher, ``K`` the teacher's returned top-K size. Every mean is over real
+tokens, ``Σ_t m_t x_t / Σ_t m_t``; a metric with nothing to measure (no real token, an
+empty bucket, no rows) is omitted, never NaN.
 
-Student side, per token (the loop sums them over micro-batches, as the loss metrics):
+Student side, per token (the loop sums them over micro-batches, as the loss metrics;
+without full logits they come from the lean view's chunked forward sweep,
+:func:`student_step_stats_from_parts`, or from the hidden states and the LM head a chunk
+of tokens at a time, :func:`student_step_stats_from_hidden`):
 
 - ``diag/student_entropy``: ``H_t = −Σ_v pi_S(v|c_t) log pi_S(v|c_t)`` (nats);
 - ``diag/topk_overlap``: ``o_t = |TopK_S(c_t) ∩ TopK_T(c_t)| / K``, only with teacher scores.
@@ -39,6 +43,7 @@ from __future__ import annotations
 import torch
 
 from opd.losses import entropy
+from opd.losses.selective import token_logp_and_stats
 from opd.signals.monitors import DEFAULT_TAIL, repetition_ratios_B
 
 LOGP_FLOOR = -100.0  # teacher log-probs below this (``-inf`` included) count as this
@@ -88,9 +93,25 @@ def topk_overlap_BT(
         raise ValueError("top-K overlap needs the teacher's top-K ids (K >= 1)")
     k = min(K, student_logits_BTV.shape[-1])
     s_val_BTk, s_ids_BTk = student_logits_BTV.topk(k, dim=-1)
+    return topk_overlap_from_ids_BT(s_ids_BTk, teacher_topk_ids_BTK, teacher_topk_logp_BTK, s_val_BTk > float("-inf"))
+
+
+def topk_overlap_from_ids_BT(
+    student_topk_ids_BTk: torch.Tensor,
+    teacher_topk_ids_BTK: torch.Tensor,
+    teacher_topk_logp_BTK: torch.Tensor,
+    student_ok_BTk: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`topk_overlap_BT` from the student's top-``k`` ids (``k = min(K, V)``);
+    ``student_ok_BTk``: which of them have a finite logit (None: all)."""
+    K = teacher_topk_ids_BTK.shape[-1]
+    if K == 0:
+        raise ValueError("top-K overlap needs the teacher's top-K ids (K >= 1)")
     t_ok_BTK = teacher_topk_logp_BTK > float("-inf")
-    same_BTkK = (s_ids_BTk[..., :, None] == teacher_topk_ids_BTK[..., None, :]) & t_ok_BTK[..., None, :]
-    hits_BTk = same_BTkK.any(-1) & (s_val_BTk > float("-inf"))
+    same_BTkK = (student_topk_ids_BTk[..., :, None] == teacher_topk_ids_BTK[..., None, :]) & t_ok_BTK[..., None, :]
+    hits_BTk = same_BTkK.any(-1)
+    if student_ok_BTk is not None:
+        hits_BTk &= student_ok_BTk
     return hits_BTk.sum(-1).float() / K
 
 
@@ -165,6 +186,43 @@ def student_step_stats(
     if teacher_topk_ids_BTK is not None and teacher_topk_ids_BTK.shape[-1] > 0:
         stats["diag/topk_overlap"] = topk_overlap_BT(logits_BTV, teacher_topk_ids_BTK, teacher_topk_logp_BTK)
     return {k: torch.where(mask_BT, v, 0.0) for k, v in stats.items()}
+
+
+def student_step_stats_from_parts(
+    entropy_BT: torch.Tensor,
+    student_topk_ids_BTk: torch.Tensor | None,
+    mask_BT: torch.Tensor,
+    teacher_topk_ids_BTK: torch.Tensor | None = None,
+    teacher_topk_logp_BTK: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`student_step_stats` from the student's per-token entropy and top-``k`` ids
+    (``k = min(K, V)``, e.g. from :func:`opd.losses.selective.token_logp_and_stats`)
+    instead of its logits: same keys, same values."""
+    stats = {"diag/student_entropy": entropy_BT}
+    if teacher_topk_ids_BTK is not None and teacher_topk_ids_BTK.shape[-1] > 0:
+        stats["diag/topk_overlap"] = topk_overlap_from_ids_BT(student_topk_ids_BTk, teacher_topk_ids_BTK, teacher_topk_logp_BTK)
+    return {k: torch.where(mask_BT.bool(), v, 0.0) for k, v in stats.items()}
+
+
+def student_step_stats_from_hidden(
+    hidden_BTH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    bias_V: torch.Tensor | None,
+    mask_BT: torch.Tensor,
+    teacher_topk_ids_BTK: torch.Tensor | None = None,
+    teacher_topk_logp_BTK: torch.Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`student_step_stats` of the logits ``z = h W^T + b`` (float32, float64 for a
+    float64 head), made ``chunk_size`` tokens at a time (default
+    :func:`opd.losses.chunked.default_chunk_size`) so that ``[B, T, V]`` is never held:
+    same keys, same values up to float rounding (two ``[chunk, V]`` buffers)."""
+    K = 0 if teacher_topk_ids_BTK is None else teacher_topk_ids_BTK.shape[-1]
+    with torch.no_grad():
+        ids_BT = torch.zeros(hidden_BTH.shape[:-1], dtype=torch.long, device=hidden_BTH.device)
+        _, ent_BT, s_ids_BTk = token_logp_and_stats(hidden_BTH, weight_VH, ids_BT, topk=K, bias_V=bias_V, chunk_size=chunk_size)
+    return student_step_stats_from_parts(ent_BT, s_ids_BTk, mask_BT, teacher_topk_ids_BTK, teacher_topk_logp_BTK)
 
 
 def repetition_metrics(

@@ -35,17 +35,90 @@ from typing import Any, Callable, Protocol
 import torch
 
 from opd.batch import SeqBatch
+from opd.losses.selective import token_logp, token_logp_and_stats
 from opd.models.base import Scores, Teacher
 from opd.rollouts.base import Experience, RolloutEnv  # noqa: F401  (part of the method contract)
 from opd.tasks.base import Problem
 
 
-@dataclass
 class StudentView:
-    """The student's differentiable outputs on one micro-batch."""
+    """The student's differentiable outputs on one micro-batch.
 
-    logits_BTV: torch.Tensor
-    logp_BT: torch.Tensor  # log pi_theta(y_t | c_t) of the batch's tokens
+    - ``logp_BT``: ``log pi_theta(y_t | c_t)`` of the batch's tokens;
+    - ``logits_BTV``: the full next-token logits ``lm_head(h_t)`` (float32), for losses
+      over the whole vocabulary.
+
+    Lean form (:meth:`from_hidden`, what the loop builds): it holds the completion hidden
+    states ``hidden_BTH``, the LM head and the token ids, and makes each output on first
+    access, then caches it. ``logp_BT`` is made chunk by chunk over tokens
+    (:mod:`opd.losses.selective`, never ``[B, T, V]``), or gathered from the logits when
+    those exist already; ``logits_BTV`` is ``lm_head(hidden_BTH).float()``, the same
+    differentiable tensor as a full forward gives. A method that reads only ``logp_BT``
+    thus never materializes the full logits; one that reads both pays one extra chunked
+    LM-head pass (the gradients add up correctly either way). With ``stats_topk = K``,
+    the chunked sweep also keeps each token's entropy and top-``K`` ids (detached) in
+    ``side_stats`` for the loop's ``diag/`` metrics, at no extra LM-head matmul.
+
+    Eager form: ``StudentView(logits_BTV, logp_BT)`` as given (either may be None).
+    """
+
+    def __init__(
+        self,
+        logits_BTV: torch.Tensor | None = None,
+        logp_BT: torch.Tensor | None = None,
+        *,
+        hidden_BTH: torch.Tensor | None = None,
+        lm_head: torch.nn.Module | None = None,
+        ids_BT: torch.Tensor | None = None,
+        chunk_size: int | None = None,
+        stats_topk: int | None = None,
+    ):
+        self._logits_BTV, self._logp_BT = logits_BTV, logp_BT
+        self.hidden_BTH, self.lm_head, self.ids_BT = hidden_BTH, lm_head, ids_BT
+        self.chunk_size, self.stats_topk = chunk_size, stats_topk
+        self.side_stats: tuple[torch.Tensor, torch.Tensor] | None = None  # (entropy_BT, topk_ids_BTk)
+
+    @classmethod
+    def from_hidden(cls, hidden_BTH: torch.Tensor, lm_head: torch.nn.Module, ids_BT: torch.Tensor, **kw) -> "StudentView":
+        """The lean view; ``ids_BT`` are the tokens ``logp_BT`` scores; ``kw``:
+        ``chunk_size`` (tokens per chunk), ``stats_topk``."""
+        return cls(hidden_BTH=hidden_BTH, lm_head=lm_head, ids_BT=ids_BT, **kw)
+
+    @property
+    def has_logits(self) -> bool:
+        """Whether the full logits exist already (given, or made by an access)."""
+        return self._logits_BTV is not None
+
+    @property
+    def linear_head(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``(weight_VH, bias_V)`` when the LM head is exactly ``torch.nn.Linear`` (not a
+        subclass such as a quantized layer, whose weight is no plain matrix), else None:
+        then ``logp_BT`` falls back to the full logits."""
+        if type(self.lm_head) is not torch.nn.Linear:
+            return None
+        return self.lm_head.weight, self.lm_head.bias
+
+    @property
+    def logits_BTV(self) -> torch.Tensor | None:
+        if self._logits_BTV is None and self.hidden_BTH is not None:
+            self._logits_BTV = self.lm_head(self.hidden_BTH).float()
+        return self._logits_BTV
+
+    @property
+    def logp_BT(self) -> torch.Tensor | None:
+        if self._logp_BT is None and self.ids_BT is not None:
+            head = self.linear_head
+            if self.has_logits or head is None or self.hidden_BTH is None:
+                logp_BTV = torch.log_softmax(self.logits_BTV, -1)
+                self._logp_BT = logp_BTV.gather(-1, self.ids_BT[..., None]).squeeze(-1)
+            elif self.stats_topk is None:
+                self._logp_BT = token_logp(self.hidden_BTH, head[0], self.ids_BT, bias_V=head[1], chunk_size=self.chunk_size)
+            else:
+                self._logp_BT, *stats = token_logp_and_stats(
+                    self.hidden_BTH, head[0], self.ids_BT, topk=self.stats_topk, bias_V=head[1], chunk_size=self.chunk_size
+                )
+                self.side_stats = tuple(stats)
+        return self._logp_BT
 
 
 @dataclass(frozen=True)

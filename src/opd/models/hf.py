@@ -2,6 +2,8 @@
 
 Logits are computed only on the completion columns of a :class:`opd.batch.SeqBatch`
 (the decoder runs on the whole sequence, the LM head only where a loss needs it).
+The teacher's default scoring is :func:`opd.models.scoring.lean_scores` (length buckets,
+the head on kept positions only, in chunks: no ``[B, T, V]`` tensor).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from opd.batch import SeqBatch
+from opd.losses.chunked import default_chunk_size
 from opd.models.base import Scores
+from opd.models.scoring import BUCKET_TOKENS, CALL_COST, chunk_scores, lean_scores
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,28 +70,44 @@ def completion_logits(model: PreTrainedModel, batch: SeqBatch) -> torch.Tensor:
 
 
 def scores_from_logits(
-    logits_BTV: torch.Tensor, tokens_BT: torch.Tensor, *, topk: int, full: bool, temperature: float
+    logits_BTV: torch.Tensor, tokens_BT: torch.Tensor, *, topk: int, full: bool, temperature: float,
+    chunk_size: int | None = None,
 ) -> Scores:
-    """Token log-probs, entropy and top-K of ``softmax(logits / temperature)``."""
-    logp_BTV = torch.log_softmax(logits_BTV.float() / temperature, dim=-1)
-    token_logp_BT = logp_BTV.gather(-1, tokens_BT.unsqueeze(-1)).squeeze(-1)
-    entropy_BT = -(logp_BTV.exp() * logp_BTV).nan_to_num().sum(-1)
-    k = min(topk, logp_BTV.shape[-1])
-    topk_logp_BTK, topk_ids_BTK = logp_BTV.topk(k, dim=-1)
-    return Scores(token_logp_BT, entropy_BT, topk_ids_BTK, topk_logp_BTK, logits_BTV if full else None)
+    """Token log-probs, entropy and top-K of ``softmax(logits / temperature)`` at every
+    position, ``chunk_size`` positions at a time (no ``[B, T, V]`` temporaries beside
+    ``logits_BTV``); the logits themselves are returned when ``full``."""
+    B, T, V = logits_BTV.shape
+    k, C = min(topk, V), chunk_size or default_chunk_size(V)
+    logits_NV, tokens_N = logits_BTV.reshape(B * T, V), tokens_BT.reshape(B * T)
+    parts = [chunk_scores(logits_NV[s : s + C], tokens_N[s : s + C], k, temperature) for s in range(0, max(B * T, 1), C)]
+    token_N, entropy_N, ids_NK, topk_N = (torch.cat(p) for p in zip(*parts))
+    return Scores(
+        token_N.view(B, T), entropy_N.view(B, T), ids_NK.view(B, T, k), topk_N.view(B, T, k),
+        logits_BTV if full else None,
+    )
 
 
 class HFTeacher:
-    """A local causal LM as a teacher: one batched no-grad forward pass per ``score`` call."""
+    """A local causal LM as a teacher: one no-grad scoring pass per ``score`` call.
 
-    def __init__(self, model: PreTrainedModel, *, eos_id: int, pad_id: int):
+    Without ``full``, :func:`opd.models.scoring.lean_scores`: packed length buckets of at
+    most ``bucket_tokens`` padded cells (``call_cost``: an extra decoder call's worth in
+    cells), the LM head on kept positions only, chunk by chunk. With ``full``, the plain
+    padded pass (every completion column's logits are returned, padding included)."""
+
+    def __init__(self, model: PreTrainedModel, *, eos_id: int, pad_id: int,
+                 bucket_tokens: int = BUCKET_TOKENS, call_cost: int = CALL_COST):
         self.model = model.eval()
         self.eos_id, self.pad_id = eos_id, pad_id
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.full_logits = True  # can return full next-token logits (a server may not)
+        self.bucket_tokens, self.call_cost = bucket_tokens, call_cost
 
     @torch.no_grad()
     def score(self, batch: SeqBatch, *, topk: int = 8, full: bool = False, temperature: float = 1.0) -> Scores:
+        if not full:
+            return lean_scores(self.model, batch, topk=topk, temperature=temperature,
+                               max_tokens=self.bucket_tokens, call_cost=self.call_cost)
         logits_BTV = completion_logits(self.model, batch)
         return scores_from_logits(
             logits_BTV, batch.completion_ids_BT, topk=topk, full=full, temperature=temperature

@@ -1,11 +1,29 @@
 """The student sampler: batched autoregressive sampling with a KV cache.
 
 One prefill over the left-padded prompts, then one decoder step per new token on the
-cached keys and values. Finished rows keep emitting padding. The log-probs recorded for
-each sampled token are the policy's own, ``log softmax(logits)`` at temperature 1 (the
-learner's scoring temperature, METHODS rule 3), not the tempered/top-p sampling
-distribution: they are what the importance ratio ``exp(log pi_theta - log pi_sampler)``
-needs.
+cached keys and values. Finished rows emit padding (and are dropped from the decoded
+batch once enough of them have finished). The log-probs recorded for each sampled token
+are the policy's own, ``log softmax(logits)`` at temperature 1 (the learner's scoring
+temperature, METHODS rule 3), not the tempered/top-p sampling distribution: they are what
+the importance ratio ``exp(log pi_theta - log pi_sampler)`` needs.
+
+Two decoders give the next-token logits: a direct one for the Llama family
+(:mod:`opd.rollouts.fast_decode`, static KV cache, no per-step framework overhead) and the
+generic Hugging Face one (``model.get_decoder()`` with a ``DynamicCache``), taken for any
+other model or configuration. Both feed the same token picker, so a seeded run picks the
+same tokens on either (up to float rounding of the logits).
+
+Sampling is by inverse CDF with one uniform ``u ~ U[0,1)`` per row and step (drawn from
+``generator`` for every row of the batch, finished or not, so the draws do not depend on
+how the batch is decoded): the token is the first ``i`` with ``F_i >= (1-u)·F_V``, where
+``F_i = sum_{j<=i} w_j`` and ``w = softmax(logits / temperature)`` (restricted to the top-p
+nucleus). ``F`` runs in float64 over blocks of the vocabulary and inside the chosen block
+(block sums in float32: relative rounding ~1e-7 of a block's mass, the precision of the
+float32 probabilities themselves), so a small probability after a large running sum is not
+rounded away as it would be by a float32 running sum over 32k entries. The draws are
+distributed like ``torch.multinomial(w, 1)`` (what ``model.generate`` uses), with a
+different random stream: ``multinomial`` draws ``V`` exponentials per row (serially in
+torch's CPU build), which dominated the step of small models on CPU.
 """
 
 from __future__ import annotations
@@ -13,9 +31,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from opd.batch import SeqBatch, make_batch
+from opd.rollouts import fast_decode
+
+BLOCK = 128  # vocabulary block of the two-level inverse CDF
 
 
 @dataclass
@@ -24,50 +46,143 @@ class Sampled:
     sampler_logp_BT: torch.Tensor  # log pi(y_t | c_t) at temperature 1, 0 on padding
 
 
+def draw(w_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: row ``b`` gives ``i`` with probability ``w_bi / sum_j w_bj``.
+
+    ``w_BV >= 0`` (any scale, each row with a positive finite sum), ``u_B`` float64 in
+    ``[0, 1)``. Two levels: the running sum (float64) of the block sums (float32) picks a
+    block of ``BLOCK`` tokens, the running sum inside that block (float64) the token. The
+    target ``(1-u)·total`` lies in ``(0, total]``, so the first index whose running sum
+    reaches it is always a token with ``w > 0``.
+    """
+    B, V = w_BV.shape
+    nb = -(-V // BLOCK)
+    if nb * BLOCK != V:
+        w_BV = F.pad(w_BV, (0, nb * BLOCK - V))
+    w_BNK = w_BV.reshape(B, nb, BLOCK)
+    cdf_BN = w_BNK.sum(-1).double().cumsum(-1)
+    target_B = (1.0 - u_B) * cdf_BN[:, -1]
+    blk_B = torch.searchsorted(cdf_BN, target_B[:, None]).squeeze(-1).clamp(max=nb - 1)
+    before_B = cdf_BN.gather(1, (blk_B - 1).clamp(min=0)[:, None]).squeeze(-1) * (blk_B > 0)
+    local_BK = w_BNK[torch.arange(B), blk_B].double().cumsum(-1)
+    rest_B = torch.minimum(target_B - before_B, local_BK[:, -1])
+    return blk_B * BLOCK + torch.searchsorted(local_BK, rest_B[:, None]).squeeze(-1).clamp(max=BLOCK - 1)
+
+
+def _nucleus(probs_BV: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest set of most likely tokens reaching ``top_p``: (sorted kept probs, order)."""
+    sorted_p, order = probs_BV.sort(dim=-1, descending=True)
+    drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+    return sorted_p.masked_fill(drop, 0.0), order
+
+
+def pick_tokens_logp(
+    logits_BV: torch.Tensor, temperature: float, top_p: float, u_B: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens and their log-probs ``log softmax(logits)[tok]`` (temperature 1).
+
+    Greedy when ``temperature == 0`` (``u_B`` unused), else a draw (:func:`draw`, one
+    uniform per row in ``u_B``) from ``softmax(logits / temperature)``, cut to its top-p
+    nucleus when ``top_p < 1``. At temperature 1 the sampling softmax is reused for the
+    log-prob: ``log p_tok`` (a sampled token has ``p_tok > 0``).
+    """
+    if temperature == 0:
+        tok_B = logits_BV.argmax(-1)
+        return tok_B, logits_BV.gather(-1, tok_B[:, None]).squeeze(-1) - logits_BV.logsumexp(-1)
+    probs_BV = torch.softmax(logits_BV if temperature == 1.0 else logits_BV / temperature, dim=-1)
+    if not bool(torch.isfinite(probs_BV.sum())):
+        raise ValueError("the logits hold nan or inf: nothing to sample from")
+    if top_p < 1.0:
+        kept_BV, order_BV = _nucleus(probs_BV, top_p)
+        tok_B = order_BV.gather(-1, draw(kept_BV, u_B)[:, None]).squeeze(-1)
+    else:
+        tok_B = draw(probs_BV, u_B)
+    if temperature == 1.0:
+        return tok_B, probs_BV.gather(-1, tok_B[:, None]).squeeze(-1).log()
+    return tok_B, logits_BV.gather(-1, tok_B[:, None]).squeeze(-1) - logits_BV.logsumexp(-1)
+
+
 def pick_tokens(
     logits_BV: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Greedy when ``temperature == 0``, else temperature + nucleus (top-p) sampling."""
-    if temperature == 0:
-        return logits_BV.argmax(-1)
-    probs_BV = torch.softmax(logits_BV / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs_BV.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # keep the smallest set reaching top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs_BV = torch.zeros_like(probs_BV).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+    u_B = None if temperature == 0 else torch.rand(logits_BV.shape[0], generator=generator, dtype=torch.float64)
+    return pick_tokens_logp(logits_BV, temperature, top_p, u_B)[0]
 
 
-def _decoder_step(model, ids_BL, attn_BL, pos_BL, cache):
-    out = model.get_decoder()(
-        input_ids=ids_BL, attention_mask=attn_BL, position_ids=pos_BL, cache=cache, use_cache=True
-    )
-    return model.get_output_embeddings()(out.last_hidden_state[:, -1]).float()
+class HFDecoder:
+    """Generic incremental decoding through the Hugging Face model (any causal LM).
+
+    The attention mask is preallocated (``capacity`` columns, doubled when full).
+    """
+
+    def __init__(self, model: PreTrainedModel, prompts: list[list[int]], pad_id: int, capacity: int = 0):
+        prompt_batch = make_batch(prompts, [[] for _ in prompts], pad_id)
+        P = self.length = prompt_batch.prompt_len
+        self.model = model
+        self.attn_BL = torch.zeros(len(prompts), max(capacity, 2 * P), dtype=torch.long)
+        self.attn_BL[:, :P] = prompt_batch.attention_mask_BL[:, :P]
+        pos_BL = (self.attn_BL[:, :P].cumsum(-1) - 1).clamp(min=0)
+        self.cache = DynamicCache(config=model.config)
+        self.logits_BV = self._step(prompt_batch.input_ids_BL[:, :P], pos_BL)
+        self.next_pos_B = pos_BL[:, -1] + 1
+
+    def _step(self, ids_BS: torch.Tensor, pos_BS: torch.Tensor) -> torch.Tensor:
+        out = self.model.get_decoder()(
+            input_ids=ids_BS, attention_mask=self.attn_BL[:, : self.length], position_ids=pos_BS,
+            cache=self.cache, use_cache=True,
+        )
+        return self.model.get_output_embeddings()(out.last_hidden_state[:, -1]).float()
+
+    def advance(self, tok_B: torch.Tensor, live_B: torch.Tensor) -> None:
+        if self.length == self.attn_BL.shape[1]:
+            self.attn_BL = torch.cat([self.attn_BL, torch.zeros_like(self.attn_BL)], dim=1)
+        self.attn_BL[:, self.length] = live_B.long()
+        self.length += 1
+        self.logits_BV = self._step(tok_B[:, None], self.next_pos_B[:, None])
+        self.next_pos_B = self.next_pos_B + 1
+
+    def keep_rows(self, rows_A: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows_A)
+        self.attn_BL, self.next_pos_B, self.logits_BV = self.attn_BL[rows_A], self.next_pos_B[rows_A], self.logits_BV[rows_A]
 
 
 class Decoder:
     """Incremental decoding of a batch: one prefill, then one cached step per token.
 
-    ``logits_BV`` always holds the next-token logits of every row; :meth:`advance` feeds
-    the tokens just chosen (finished rows feed padding, masked out of attention).
+    ``logits_BV`` always holds the next-token logits (float32) of every row; :meth:`advance`
+    feeds the tokens just chosen (finished rows feed padding, masked out of attention);
+    :meth:`keep_rows` drops rows from the batch. The direct Llama-family decoder is used
+    when ``fast`` and the model supports it (``path == "fast"``), else the generic one
+    (``path == "hf"``, ``fallback`` says why). ``max_new_tokens`` (optional) sizes the caches.
     """
 
-    def __init__(self, model: PreTrainedModel, prompts: list[list[int]], pad_id: int):
-        prompt_batch = make_batch(prompts, [[] for _ in prompts], pad_id)
-        P = prompt_batch.prompt_len
-        self.model = model
-        self.attn_BL = prompt_batch.attention_mask_BL[:, :P]
-        pos_BL = (self.attn_BL.cumsum(-1) - 1).clamp(min=0)
-        self.cache = DynamicCache(config=model.config)
-        self.logits_BV = _decoder_step(model, prompt_batch.input_ids_BL[:, :P], self.attn_BL, pos_BL, self.cache)
-        self.next_pos_B = pos_BL[:, -1] + 1
+    def __init__(self, model: PreTrainedModel, prompts: list[list[int]], pad_id: int,
+                 max_new_tokens: int | None = None, fast: bool = True):
+        max_len = None if max_new_tokens is None else max(len(p) for p in prompts) + max_new_tokens
+        self.fallback = fast_decode.unsupported(model, max_len) if fast else "fast=False"
+        self.path = "hf" if self.fallback else "fast"
+        if self.fallback:
+            self.impl = HFDecoder(model, prompts, pad_id, capacity=max_len or 0)
+        else:
+            self.impl = fast_decode.FastDecoder(model, prompts, pad_id, capacity=max_len or 0)
+
+    @property
+    def logits_BV(self) -> torch.Tensor:
+        return self.impl.logits_BV
 
     def advance(self, tok_B: torch.Tensor, live_B: torch.Tensor) -> None:
         """Append ``tok_B``; ``live_B`` marks rows whose token is real (attended to)."""
-        self.attn_BL = torch.cat([self.attn_BL, live_B.long()[:, None]], dim=1)
-        self.logits_BV = _decoder_step(self.model, tok_B[:, None], self.attn_BL, self.next_pos_B[:, None], self.cache)
-        self.next_pos_B = self.next_pos_B + 1
+        self.impl.advance(tok_B, live_B)
+
+    def keep_rows(self, rows_A: torch.Tensor) -> None:
+        """Keep only rows ``rows_A`` (indices into the current batch), in that order."""
+        self.impl.keep_rows(rows_A)
+
+
+def _worth_compacting(n_done: int, n_active: int) -> bool:
+    """Drop finished rows once they are a quarter of the decoded batch (a cache copy each time)."""
+    return n_done > 0 and 4 * n_done >= n_active
 
 
 @torch.no_grad()
@@ -81,23 +196,44 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    fast: bool = True,
 ) -> Sampled:
-    """Sample one completion per prompt (up to ``max_new_tokens``, stopping at EOS)."""
-    dec = Decoder(model, prompts, pad_id)
-    tokens, logps = [], []
-    done_B = torch.zeros(len(prompts), dtype=torch.bool)
-    for _ in range(max_new_tokens):
-        tok_B = pick_tokens(dec.logits_BV, temperature, top_p, generator)
-        tok_B = tok_B.masked_fill(done_B, pad_id)
-        logp_B = torch.log_softmax(dec.logits_BV, -1).gather(-1, tok_B[:, None]).squeeze(-1)
-        tokens.append(tok_B)
-        logps.append(logp_B.masked_fill(done_B, 0.0))
-        live_B = ~done_B
-        done_B = done_B | (tok_B == eos_id)
-        if bool(done_B.all()):
+    """Sample one completion per prompt (up to ``max_new_tokens``, stopping at EOS).
+
+    ``fast=False`` forces the generic Hugging Face decoder (same tokens, slower). Decoding
+    runs in inference mode; the returned tensors are ordinary ones.
+    """
+    with torch.inference_mode():
+        dec = Decoder(model, prompts, pad_id, max_new_tokens=max_new_tokens, fast=fast)
+        tokens_BT, logp_BT = _decode(dec, len(prompts), max_new_tokens, eos_id, pad_id, temperature, top_p, generator)
+    return assemble(prompts, tokens_BT, logp_BT, eos_id, pad_id)
+
+
+def _decode(dec: Decoder, B: int, max_new_tokens: int, eos_id: int, pad_id: int, temperature: float, top_p: float,
+            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling loop: ``[B, steps]`` tokens (padding after EOS) and their log-probs (0 there)."""
+    tokens_BT = torch.full((B, max_new_tokens), pad_id, dtype=torch.long)
+    logp_BT = torch.zeros(B, max_new_tokens)
+    rows_A = torch.arange(B)  # batch rows still decoded
+    done_A = torch.zeros(B, dtype=torch.bool)
+    steps = 0
+    for t in range(max_new_tokens):
+        u_B = None if temperature == 0 else torch.rand(B, generator=generator, dtype=torch.float64)
+        tok_A, lp_A = pick_tokens_logp(dec.logits_BV, temperature, top_p, None if u_B is None else u_B[rows_A])
+        live_A = ~done_A
+        tok_A = tok_A.masked_fill(done_A, pad_id)
+        tokens_BT[rows_A, t], logp_BT[rows_A, t] = tok_A, lp_A.masked_fill(done_A, 0.0)
+        done_A = done_A | (tok_A == eos_id)
+        steps = t + 1
+        n_done = int(done_A.sum())
+        if n_done == len(rows_A) or steps == max_new_tokens:
             break
-        dec.advance(tok_B, live_B)
-    return assemble(prompts, torch.stack(tokens, 1), torch.stack(logps, 1), eos_id, pad_id)
+        if _worth_compacting(n_done, len(rows_A)):
+            keep_A = (~done_A).nonzero().squeeze(-1)
+            dec.keep_rows(keep_A)
+            rows_A, tok_A, live_A, done_A = rows_A[keep_A], tok_A[keep_A], live_A[keep_A], done_A[keep_A]
+        dec.advance(tok_A, live_A)
+    return tokens_BT[:, :steps], logp_BT[:, :steps]
 
 
 def assemble(prompts, tokens_BT, logp_BT, eos_id, pad_id) -> Sampled:

@@ -1,0 +1,184 @@
+"""Log-probabilities of given tokens straight from hidden states and the LM head.
+
+For tokens ``y_n`` with hidden states ``h_n`` and the LM head ``z_n = h_n W^T + b``:
+
+    ℓ_n = log softmax(z_n)[y_n] = z_n[y_n] − lse_n,   lse_n = logsumexp_v z_n[v]
+
+made ``chunk_size`` tokens at a time, so that ``[N, V]`` is never held: peak extra memory
+is one ``[chunk, V]`` buffer (two with the side statistics below), reused across chunks.
+The result is differentiable for any upstream gradient ``g_N``. Backward recomputes each
+chunk's logits from the saved ``h`` and ``lse``, with ``p_n = exp(z_n − lse_n)``:
+
+    ∂L/∂z_n = g_n (e_{y_n} − p_n),  ∂L/∂h_n = (∂L/∂z_n) W,
+    ∂L/∂W = Σ_n (∂L/∂z_n)^T h_n,    ∂L/∂b = Σ_n ∂L/∂z_n
+
+so forward+backward costs 4 LM-head matmuls per chunk instead of the naive 3, and never
+holds ``log_softmax(z)``. Side statistics from the same forward sweep, detached (no extra
+matmul): the entropy ``H_n = −Σ_v p_n(v) log p_n(v)`` and the ids of the ``k`` largest
+logits (:func:`token_logp_and_stats`).
+
+Numerics as the full-logits path (``log_softmax(lm_head(h).float())``): the matmul in the
+head's dtype, the softmax math in float32 (float64 for float64 heads); W's gradient
+accumulates in float32 (float64). Logits are floored at the dtype's lowest finite value
+(as :func:`opd.losses.entropy`); an LM head's are finite anyway.
+Source: the fused linear cross-entropy idea (Liger-Kernel, third-party code), here for an
+arbitrary upstream gradient rather than a fixed mean. Deviations: none (values and
+gradients equal the unchunked form up to float rounding).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from opd.losses.chunked import default_chunk_size
+from opd.losses.divergence import compute_dtype
+
+
+def logits_into(h_CH, weight_VH, bias_V, out_CV) -> torch.Tensor:
+    """``out ← h W^T + b`` (in ``out``'s dtype; no temporary when the dtypes agree)."""
+    if h_CH.dtype != out_CV.dtype:
+        return out_CV.copy_(torch.nn.functional.linear(h_CH, weight_VH, bias_V))
+    if bias_V is None:
+        return torch.mm(h_CH, weight_VH.t(), out=out_CV)
+    return torch.addmm(bias_V, h_CH, weight_VH.t(), out=out_CV)
+
+
+def _normalize_(z_CV: torch.Tensor, p_CV: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(lse [C], H [C] or None)``. Without ``p``: ``z ← exp(z − max)`` in place. With
+    ``p`` (a second buffer): ``z ← log softmax z``, ``p ← softmax z``, and the entropy."""
+    z_CV.clamp_min_(torch.finfo(z_CV.dtype).min)
+    m_C1 = z_CV.amax(-1, keepdim=True)
+    z_CV.sub_(m_C1)
+    if p_CV is None:
+        return z_CV.exp_().sum(-1).log_().add_(m_C1.squeeze(-1)), None
+    s_C1 = torch.exp(z_CV, out=p_CV).sum(-1, keepdim=True)
+    z_CV.sub_(s_C1.log())
+    entropy_C = -p_CV.div_(s_C1).mul_(z_CV).sum(-1)
+    return s_C1.log_().add_(m_C1).squeeze(-1), entropy_C
+
+
+def _forward(h_NH, weight_VH, bias_V, ids_N, chunk: int, dtype, k: int):
+    """``(ℓ_N, lse_N, H_N, topk_ids_Nk)`` chunk by chunk (``H``, ids empty when ``k < 0``)."""
+    n, V = h_NH.shape[0], weight_VH.shape[0]
+    c = max(1, min(chunk, n))
+    z_buf = h_NH.new_empty(c, V, dtype=dtype)
+    p_buf = h_NH.new_empty(c, V, dtype=dtype) if k >= 0 else None
+    logp_N, lse_N = h_NH.new_empty(n, dtype=dtype), h_NH.new_empty(n, dtype=dtype)
+    ent_N = h_NH.new_empty(n if k >= 0 else 0, dtype=dtype)
+    top_Nk = torch.empty(n, max(k, 0), dtype=torch.long, device=h_NH.device)
+    for lo in range(0, n, c):
+        hi = min(lo + c, n)
+        z_CV = logits_into(h_NH[lo:hi], weight_VH, bias_V, z_buf[: hi - lo])
+        z_y_C = z_CV.gather(-1, ids_N[lo:hi, None]).squeeze(-1)
+        if k > 0:
+            top_Nk[lo:hi] = z_CV.topk(k, dim=-1).indices
+        lse_C, ent_C = _normalize_(z_CV, None if p_buf is None else p_buf[: hi - lo])
+        lse_N[lo:hi], logp_N[lo:hi] = lse_C, z_y_C - lse_C
+        if ent_C is not None:
+            ent_N[lo:hi] = ent_C
+    return logp_N, lse_N, ent_N, top_Nk
+
+
+def _backward(h_NH, weight_VH, bias_V, ids_N, lse_N, g_N, chunk: int, need):
+    """``(g_h, g_W, g_b)`` of ``Σ_n g_n ℓ_n`` (None where not ``need``)."""
+    (n, _), V, dtype = h_NH.shape, weight_VH.shape[0], lse_N.dtype
+    c = max(1, min(chunk, n))
+    z_buf = h_NH.new_empty(c, V, dtype=dtype)
+    g_h = h_NH.new_empty(h_NH.shape) if need[0] else None
+    g_w = weight_VH.new_zeros(weight_VH.shape, dtype=dtype) if need[1] else None
+    g_b = weight_VH.new_zeros(V, dtype=dtype) if need[2] else None
+    g_N = g_N.to(dtype)
+    for lo in range(0, n, c):
+        hi = min(lo + c, n)
+        g_C = g_N[lo:hi]
+        z_CV = logits_into(h_NH[lo:hi], weight_VH, bias_V, z_buf[: hi - lo])
+        z_CV.clamp_min_(torch.finfo(dtype).min)
+        grad_CV = z_CV.sub_(lse_N[lo:hi, None]).exp_().mul_(-g_C[:, None])  # −g p
+        grad_CV.scatter_add_(-1, ids_N[lo:hi, None], g_C[:, None])  # + g e_y
+        if g_h is not None:
+            torch.mm(grad_CV.to(weight_VH.dtype), weight_VH, out=g_h[lo:hi])
+        if g_w is not None:
+            g_w.addmm_(grad_CV.t(), h_NH[lo:hi].to(dtype))
+        if g_b is not None:
+            g_b.add_(grad_CV.sum(0))
+    return g_h, g_w, g_b
+
+
+class _TokenLogp(torch.autograd.Function):
+    """``(ℓ_N, H_N, topk_ids_Nk)``; backward (of ``ℓ`` only) recomputes each chunk."""
+
+    @staticmethod
+    def forward(ctx, h_NH, weight_VH, bias_V, ids_N, chunk, k):
+        dtype = compute_dtype(h_NH, weight_VH)
+        logp_N, lse_N, ent_N, top_Nk = _forward(h_NH, weight_VH, bias_V, ids_N, chunk, dtype, k)
+        ctx.save_for_backward(h_NH, weight_VH, bias_V, ids_N, lse_N)
+        ctx.chunk = chunk
+        ctx.mark_non_differentiable(ent_N, top_Nk)
+        return logp_N, ent_N, top_Nk
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_N, _g_ent, _g_top):
+        h_NH, weight_VH, bias_V, ids_N, lse_N = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        grads = _backward(h_NH, weight_VH, bias_V, ids_N, lse_N, g_N, ctx.chunk, need)
+        inputs = (h_NH, weight_VH, bias_V)
+        grads = [None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs)]
+        return (*grads, None, None, None)
+
+
+def _apply(hidden_NH, weight_VH, ids_N, bias_V, chunk_size, k):
+    V, H = weight_VH.shape
+    if hidden_NH.shape[-1] != H or hidden_NH.shape[:-1] != ids_N.shape:
+        raise ValueError(
+            f"hidden [..., H={H}] and ids [...] must share leading dims, got "
+            f"{tuple(hidden_NH.shape)} and {tuple(ids_N.shape)}"
+        )
+    if bias_V is not None and bias_V.shape != (V,):
+        raise ValueError(f"bias must be [V={V}], got {tuple(bias_V.shape)}")
+    chunk = default_chunk_size(V) if chunk_size is None else int(chunk_size)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    h_NH = hidden_NH.reshape(-1, H)
+    logp_N, ent_N, top_Nk = _TokenLogp.apply(h_NH, weight_VH, bias_V, ids_N.reshape(-1).long(), chunk, k)
+    lead = tuple(ids_N.shape)
+    return logp_N.reshape(lead), ent_N, top_Nk
+
+
+def token_logp(
+    hidden_NH: torch.Tensor,
+    lm_head_weight_VH: torch.Tensor,
+    ids_N: torch.Tensor,
+    *,
+    bias_V: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``log softmax(h W^T + b)[y]`` per token (module doc), without holding ``[N, V]``.
+
+    ``hidden_NH [..., H]`` and ``ids_N [...]`` (long, in ``[0, V)``) share leading dims;
+    the result has them too, float32 (float64 for float64 inputs). Differentiable w.r.t.
+    ``hidden_NH``, ``lm_head_weight_VH`` and ``bias_V``; backward recomputes the logits.
+    ``chunk_size`` tokens per chunk (default ``default_chunk_size(V)``, about 64 MiB).
+    """
+    return _apply(hidden_NH, lm_head_weight_VH, ids_N, bias_V, chunk_size, -1)[0]
+
+
+def token_logp_and_stats(
+    hidden_NH: torch.Tensor,
+    lm_head_weight_VH: torch.Tensor,
+    ids_N: torch.Tensor,
+    *,
+    topk: int,
+    bias_V: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ℓ [...], H [...], topk_ids [..., k])``: :func:`token_logp` (differentiable) plus,
+    from the same sweep and detached, each token's entropy ``H = −Σ_v p(v) log p(v)`` and
+    the ids of its ``k = min(topk, V)`` largest logits (``torch.topk`` order and ties;
+    ``topk = 0``: none). One more ``[chunk, V]`` buffer than :func:`token_logp`."""
+    if topk < 0:
+        raise ValueError(f"topk must be >= 0, got {topk}")
+    k = min(topk, lm_head_weight_VH.shape[0])
+    logp, ent_N, top_Nk = _apply(hidden_NH, lm_head_weight_VH, ids_N, bias_V, chunk_size, k)
+    return logp, ent_N.reshape(logp.shape), top_Nk.reshape(*logp.shape, k)
