@@ -1,6 +1,6 @@
-"""Every registered method, 30 steps from the quickstart's student base with the oracle teacher.
+"""Every registered method, 30 steps from the testbed student base with the oracle teacher.
 
-    python experiments/methods_30_steps.py [--steps 30] [--methods opd,skd,...] [--lr 1e-5] [--set KEY=VALUE ...]
+    python experiments/methods_30_steps.py [--steps 30] [--methods opd,skd,...] [--lr 1e-4] [--set KEY=VALUE ...]
 
 Each method runs with its recipe (``opd methods``) under the shared settings below, one
 seed, and the same learning rate. Checks that every logged loss value is finite and writes
@@ -89,7 +89,7 @@ def table(rows: list[dict], steps: int, lr: float, extra: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--runs", default="runs/methods_30_steps")
     ap.add_argument("--out", default=None, help="default: docs/results/methods_30_steps/lr<LR>[_<KEY>-<VALUE>...].md")
