@@ -8,7 +8,7 @@ and sampled accuracy on 200 validation prompts every 8 steps:
 
 - **mid-jump**: SFT stopped early in the accuracy jump these tiny models make (350 steps,
   the testbed's base before this experiment);
-- **converged**: SFT run until it converged (600 steps, annealed);
+- **converged**: SFT run until it converged (1000 steps, annealed);
 - **converged, damaged**: the converged base with Gaussian noise added to every weight, 0.3 ×
   each tensor's std, the smallest level that brings greedy validation accuracy to 0.4 or
   below (the testbed's base now).
@@ -31,7 +31,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "results" / "control.md"
 RUNS = {"opd": dict(method="opd", group_size=4), "sft": dict(method="sft", group_size=1)}
 BASES = {
     "mid-jump (350 SFT steps)": dict(warmup_steps=350, target_accuracy=None),
-    "converged (600 SFT steps)": dict(target_accuracy=None),
+    "converged (1000 SFT steps)": dict(target_accuracy=None),
     f"converged, damaged to {STUDENT_TARGET:g} (default)": dict(target_accuracy=STUDENT_TARGET),
 }
 
