@@ -48,27 +48,9 @@ import torch
 import torch.nn.functional as F
 
 from opd.losses.chunked import chunked_divergence, chunked_divergence_loss, default_chunk_size
+from procmem import available_mib as _available_mib, reset_peak as _reset_peak, status_kib as _status_kib  # bench/procmem.py
 
 METHODS = ("naive", "lean-fused", "lean-recompute")
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key))
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _available_mib() -> float:
-    with open("/proc/meminfo") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) / 1024
 
 
 def naive_estimate_mib(kind: str, n: int, hidden: int, vocab: int) -> float:

@@ -75,6 +75,7 @@ from opd.methods.base import Experience
 from opd.models.base import Scores
 from opd.testbed import STUDENT_ARCH
 from opd.train import make_optimizer, update
+from procmem import reset_peak as _reset_peak, status_kib as _status_kib  # bench/procmem.py
 
 MODES = ("lean", "naive")
 COLUMNS = {"seconds": (7, 3), "cpu_s": (8, 3), "peak_mib": (9, 1), "act_mib": (8, 1)}  # width, decimals of the lean column
@@ -83,20 +84,6 @@ TOPK = 8
 
 
 # ---------------------------------------------------------------- one case (in a child)
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key))
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _cpu_seconds() -> float:

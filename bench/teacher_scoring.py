@@ -57,30 +57,12 @@ from transformers.utils import logging as hf_logging
 
 from opd.batch import make_batch
 from opd.models.hf import HFTeacher, completion_logits
+from procmem import available_mib as _available_mib, reset_peak as _reset_peak, status_kib as _status_kib  # bench/procmem.py
 
 METHODS = ("naive", "lean", "lean-1bucket", "full")
 CASES = ("uniform", "skewed")
 SHAPES = {32000: (16, 512), 151936: (8, 256)}  # vocab -> (rows, longest completion)
 TOPK, PAD, EOS = 8, 0, 1
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key))
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _available_mib() -> float:
-    with open("/proc/meminfo") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) / 1024
 
 
 def save_teacher(folder: str, vocab: int, hidden: int, layers: int) -> None:
