@@ -42,7 +42,7 @@ STUDENT_WARMUP = dict(steps=1000, lr=3e-3, prompts_per_step=32, stop_at_accuracy
 # that brings greedy validation accuracy down to the target, so that every task and horizon
 # starts from about the same accuracy (addition, horizon 4: 0.4, which gives 0.36).
 STUDENT_TARGET = 0.4
-DAMAGE_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+DAMAGE_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.9, 1.0)
 TEACHER_TRAINING = dict(steps=1200, lr=3e-3, prompts_per_step=32, stop_at_accuracy=0.95)
 
 
