@@ -279,6 +279,17 @@ def gkd_probe(out: tuple) -> tuple[int, tuple[int, int]]:
     return int((labels_BL[:, 1:] != -100).sum()), (P, ids_BL.shape[1] - P)
 
 
+def timed_train(trainer, generate_attr: str, probe, between: list, threads: int) -> Record:
+    """Train with the generation method ``generate_attr`` wrapped in a timer; one record per step."""
+    gen = Timed(getattr(trainer, generate_attr), probe)
+    setattr(trainer, generate_attr, gen)
+    rec = Record()
+    quiet(trainer).add_callback(step_timer(rec, gen, between))
+    torch.set_num_threads(threads)
+    trainer.train()
+    return rec
+
+
 def run_trl_distillation(student: str, teacher: str, rows: list[dict], args, work: Path, between: list) -> Record:
     from datasets import Dataset
 
@@ -297,12 +308,7 @@ def run_trl_distillation(student: str, teacher: str, rows: list[dict], args, wor
         model=load(student), teacher_model=load(teacher), args=cfg, train_dataset=data,
         processing_class=build_tokenizer(args.vocab),
     )
-    gen = trainer._generate_and_score_completions = Timed(trainer._generate_and_score_completions, distillation_probe)
-    rec = Record()
-    quiet(trainer).add_callback(step_timer(rec, gen, between))
-    torch.set_num_threads(args.threads)
-    trainer.train()
-    return rec
+    return timed_train(trainer, "_generate_and_score_completions", distillation_probe, between, args.threads)
 
 
 def run_trl_gkd(student: str, teacher: str, rows: list[dict], args, work: Path, between: list) -> Record:
@@ -319,12 +325,7 @@ def run_trl_gkd(student: str, teacher: str, rows: list[dict], args, work: Path, 
         model=model, teacher_model=load(teacher), args=cfg, processing_class=build_tokenizer(args.vocab),
         train_dataset=Dataset.from_list([{"messages": c} for c in chats]),
     )
-    gen = trainer.generate_on_policy_outputs = Timed(trainer.generate_on_policy_outputs, gkd_probe)
-    rec = Record()
-    quiet(trainer).add_callback(step_timer(rec, gen, between))
-    torch.set_num_threads(args.threads)
-    trainer.train()
-    return rec
+    return timed_train(trainer, "generate_on_policy_outputs", gkd_probe, between, args.threads)
 
 
 # ---------------------------------------------------------------- report
