@@ -6,7 +6,7 @@ the vocabulary grows larger, the lean student view vs the eager full-logits one.
     python bench/scaling.py --sweeps vocab --vocabs 32768 151936 --repeat 3
     python bench/scaling.py --out /tmp/scaling.png --threads 2
 
-What is timed: ``opd.train.update`` itself (the loop's real path: micro-batch student
+What is timed: ``opd.run.loop.update`` itself (the loop's real path: micro-batch student
 forward, ``method.loss``, backward, the student ``diag/`` statistics, gradient clipping,
 one AdamW step), for OPD (``opd`` defaults: importance-sampling loss on
 ``view.logp_BT`` only) and optionally GKD (JSD over the full vocabulary, so it reads
@@ -73,8 +73,8 @@ from opd.batch import make_batch
 from opd.methods import build_method
 from opd.methods.base import Experience
 from opd.models.base import Scores
-from opd.testbed import STUDENT_ARCH
-from opd.train import make_optimizer, update
+from opd.testbed.builder import STUDENT_ARCH
+from opd.run.loop import make_optimizer, update
 from procmem import reset_peak as _reset_peak, status_kib as _status_kib  # bench/procmem.py
 
 MODES = ("lean", "naive")
@@ -280,7 +280,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scaling.png")
     args = p.parse_args()
     if args.length_vocab == 0:
-        from opd.tasks.tokenizer import build_tokenizer
+        from opd.testbed.tokenizer import build_tokenizer
 
         args.length_vocab = len(build_tokenizer())
     common = dict(prompt_len=args.prompt_len, micro_batch=args.micro_batch, repeat=args.repeat, threads=args.threads)

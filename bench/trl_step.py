@@ -175,9 +175,9 @@ class OpdSide:
     interleaved with; ``take()`` hands over the steps measured so far."""
 
     def __init__(self, method: str, student: str, teacher: str, data: str, args, work: Path, extra: dict):
-        from opd.run import Run
-        from opd.setup import build_setup
-        from opd.train_config import TrainConfig
+        from opd.run.runner import Run
+        from opd.run.setup import build_setup
+        from opd.config.train import TrainConfig
 
         cfg = TrainConfig(
             method=method, student=student, teacher=teacher, dataset=data, chat_template="off", steps=1000,

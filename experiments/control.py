@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from opd.run import train
-from opd.testbed import STUDENT_TARGET, prepare_student_base
-from opd.train_config import TrainConfig
+from opd.run.runner import train
+from opd.testbed.builder import STUDENT_TARGET, prepare_student_base
+from opd.config.train import TrainConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "results" / "control.md"
 RUNS = {"opd": dict(method="opd", group_size=4), "sft": dict(method="sft", group_size=1)}

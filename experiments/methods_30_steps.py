@@ -18,9 +18,9 @@ from pathlib import Path
 
 from opd.cli import train_config
 from opd.methods import METHODS, method_recipe
-from opd.metrics_log import read_metrics
-from opd.run import train
-from opd.train_config import TrainConfig
+from opd.run.metrics_log import read_metrics
+from opd.run.runner import train
+from opd.config.train import TrainConfig
 
 SHARED = dict(
     student="testbed", teacher="oracle", task="addition", horizon=4, max_new_tokens=64,

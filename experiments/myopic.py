@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from opd.compare import compare
+from opd.compare.driver import compare
 from opd.diagnostics.diagnose import load, probe_section, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def _first_run(summary: dict) -> dict:
 
 def base_checkpoint(summary: dict) -> Path:
     """A step-0 stand-in: the first run's config with the prepared base as the student."""
-    from opd.testbed import prepare_student_base
+    from opd.testbed.builder import prepare_student_base
 
     base = prepare_student_base("addition", 4, quiet=True)
     probe_dir = Path(_first_run(summary)["run_dir"]).parent.parent / "base_probe"

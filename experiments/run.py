@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from opd.compare import compare
+from opd.compare.driver import compare
 
 ROOT = Path(__file__).resolve().parents[1]
 

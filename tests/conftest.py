@@ -15,7 +15,7 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_student_dir(tmp_path_factory):
     """A randomly initialized testbed-shaped student, saved like a real model."""
-    from opd.testbed import save_initial
+    from opd.testbed.builder import save_initial
 
     arch = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     return str(save_initial(tmp_path_factory.mktemp("student"), arch, seed=0))
@@ -24,7 +24,7 @@ def tiny_student_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_cfg(tiny_student_dir, tmp_path):
     """A two-step testbed run with small batches."""
-    from opd.train_config import TrainConfig
+    from opd.config.train import TrainConfig
 
     def make(**changes):
         base = dict(

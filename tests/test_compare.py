@@ -7,12 +7,12 @@ import pytest
 import yaml
 
 from opd.cli import main
-from opd.compare import compare, load_spec
-from opd.config import ConfigError, load_config
+from opd.compare.driver import compare, load_spec
+from opd.config.loader import ConfigError, load_config
 from opd.errors import UserError
-from opd.metrics_log import read_metrics
-from opd.run import Run
-from opd.train_config import TrainConfig
+from opd.run.metrics_log import read_metrics
+from opd.run.runner import Run
+from opd.config.train import TrainConfig
 
 
 def _write_spec(tmp_path, student, **changes):
@@ -126,7 +126,7 @@ def test_cli_reports_a_bad_spec_and_applies_spec_overrides(tiny_student_dir, tmp
 
 
 def test_example_spec_builds_every_config(tmp_path):
-    from opd.compare import check_all, run_config
+    from opd.compare.driver import check_all, run_config
 
     spec = load_spec(str(Path(__file__).resolve().parents[1] / "experiments/compare_example.yaml"))
     check_all(spec, tmp_path)

@@ -1,4 +1,4 @@
-"""opd.config: precedence, type parsing, every error path, save/load round trip."""
+"""opd.config.loader: precedence, type parsing, every error path, save/load round trip."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from opd.config import ConfigError, config_to_dict, describe_config, load_config, save_config
+from opd.config.loader import ConfigError, config_to_dict, describe_config, load_config, save_config
 
 
 @dataclass

@@ -10,9 +10,9 @@ import torch
 from opd.batch import make_batch
 from opd.diagnostics import coverage, noise, probe, variance
 from opd.models.hf import completion_hidden, load_model
-from opd.tasks.oracle import OracleTeacher
-from opd.tasks.registry import make_task
-from opd.tasks.tokenizer import build_tokenizer
+from opd.testbed.oracle import OracleTeacher
+from opd.testbed.tasks import make_task
+from opd.testbed.tokenizer import build_tokenizer
 
 TOK = build_tokenizer()
 SEP, WAIT, EOS, PAD = (TOK.convert_tokens_to_ids(w) for w in (";", "wait", "<eos>", "<pad>"))
@@ -258,9 +258,9 @@ def test_dataset_runs_skip_testbed_sections():
 
 
 def test_opd_diagnose_end_to_end(tiny_cfg, tmp_path, capsys):
-    from opd.checkpoint import latest_checkpoint
+    from opd.run.checkpoint import latest_checkpoint
     from opd.cli import main
-    from opd.run import train
+    from opd.run.runner import train
 
     cfg = tiny_cfg(steps=1)
     train(cfg)

@@ -1,4 +1,4 @@
-"""Per-step diagnostics (opd.diagnostics.step): every function against a naive loop
+"""Per-step diagnostics (opd.run.step_diagnostics): every function against a naive loop
 reference in float64, hostile inputs (peaked, -inf, empty masks), and short training runs
 whose metrics.jsonl carries the diag/ keys."""
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from opd.diagnostics.step import (
+from opd.run.step_diagnostics import (
     LOGP_FLOOR,
     masked_mean,
     position_buckets,
@@ -20,8 +20,8 @@ from opd.diagnostics.step import (
     teacher_topk_mass_BT,
     topk_overlap_BT,
 )
-from opd.metrics_log import read_metrics
-from opd.run import train
+from opd.run.metrics_log import read_metrics
+from opd.run.runner import train
 from opd.signals.monitors import repetition_ratio
 
 TOL = dict(rtol=0, atol=1e-6)

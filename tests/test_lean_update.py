@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from opd.batch import make_batch
-from opd.diagnostics.step import student_step_stats, student_step_stats_from_hidden
+from opd.run.step_diagnostics import student_step_stats, student_step_stats_from_hidden
 from opd.losses.selective import token_logp, token_logp_and_stats
 from opd.methods import build_method
 from opd.methods.base import Experience, StudentView
 from opd.models.base import Scores
 from opd.models.hf import completion_hidden, completion_logits
-from opd.train import _student_diag, student_view, update
+from opd.run.loop import _student_diag, student_view, update
 
 F64 = torch.float64
 

@@ -14,10 +14,10 @@ from opd.methods import METHODS
 from opd.methods.base import Experience, StudentView
 from opd.methods.prune_opd import prune_signal
 from opd.methods.suffix_fade import fade_signal
-from opd.metrics_log import read_metrics
+from opd.run.metrics_log import read_metrics
 from opd.models.base import Scores
 from opd.rollouts.budget import LengthBudget, adaptive_budget, fixed_budget, ramp_budget
-from opd.run import Run, train
+from opd.run.runner import Run, train
 from opd.signals.prune import drift_reliability_BT, next_budget, reliable_mask_BT, topk_overlap_BT
 from opd.signals.suffix_fade import (
     LOGP_FLOOR,
@@ -373,8 +373,8 @@ def test_fade_signal_against_naive_and_hostile_rows():
 
 
 def test_boundary_ids_of_the_testbed_tokenizer():
-    from opd.setup import boundary_ids
-    from opd.tasks.tokenizer import VOCAB, build_tokenizer
+    from opd.run.setup import boundary_ids
+    from opd.testbed.tokenizer import VOCAB, build_tokenizer
 
     assert boundary_ids(build_tokenizer()) == (VOCAB.index(";"),)
 
@@ -392,7 +392,7 @@ def test_method_trains_two_steps(method, changes, tiny_cfg):
     cfg = tiny_cfg(method=method, eval_size=1, eval_k=1, **changes)
     run = Run(cfg)
     if method == "suffix_fade":
-        from opd.tasks.tokenizer import VOCAB
+        from opd.testbed.tokenizer import VOCAB
 
         assert run.setup.env.boundary_ids == (VOCAB.index(";"),)
     before = {k: v.clone() for k, v in run.setup.env.student.state_dict().items()}

@@ -9,15 +9,15 @@ from transformers import AutoModelForCausalLM
 from opd.batch import make_batch
 from opd.methods.base import Experience, StudentView
 from opd.methods.minillm import minillm_loss, minillm_signal
-from opd.metrics_log import read_metrics
+from opd.run.metrics_log import read_metrics
 from opd.models.base import Scores
 from opd.models.hf import completion_logits
 from opd.rollouts.mixed import mix_logp, mixed_rollout, mixed_sample, teacher_next_logp
 from opd.rollouts.sampler import sample
-from opd.run import train
-from opd.setup import build_setup
+from opd.run.runner import train
+from opd.run.setup import build_setup
 from opd.signals.minillm import importance_weights, length_normalized_returns, minillm_rewards, whiten
-from opd.train_config import TrainConfig
+from opd.config.train import TrainConfig
 
 D = torch.float64
 

@@ -16,14 +16,14 @@ from opd.methods.gopd import gopd_signal
 from opd.methods.opd import opd_signal
 from opd.methods.srpo import srpo_loss, srpo_signal
 from opd.methods.stable_opd import stable_loss, stable_signal
-from opd.metrics_log import read_metrics
+from opd.run.metrics_log import read_metrics
 from opd.models.base import Scores
 from opd.rollouts.student import student_rollout
-from opd.run import train
+from opd.run.runner import train
 from opd.signals.gopd import gopd_advantages_BT
 from opd.signals.srpo import confidence_BT, mean_normalize_BT, srpo_advantages_BT
 from opd.signals.stable_opd import term_weights_BT
-from opd.train import loss_inputs
+from opd.run.loop import loss_inputs
 
 F64 = torch.float64
 EOS, PAD, V = 2, 0, 11
@@ -90,7 +90,7 @@ def _view(logits_BTV, ids_BT):
 
 
 def loop_reduce(loss_fn, signal, logits_BTV, ids_BT, micro=2):
-    """The loop's reduction (opd.train.update): micro-batches, each token-mean over the
+    """The loop's reduction (opd.run.loop.update): micro-batches, each token-mean over the
     step's kept count; also the logged metric means."""
     sig = loss_inputs(signal)
     mask_BT = sig["mask_BT"]
@@ -375,7 +375,7 @@ def test_gopd_lambda_one_is_exactly_opd():
 
 def test_stable_and_gopd_rollouts_on_the_testbed(tiny_cfg):
     from opd.models.hf import completion_logits
-    from opd.setup import build_setup
+    from opd.run.setup import build_setup
 
     setup = build_setup(tiny_cfg(method="stable_opd", max_new_tokens=12))
     env, method = setup.env, setup.method
@@ -447,7 +447,7 @@ def test_trains_two_steps(method, knobs, keys, tiny_cfg):
 
 @pytest.mark.parametrize("bad", [{"gold_coef": -0.1}, {"ref_kl_coef": -1.0}, {"rep_threshold": 0.0}, {"gopd_lambda": -1.0}])
 def test_config_rejects_out_of_range_knobs(bad):
-    from opd.train_config import TrainConfig
+    from opd.config.train import TrainConfig
 
     with pytest.raises(ValueError, match=next(iter(bad))):
         TrainConfig(**bad)

@@ -13,10 +13,10 @@ from opd.methods.eopd import eopd_loss, eopd_signal
 from opd.methods.scope import scope_loss, scope_signal
 from opd.methods.tip import tip_loss, tip_signal
 from opd.methods.topk_lsm import lsm_loss, lsm_signal, support_rkl
-from opd.metrics_log import read_metrics
+from opd.run.metrics_log import read_metrics
 from opd.models.base import Scores
 from opd.losses import divergence, sparse_divergence
-from opd.run import train
+from opd.run.runner import train
 from opd.signals.eopd import eopd_combine, uncertain_mask
 from opd.signals.scope import group_softmax_weights, scope_advantages, scope_weights
 from opd.signals.tip import keep_top_fraction, minmax_normalize, tip_score

@@ -13,12 +13,12 @@ from opd.methods import dasd as dasd_method
 from opd.methods import gkd as gkd_method
 from opd.methods.base import Experience, StudentView
 from opd.methods.opsd import opsd_full_loss, opsd_sampled_loss, opsd_signal
-from opd.metrics_log import read_metrics
+from opd.run.metrics_log import read_metrics
 from opd.models.base import Scores
 from opd.models.hf import HFTeacher, completion_logits
-from opd.run import Run, train
-from opd.train import make_optimizer, train_step
-from opd.setup import build_setup
+from opd.run.runner import Run, train
+from opd.run.loop import make_optimizer, train_step
+from opd.run.setup import build_setup
 from opd.signals.dasd import (
     dasd_advantages,
     dasd_router,
@@ -27,7 +27,7 @@ from opd.signals.dasd import (
     normalized_log_ratio,
     teacher_log_ratio,
 )
-from opd.train_config import TrainConfig
+from opd.config.train import TrainConfig
 
 D = torch.float64
 

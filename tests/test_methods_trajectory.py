@@ -11,13 +11,13 @@ from opd.batch import make_batch
 from opd.methods.base import Experience, StudentView
 from opd.methods.skd import skd_divergence_loss, skd_signal
 from opd.methods.trd import refine_context, trd_divergence_loss, trd_signal
-from opd.metrics_log import read_metrics
+from opd.run.metrics_log import read_metrics
 from opd.models.hf import HFTeacher
 from opd.rollouts.refine import kept_prefix_len, refine_by_prefix, refine_by_prompt, refine_rollout
 from opd.rollouts.sampler import pick_tokens, sample
 from opd.rollouts.speculative import accepted_prefix_len, in_teacher_topk, speculative_sample
-from opd.run import train
-from opd.setup import build_setup
+from opd.run.runner import train
+from opd.run.setup import build_setup
 
 PAD, EOS, V = 0, 2, 24  # the testbed tokenizer's ids and size
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14], [15, 16], [4, 17, 18], [19]]

@@ -1,4 +1,4 @@
-"""opd.metrics_log: JSONL rows, non-finite values, resume truncation, TensorBoard, tqdm."""
+"""opd.run.metrics_log: JSONL rows, non-finite values, resume truncation, TensorBoard, tqdm."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from opd.metrics_log import MetricLogger, read_metrics
+from opd.run.metrics_log import MetricLogger, read_metrics
 
 
 def test_jsonl_rows(tmp_path):

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from opd.batch import make_batch
-from opd.tasks.oracle import DEAD_LOGIT, OracleTeacher
-from opd.tasks.registry import make_task
-from opd.tasks.tokenizer import DIGITS, build_tokenizer
+from opd.testbed.oracle import DEAD_LOGIT, OracleTeacher
+from opd.testbed.tasks import make_task
+from opd.testbed.tokenizer import DIGITS, build_tokenizer
 
 TOK = build_tokenizer()
 V = len(TOK)

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from opd.cli import main
-from opd.metrics_log import read_metrics
+from opd.run.metrics_log import read_metrics
 
 WORDS = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "what", "is", "plus", "answer:"] + [str(i) for i in range(20)]
 CHAT = "{% for m in messages %}<|user|> {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -147,8 +147,8 @@ def test_unmet_needs_fail_at_start(real_setup, capsys, method, data_kind, messag
 def test_sparse_teacher_is_refused_for_full_vocabulary_losses(real_setup, monkeypatch):
     from opd.errors import UserError
     from opd.models.hf import HFTeacher
-    from opd.setup import build_setup
-    from opd.train_config import TrainConfig
+    from opd.run.setup import build_setup
+    from opd.config.train import TrainConfig
 
     student, teacher, data, tmp = real_setup
     monkeypatch.setattr(HFTeacher, "full_logits", False, raising=False)

@@ -2,9 +2,9 @@ import random
 
 import pytest
 
-from opd.tasks import addition, modchain
-from opd.tasks.registry import GRAMMARS, TASKS, make_task
-from opd.tasks.steps import extract_answer, split_of
+from opd.testbed import addition, modchain
+from opd.testbed.tasks import GRAMMARS, TASKS, make_task
+from opd.testbed.steps import extract_answer, split_of
 
 NAMES = ("addition", "modchain")
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from opd import testbed
-from opd.tasks.tokenizer import build_tokenizer
+from opd.testbed import builder as testbed
+from opd.testbed.tokenizer import build_tokenizer
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 

@@ -1,7 +1,7 @@
 from transformers import PreTrainedTokenizerFast
 
-from opd.tasks.registry import make_task
-from opd.tasks.tokenizer import VOCAB, build_tokenizer, load_tokenizer, save_tokenizer
+from opd.testbed.tasks import make_task
+from opd.testbed.tokenizer import VOCAB, build_tokenizer, load_tokenizer, save_tokenizer
 
 
 def test_vocab_small_and_ordered():

@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from opd.errors import UserError
 from opd.methods import METHODS
-from opd.metrics_log import read_metrics
-from opd.run import Run, train
+from opd.run.metrics_log import read_metrics
+from opd.run.runner import Run, train
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -82,7 +82,7 @@ def test_method_knobs_are_config_keys_with_the_same_defaults():
     from dataclasses import fields
 
     from opd.methods import method_knobs
-    from opd.train_config import TrainConfig
+    from opd.config.train import TrainConfig
 
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     for name in METHODS:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from opd.config import ConfigError, describe_config, load_config
+from opd.config.loader import ConfigError, describe_config, load_config
 from opd.errors import UserError
 
 
@@ -20,7 +20,7 @@ def train_config(path, overrides, base: dict | None = None):
     settings, e.g. from ``opd compare``), then the YAML file, then ``key=value`` overrides
     (later wins). Returns (config, the recipe keys as applied)."""
     from opd.methods import method_recipe
-    from opd.train_config import TrainConfig
+    from opd.config.train import TrainConfig
 
     cfg = load_config(TrainConfig, path, overrides, base=base)
     recipe = method_recipe(cfg.method)
@@ -30,7 +30,7 @@ def train_config(path, overrides, base: dict | None = None):
 
 
 def cmd_train(args) -> int:
-    from opd.run import train
+    from opd.run.runner import train
 
     cfg, recipe = train_config(args.config, args.overrides)
     if recipe:
@@ -62,28 +62,28 @@ def cmd_methods(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from opd.train_config import TrainConfig
+    from opd.config.train import TrainConfig
 
     print(describe_config(TrainConfig))
     return 0
 
 
 def cmd_quickstart(args) -> int:
-    from opd.quickstart import quickstart
+    from opd.compare.quickstart import quickstart
 
     quickstart(out_dir=args.out, tune_lrs=args.tune)
     return 0
 
 
 def cmd_compare(args) -> int:
-    from opd.compare import compare
+    from opd.compare.driver import compare
 
     compare(args.spec, out_dir=args.out, overrides=args.overrides, force=args.force)
     return 0
 
 
 def cmd_prepare(args) -> int:
-    from opd.testbed import prepare_student_base, prepare_teacher, prepared_info
+    from opd.testbed.builder import prepare_student_base, prepare_teacher, prepared_info
 
     for make in [prepare_student_base] + ([prepare_teacher] if args.teacher else []):
         path = make(args.task, args.horizon)

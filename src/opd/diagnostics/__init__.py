@@ -1,6 +1,6 @@
 """Pitfall measurements (METHODS.md, "What the pitfalls look like, to measure them").
 
-- :mod:`opd.diagnostics.step`: cheap per-step statistics the training loop logs on every
+- :mod:`opd.run.step_diagnostics`: cheap per-step statistics the training loop logs on every
   step for every method, under ``diag/...``: student entropy, teacher–student top-K
   overlap, retained teacher top-K mass, teacher argmax disagreement with the sampled
   token, teacher log-likelihood of the student's tokens by completion position (coverage
@@ -16,6 +16,6 @@ after a wrong step), :mod:`~opd.diagnostics.variance` (gradient variance of the 
 and reward-to-go estimators vs horizon) and :mod:`~opd.diagnostics.probe` (planted wrong
 steps), and :mod:`~opd.diagnostics.report` writes the Markdown and PNGs.
 
-This package imports nothing at load time, so ``opd.train`` importing
-``opd.diagnostics.step`` pulls in no reporting or plotting code.
+This package imports nothing at load time, so ``opd.run.loop`` importing
+``opd.run.step_diagnostics`` pulls in no reporting or plotting code.
 """

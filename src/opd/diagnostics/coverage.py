@@ -3,10 +3,10 @@
 For a set of rollouts (student's own, or the teacher's own for the same prompts), at
 every completion position ``t`` averaged over the rollouts still running at ``t``:
 
-- ``logp``: ``log pi_T(y_t | c_t)`` (floored at :data:`opd.diagnostics.step.LOGP_FLOOR`),
+- ``logp``: ``log pi_T(y_t | c_t)`` (floored at :data:`opd.run.step_diagnostics.LOGP_FLOOR`),
   the teacher's log-likelihood of the rollout's own tokens;
 - ``entropy``: ``H(pi_T(. | c_t))`` in nats;
-- ``overlap``: ``|TopK_S(c_t) ∩ TopK_T(c_t)| / K`` (:func:`opd.diagnostics.step.topk_overlap_BT`);
+- ``overlap``: ``|TopK_S(c_t) ∩ TopK_T(c_t)| / K`` (:func:`opd.run.step_diagnostics.topk_overlap_BT`);
 - ``agree``: the same with ``K = 1``, ``1[argmax pi_S = argmax pi_T]`` (a peaked teacher
   with many tied runner-up words, such as the oracle, makes its top-K beyond the first
   an arbitrary tie-break, so the top-1 agreement is the cleaner number there).
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from opd.batch import make_batch
-from opd.diagnostics.step import LOGP_FLOOR, topk_overlap_BT
+from opd.run.step_diagnostics import LOGP_FLOOR, topk_overlap_BT
 from opd.models.hf import completion_logits
 
 CURVES = ("logp", "entropy", "overlap", "agree")

@@ -1,7 +1,7 @@
 """``opd diagnose RUN_OR_CHECKPOINT``: measure the pitfalls on a trained student.
 
 Loads the checkpoint (a run's latest, or the one given) and its run config, rebuilds the
-run's teacher and held-out problems with :func:`opd.setup.build_setup`, runs the four
+run's teacher and held-out problems with :func:`opd.run.setup.build_setup`, runs the four
 measurements of :mod:`opd.diagnostics` (coverage, noise, variance, probe) and writes
 ``report.md``, ``results.json`` and the PNG plots (:mod:`opd.diagnostics.report`).
 Student and teacher rollouts use the run's sampling settings (temperature, top-p,
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from opd.checkpoint import latest_checkpoint
-from opd.config import load_config
+from opd.run.checkpoint import latest_checkpoint
+from opd.config.loader import load_config
 from opd.diagnostics import coverage, noise, probe, variance
 from opd.errors import UserError
 
@@ -46,10 +46,10 @@ def resolve(path: str | Path) -> tuple[Path, Path]:
 
 
 def load(ckpt: Path):
-    """The run config (student = the checkpoint) and its :class:`opd.setup.Setup`."""
+    """The run config (student = the checkpoint) and its :class:`opd.run.setup.Setup`."""
     from opd.models.hf import load_model
-    from opd.setup import build_setup
-    from opd.train_config import TrainConfig
+    from opd.run.setup import build_setup
+    from opd.config.train import TrainConfig
 
     cfg = replace(load_config(TrainConfig, ckpt / "config.yaml"), student=str(ckpt))
     return cfg, build_setup(cfg, student=load_model(str(ckpt), cfg.dtype))
@@ -83,7 +83,7 @@ def noise_section(env, tokenizer, prompts, student_ids, testbed: bool) -> dict:
     if not testbed:
         out["after_wrong_skipped"] = NOT_TESTBED
         return out
-    from opd.tasks.oracle import OracleTeacher
+    from opd.testbed.oracle import OracleTeacher
 
     recovering, continuing = OracleTeacher(tokenizer=tokenizer), OracleTeacher(tokenizer=tokenizer, recovers=False)
     out["after_wrong"] = noise.after_wrong_step(env.teacher, recovering, continuing, prompts, student_ids, env.pad_id)
@@ -96,7 +96,7 @@ def variance_section(cfg, env, tokenizer, horizons, repeats, n_prompts, generato
     if env.teacher is None:
         return {"skipped": NO_TEACHER}
     from opd.rollouts.sampler import sample
-    from opd.tasks.registry import make_task
+    from opd.testbed.tasks import make_task
 
     points = {}
     for h in horizons:
@@ -122,7 +122,7 @@ def probe_depths(horizon: int) -> list[int]:
 def probe_section(cfg, env, tokenizer, problems, generator) -> dict:
     if cfg.dataset:
         return {"skipped": NOT_TESTBED}
-    from opd.tasks.oracle import OracleTeacher
+    from opd.testbed.oracle import OracleTeacher
 
     oracle = OracleTeacher(tokenizer=tokenizer)
     sep_id, wait_id = tokenizer.convert_tokens_to_ids(";"), oracle.wait_token_id

@@ -10,7 +10,7 @@ of the oracle's plausible-but-wrong ids at that slot, picked by a seeded generat
     addition, k = 2:   2 5 0 = 0 7 ; 7 1 0 = 0 3        (right: 0 8)
 
 The correct continuation is the correction onset ``wait`` (then the redone step, see
-:mod:`opd.tasks.steps`). Measured for the student:
+:mod:`opd.testbed.steps`). Measured for the student:
 
 - ``p_wait``: ``pi_S(wait | x, prefix)``, the probability of the correction onset;
 - ``onset``: the share of greedy continuations that start with ``wait``;

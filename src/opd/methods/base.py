@@ -1,6 +1,6 @@
 """What a method is: a composition of rollout, teacher request, signal and loss.
 
-The loop (``opd.train``) calls these four in order and never looks at a method's name:
+The loop (``opd.run.loop``) calls these four in order and never looks at a method's name:
 
     exp     = method.rollout(env, problems, generator)        # whose tokens
     scores  = env.teacher.score(exp.batch, **teacher_request) # if the method asks

@@ -9,7 +9,7 @@ operational reading of the abstract, not a reproduction of the paper. Per rollou
    ``"sampled"``: teacher log-prob of ``y_t`` minus the best in ``C_t``).
 2. Steps: a token whose id is in ``env.boundary_ids`` ends a step (testbed: ``;``; real
    tokenizers: tokens holding a newline or ending in ``. ! ? ;``, see
-   :func:`opd.setup.boundary_ids`); with no boundary ids, fixed windows of ``fade_window``
+   :func:`opd.run.setup.boundary_ids`); with no boundary ids, fixed windows of ``fade_window``
    tokens. ``m_s`` = mean of ``g_t`` over step ``s``.
 3. A single downward mean shift in ``m_1..m_n``, accepted when the BIC-style statistic
    ``n·log(RSS_0/RSS_1) > fade_penalty · log n`` (at least 3 steps).

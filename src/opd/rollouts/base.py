@@ -47,7 +47,7 @@ class RolloutEnv:
     temperature: float
     top_p: float
     group_size: int
-    # contexts a method may put the teacher in (see opd.setup for the formats)
+    # contexts a method may put the teacher in (see opd.run.setup for the formats)
     encode_privileged: Callable[[Problem], list[int]] | None = None  # x with y* shown (OPSD)
     encode_refine: Callable[[Problem, list[int]], list[int]] | None = None  # x and a draft (TRD)
     reference: torch.nn.Module | None = None  # frozen initial student (when a method needs it)

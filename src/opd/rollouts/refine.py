@@ -65,7 +65,7 @@ def refine_by_prefix(env: RolloutEnv, drafts: SeqBatch, *, topk: int, temperatur
 
 def refine_prompts(env: RolloutEnv, rows: list[Problem], drafts: list[list[int]]) -> list[list[int]]:
     if env.encode_refine is None:
-        raise UserError("this method needs a refine prompt (env.encode_refine); build the env with opd.setup.")
+        raise UserError("this method needs a refine prompt (env.encode_refine); build the env with opd.run.setup.")
     return [env.encode_refine(p, d) for p, d in zip(rows, drafts)]
 
 

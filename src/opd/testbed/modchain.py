@@ -24,10 +24,10 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-from opd.tasks import steps
+from opd.testbed import steps
 from opd.tasks.base import Problem
-from opd.tasks.steps import at, digit, fits, others
-from opd.tasks.tokenizer import DIGITS, EQ, OPS, SEP
+from opd.testbed.steps import at, digit, fits, others
+from opd.testbed.tokenizer import DIGITS, EQ, OPS, SEP
 
 KEYWORD = "mod"
 STEP = ["d", "op", "d", EQ, "d"]  # v o d = r  (then ";")
@@ -90,7 +90,7 @@ def solution_text(spec: ModChainSpec) -> str:
 
 
 def next_token(spec: ModChainSpec, committed: Sequence[tuple[str, ...]], cur: Sequence[str]):
-    """The intended next word, trusting the written words (see :mod:`opd.tasks.steps`)."""
+    """The intended next word, trusting the written words (see :mod:`opd.testbed.steps`)."""
     h, k, m = spec.horizon, len(committed), spec.m
     values = DIGITS[:m]
     if k == h:

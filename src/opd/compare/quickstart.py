@@ -13,8 +13,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from opd.run import train
-from opd.train_config import TrainConfig
+from opd.run.runner import train
+from opd.config.train import TrainConfig
 
 TASK, HORIZON = "addition", 4
 BUDGET_SEQUENCES = 768
@@ -51,7 +51,7 @@ def tune(out_dir: Path) -> dict:
 
 
 def teacher_accuracy(cfg: TrainConfig) -> float:
-    from opd.setup import build_setup
+    from opd.run.setup import build_setup
 
     setup = build_setup(cfg)
     env, problems = setup.env, setup.eval_problems
@@ -70,7 +70,7 @@ def run_all(out_dir: Path, lrs: dict) -> dict:
 
 def quickstart(out_dir: str = "runs/quickstart", tune_lrs: bool = False) -> dict:
     from opd.report import print_table, write_report
-    from opd.testbed import prepare_student_base
+    from opd.testbed.builder import prepare_student_base
 
     out = Path(out_dir)
     t0 = time.perf_counter()

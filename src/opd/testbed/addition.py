@@ -23,10 +23,10 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-from opd.tasks import steps
+from opd.testbed import steps
 from opd.tasks.base import Problem
-from opd.tasks.steps import at, digit, fits, others
-from opd.tasks.tokenizer import DIGITS, EQ, SEP
+from opd.testbed.steps import at, digit, fits, others
+from opd.testbed.tokenizer import DIGITS, EQ, SEP
 
 KEYWORD = "add"
 STEP = ["d", "d", "d", EQ, "d", "d"]  # a b c = t u  (then ";")
@@ -82,7 +82,7 @@ def solution_text(spec: AdditionSpec) -> str:
 
 
 def next_token(spec: AdditionSpec, committed: Sequence[tuple[str, ...]], cur: Sequence[str]):
-    """The intended next word, trusting the written words (see :mod:`opd.tasks.steps`)."""
+    """The intended next word, trusting the written words (see :mod:`opd.testbed.steps`)."""
     h, k = spec.horizon, len(committed)
     if k == h:
         sources = [(i, 5) for i in range(h)] + [(h - 1, 4)]

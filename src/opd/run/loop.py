@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from opd.diagnostics.step import (
+from opd.run.step_diagnostics import (
     repetition_metrics,
     student_step_stats,
     student_step_stats_from_hidden,

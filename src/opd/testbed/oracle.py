@@ -1,7 +1,7 @@
 """The programmable teacher: the exact next-token distribution after any prefix.
 
 The oracle reads the problem from the prompt ids alone (its first word picks the family's
-:class:`~opd.tasks.steps.Grammar`), then walks the completion once, left to right, keeping
+:class:`~opd.testbed.steps.Grammar`), then walks the completion once, left to right, keeping
 the state of the solution grammar (closed steps, the step in progress, deviations so far).
 At every position the walk names an *intended* word ``i`` and a set ``W`` of
 plausible-but-wrong words; the knobs turn that into a distribution.
@@ -11,7 +11,7 @@ Intended word:
   first wrong word of a step on (a *deviation*), ``wait``, until a ``wait`` is written;
   then the first word of the step that held the earliest uncorrected deviation, and the
   rest of that step and the solution (see the correction grammar in
-  :mod:`opd.tasks.steps`). At a ``wait`` slot ``W`` = {the word that would continue the
+  :mod:`opd.testbed.steps`). At a ``wait`` slot ``W`` = {the word that would continue the
   wrong prefix}.
 - ``recovers=False``: the word that continues the written prefix as if it were right
   (the grammar's ``next_token`` trusting what was written: the next step copies the
@@ -46,8 +46,8 @@ import torch
 
 from opd.batch import SeqBatch
 from opd.models.base import Scores
-from opd.tasks.steps import Grammar
-from opd.tasks.tokenizer import BOS, EOS, PAD, SEP, UNK, VOCAB, WAIT
+from opd.testbed.steps import Grammar
+from opd.testbed.tokenizer import BOS, EOS, PAD, SEP, UNK, VOCAB, WAIT
 
 DEAD_LOGIT = -30.0  # <pad>, <bos>, <unk>: finite but never sampled in practice
 DECAY_MODES = ("deviations", "position")
@@ -113,7 +113,7 @@ class OracleTeacher:
     """A program teacher for the testbed tasks; implements :class:`opd.models.base.Teacher`.
 
     Args:
-        task: optional; a testbed task (from :func:`opd.tasks.registry.make_task`) checked to
+        task: optional; a testbed task (from :func:`opd.testbed.tasks.make_task`) checked to
             be one the oracle knows. The oracle reads every problem from its prompt, so one
             oracle serves every family and horizon.
         tokenizer: the testbed tokenizer (default: :func:`build_tokenizer`).
@@ -143,13 +143,13 @@ class OracleTeacher:
         if decay_mode not in DECAY_MODES:
             raise ValueError(f"decay_mode must be one of {DECAY_MODES}")
         if tokenizer is None:
-            from opd.tasks.tokenizer import build_tokenizer
+            from opd.testbed.tokenizer import build_tokenizer
 
             tokenizer = build_tokenizer()
         if grammars is None:
-            from opd.tasks.registry import GRAMMARS as grammars
+            from opd.testbed.tasks import GRAMMARS as grammars
         if task is not None:
-            from opd.tasks.registry import TASKS
+            from opd.testbed.tasks import TASKS
 
             if getattr(task, "name", None) not in TASKS:
                 raise ValueError(f"the oracle only knows the testbed tasks {sorted(TASKS)}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from opd.metrics_log import read_metrics
+from opd.run.metrics_log import read_metrics
 from opd.report import accuracy_axes, markdown_table, save_accuracy_plot
 
 AXES = {  # x key of the evaluation rows -> (file stem, axis label)

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import yaml
 
-from opd.config import ConfigError, config_to_dict
+from opd.config.loader import ConfigError, config_to_dict
 from opd.errors import UserError
-from opd.train_config import TrainConfig
+from opd.config.train import TrainConfig
 
 SPEC_KEYS = ["base", "methods", "seeds", "budget_kind", "budget", "lr_grid", "eval_every"]
 BUDGET_KINDS = ("steps", "sequences", "teacher_tokens", "wall_s")
@@ -236,7 +236,7 @@ def run_config(spec: Spec, label: str, seed: int, lr: float | None, run_dir: Pat
 
 def _cli_values(spec: Spec) -> dict:
     """The command line's config keys, parsed as ``key=value`` text against the spec's base."""
-    from opd.config import load_config
+    from opd.config.loader import load_config
 
     if not spec.cli:
         return {}
@@ -275,7 +275,7 @@ def _reuse_key(cfg: TrainConfig) -> dict:
 def run_or_reuse(cfg: TrainConfig, force: bool = False) -> dict:
     """``{"config", "history", "reused"}``: the finished run in ``cfg.run_dir`` if its config is
     ``cfg`` (and not ``force``), else a fresh run."""
-    from opd.run import train
+    from opd.run.runner import train
 
     path, key = Path(cfg.run_dir) / RESULT_FILE, _reuse_key(cfg)
     if not force and path.exists():
@@ -311,7 +311,7 @@ def tune(spec: Spec, out: Path, force: bool) -> dict | None:
 
 def compare(spec_path: str, out_dir: str | None = None, overrides: list[str] = (), force: bool = False) -> dict:
     """Run (or reuse) every label x seed under the budget and write the report; returns the summary."""
-    from opd.compare_report import write_compare_report
+    from opd.compare.report import write_compare_report
 
     spec = load_spec(spec_path, overrides)
     out = Path(out_dir or Path("runs") / "compare" / Path(spec_path).stem)

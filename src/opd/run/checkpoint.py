@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from opd.config import save_config
+from opd.config.loader import save_config
 
 STATE_FILE = "trainer_state.pt"
 

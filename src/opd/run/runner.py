@@ -10,14 +10,14 @@ from pathlib import Path
 from opd.errors import UserError
 
 
-from opd.checkpoint import checkpoint_dir, latest_checkpoint, load_trainer_state, save_checkpoint
-from opd.config import save_config
-from opd.evaluate import evaluate
-from opd.metrics_log import METRICS_FILE, MetricLogger
+from opd.run.checkpoint import checkpoint_dir, latest_checkpoint, load_trainer_state, save_checkpoint
+from opd.config.loader import save_config
+from opd.run.evaluate import evaluate
+from opd.run.metrics_log import METRICS_FILE, MetricLogger
 from opd.models.hf import load_model
-from opd.setup import Setup, build_setup
-from opd.train import make_optimizer, make_scheduler, pick_problems, step_generator, train_step
-from opd.train_config import TrainConfig
+from opd.run.setup import Setup, build_setup
+from opd.run.loop import make_optimizer, make_scheduler, pick_problems, step_generator, train_step
+from opd.config.train import TrainConfig
 
 PROGRESS_KEYS = ["eval/accuracy", "rollout/reward", "rollout/length"]
 

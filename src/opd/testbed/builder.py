@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from opd.tasks.registry import make_task
+from opd.testbed.tasks import make_task
 
 CACHE_VERSION = 1
 STUDENT_ARCH = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)
@@ -67,7 +67,7 @@ def init_model(tokenizer, arch: dict, seed: int, max_positions: int = 512) -> Ll
 
 
 def save_initial(path: Path, arch: dict, seed: int) -> Path:
-    from opd.tasks.tokenizer import build_tokenizer
+    from opd.testbed.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer()
     init_model(tokenizer, arch, seed).save_pretrained(path)
@@ -76,8 +76,8 @@ def save_initial(path: Path, arch: dict, seed: int) -> Path:
 
 
 def _sft(init_dir: Path, run_dir: Path, task: str, horizon: int, seed: int, training: dict, quiet: bool) -> list[dict]:
-    from opd.run import Run
-    from opd.train_config import TrainConfig
+    from opd.run.runner import Run
+    from opd.config.train import TrainConfig
 
     training = dict(training)
     target = training.pop("stop_at_accuracy")
@@ -99,9 +99,9 @@ def damage_weights(model: torch.nn.Module, sigma: float, seed: int) -> None:
 
 def _val_accuracy(path: Path, task: str, horizon: int, seed: int) -> dict:
     """Greedy and sampled accuracy of the model at ``path`` on 256 validation prompts."""
-    from opd.evaluate import evaluate
-    from opd.setup import build_setup
-    from opd.train_config import TrainConfig
+    from opd.run.evaluate import evaluate
+    from opd.run.setup import build_setup
+    from opd.config.train import TrainConfig
 
     cfg = TrainConfig(method="sft", student=str(path), teacher=None, task=task, horizon=horizon, seed=seed,
                       eval_size=256, eval_split="val", max_new_tokens=16 * horizon)

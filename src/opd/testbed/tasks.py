@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from opd.tasks import addition, modchain
-from opd.tasks.steps import Grammar
+from opd.testbed import addition, modchain
+from opd.testbed.steps import Grammar
 
 TASKS = {
     "addition": addition.AdditionTask,

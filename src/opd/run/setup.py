@@ -17,7 +17,7 @@ from opd.methods import build_method
 from opd.methods.base import Method, RolloutEnv
 from opd.models.hf import HFTeacher, check_same_vocab, load_model, load_tokenizer
 from opd.tasks.base import Problem
-from opd.train_config import TrainConfig
+from opd.config.train import TrainConfig
 
 
 @dataclass
@@ -34,7 +34,7 @@ def make_task(cfg: TrainConfig):
         from opd.tasks.dataset import DatasetTask
 
         return DatasetTask(cfg.dataset, verifier=cfg.verifier, eval_fraction=cfg.eval_fraction, seed=cfg.seed)
-    from opd.tasks.registry import make_task as make_testbed_task
+    from opd.testbed.tasks import make_task as make_testbed_task
 
     return make_testbed_task(cfg.task, cfg.horizon)
 
@@ -42,7 +42,7 @@ def make_task(cfg: TrainConfig):
 def resolve_student(cfg: TrainConfig) -> str:
     if cfg.student != "testbed":
         return cfg.student
-    from opd.testbed import prepare_student_base
+    from opd.testbed.builder import prepare_student_base
 
     return str(prepare_student_base(cfg.task, cfg.horizon))
 
@@ -53,7 +53,7 @@ def make_teacher(cfg: TrainConfig, task, tokenizer):
     if cfg.teacher == "oracle":
         if cfg.dataset:
             raise UserError("teacher=oracle only knows the synthetic testbed tasks; with dataset=... give a model path.")
-        from opd.tasks.oracle import OracleTeacher
+        from opd.testbed.oracle import OracleTeacher
 
         return OracleTeacher(
             task, tokenizer, sharpness=cfg.oracle_sharpness, noise=cfg.oracle_noise,
@@ -61,7 +61,7 @@ def make_teacher(cfg: TrainConfig, task, tokenizer):
         )
     path = cfg.teacher
     if cfg.teacher == "testbed":
-        from opd.testbed import prepare_teacher
+        from opd.testbed.builder import prepare_teacher
 
         path = str(prepare_teacher(cfg.task, cfg.horizon))
     return HFTeacher(load_model(path, cfg.dtype), eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from opd.tasks.base import Problem
-from opd.tasks.tokenizer import ANS, BOS, DIGITS, EOS, OPS, PAD
+from opd.testbed.tokenizer import ANS, BOS, DIGITS, EOS, OPS, PAD
 
 SPLITS = ("train", "val", "test")
 NextToken = tuple[str | None, tuple[str, ...]]
