@@ -73,7 +73,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from opd.batch import make_batch
 from opd.losses.chunked import chunked_divergence, chunked_divergence_loss
 from opd.models.hf import completion_hidden
-from opd.rollouts.sampler import sample
+from opd.models.sampler import sample
 
 QWEN_05B = dict(vocab=151_936, hidden=896, inter=4864, layers=24, heads=14, kv_heads=2)
 SIZES = {

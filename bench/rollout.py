@@ -13,7 +13,7 @@ layers). The two sides run alternately (one warm-up each, then ``--reps`` timed 
 each, interleaved so both see the same machine load); printed: generated tokens per
 second, wall clock, median per side, and the ratio, plus the 1-minute load average.
 
-opd's sampler takes its direct Llama-family decoder (``opd.rollouts.fast_decode``; the
+opd's sampler takes its direct Llama-family decoder (``opd.models.fast_decode``; the
 ``path`` column says which decoder ran) and draws by inverse CDF instead of
 ``torch.multinomial``; the tokens follow the same distribution (not the same random
 stream). Correctness is checked by ``tests/test_sampler.py`` (greedy equal to
@@ -42,7 +42,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from opd.rollouts.sampler import Decoder, sample
+from opd.models.sampler import Decoder, sample
 
 SIZES = {
     "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4),

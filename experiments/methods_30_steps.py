@@ -16,7 +16,7 @@ import math
 import time
 from pathlib import Path
 
-from opd.cli import train_config
+from opd.config.train import train_config
 from opd.methods import METHODS, method_recipe
 from opd.run.metrics_log import read_metrics
 from opd.run.runner import train

@@ -337,7 +337,7 @@ def test_describe_config():
 
 
 def test_method_recipe_applies_under_the_users_settings(tmp_path):
-    from opd.cli import train_config
+    from opd.config.train import train_config
 
     cfg, recipe = train_config(None, ["method=scope"])
     assert (cfg.group_size, cfg.temperature) == (8, 0.6) and recipe == {"group_size": 8, "temperature": 0.6}

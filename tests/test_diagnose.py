@@ -191,7 +191,7 @@ def test_rollout_gradients_match_naive_per_row_gradient(tiny_student_dir):
 
 
 def test_horizon_point_on_tiny_student(tiny_student_dir):
-    from opd.rollouts.sampler import sample
+    from opd.models.sampler import sample
 
     model, oracle = load_model(tiny_student_dir), OracleTeacher(tokenizer=TOK)
     _, prompts, _ = _problems(h=2, n=2)

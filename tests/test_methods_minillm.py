@@ -13,7 +13,7 @@ from opd.run.metrics_log import read_metrics
 from opd.models.base import Scores
 from opd.models.hf import completion_logits
 from opd.rollouts.mixed import mix_logp, mixed_rollout, mixed_sample, teacher_next_logp
-from opd.rollouts.sampler import sample
+from opd.models.sampler import sample
 from opd.run.runner import train
 from opd.run.setup import build_setup
 from opd.signals.minillm import importance_weights, length_normalized_returns, minillm_rewards, whiten

@@ -14,7 +14,7 @@ from opd.methods.trd import refine_context, trd_divergence_loss, trd_signal
 from opd.run.metrics_log import read_metrics
 from opd.models.hf import HFTeacher
 from opd.rollouts.refine import kept_prefix_len, refine_by_prefix, refine_by_prompt, refine_rollout
-from opd.rollouts.sampler import pick_tokens, sample
+from opd.models.sampler import pick_tokens, sample
 from opd.rollouts.speculative import accepted_prefix_len, in_teacher_topk, speculative_sample
 from opd.run.runner import train
 from opd.run.setup import build_setup

@@ -12,8 +12,8 @@ from transformers import (
 
 from opd.batch import make_batch
 from opd.models.hf import completion_logits
-from opd.rollouts import sampler
-from opd.rollouts.sampler import Decoder, draw, pick_tokens, sample
+from opd.models import sampler
+from opd.models.sampler import Decoder, draw, pick_tokens, sample
 
 EOS, PAD = 2, 0
 SMALL = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -79,12 +79,10 @@ def test_metrics_are_namespaced_and_json(tiny_cfg):
 
 
 def test_method_knobs_are_config_keys_with_the_same_defaults():
-    from dataclasses import fields
-
     from opd.methods import method_knobs
     from opd.config.train import TrainConfig
 
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    defaults = {name: f.default for name, f in TrainConfig.model_fields.items()}
     for name in METHODS:
         for knob, default in method_knobs(name).items():
             assert knob in defaults, f"{name}.{knob} is not a config key"

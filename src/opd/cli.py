@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from opd.config.loader import ConfigError, describe_config, load_config
 from opd.errors import UserError
 
 
@@ -15,21 +15,8 @@ def _threads() -> None:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 16)))
 
 
-def train_config(path, overrides, base: dict | None = None):
-    """The run's config: defaults, then the method's recipe, then ``base`` (a mapping of
-    settings, e.g. from ``opd compare``), then the YAML file, then ``key=value`` overrides
-    (later wins). Returns (config, the recipe keys as applied)."""
-    from opd.methods import method_recipe
-    from opd.config.train import TrainConfig
-
-    cfg = load_config(TrainConfig, path, overrides, base=base)
-    recipe = method_recipe(cfg.method)
-    if recipe:
-        cfg = load_config(TrainConfig, path, overrides, base={**recipe, **(base or {})})
-    return cfg, {k: getattr(cfg, k) for k in recipe}
-
-
 def cmd_train(args) -> int:
+    from opd.config.train import train_config
     from opd.run.runner import train
 
     cfg, recipe = train_config(args.config, args.overrides)
@@ -62,9 +49,10 @@ def cmd_methods(args) -> int:
 
 
 def cmd_config(args) -> int:
+    from opd.config.loader import describe_config
     from opd.config.train import TrainConfig
 
-    print(describe_config(TrainConfig))
+    print(json.dumps(TrainConfig.model_json_schema(), indent=1) if args.schema else describe_config(TrainConfig))
     return 0
 
 
@@ -118,7 +106,9 @@ def parser() -> argparse.ArgumentParser:
     methods = sub.add_parser("methods", help="list the methods, the pitfall each fixes, their knobs")
     methods.add_argument("--markdown", action="store_true", help="print the README's table")
     methods.set_defaults(func=cmd_methods)
-    sub.add_parser("config", help="list every config key with its type and default").set_defaults(func=cmd_config)
+    cf = sub.add_parser("config", help="list every config key with its type, default and range")
+    cf.add_argument("--schema", action="store_true", help="print the config's JSON schema instead")
+    cf.set_defaults(func=cmd_config)
     pr = sub.add_parser("prepare", help="build and cache the testbed's tiny student base (and learned teacher)")
     pr.add_argument("--task", default="addition")
     pr.add_argument("--horizon", type=int, default=4)
@@ -146,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     _threads()
     try:
         return args.func(args)
-    except (ConfigError, UserError, FileNotFoundError) as err:
+    except (UserError, FileNotFoundError) as err:
         print(f"opd: error: {err}", file=sys.stderr)
         return 2
 

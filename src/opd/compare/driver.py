@@ -210,7 +210,7 @@ def _cli_dict(cli: list[str]) -> dict:
 
 def run_config(spec: Spec, label: str, seed: int, lr: float | None, run_dir: Path, tune: bool = False) -> TrainConfig:
     """One run's config (see the module docstring for the layers); errors name the label."""
-    from opd.cli import train_config
+    from opd.config.train import train_config
 
     controlled = {"seed": seed, "run_dir": str(run_dir), "overwrite": True, "eval_split": "val" if tune else "test",
                   "budget_kind": spec.budget_kind, "budget": spec.budget}

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
+from opd.config.loader import with_changes
 from opd.run.runner import train
 from opd.config.train import TrainConfig
 
@@ -43,7 +43,7 @@ def tune(out_dir: Path) -> dict:
     for name in RECIPES:
         grid[name] = {}
         for lr in LR_GRID:
-            cfg = replace(base_config(out_dir / "tune", name, lr, "val", run_name=f"{name}-lr{lr:g}"), eval_every=0, eval_k=1)
+            cfg = with_changes(base_config(out_dir / "tune", name, lr, "val", run_name=f"{name}-lr{lr:g}"), eval_every=0, eval_k=1)
             grid[name][f"{lr:g}"] = train(cfg)[-1]["eval/accuracy"]
     chosen = {name: float(max(scores, key=scores.get)) for name, scores in grid.items()}
     LR_FILE.write_text(json.dumps({"grid": grid, "chosen": chosen, "budget_sequences": BUDGET_SEQUENCES}, indent=1))

@@ -1,239 +1,81 @@
-"""One flat, typed config per run: dataclass defaults < preset < YAML file < ``key=value``.
+"""One flat, typed config per run: model defaults < preset < YAML file < ``key=value``.
 
-Generic over any ``@dataclass`` whose fields have simple types: ``int``, ``float``,
-``bool``, ``str``, ``Literal[...]``, ``list[int|float|str]``, and any of these ``| None``.
-Help text comes from ``field(metadata={"help": ...})``; cross-field checks go in the
-dataclass's ``__post_init__`` (raise ``ValueError``; it is reported as a :class:`ConfigError`).
+A config is a pydantic v2 model derived from :class:`FlatConfig`: unknown keys are
+refused, floats must be finite, and types, ranges (``Field(ge=..., gt=...)``) and help
+texts live on the fields; cross-field checks are ``model_validator``\\ s. This module adds
+what a command line needs on top of pydantic: YAML files and ``key=value`` text, the
+source of every bad value in its message, suggestions for unknown keys, and the table
+behind ``opd config``.
 
-Parsing of text (``key=value`` overrides, and strings met in YAML where a number is
-expected, e.g. PyYAML reads ``3e-4`` as a string):
-
-- ``bool``: ``true/false/yes/no/1/0``, any case.
-- ``int``: ``12``, ``1_000``, or scientific notation when exactly integral
-  (``1e3`` -> 1000; ``1.5`` and ``1e-3`` are errors).
-- ``float``: anything ``float()`` accepts (``3e-4``, ``inf``).
-- ``X | None``: ``none`` or ``null`` (any case) in an override; unquoted ``none``,
-  ``null`` or ``~`` in YAML. For an optional key ``none`` means None, even for
-  ``str | None``; only a quoted YAML ``'none'`` is the text (``save_config`` quotes it).
-  For a key that is not optional, ``none`` is just text (``Literal["std", "none"]``).
-- lists: ``a,b,c`` or YAML flow syntax ``[a, b]``; ``""`` or ``[]`` is the empty list.
+Text (``key=value`` overrides, a YAML string where a number is expected) is read by the
+field's type: booleans ``true/false/yes/no/on/off/1/0``; ints ``12``, ``1_000``, or
+scientific notation when exactly integral (``1e3``); floats anything ``float()`` reads
+that is finite; ``none`` or ``null`` (any case) is None for an optional key.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import re
 import types
 import typing
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Iterable, Literal, TypeVar, Union
 
 import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic_core import PydanticUndefined
 
-__all__ = ["ConfigError", "load_config", "config_to_dict", "save_config", "describe_config"]
+from opd.errors import UserError
 
-T = TypeVar("T")
-_SCALARS = (int, float, bool, str)
-_TRUE = {"true", "yes", "1"}
-_FALSE = {"false", "no", "0"}
-_NONE = {"none", "null"}
-_A_TYPE = {int: "an int", float: "a float", bool: "a bool (true/false/yes/no/1/0)", str: "a string"}
+__all__ = ["ConfigError", "FlatConfig", "load_config", "config_to_dict", "save_config", "describe_config", "with_changes"]
 
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the key and the fix."""
+T = TypeVar("T", bound=BaseModel)
+_NONE_WORDS = {"none", "null"}
 
 
-class _Bad(Exception):
-    """Internal: a value does not fit its type (optional detail in args[0])."""
-
-
-# ---------------------------------------------------------------- types
+class ConfigError(UserError):
+    """A config key or value is wrong; the message names the key, its source and the fix."""
 
 
 def _optional_inner(tp: Any) -> Any | None:
-    """``X`` for ``X | None`` / ``Optional[X]``, else None."""
+    """``X`` for ``X | None``, else None."""
     if typing.get_origin(tp) in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+        if len(args) == 1 < len(typing.get_args(tp)):
             return args[0]
     return None
 
 
-def _check_supported(name: str, tp: Any) -> None:
-    """Raise TypeError for field types this module cannot parse (a programming error)."""
-    inner = _optional_inner(tp)
-    base = inner if inner is not None else tp
-    origin, args = typing.get_origin(base), typing.get_args(base)
-    if base in _SCALARS:
-        return
-    if origin is Literal and all(isinstance(a, _SCALARS) for a in args):
-        return
-    if origin is list and len(args) == 1 and args[0] in (int, float, str):
-        return
-    raise TypeError(f"config field {name!r} has unsupported type {tp!r}")
+def _integral(text: str) -> int | str:
+    """``'1e3'`` -> 1000; anything else is returned for pydantic to judge."""
+    try:
+        number = Decimal(text.strip().replace("_", ""))
+    except InvalidOperation:
+        return text
+    return int(number) if number.is_finite() and number == number.to_integral_value() else text
 
 
-def _type_name(tp: Any) -> str:
-    """Short display name: ``int``, ``float | None``, ``'sft'|'grpo'``, ``list[int]``."""
-    inner = _optional_inner(tp)
-    if inner is not None:
-        return f"{_type_name(inner)} | None"
-    if typing.get_origin(tp) is Literal:
-        return "|".join(repr(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is list:
-        return f"list[{typing.get_args(tp)[0].__name__}]"
-    return tp.__name__
+class FlatConfig(BaseModel):
+    """Base of a flat run config: unknown keys refused, floats finite, values re-checked
+    on assignment."""
 
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
 
-def _expectation(tp: Any) -> str:
-    """What an error says the key wants: ``expects a float`` / ``must be one of ...``."""
-    inner = _optional_inner(tp)
-    base = inner if inner is not None else tp
-    if typing.get_origin(base) is Literal:
-        choices = ", ".join(repr(a) for a in typing.get_args(base))
-        return f"must be one of {choices}" + (", or none" if inner is not None else "")
-    if typing.get_origin(base) is list:
-        elem = typing.get_args(base)[0]
-        example = {int: "1,2", float: "0.1,0.2", str: "a,b"}[elem]
-        text = f"expects a list of {elem.__name__} (e.g. '{example}' or '[{example}]')"
-    else:
-        text = "expects " + _A_TYPE[base]
-    return text + (" or none" if inner is not None else "")
-
-
-# ---------------------------------------------------------------- parsing
-
-
-def _parse_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise _Bad()
-
-
-def _parse_int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise _Bad()
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        try:
-            number = Decimal(value.strip().replace("_", ""))
-        except InvalidOperation:
-            raise _Bad() from None
-        if number.is_finite() and number == number.to_integral_value():
-            return int(number)
-        raise _Bad("not a whole number")
-    raise _Bad()
-
-
-def _parse_float(value: Any) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            raise _Bad() from None
-    raise _Bad()
-
-
-def _parse_str(value: Any) -> str:
-    if isinstance(value, str):
-        return str(value)  # a plain str, also for a _NoneWord
-    raise _Bad("quote it in YAML to make it a string")
-
-
-def _parse_literal(tp: Any, value: Any) -> Any:
-    for choice in typing.get_args(tp):
-        if type(value) is type(choice) and value == choice:
-            return choice
-        if isinstance(value, str) and not isinstance(choice, str):
-            try:
-                if _parse_scalar(type(choice), value) == choice:
-                    return choice
-            except _Bad:
-                pass
-    raise _Bad()
-
-
-def _parse_list(tp: Any, value: Any) -> list:
-    elem = typing.get_args(tp)[0]
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                value = yaml.safe_load(text)
-            except yaml.YAMLError:
-                raise _Bad("malformed [...] list") from None
-        else:
-            value = [item.strip() for item in text.split(",")] if text else []
-    if not isinstance(value, (list, tuple)):
-        raise _Bad()
-    out = []
-    for i, item in enumerate(value):
-        try:
-            out.append(_parse_scalar(elem, item))
-        except _Bad:
-            raise _Bad(f"item {i} is {item!r}, not {_A_TYPE[elem]}") from None
-    return out
-
-
-def _parse_scalar(tp: Any, value: Any) -> Any:
-    parser = {bool: _parse_bool, int: _parse_int, float: _parse_float, str: _parse_str}
-    return parser[tp](value)
-
-
-def _parse(tp: Any, value: Any, raw: bool) -> Any:
-    """Coerce ``value`` to ``tp``; ``raw`` marks command-line text (``none`` means None)."""
-    inner = _optional_inner(tp)
-    if inner is not None:
-        if value is None or isinstance(value, _NoneWord):
+    @field_validator("*", mode="before")
+    @classmethod
+    def _text(cls, value: Any, info) -> Any:
+        """``none`` for an optional key, and integral scientific notation for an int."""
+        if not isinstance(value, str):
+            return value
+        annotation = cls.model_fields[info.field_name].annotation
+        inner = _optional_inner(annotation)
+        if inner is not None and value.strip().lower() in _NONE_WORDS:
             return None
-        is_none_word = isinstance(value, str) and value.strip().lower() in _NONE
-        if is_none_word and (raw or not _takes_strings(inner)):
-            return None
-        return _parse(inner, value, raw)
-    if isinstance(value, _NoneWord):
-        value = str(value)
-    if value is None:
-        raise _Bad("this key is not optional")
-    if typing.get_origin(tp) is Literal:
-        return _parse_literal(tp, value.strip() if raw else value)
-    if typing.get_origin(tp) is list:
-        return _parse_list(tp, value)
-    return _parse_scalar(tp, value)
+        return _integral(value) if (inner or annotation) is int else value
 
 
-def _takes_strings(tp: Any) -> bool:
-    """Whether a YAML string can be a legitimate value of ``tp`` (so 'none' stays text)."""
-    if typing.get_origin(tp) is list:
-        return False
-    return tp is str or typing.get_origin(tp) is Literal
-
-
-# ---------------------------------------------------------------- loading
-
-
-def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
-    """The init fields of a dataclass with their resolved, checked types."""
-    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
-        raise TypeError(f"expected a dataclass class, got {cls!r}")
-    hints = typing.get_type_hints(cls, include_extras=False)
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.init:
-            _check_supported(f.name, hints[f.name])
-            out[f.name] = (f, hints[f.name])
-    return out
+# ---------------------------------------------------------------- errors
 
 
 def _similarity(a: str, b: str) -> float:
@@ -246,7 +88,7 @@ def _similarity(a: str, b: str) -> float:
     return max(ratio, jaccard, 0.8 if affix else 0.0)
 
 
-def _unknown_key(key: str, known: list[str]) -> str:
+def _unknown_key(key: str, known: list[str], source: str) -> ConfigError:
     msg = f"unknown config key {key!r}"
     typed = key.lstrip("-").replace("-", "_").replace(".", "_")
     scored = sorted(((_similarity(typed, k), k) for k in known), reverse=True)
@@ -257,59 +99,55 @@ def _unknown_key(key: str, known: list[str]) -> str:
         msg += " (write overrides as key=value, without dashes)"
     if "." in key:
         msg += " (the config is flat: keys have no dots)"
-    return msg + f" (known keys: {', '.join(known)})"
+    return ConfigError(f"{msg} [{source}] (`opd config` lists every key)")
 
 
-def _set(values: dict, fields: dict, key: Any, value: Any, raw: bool, source: str) -> None:
-    """Validate ``key``, parse ``value`` and store it in ``values``."""
-    if not isinstance(key, str) or key not in fields:
-        raise ConfigError(f"{_unknown_key(str(key), list(fields))} [{source}]")
-    if isinstance(value, dict):
-        raise ConfigError(
-            f"config key {key!r} has a nested mapping; the config is flat, "
-            f"give {key!r} a single value [{source}]"
-        )
-    tp = fields[key][1]
-    try:
-        values[key] = _parse(tp, value, raw)
-    except _Bad as bad:
-        detail = f" ({bad.args[0]})" if bad.args else ""
-        raise ConfigError(
-            f"config key {key!r} {_expectation(tp)}, got {value!r}{detail} [{source}]"
-        ) from None
+_WANTS = {
+    "greater_than": "must be > {gt}", "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}", "less_than_equal": "must be <= {le}",
+    "finite_number": "must be a finite number (not nan or inf)", "literal_error": "must be one of {expected}",
+    "int_parsing": "expects an int", "int_from_float": "expects a whole number", "int_type": "expects an int",
+    "float_parsing": "expects a float", "float_type": "expects a float",
+    "bool_parsing": "expects a bool (true/false/yes/no/on/off/1/0)", "bool_type": "expects a bool",
+    "string_type": "expects a string (quote it in YAML)",
+}
 
 
-_NONE_WORD = re.compile(r"^(?:none|None|NONE)$")
-_NONE_TAG = "!opd_none_word"
+def _wants(error: dict) -> str:
+    """What a key must be, from a pydantic error: ``must be > 0``, ``expects an int``."""
+    template = _WANTS.get(error["type"])
+    if template is None:
+        return error["msg"][0].lower() + error["msg"][1:]
+    return template.format(**error.get("ctx", {}))
 
 
-class _NoneWord(str):
-    """An unquoted ``none`` in YAML: None for an optional key, the text 'none' otherwise."""
+def _explain(err: ValidationError, sources: dict[str, str]) -> ConfigError:
+    """One line per bad value: the key, what it must be, what it got, where it came from."""
+    lines = []
+    for e in err.errors():
+        if not e["loc"]:
+            lines.append(f"invalid config: {e['msg'].removeprefix('Value error, ')}")
+            continue
+        key = str(e["loc"][0])
+        lines.append(f"config key {key!r} {_wants(e)}, got {e['input']!r} [{sources.get(key, 'default')}]")
+    return ConfigError("; ".join(lines))
 
 
-class _Dumper(yaml.SafeDumper):
-    """SafeDumper that quotes the text 'none' (so it is not read back as a _NoneWord)."""
+# ---------------------------------------------------------------- reading
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads unquoted ``none`` as :class:`_NoneWord`; rejects duplicate keys."""
+    """SafeLoader that refuses duplicate keys."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, typing.Hashable):
-                continue  # SafeLoader reports unhashable keys itself
-            if key in seen:
-                line = key_node.start_mark.line + 1
-                raise ConfigError(f"duplicate config key {key!r} (line {line})")
-            seen.add(key)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise ConfigError(f"duplicate config key {key!r} (line {key_node.start_mark.line + 1})")
+            if isinstance(key, typing.Hashable):
+                seen.add(key)
         return super().construct_mapping(node, deep=deep)
-
-
-for _cls in (_Dumper, _Loader):
-    _cls.add_implicit_resolver(_NONE_TAG, _NONE_WORD, list("nN"))
-_Loader.add_constructor(_NONE_TAG, lambda loader, node: _NoneWord(node.value))
 
 
 def _read_yaml(path: str | Path) -> dict:
@@ -318,19 +156,16 @@ def _read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found")
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader)
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except ConfigError as e:
         raise ConfigError(f"{e} in config file '{path}'") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"config file '{path}' must be a flat mapping of 'key: value' lines, "
-            f"got a {type(data).__name__}"
-        )
-    return data
+        raise ConfigError(f"config file '{path}' is not valid YAML: {' '.join(str(e).split())}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must be a flat mapping of 'key: value' lines, got a {type(data).__name__}")
+    return data or {}
 
 
 def _split_override(text: str) -> tuple[str, str]:
@@ -340,89 +175,83 @@ def _split_override(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
-def load_config(
-    cls: type[T],
-    path: str | Path | None = None,
-    overrides: typing.Iterable[str] = (),
-    base: dict | None = None,
-) -> T:
-    """Build ``cls`` from its defaults, then ``base``, the YAML ``path``, ``overrides``.
-
-    Later sources win; among overrides the last one wins. Raises :class:`ConfigError`.
-    """
-    fields, values = _fields(cls), {}
-    for key, value in (base or {}).items():
-        _set(values, fields, key, value, raw=False, source="preset")
+def _gather(cls: type[BaseModel], path, overrides, base) -> tuple[dict, dict]:
+    """(values, the source of each) from ``base``, the YAML ``path`` and ``overrides``."""
+    known = list(cls.model_fields)
+    layers = [(base or {}, "preset")]
     if path is not None:
-        for key, value in _read_yaml(path).items():
-            _set(values, fields, key, value, raw=False, source=f"file '{path}'")
-    for text in [overrides] if isinstance(overrides, str) else overrides:
-        key, value = _split_override(text)
-        _set(values, fields, key, value, raw=True, source=f"override {text!r}")
-    return _construct(cls, fields, values)
+        layers.append((_read_yaml(path), f"file '{path}'"))
+    texts = [overrides] if isinstance(overrides, str) else list(overrides)
+    layers += [(dict([_split_override(text)]), f"override {text!r}") for text in texts]
+    values, sources = {}, {}
+    for mapping, source in layers:
+        for key, value in mapping.items():
+            if not isinstance(key, str) or key not in known:
+                raise _unknown_key(str(key), known, source)
+            values[key], sources[key] = value, source
+    return values, sources
 
 
-def _is_required(f: dataclasses.Field) -> bool:
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-
-
-def _construct(cls: type[T], fields: dict, values: dict) -> T:
-    for name, (f, _) in fields.items():
-        if _is_required(f) and name not in values:
-            raise ConfigError(
-                f"config key {name!r} is required; set it in the YAML file or as {name}=..."
-            )
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = (), base: dict | None = None) -> T:
+    """Build ``cls`` from its defaults, then ``base``, the YAML ``path``, ``overrides``
+    (later wins; among overrides the last one). Raises :class:`ConfigError`."""
+    values, sources = _gather(cls, path, overrides, base)
     try:
-        return cls(**values)
-    except ConfigError:
-        raise
-    except ValueError as e:
-        raise ConfigError(f"invalid config: {e}") from e
+        return cls.model_validate(values)
+    except ValidationError as err:
+        raise _explain(err, sources) from None
+
+
+def with_changes(cfg: T, **changes) -> T:
+    """A validated copy of ``cfg`` with ``changes`` applied."""
+    try:
+        return type(cfg).model_validate({**cfg.model_dump(), **changes})
+    except ValidationError as err:
+        raise _explain(err, {k: "changed in code" for k in changes}) from None
 
 
 # ---------------------------------------------------------------- output
 
 
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """The init fields of a config instance as a plain dict (lists copied)."""
-    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
-        raise TypeError(f"expected a dataclass instance, got {cfg!r}")
-    out = {}
-    for f in dataclasses.fields(cfg):
-        if f.init:
-            value = getattr(cfg, f.name)
-            out[f.name] = list(value) if isinstance(value, (list, tuple)) else value
-    return out
+def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
+    """The config's values as a plain dict."""
+    return cfg.model_dump()
 
 
-def save_config(cfg: Any, path: str | Path) -> None:
+def save_config(cfg: BaseModel, path: str | Path) -> None:
     """Write ``cfg`` as YAML; ``load_config(type(cfg), path)`` gives it back exactly."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.dump(
-        config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=None,
-        allow_unicode=True,
-    )
-    path.write_text(text)
+    path.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
-def _default_text(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        return repr(f.default)
-    if f.default_factory is not dataclasses.MISSING:
-        return repr(f.default_factory())
-    return "(required)"
+def _type_name(tp: Any) -> str:
+    """Short display name: ``int``, ``float | None``, ``'sft'|'grpo'``."""
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return f"{_type_name(inner)} | None"
+    if typing.get_origin(tp) is Literal:
+        choices = [repr(a) for a in typing.get_args(tp)]
+        return "|".join(choices) if len(choices) <= 6 else f"{'|'.join(choices[:2])}|... ({len(choices)} names)"
+    return getattr(tp, "__name__", str(tp))
 
 
-def describe_config(cls: type) -> str:
-    """A ``--help``-like table: key, type, default, help text."""
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def _range(field) -> str:
+    """The field's bounds as text, e.g. ``[> 0, <= 1]``."""
+    parts = [f"{sign} {getattr(m, name)}" for m in field.metadata for name, sign in _BOUNDS.items() if hasattr(m, name)]
+    return f" [{', '.join(parts)}]" if parts else ""
+
+
+def describe_config(cls: type[BaseModel]) -> str:
+    """A ``--help``-like table: key, type, default, help text and range."""
     rows = [("key", "type", "default", "help")]
-    for name, (f, tp) in _fields(cls).items():
-        rows.append((name, _type_name(tp), _default_text(f), f.metadata.get("help", "")))
+    for name, field in cls.model_fields.items():
+        default = "(required)" if field.default is PydanticUndefined else repr(field.default)
+        rows.append((name, _type_name(field.annotation), default, (field.description or "") + _range(field)))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = []
-    for row in rows:
-        cells = [cell.ljust(w) for cell, w in zip(row[:3], widths)]
-        lines.append("  ".join(cells + [row[3]]).rstrip())
+    lines = ["  ".join([cell.ljust(w) for cell, w in zip(row[:3], widths)] + [row[3]]).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths + [4]))
     return "\n".join(lines)

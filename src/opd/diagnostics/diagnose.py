@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from opd.run.checkpoint import latest_checkpoint
-from opd.config.loader import load_config
+from opd.config.loader import load_config, with_changes
 from opd.diagnostics import coverage, noise, probe, variance
 from opd.errors import UserError
 
@@ -51,12 +50,12 @@ def load(ckpt: Path):
     from opd.run.setup import build_setup
     from opd.config.train import TrainConfig
 
-    cfg = replace(load_config(TrainConfig, ckpt / "config.yaml"), student=str(ckpt))
+    cfg = with_changes(load_config(TrainConfig, ckpt / "config.yaml"), student=str(ckpt))
     return cfg, build_setup(cfg, student=load_model(str(ckpt), cfg.dtype))
 
 
 def _student_rollouts(env, prompts, generator, max_new_tokens):
-    from opd.rollouts.sampler import sample
+    from opd.models.sampler import sample
 
     out = sample(env.student, prompts, max_new_tokens=max_new_tokens, eos_id=env.eos_id, pad_id=env.pad_id,
                  temperature=env.temperature, top_p=env.top_p, generator=generator)
@@ -95,7 +94,7 @@ def variance_section(cfg, env, tokenizer, horizons, repeats, n_prompts, generato
         return {"skipped": "skipped: the horizon sweep uses the testbed task family at several horizons (testbed runs only)."}
     if env.teacher is None:
         return {"skipped": NO_TEACHER}
-    from opd.rollouts.sampler import sample
+    from opd.models.sampler import sample
     from opd.testbed.tasks import make_task
 
     points = {}

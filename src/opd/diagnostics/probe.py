@@ -31,7 +31,7 @@ import torch
 
 from opd.batch import make_batch
 from opd.models.hf import completion_logits
-from opd.rollouts.sampler import sample
+from opd.models.sampler import sample
 
 
 @dataclass

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+import typing
+from typing import Annotated, Any, Callable
+
+from pydantic import Field
+from pydantic.fields import FieldInfo
 
 from opd.methods import gkd, grpo, opd, sft
 from opd.methods import dasd, minillm, opsd
@@ -44,10 +48,48 @@ METHODS: dict[str, Callable[..., Method]] = {
 }
 
 
+def _is_knob(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is Annotated and any(isinstance(m, FieldInfo) for m in annotation.__metadata__)
+
+
+def _parameters(name: str) -> list[tuple[str, Any, Any]]:
+    """(parameter, annotation, default) of every parameter of the method's builder."""
+    build = METHODS[name]
+    hints = typing.get_type_hints(build, include_extras=True)
+    return [(p.name, hints[p.name], p.default) for p in inspect.signature(build).parameters.values()]
+
+
 def method_knobs(name: str) -> dict[str, Any]:
-    """The knobs a method takes, with their defaults (from its builder's signature)."""
-    params = inspect.signature(METHODS[name]).parameters.values()
-    return {p.name: p.default for p in params}
+    """The knobs a method takes, with their defaults (its builder's knob parameters)."""
+    return {p: default for p, annotation, default in _parameters(name) if _is_knob(annotation)}
+
+
+def method_settings(name: str) -> list[str]:
+    """The run settings a method's builder reads besides its knobs (e.g. ``max_new_tokens``)."""
+    return [p for p, annotation, _ in _parameters(name) if not _is_knob(annotation)]
+
+
+def knob_fields() -> dict[str, tuple[Any, Any]]:
+    """Every method's knobs as config fields, ``name -> (annotation, default)``, in registry
+    order; the help text names the methods that take the knob. A knob several methods take
+    must agree on its annotation and default (declare it once in :mod:`opd.methods.knobs`)."""
+    found: dict[str, tuple[Any, Any, list[str]]] = {}
+    for name in METHODS:
+        for knob_name, annotation, default in _parameters(name):
+            if not _is_knob(annotation):
+                continue
+            if knob_name in found and found[knob_name][:2] != (annotation, default):
+                other = found[knob_name][2][0]
+                raise TypeError(
+                    f"knob {knob_name!r} is declared differently by methods {other!r} and {name!r} "
+                    f"({found[knob_name][:2]} vs {(annotation, default)}); declare it once in opd.methods.knobs"
+                )
+            found.setdefault(knob_name, (annotation, default, []))[2].append(name)
+    return {k: (a, Field(default, description=f"{', '.join(owners)}: {_help(a)}")) for k, (a, default, owners) in found.items()}
+
+
+def _help(annotation: Any) -> str:
+    return next(m.description for m in annotation.__metadata__ if isinstance(m, FieldInfo))
 
 
 def method_recipe(name: str) -> dict[str, Any]:
@@ -66,8 +108,9 @@ def methods_table() -> str:
 
 
 def build_method(name: str, settings: dict[str, Any]) -> Method:
-    """Build ``name`` from the knobs it names, taken from a flat settings mapping."""
+    """Build ``name`` from the knobs and run settings its builder names, taken from a flat
+    settings mapping."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
-    knobs = {k: settings[k] for k in method_knobs(name) if k in settings}
-    return METHODS[name](**knobs)
+    args = {p: settings[p] for p, _, _ in _parameters(name) if p in settings}
+    return METHODS[name](**args)

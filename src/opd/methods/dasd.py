@@ -29,13 +29,14 @@ Knobs: ``dasd_rho`` (ρ, 0.2), ``dasd_beta`` (β, 0.1), ``clip_eps`` (ε, 0.2), 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated
 
 import torch
 
 from opd.losses import entropy, grpo_advantages
 from opd.methods.grpo import grpo_loss
-from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
+from opd.methods.base import Experience, Method, Signal, TeacherRequest, method_info
+from opd.methods.knobs import AdvScale, ClipEps, knob
 from opd.methods.contexts import privileged_context
 from opd.models.hf import completion_logits
 from opd.rollouts.student import student_rollout
@@ -89,10 +90,10 @@ def dasd_signal(exp: Experience, scores, *, rho: float, beta: float, adv_scale: 
     source="third-party; quantile side reconstruction",
 )
 def build(
-    dasd_rho: float = 0.2,
-    dasd_beta: float = 0.1,
-    clip_eps: float = 0.2,
-    adv_scale: Literal["std", "none"] = "std",
+    dasd_rho: Annotated[float, knob("entropy quantile of the router's threshold", ge=0, le=1)] = 0.2,
+    dasd_beta: Annotated[float, knob("weight of the routed self-teacher term on the GRPO advantage")] = 0.1,
+    clip_eps: ClipEps = 0.2,
+    adv_scale: AdvScale = "std",
 ) -> Method:
     return Method(
         "dasd",

@@ -26,10 +26,11 @@ with ``u_t = 1``), ``signal/retained_mass`` ``Σ_{v∈S_t} π_T(v)``.
 from __future__ import annotations
 
 from functools import partial
-from typing import Literal
+from typing import Annotated, Literal
 
 from opd.losses import sparse_divergence
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
+from opd.methods.knobs import ClipEps, OpdLoss, knob
 from opd.methods.opd import opd_signal, opd_token_loss
 from opd.rollouts.student import student_rollout
 from opd.signals.eopd import MODES, eopd_combine, uncertain_mask
@@ -59,12 +60,12 @@ def eopd_loss(view: StudentView, signal: Signal, *, lam: float, mode: str, opd_l
 
 @method_info(paper="Jin et al., 2603.07079", fixes="local noise", source="third-party")
 def build(
-    eopd_k: int = 16,
-    eopd_tau: float = 0.8,
-    eopd_lambda: float = 1.0,
-    eopd_mode: Literal["add", "switch"] = "add",
-    opd_loss: Literal["is", "ppo"] = "is",
-    clip_eps: float = 0.2,
+    eopd_k: Annotated[int, knob("teacher top-K of the forward-KL term")] = 16,
+    eopd_tau: Annotated[float, knob("teacher entropy threshold in nats")] = 0.8,
+    eopd_lambda: Annotated[float, knob("weight of the forward-KL term")] = 1.0,
+    eopd_mode: Annotated[Literal["add", "switch"], knob("add forward KL where uncertain (code) or switch to it (blog)")] = "add",
+    opd_loss: OpdLoss = "is",
+    clip_eps: ClipEps = 0.2,
 ) -> Method:
     if eopd_k < 1 or eopd_lambda < 0 or eopd_mode not in MODES:
         raise ValueError(f"need eopd_k >= 1, eopd_lambda >= 0, eopd_mode in {MODES}; got {eopd_k}, {eopd_lambda}, {eopd_mode!r}")

@@ -11,10 +11,13 @@ Source: paper; code (TRL ``GKDTrainer.generalized_jsd_loss``).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from opd.losses import divergence
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
+from opd.methods.knobs import Beta, LossTemperature, knob
 from opd.rollouts.student import solution_rollout, student_rollout, teacher_rollout
 
 
@@ -45,7 +48,10 @@ def gkd_needs(lmbda: float, seq_kd: bool) -> tuple[str, ...]:
 
 @method_info(paper="Agarwal et al., 2306.13649", fixes="baseline (on/off-policy mix)", source="code", recipe={"temperature": 0.9})
 def build(
-    beta: float = 0.5, lmbda: float = 0.5, seq_kd: bool = False, loss_temperature: float = 1.0
+    beta: Beta = 0.5,
+    lmbda: Annotated[float, knob("probability of an on-policy step", ge=0, le=1)] = 0.5,
+    seq_kd: Annotated[bool, knob("off-policy steps use teacher samples instead of dataset solutions")] = False,
+    loss_temperature: LossTemperature = 1.0,
 ) -> Method:
     return Method(
         "gkd",

@@ -19,11 +19,12 @@ Metrics: ``loss/rkl_sampled`` (``log π_sampler − log π_T``), ``signal/ref_ga
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated
 
 import torch
 
 from opd.methods.base import Experience, Method, RolloutEnv, Signal, TeacherRequest, method_info
+from opd.methods.knobs import ClipEps, OpdLoss, knob
 from opd.methods.contexts import reference_scores
 from opd.methods.opd import opd_token_loss
 from opd.rollouts.student import student_rollout
@@ -52,7 +53,11 @@ def gopd_signal(exp: Experience, scores, *, lam: float) -> Signal:
 
 
 @method_info(paper="Yang et al., 2602.12125", fixes="beyond the teacher (reward extrapolation)", source="paper")
-def build(gopd_lambda: float = 1.25, opd_loss: Literal["is", "ppo"] = "is", clip_eps: float = 0.2) -> Method:
+def build(
+    gopd_lambda: Annotated[float, knob("reward extrapolation (1 = standard OPD)", ge=0)] = 1.25,
+    opd_loss: OpdLoss = "is",
+    clip_eps: ClipEps = 0.2,
+) -> Method:
     return Method(
         "gopd",
         gopd_rollout,

@@ -10,10 +10,10 @@ coefficient is 0 in current recipes).
 
 from __future__ import annotations
 
-from typing import Literal
 
 from opd.losses import grpo_advantages, ppo_clip_loss
 from opd.methods.base import Experience, Method, Signal, StudentView, method_info
+from opd.methods.knobs import AdvScale, ClipEps
 from opd.rollouts.student import student_rollout
 
 
@@ -37,7 +37,7 @@ def grpo_loss(view: StudentView, signal: Signal, *, clip_eps: float):
 
 
 @method_info(paper="Shao et al., 2402.03300", fixes="baseline (on-policy, sparse reward)", source="paper", recipe={"group_size": 4})
-def build(clip_eps: float = 0.2, adv_scale: Literal["std", "none"] = "std") -> Method:
+def build(clip_eps: ClipEps = 0.2, adv_scale: AdvScale = "std") -> Method:
     return Method(
         "grpo",
         student_rollout,

@@ -32,10 +32,11 @@ rescored on the growing prefix at each sampling step (O(T²), see the rollout's 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from opd.losses import divergence, ppo_clip_loss
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
+from opd.methods.knobs import ClipEps, knob
 from opd.rollouts.mixed import mixed_rollout
 from opd.signals.minillm import importance_weights, length_normalized_returns, minillm_rewards, whiten
 
@@ -74,13 +75,13 @@ def minillm_loss(view: StudentView, signal: Signal, *, clip_eps: float):
     recipe={"group_size": 1, "ppo_epochs": 4},
 )
 def build(
-    mix_alpha: float = 0.2,
-    minillm_gamma: float = 0.95,
-    reward_scale: float = 0.5,
-    reward_clip: float = 100.0,
-    clip_eps: float = 0.2,
-    minillm_whiten: bool = True,
-    minillm_future: Literal["from_t", "after_t"] = "from_t",
+    mix_alpha: Annotated[float, knob("teacher share of the mixed sampling distribution", ge=0, le=1)] = 0.2,
+    minillm_gamma: Annotated[float, knob("discount of the long-term reward", ge=0, le=1)] = 0.95,
+    reward_scale: Annotated[float, knob("reward scaling", gt=0)] = 0.5,
+    reward_clip: Annotated[float, knob("reward clip (absolute; 0 = off)", ge=0)] = 100.0,
+    clip_eps: ClipEps = 0.2,
+    minillm_whiten: Annotated[bool, knob("whiten the long-term advantages over the step's tokens (LMOps)")] = True,
+    minillm_future: Annotated[Literal["from_t", "after_t"], knob("return from t incl. r_t (code) or after t (paper R_{t+1})")] = "from_t",
 ) -> Method:
     return Method(
         "minillm",

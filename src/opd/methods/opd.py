@@ -13,10 +13,10 @@ Needs only the sampled tokens' teacher log-probs, so a sparse or remote teacher 
 
 from __future__ import annotations
 
-from typing import Literal
 
 from opd.losses import discounted_returns, importance_sampling_loss, ppo_clip_loss
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
+from opd.methods.knobs import ClipEps, Gamma, KlCoef, OpdLoss
 from opd.rollouts.student import student_rollout
 from opd.signals.opd import floored_log_ratio_BT
 
@@ -44,10 +44,10 @@ def opd_token_loss(view: StudentView, signal: Signal, *, opd_loss: str, clip_eps
 
 @method_info(paper="Lu and Thinking Machines, 2025", fixes="baseline; gamma=1 is the sequence-level gradient", source="code", recipe={"group_size": 4})
 def build(
-    gamma: float = 0.0,
-    kl_coef: float = 1.0,
-    opd_loss: Literal["is", "ppo"] = "is",
-    clip_eps: float = 0.2,
+    gamma: Gamma = 0.0,
+    kl_coef: KlCoef = 1.0,
+    opd_loss: OpdLoss = "is",
+    clip_eps: ClipEps = 0.2,
 ) -> Method:
     return Method(
         "opd",

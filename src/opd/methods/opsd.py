@@ -35,12 +35,13 @@ sides at the *sampling* temperature (1.1); here the loss temperature is its own 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
 from opd.losses import divergence, importance_sampling_loss
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
+from opd.methods.knobs import Beta, LossTemperature, knob
 from opd.methods.contexts import privileged_context
 from opd.rollouts.student import student_rollout
 
@@ -74,11 +75,11 @@ def opsd_sampled_loss(view: StudentView, signal: Signal):
     recipe={"group_size": 1, "temperature": 1.1},
 )
 def build(
-    opsd_divergence: Literal["fkl", "jsd", "rkl"] = "fkl",
-    beta: float = 0.5,
-    opsd_clip: float = 0.05,
-    opsd_sampled: bool = False,
-    loss_temperature: float = 1.0,
+    opsd_divergence: Annotated[Literal["fkl", "jsd", "rkl"], knob("full-vocabulary divergence (v3 fkl; v1 jsd with beta)")] = "fkl",
+    beta: Beta = 0.5,
+    opsd_clip: Annotated[float, knob("per-vocabulary-entry clip tau (0 = off)", ge=0)] = 0.05,
+    opsd_sampled: Annotated[bool, knob("sampled-token advantage instead of the full-vocabulary divergence")] = False,
+    loss_temperature: LossTemperature = 1.0,
 ) -> Method:
     if opsd_sampled:
         loss = opsd_sampled_loss

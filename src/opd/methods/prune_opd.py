@@ -37,13 +37,14 @@ Logged: ``signal/drift_rate`` (drift events per generated token), ``signal/overl
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated
 
 import torch
 
 from opd.batch import SeqBatch
 from opd.losses import discounted_returns
 from opd.methods.base import Experience, Method, RolloutEnv, Signal, TeacherRequest, method_info
+from opd.methods.knobs import ClipEps, Gamma, KlCoef, OpdLoss, knob
 from opd.methods.opd import opd_token_loss
 from opd.methods.truncation import budget_metric, budget_rollout
 from opd.models.hf import completion_logits
@@ -112,17 +113,17 @@ def prune_signal(
 
 @method_info(paper="Yang et al., 2605.07804", fixes="horizon decay", source="reconstruction", recipe={})
 def build(
-    prune_k: int = 8,
-    prune_delta: float = 0.5,
-    prune_eta: float = 0.9,
-    prune_w_min: float = 0.3,
-    prune_quantile: float = 0.5,
-    prune_grow: float = 1.25,
+    prune_k: Annotated[int, knob("top-K size of the compatibility overlap", ge=1)] = 8,
+    prune_delta: Annotated[float, knob("overlap below this is a drift event", ge=0, le=1)] = 0.5,
+    prune_eta: Annotated[float, knob("reliability decay per drift event", gt=0, le=1)] = 0.9,
+    prune_w_min: Annotated[float, knob("stop supervising once reliability falls below this", ge=0, le=1)] = 0.3,
+    prune_quantile: Annotated[float, knob("quantile of reliable lengths the budget shrinks toward", ge=0, le=1)] = 0.5,
+    prune_grow: Annotated[float, knob("budget growth factor when rollouts stay reliable", ge=1)] = 1.25,
     max_new_tokens: int = 96,
-    gamma: float = 0.0,
-    kl_coef: float = 1.0,
-    opd_loss: Literal["is", "ppo"] = "is",
-    clip_eps: float = 0.2,
+    gamma: Gamma = 0.0,
+    kl_coef: KlCoef = 1.0,
+    opd_loss: OpdLoss = "is",
+    clip_eps: ClipEps = 0.2,
 ) -> Method:
     budget = adaptive_budget(max_new_tokens)
 

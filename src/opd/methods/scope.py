@@ -25,10 +25,13 @@ Knob: ``scope_tau`` (τ = 1.0). Recipe: 8 rollouts per prompt, temperature 0.6.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from functools import partial
 
 from opd.losses import importance_sampling_loss, perplexity
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
+from opd.methods.knobs import knob
 from opd.rollouts.student import student_rollout
 from opd.signals.scope import LOGP_FLOOR, scope_advantages, scope_weights
 
@@ -71,7 +74,7 @@ def scope_loss(view: StudentView, signal: Signal):
     paper="Zheng et al., 2604.10688", fixes="local noise", source="paper",
     recipe={"group_size": 8, "temperature": 0.6},
 )
-def build(scope_tau: float = 1.0) -> Method:
+def build(scope_tau: Annotated[float, knob("perplexity weight temperature")] = 1.0) -> Method:
     if not scope_tau > 0:
         raise ValueError(f"scope_tau must be > 0, got {scope_tau}")
     return Method(

@@ -9,9 +9,10 @@ Source: paper (the standard baseline).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from opd.methods.base import Experience, Method, Signal, StudentView, method_info
+from opd.methods.knobs import knob
 from opd.rollouts.student import solution_rollout, teacher_rollout
 
 
@@ -25,7 +26,7 @@ def sft_loss(view: StudentView, signal: Signal):
 
 
 @method_info(paper="standard baseline", fixes="baseline (off-policy, dense)", source="paper")
-def build(sft_source: Literal["dataset", "teacher"] = "dataset") -> Method:
+def build(sft_source: Annotated[Literal["dataset", "teacher"], knob("reference solutions or teacher samples")] = "dataset") -> Method:
     if sft_source == "teacher":
         return Method("sft", teacher_rollout, sft_signal, sft_loss, needs=("teacher", "teacher_generate"))
     return Method("sft", solution_rollout, sft_signal, sft_loss, needs=("solutions",))

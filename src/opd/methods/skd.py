@@ -33,10 +33,11 @@ samples; the teacher re-scores the final sequences for the loss (one extra pass)
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from opd.losses import divergence
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
+from opd.methods.knobs import Beta, LossTemperature, knob
 from opd.rollouts.speculative import speculative_sample
 from opd.rollouts.student import group_rows, verify_rows, truncated_rows
 
@@ -80,13 +81,13 @@ def skd_divergence_loss(view: StudentView, signal: Signal, *, kind: str, beta: f
 
 @method_info(paper="Xu et al., 2410.11325", fixes="myopic supervision (the teacher replaces rejected student tokens in the rollout)", source="code")
 def build(
-    skd_block: int = 5,
-    skd_topk: int = 25,
-    skd_temperature: float = 0.2,
-    skd_top_p: float = 0.5,
-    skd_loss: Literal["fkl", "rkl", "jsd"] = "fkl",
-    beta: float = 0.5,
-    loss_temperature: float = 1.0,
+    skd_block: Annotated[int, knob("student tokens proposed per block (the paper's gamma)", ge=1)] = 5,
+    skd_topk: Annotated[int, knob("a proposed token is accepted if in the teacher's top-K", ge=1)] = 25,
+    skd_temperature: Annotated[float, knob("teacher sampling temperature of replacements", ge=0)] = 0.2,
+    skd_top_p: Annotated[float, knob("teacher nucleus of replacements", gt=0, le=1)] = 0.5,
+    skd_loss: Annotated[Literal["fkl", "rkl", "jsd"], knob("divergence on the resulting sequence (jsd uses beta)")] = "fkl",
+    beta: Beta = 0.5,
+    loss_temperature: LossTemperature = 1.0,
 ) -> Method:
     return Method(
         "skd",

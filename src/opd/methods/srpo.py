@@ -33,12 +33,13 @@ confidence ``w`` on the failed tokens.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
 from opd.losses import importance_sampling_loss, ppo_clip_loss
 from opd.methods.base import Experience, Method, RolloutEnv, Signal, StudentView, TeacherRequest, method_info
+from opd.methods.knobs import AdvScale, ClipEps, KlCoef, OpdLoss, knob
 from opd.rollouts.student import student_rollout
 from opd.signals.srpo import confidence_BT, mean_normalize_BT, route_BT, srpo_advantages_BT
 
@@ -90,11 +91,11 @@ def srpo_loss(view: StudentView, signal: Signal, *, opd_loss: str, clip_eps: flo
 
 @method_info(paper="Li et al., 2604.02288", fixes="beyond the teacher (RLVR + distillation)", source="reconstruction")
 def build(
-    srpo_weight: Literal["confidence", "none"] = "confidence",
-    kl_coef: float = 1.0,
-    opd_loss: Literal["is", "ppo"] = "is",
-    clip_eps: float = 0.2,
-    adv_scale: Literal["std", "none"] = "std",
+    srpo_weight: Annotated[Literal["confidence", "none"], knob("per-token weight of the distillation on failed rollouts")] = "confidence",
+    kl_coef: KlCoef = 1.0,
+    opd_loss: OpdLoss = "is",
+    clip_eps: ClipEps = 0.2,
+    adv_scale: AdvScale = "std",
 ) -> Method:
     if srpo_weight not in ("confidence", "none"):
         raise ValueError(f"srpo_weight must be 'confidence' or 'none', got {srpo_weight!r}")

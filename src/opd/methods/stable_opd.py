@@ -39,13 +39,14 @@ rollouts).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated
 
 import torch
 
 from opd.batch import make_batch
 from opd.losses import discounted_returns, divergence
 from opd.methods.base import Experience, Method, RolloutEnv, Signal, StudentView, TeacherRequest, method_info
+from opd.methods.knobs import ClipEps, Gamma, KlCoef, OpdLoss, knob
 from opd.methods.contexts import reference_scores
 from opd.methods.opd import opd_token_loss
 from opd.rollouts.student import solution_rollout, student_rollout
@@ -129,13 +130,13 @@ def stable_loss(view: StudentView, signal: Signal, *, opd_loss: str, clip_eps: f
     source="third-party",
 )
 def build(
-    gold_coef: float = 0.1,
-    ref_kl_coef: float = 0.01,
-    rep_threshold: float = 3.0,
-    gamma: float = 0.0,
-    kl_coef: float = 1.0,
-    opd_loss: Literal["is", "ppo"] = "is",
-    clip_eps: float = 0.2,
+    gold_coef: Annotated[float, knob("weight of SFT on golden solutions", ge=0)] = 0.1,
+    ref_kl_coef: Annotated[float, knob("weight of KL to the initial student", ge=0)] = 0.01,
+    rep_threshold: Annotated[float, knob("compression ratio above which a tail counts as repetitive", gt=0)] = 3.0,
+    gamma: Gamma = 0.0,
+    kl_coef: KlCoef = 1.0,
+    opd_loss: OpdLoss = "is",
+    clip_eps: ClipEps = 0.2,
 ) -> Method:
     return Method(
         "stable_opd",

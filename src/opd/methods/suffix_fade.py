@@ -33,12 +33,13 @@ by the loop, ``signal/kept_frac``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
 from opd.losses import discounted_returns
 from opd.methods.base import Experience, Method, RolloutEnv, Signal, TeacherRequest, method_info
+from opd.methods.knobs import ClipEps, Gamma, KlCoef, OpdLoss, knob
 from opd.methods.opd import opd_token_loss
 from opd.methods.prune_opd import with_student_topk
 from opd.rollouts.student import student_rollout
@@ -88,14 +89,14 @@ def fade_signal(exp: Experience, scores, *, margin: str, penalty: float, gamma: 
 
 @method_info(paper="Liu et al., 2605.13643", fixes="horizon decay", source="reconstruction", recipe={})
 def build(
-    fade_k: int = 8,
-    fade_penalty: float = 1.0,
-    fade_margin: Literal["gap", "sampled"] = "gap",
-    fade_window: int = 16,
-    gamma: float = 0.0,
-    kl_coef: float = 1.0,
-    opd_loss: Literal["is", "ppo"] = "is",
-    clip_eps: float = 0.2,
+    fade_k: Annotated[int, knob("student top-K candidates of the teacher margin", ge=1)] = 8,
+    fade_penalty: Annotated[float, knob("BIC penalty multiplier of the change point", ge=0)] = 1.0,
+    fade_margin: Annotated[Literal["gap", "sampled"], knob("teacher margin: best minus 2nd-best of the student's top-K, or sampled token minus best")] = "gap",
+    fade_window: Annotated[int, knob("tokens per step when the tokenizer has no sentence-boundary ids", ge=1)] = 16,
+    gamma: Gamma = 0.0,
+    kl_coef: KlCoef = 1.0,
+    opd_loss: OpdLoss = "is",
+    clip_eps: ClipEps = 0.2,
 ) -> Method:
     if fade_margin == "gap" and fade_k < 2:
         raise ValueError("suffix_fade with fade_margin=gap needs fade_k >= 2")

@@ -21,12 +21,15 @@ Knob: ``tip_rho`` (ρ = 0.5). Needs full teacher logits.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from functools import partial
 
 import torch
 
 from opd.losses import divergence, entropy, masked_token_mean
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
+from opd.methods.knobs import knob
 from opd.models.hf import completion_logits
 from opd.rollouts.student import student_rollout
 from opd.signals.tip import keep_top_fraction, tip_score
@@ -72,7 +75,7 @@ def tip_loss(view: StudentView, signal: Signal):
 
 
 @method_info(paper="Xu et al., 2604.14084", fixes="local noise", source="third-party")
-def build(tip_rho: float = 0.5) -> Method:
+def build(tip_rho: Annotated[float, knob("fraction of tokens kept")] = 0.5) -> Method:
     if not 0.0 < tip_rho <= 1.0:
         raise ValueError(f"tip_rho must be in (0, 1], got {tip_rho}")
     return Method(

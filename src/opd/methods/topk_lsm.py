@@ -24,12 +24,15 @@ Deviations: the paper's code masks the *first occurrence* of template tokens ("<
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from functools import partial
 
 import torch
 
 from opd.losses import divergence
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
+from opd.methods.knobs import knob
 from opd.rollouts.student import student_rollout
 from opd.signals.topk_lsm import retained_mass, special_token_mask, teacher_support
 
@@ -78,7 +81,10 @@ def lsm_loss(view: StudentView, signal: Signal):
 
 
 @method_info(paper="Fu et al., 2603.25562", fixes="local noise", source="code", recipe={"top_p": 0.9})
-def build(lsm_k: int = 32, lsm_add_sampled: bool = False) -> Method:
+def build(
+    lsm_k: Annotated[int, knob("teacher top-K support size")] = 32,
+    lsm_add_sampled: Annotated[bool, knob("add the sampled token to the support")] = False,
+) -> Method:
     if lsm_k < 1:
         raise ValueError(f"lsm_k must be >= 1, got {lsm_k}")
     return Method(

@@ -36,10 +36,11 @@ non-intended words tied) any K >= 2 keeps every live word of the draft.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from opd.losses import divergence
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info, plain_context
+from opd.methods.knobs import LossTemperature, knob
 from opd.methods.contexts import with_prompts
 from opd.rollouts.refine import drafts_of, refine_prompts, refine_rollout
 
@@ -68,12 +69,12 @@ def trd_divergence_loss(view: StudentView, signal: Signal, *, kind: str, loss_te
 
 @method_info(paper="Jiang et al., 2606.08432", fixes="myopic supervision (the teacher rewrites the whole rollout)", source="code")
 def build(
-    trd_refine: Literal["prompt", "prefix"] = "prompt",
-    trd_context: Literal["refine", "plain"] = "refine",
-    trd_loss: Literal["fkl", "rkl"] = "fkl",
-    refine_temperature: float = 0.0,
-    trd_topk: int = 5,
-    loss_temperature: float = 1.0,
+    trd_refine: Annotated[Literal["prompt", "prefix"], knob("teacher refines from the refine prompt, or continues the draft's teacher-accepted prefix")] = "prompt",
+    trd_context: Annotated[Literal["refine", "plain"], knob("teacher scores y_r behind the refine prompt (official) or plain x")] = "refine",
+    trd_loss: Annotated[Literal["fkl", "rkl"], knob("divergence along the refined rollout")] = "fkl",
+    refine_temperature: Annotated[float, knob("teacher sampling temperature when refining (0 = greedy)", ge=0)] = 0.0,
+    trd_topk: Annotated[int, knob("(prefix mode) draft tokens are kept while in the teacher's top-K (ties included)", ge=1)] = 5,
+    loss_temperature: LossTemperature = 1.0,
 ) -> Method:
     if trd_context not in ("refine", "plain"):
         raise ValueError(f"trd_context must be 'refine' or 'plain', got {trd_context!r}")

@@ -25,11 +25,12 @@ and, by the loop, ``rollout/truncated`` (rows cut by the budget or the cap).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
 from opd.methods.base import Experience, Method, RolloutEnv, Signal, TeacherRequest, method_info
+from opd.methods.knobs import ClipEps, Gamma, KlCoef, OpdLoss, knob
 from opd.methods.opd import opd_signal, opd_token_loss
 from opd.rollouts.budget import LengthBudget, fixed_budget, ramp_budget
 from opd.rollouts.student import student_rollout
@@ -68,12 +69,12 @@ def budget_opd_method(name: str, budget: LengthBudget, *, gamma: float, kl_coef:
 
 @method_info(paper="Zhou et al., 2605.27028 (ESR)", fixes="horizon decay", source="third-party", recipe={})
 def build_trunc(
-    trunc_tokens: int = 100,
+    trunc_tokens: Annotated[int, knob("response tokens generated and distilled (ESR's N)", ge=1)] = 100,
     max_new_tokens: int = 96,
-    gamma: float = 0.0,
-    kl_coef: float = 1.0,
-    opd_loss: Literal["is", "ppo"] = "is",
-    clip_eps: float = 0.2,
+    gamma: Gamma = 0.0,
+    kl_coef: KlCoef = 1.0,
+    opd_loss: OpdLoss = "is",
+    clip_eps: ClipEps = 0.2,
 ) -> Method:
     budget = fixed_budget(min(trunc_tokens, max_new_tokens), max_new_tokens)
     return budget_opd_method("trunc", budget, gamma=gamma, kl_coef=kl_coef, opd_loss=opd_loss, clip_eps=clip_eps)
@@ -81,12 +82,12 @@ def build_trunc(
 
 @method_info(paper="Zhang et al., 2605.31490 (TOPD)", fixes="horizon decay", source="third-party", recipe={})
 def build_topd(
-    horizon_frac: float = 0.1,
+    horizon_frac: Annotated[float, knob("rollout horizon as a fraction of max_new_tokens", gt=0, le=1)] = 0.1,
     max_new_tokens: int = 96,
-    gamma: float = 0.0,
-    kl_coef: float = 1.0,
-    opd_loss: Literal["is", "ppo"] = "is",
-    clip_eps: float = 0.2,
+    gamma: Gamma = 0.0,
+    kl_coef: KlCoef = 1.0,
+    opd_loss: OpdLoss = "is",
+    clip_eps: ClipEps = 0.2,
 ) -> Method:
     budget = fixed_budget(round(horizon_frac * max_new_tokens), max_new_tokens)
     return budget_opd_method("topd", budget, gamma=gamma, kl_coef=kl_coef, opd_loss=opd_loss, clip_eps=clip_eps)
@@ -94,15 +95,15 @@ def build_topd(
 
 @method_info(paper="Zhang et al., 2605.31490 (POPD)", fixes="horizon decay", source="reconstruction", recipe={})
 def build_popd(
-    popd_start_frac: float = 0.1,
-    popd_schedule: Literal["linear", "geometric"] = "linear",
-    popd_ramp_frac: float = 1.0,
+    popd_start_frac: Annotated[float, knob("horizon fraction at step 0", gt=0, le=1)] = 0.1,
+    popd_schedule: Annotated[Literal["linear", "geometric"], knob("how the horizon grows")] = "linear",
+    popd_ramp_frac: Annotated[float, knob("share of the run's steps after which the horizon is full", ge=0)] = 1.0,
     steps: int = 40,
     max_new_tokens: int = 96,
-    gamma: float = 0.0,
-    kl_coef: float = 1.0,
-    opd_loss: Literal["is", "ppo"] = "is",
-    clip_eps: float = 0.2,
+    gamma: Gamma = 0.0,
+    kl_coef: KlCoef = 1.0,
+    opd_loss: OpdLoss = "is",
+    clip_eps: ClipEps = 0.2,
 ) -> Method:
     budget = ramp_budget(popd_start_frac, max_new_tokens, round(popd_ramp_frac * steps), popd_schedule)
     return budget_opd_method("popd", budget, gamma=gamma, kl_coef=kl_coef, opd_loss=opd_loss, clip_eps=clip_eps)

@@ -116,7 +116,7 @@ class HFTeacher:
     def generate(self, prompts: list[list[int]], *, prefix_ids_list=None, **sampling) -> list[list[int]]:
         """Sample completions (``sample``'s keywords). ``prefix_ids_list``: completion tokens
         already written, continued but not returned (as :meth:`OracleTeacher.generate`)."""
-        from opd.rollouts.sampler import sample
+        from opd.models.sampler import sample
 
         if prefix_ids_list is not None:
             prompts = [list(p) + list(q) for p, q in zip(prompts, prefix_ids_list)]

@@ -5,7 +5,7 @@ Each next token is drawn from the mixture of the teacher and the student::
     p̃(·|c_t) = α·π_T(·|c_t) + (1−α)·π_θ(·|c_t),        α = mix_alpha (0.2 in MiniLLM)
 
 and the sampler records, per token and at temperature 1 (the learner's scoring
-temperature, METHODS rule 3, as :mod:`opd.rollouts.sampler` does):
+temperature, METHODS rule 3, as :mod:`opd.models.sampler` does):
 
 - ``mix_logp_BT``     = log p̃(y_t|c_t)
 - ``student_logp_BT`` = log π_θ(y_t|c_t)
@@ -38,7 +38,7 @@ import torch
 
 from opd.batch import SeqBatch, make_batch
 from opd.rollouts.base import Experience, RolloutEnv
-from opd.rollouts.sampler import Decoder, assemble, pick_tokens
+from opd.models.sampler import Decoder, assemble, pick_tokens
 from opd.rollouts.student import group_rows, verify_rows, truncated_rows
 from opd.tasks.base import Problem
 

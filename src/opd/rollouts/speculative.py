@@ -21,7 +21,7 @@ K = 1 accepts only the intended word, K >= 2 every live word when ``noise = 0``.
 
 Random stream: the student proposes for *every* row each round (finished rows too, their
 proposals discarded), so the student consumes the generator exactly as a plain
-:func:`opd.rollouts.sampler.sample` call would; with ``topk >= vocab`` nothing is ever
+:func:`opd.models.sampler.sample` call would; with ``topk >= vocab`` nothing is ever
 rejected and the result is the plain student sample (up to floating-point differences
 between re-encoding and a KV cache). Teacher replacements are drawn after the round's
 proposals, one batched draw over the rejecting rows.
@@ -42,7 +42,7 @@ import torch
 
 from opd.batch import SeqBatch, make_batch
 from opd.models.base import Teacher
-from opd.rollouts.sampler import pick_tokens, sample
+from opd.models.sampler import pick_tokens, sample
 
 
 @dataclass

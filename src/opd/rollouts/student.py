@@ -8,7 +8,7 @@ from opd.errors import UserError
 
 from opd.batch import make_batch
 from opd.rollouts.base import Experience, RolloutEnv
-from opd.rollouts.sampler import sample
+from opd.models.sampler import sample
 from opd.tasks.base import Problem
 
 

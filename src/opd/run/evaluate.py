@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from opd.methods.base import RolloutEnv
-from opd.rollouts.sampler import sample
+from opd.models.sampler import sample
 from opd.tasks.base import Problem
 
 

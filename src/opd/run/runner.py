@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from opd.errors import UserError
-
-
 from opd.run.checkpoint import checkpoint_dir, latest_checkpoint, load_trainer_state, save_checkpoint
 from opd.config.loader import save_config
 from opd.run.evaluate import evaluate
@@ -150,6 +147,3 @@ def train(cfg: TrainConfig, setup: Setup | None = None) -> list[dict]:
     """Train as configured; returns the evaluation history (one row per evaluation)."""
     return Run(cfg, setup).fit()
 
-
-def with_overrides(cfg: TrainConfig, **changes) -> TrainConfig:
-    return replace(cfg, **changes)

@@ -8,6 +8,7 @@ what is missing and how to provide it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from opd.errors import UserError
 
@@ -16,6 +17,7 @@ import torch
 from opd.methods import build_method
 from opd.methods.base import Method, RolloutEnv
 from opd.models.hf import HFTeacher, check_same_vocab, load_model, load_tokenizer
+from opd.run.sources import lookup, task_source
 from opd.tasks.base import Problem
 from opd.config.train import TrainConfig
 
@@ -30,41 +32,29 @@ class Setup:
 
 
 def make_task(cfg: TrainConfig):
+    """The run's task: the dataset when one is given, else the named task (``task=addition``)."""
     if cfg.dataset:
         from opd.tasks.dataset import DatasetTask
 
         return DatasetTask(cfg.dataset, verifier=cfg.verifier, eval_fraction=cfg.eval_fraction, seed=cfg.seed)
-    from opd.testbed.tasks import make_task as make_testbed_task
-
-    return make_testbed_task(cfg.task, cfg.horizon)
+    return task_source(cfg.task)(cfg.horizon)
 
 
 def resolve_student(cfg: TrainConfig) -> str:
-    if cfg.student != "testbed":
-        return cfg.student
-    from opd.testbed.builder import prepare_student_base
-
-    return str(prepare_student_base(cfg.task, cfg.horizon))
+    """A model directory or hub id: ``student`` itself, or what a named source gives."""
+    source = lookup("student", cfg.student)
+    return cfg.student if source is None else str(source(vars(cfg)))
 
 
 def make_teacher(cfg: TrainConfig, task, tokenizer):
+    """None, a named source's teacher (``teacher=oracle``), or a model loaded from its path."""
+    source = lookup("teacher", cfg.teacher)
     if cfg.teacher is None:
         return None
-    if cfg.teacher == "oracle":
-        if cfg.dataset:
-            raise UserError("teacher=oracle only knows the synthetic testbed tasks; with dataset=... give a model path.")
-        from opd.testbed.oracle import OracleTeacher
-
-        return OracleTeacher(
-            task, tokenizer, sharpness=cfg.oracle_sharpness, noise=cfg.oracle_noise,
-            decay=cfg.oracle_decay, decay_mode=cfg.oracle_decay_mode, recovers=cfg.oracle_recovers,
-        )
-    path = cfg.teacher
-    if cfg.teacher == "testbed":
-        from opd.testbed.builder import prepare_teacher
-
-        path = str(prepare_teacher(cfg.task, cfg.horizon))
-    return HFTeacher(load_model(path, cfg.dtype), eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+    made = cfg.teacher if source is None else source(vars(cfg), task, tokenizer)
+    if not isinstance(made, (str, Path)):
+        return made
+    return HFTeacher(load_model(str(made), cfg.dtype), eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
 
 
 PRIVILEGED_TEMPLATE = (

@@ -1,4 +1,46 @@
 """The synthetic testbed: exactly verifiable tasks whose chain of thought has a set length
 (:mod:`~opd.testbed.addition`, :mod:`~opd.testbed.modchain`), their word-level tokenizer,
 the programmable oracle teacher (:mod:`~opd.testbed.oracle`) and the builder of the tiny
-student and teacher models (:mod:`~opd.testbed.builder`)."""
+student and teacher models (:mod:`~opd.testbed.builder`).
+
+Importing this package registers its names with the run (:mod:`opd.run.sources`): the
+tasks by name, ``student=testbed`` (the prepared student base), ``teacher=testbed`` (the
+learned teacher) and ``teacher=oracle``. The run never imports the testbed; the testbed
+builds its models with the run.
+"""
+
+from __future__ import annotations
+
+from opd.errors import UserError
+from opd.run.sources import register
+from opd.testbed.tasks import TASKS, make_task
+
+
+def _student_base(settings: dict):
+    from opd.testbed.builder import prepare_student_base
+
+    return prepare_student_base(settings["task"], settings["horizon"])
+
+
+def _learned_teacher(settings: dict, task, tokenizer):
+    from opd.testbed.builder import prepare_teacher
+
+    return prepare_teacher(settings["task"], settings["horizon"])
+
+
+def _oracle(settings: dict, task, tokenizer):
+    if settings.get("dataset"):
+        raise UserError("teacher=oracle only knows the synthetic testbed tasks; with dataset=... give a model path.")
+    from opd.testbed.oracle import OracleTeacher
+
+    return OracleTeacher(
+        task, tokenizer, sharpness=settings["oracle_sharpness"], noise=settings["oracle_noise"],
+        decay=settings["oracle_decay"], decay_mode=settings["oracle_decay_mode"], recovers=settings["oracle_recovers"],
+    )
+
+
+for _name in TASKS:
+    register("task", _name, lambda horizon, _name=_name: make_task(_name, horizon))
+register("student", "testbed", _student_base)
+register("teacher", "testbed", _learned_teacher)
+register("teacher", "oracle", _oracle)

@@ -8,7 +8,7 @@ temperature, METHODS rule 3), not the tempered/top-p sampling distribution: they
 the importance ratio ``exp(log pi_theta - log pi_sampler)`` needs.
 
 Two decoders give the next-token logits: a direct one for the Llama family
-(:mod:`opd.rollouts.fast_decode`, static KV cache, no per-step framework overhead) and the
+(:mod:`opd.models.fast_decode`, static KV cache, no per-step framework overhead) and the
 generic Hugging Face one (``model.get_decoder()`` with a ``DynamicCache``), taken for any
 other model or configuration. Both feed the same token picker, so a seeded run picks the
 same tokens on either (up to float rounding of the logits).
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from opd.batch import SeqBatch, make_batch
-from opd.rollouts import fast_decode
+from opd.models import fast_decode
 
 BLOCK = 128  # vocabulary block of the two-level inverse CDF
 
