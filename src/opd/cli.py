@@ -30,21 +30,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from opd.methods import METHODS, method_knobs, methods_table
+    from opd.methods import describe_methods, methods_table
 
-    if args.markdown:
-        print(methods_table())
-        return 0
-    for name, build in METHODS.items():
-        doc = (sys.modules[build.__module__].__doc__ or "").strip().splitlines()[0]
-        info = build.info
-        knobs = ", ".join(f"{k}={v!r}" for k, v in method_knobs(name).items())
-        recipe = " ".join(f"{k}={v}" for k, v in info.recipe.items())
-        print(f"{name}: {doc}")
-        print(f"    fixes: {info.fixes} | source: {info.source} | {info.paper}")
-        print(f"    knobs: {knobs or '(none)'}")
-        if recipe:
-            print(f"    recipe: {recipe}")
+    print(methods_table() if args.markdown else describe_methods())
     return 0
 
 
@@ -71,15 +59,9 @@ def cmd_compare(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from opd.testbed.builder import prepare_student_base, prepare_teacher, prepared_info
+    from opd.testbed.builder import prepare
 
-    for make in [prepare_student_base] + ([prepare_teacher] if args.teacher else []):
-        path = make(args.task, args.horizon)
-        info = prepared_info(path)
-        acc = info.get("eval_val", info["warmup_eval_val"])["eval/accuracy"]
-        before = info["warmup_eval_val"]["eval/accuracy"]
-        damaged = f", {before:.3f} before damage {info['damage']:g}" if "damage" in info else ""
-        print(f"{path}  (validation accuracy {acc:.3f}{damaged})")
+    print(prepare(args.task, args.horizon, teacher=args.teacher))
     return 0
 
 

@@ -109,7 +109,7 @@ _WANTS = {
     "int_parsing": "expects an int", "int_from_float": "expects a whole number", "int_type": "expects an int",
     "float_parsing": "expects a float", "float_type": "expects a float",
     "bool_parsing": "expects a bool (true/false/yes/no/on/off/1/0)", "bool_type": "expects a bool",
-    "string_type": "expects a string (quote it in YAML)",
+    "string_type": "expects a string (quote it in YAML)", "string_too_short": "must not be empty",
 }
 
 

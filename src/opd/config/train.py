@@ -7,14 +7,14 @@ its method's builder. ``method`` accepts exactly the registered names.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import Field, create_model, model_validator
 
 from opd.config.loader import FlatConfig, load_config
 from opd.methods import METHODS, knob_fields, method_recipe, method_settings
 
-MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]  # the registered names
 
 
 def _h(text: str, default: Any, **bounds) -> Any:
@@ -32,13 +32,13 @@ class RunConfig(FlatConfig):
     task: str = _h("testbed task family", "addition")
     horizon: int = _h("testbed task horizon (number of chain-of-thought steps)", 4, ge=1)
     verifier: Literal["exact", "math"] = _h("answer check for datasets: exact match or math-verify", "exact")
-    eval_fraction: float = _h("share of dataset rows held out for evaluation", 0.1)
+    eval_fraction: float = _h("share of dataset rows held out for evaluation", 0.1, gt=0, lt=1)
     chat_template: Literal["auto", "on", "off"] = _h("wrap dataset prompts in the tokenizer's chat template", "auto")
     dtype: Literal["float32", "bfloat16", "float16"] = _h("model weights dtype", "float32")
     # the oracle teacher (testbed)
-    oracle_sharpness: float = _h("oracle: logit gap of the intended token", 8.0)
-    oracle_noise: float = _h("oracle: probability spread on plausible-but-wrong tokens", 0.0)
-    oracle_decay: float = _h("oracle: extra noise per deviation (or per position)", 0.0)
+    oracle_sharpness: float = _h("oracle: logit gap of the intended token", 8.0, ge=0)
+    oracle_noise: float = _h("oracle: probability spread on plausible-but-wrong tokens", 0.0, ge=0)
+    oracle_decay: float = _h("oracle: extra noise per deviation (or per position)", 0.0, ge=0)
     oracle_decay_mode: Literal["deviations", "position"] = _h("oracle: what the decay counts", "deviations")
     oracle_recovers: bool = _h("oracle: correct a wrong prefix with 'wait' (else continue it)", True)
     # optimisation
@@ -47,26 +47,26 @@ class RunConfig(FlatConfig):
     group_size: int = _h("rollouts per prompt (on-policy methods)", 4, ge=1)
     micro_batch_size: int = _h("rows per forward/backward (gradient accumulation)", 64, ge=1)
     lr: float = _h("peak learning rate (AdamW)", 1e-4, gt=0)
-    weight_decay: float = _h("AdamW weight decay", 0.0)
-    warmup_steps: int = _h("linear warm-up steps", 0)
+    weight_decay: float = _h("AdamW weight decay", 0.0, ge=0)
+    warmup_steps: int = _h("linear warm-up steps", 0, ge=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = _h("decay after warm-up", "constant")
-    max_grad_norm: float = _h("gradient clipping (0 = off)", 1.0)
+    max_grad_norm: float = _h("gradient clipping (0 = off)", 1.0, ge=0)
     ppo_epochs: int = _h("updates per batch of experience", 1, ge=1)
     seed: int = _h("seed of the whole run", 0)
     budget_kind: Literal["steps", "sequences", "teacher_tokens", "wall_s"] = _h("usage counter that `budget` limits", "steps")
     budget: float | None = _h("stop (evaluate, checkpoint) once the budget_kind counter reaches this; `steps` stays the cap and the schedule's length", None, gt=0)
     # sampling
     max_new_tokens: int = _h("rollout length cap", 96, ge=1)
-    temperature: float = _h("rollout sampling temperature", 1.0)
+    temperature: float = _h("rollout sampling temperature (0 = greedy)", 1.0, ge=0)
     top_p: float = _h("rollout nucleus sampling", 1.0, gt=0, le=1)
     # evaluation, checkpoints, logs
-    eval_every: int = _h("evaluate every N steps (0 = only at start and end)", 10)
+    eval_every: int = _h("evaluate every N steps (0 = only at start and end)", 10, ge=0)
     eval_size: int = _h("held-out prompts per evaluation", 128, ge=1)
     eval_split: Literal["test", "val"] = _h("which held-out split evaluations use (val: for tuning)", "test")
     eval_k: int = _h("samples per prompt for pass@k", 4, ge=1)
-    eval_temperature: float = _h("sampling temperature of pass@k", 1.0)
-    save_every: int = _h("checkpoint every N steps (0 = only at the end)", 0)
-    run_dir: str = _h("where logs and checkpoints go", "runs/default")
+    eval_temperature: float = _h("sampling temperature of pass@k (0 = greedy)", 1.0, ge=0)
+    save_every: int = _h("checkpoint every N steps (0 = only at the end)", 0, ge=0)
+    run_dir: str = _h("where logs and checkpoints go", "runs/default", min_length=1)
     resume: bool = _h("continue from the latest checkpoint in run_dir", False)
     overwrite: bool = _h("allow a fresh run in a run_dir that already has checkpoints", False)
     tensorboard: bool = _h("also write TensorBoard event files", False)
@@ -79,17 +79,23 @@ class RunConfig(FlatConfig):
         return self
 
 
-def _check_method_settings() -> None:
-    """A builder parameter that is not a knob must be a run setting (a programming error)."""
-    for name in METHODS:
-        missing = [p for p in method_settings(name) if p not in RunConfig.model_fields]
+def make_train_config(methods: dict[str, Callable] = METHODS) -> type[RunConfig]:
+    """The run config for a method registry: the run's fields, ``method`` restricted to the
+    registered names, and every method's knobs as fields."""
+    for name in methods:
+        missing = [p for p in method_settings(name, methods) if p not in RunConfig.model_fields]
         if missing:
             raise TypeError(f"method {name!r}: builder parameters {missing} are neither knobs (see opd.methods.knobs) nor run settings")
+    model = create_model(
+        "TrainConfig", __base__=RunConfig, __module__=__name__,
+        method=(Literal[tuple(methods)], _h("training method (see `opd methods`)", "opd" if "opd" in methods else next(iter(methods)))),
+        **knob_fields(methods),
+    )
+    model.__doc__ = "A run's config: the run's settings and every method's knobs."
+    return model
 
 
-_check_method_settings()
-TrainConfig = create_model("TrainConfig", __base__=RunConfig, __module__=__name__, **knob_fields())
-TrainConfig.__doc__ = "A run's config: the run's settings and every method's knobs."
+TrainConfig = make_train_config()
 
 
 def train_config(path, overrides, base: dict | None = None):

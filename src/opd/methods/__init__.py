@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 import typing
 from typing import Annotated, Any, Callable
 
@@ -52,9 +53,9 @@ def _is_knob(annotation: Any) -> bool:
     return typing.get_origin(annotation) is Annotated and any(isinstance(m, FieldInfo) for m in annotation.__metadata__)
 
 
-def _parameters(name: str) -> list[tuple[str, Any, Any]]:
+def _parameters(name: str, methods: dict[str, Callable[..., Method]] | None = None) -> list[tuple[str, Any, Any]]:
     """(parameter, annotation, default) of every parameter of the method's builder."""
-    build = METHODS[name]
+    build = (methods or METHODS)[name]
     hints = typing.get_type_hints(build, include_extras=True)
     return [(p.name, hints[p.name], p.default) for p in inspect.signature(build).parameters.values()]
 
@@ -64,18 +65,18 @@ def method_knobs(name: str) -> dict[str, Any]:
     return {p: default for p, annotation, default in _parameters(name) if _is_knob(annotation)}
 
 
-def method_settings(name: str) -> list[str]:
+def method_settings(name: str, methods: dict[str, Callable[..., Method]] | None = None) -> list[str]:
     """The run settings a method's builder reads besides its knobs (e.g. ``max_new_tokens``)."""
-    return [p for p, annotation, _ in _parameters(name) if not _is_knob(annotation)]
+    return [p for p, annotation, _ in _parameters(name, methods) if not _is_knob(annotation)]
 
 
-def knob_fields() -> dict[str, tuple[Any, Any]]:
+def knob_fields(methods: dict[str, Callable[..., Method]] | None = None) -> dict[str, tuple[Any, Any]]:
     """Every method's knobs as config fields, ``name -> (annotation, default)``, in registry
     order; the help text names the methods that take the knob. A knob several methods take
     must agree on its annotation and default (declare it once in :mod:`opd.methods.knobs`)."""
     found: dict[str, tuple[Any, Any, list[str]]] = {}
-    for name in METHODS:
-        for knob_name, annotation, default in _parameters(name):
+    for name in methods or METHODS:
+        for knob_name, annotation, default in _parameters(name, methods):
             if not _is_knob(annotation):
                 continue
             if knob_name in found and found[knob_name][:2] != (annotation, default):
@@ -105,6 +106,19 @@ def methods_table() -> str:
         info = build.info
         rows.append(f"| `{name}` | {info.paper} | {info.fixes} | {info.source} | `opd train method={name}` |")
     return "\n".join(rows)
+
+
+def describe_methods() -> str:
+    """``opd methods``: each method with its summary, the pitfall it fixes, its knobs and recipe."""
+    lines = []
+    for name, build in METHODS.items():
+        info = build.info
+        doc = (sys.modules[build.__module__].__doc__ or "").strip().splitlines()[0]
+        knobs = ", ".join(f"{k}={v!r}" for k, v in method_knobs(name).items())
+        recipe = " ".join(f"{k}={v}" for k, v in info.recipe.items())
+        lines += [f"{name}: {doc}", f"    fixes: {info.fixes} | source: {info.source} | {info.paper}", f"    knobs: {knobs or '(none)'}"]
+        lines += [f"    recipe: {recipe}"] if recipe else []
+    return "\n".join(lines)
 
 
 def build_method(name: str, settings: dict[str, Any]) -> Method:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import torch
+from pydantic import validate_call
 
 from opd.batch import SeqBatch
 from opd.losses.selective import token_logp, token_logp_and_stats
@@ -174,9 +175,13 @@ class MethodInfo:
 
 
 def method_info(**info) -> Callable:
-    """Decorator for a builder: ``@method_info(paper=..., fixes=..., source=..., recipe=...)``."""
+    """Decorator for a builder: ``@method_info(paper=..., fixes=..., source=..., recipe=...)``.
+
+    The builder's arguments are validated against its knob declarations (type and range,
+    :mod:`opd.methods.knobs`) on every call, from the config or from code."""
 
     def mark(build: Callable[..., Method]) -> Callable[..., Method]:
+        build = validate_call(build)
         build.info = MethodInfo(**info)
         return build
 

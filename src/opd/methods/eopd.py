@@ -33,7 +33,7 @@ from opd.methods.base import Experience, Method, Signal, StudentView, TeacherReq
 from opd.methods.knobs import ClipEps, OpdLoss, knob
 from opd.methods.opd import opd_signal, opd_token_loss
 from opd.rollouts.student import student_rollout
-from opd.signals.eopd import MODES, eopd_combine, uncertain_mask
+from opd.signals.eopd import eopd_combine, uncertain_mask
 
 
 def eopd_signal(exp: Experience, scores, *, tau: float) -> Signal:
@@ -60,15 +60,13 @@ def eopd_loss(view: StudentView, signal: Signal, *, lam: float, mode: str, opd_l
 
 @method_info(paper="Jin et al., 2603.07079", fixes="local noise", source="third-party")
 def build(
-    eopd_k: Annotated[int, knob("teacher top-K of the forward-KL term")] = 16,
+    eopd_k: Annotated[int, knob("teacher top-K of the forward-KL term", ge=1)] = 16,
     eopd_tau: Annotated[float, knob("teacher entropy threshold in nats")] = 0.8,
-    eopd_lambda: Annotated[float, knob("weight of the forward-KL term")] = 1.0,
+    eopd_lambda: Annotated[float, knob("weight of the forward-KL term", ge=0)] = 1.0,
     eopd_mode: Annotated[Literal["add", "switch"], knob("add forward KL where uncertain (code) or switch to it (blog)")] = "add",
     opd_loss: OpdLoss = "is",
     clip_eps: ClipEps = 0.2,
 ) -> Method:
-    if eopd_k < 1 or eopd_lambda < 0 or eopd_mode not in MODES:
-        raise ValueError(f"need eopd_k >= 1, eopd_lambda >= 0, eopd_mode in {MODES}; got {eopd_k}, {eopd_lambda}, {eopd_mode!r}")
     return Method(
         "eopd",
         student_rollout,

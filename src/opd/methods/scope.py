@@ -74,9 +74,7 @@ def scope_loss(view: StudentView, signal: Signal):
     paper="Zheng et al., 2604.10688", fixes="local noise", source="paper",
     recipe={"group_size": 8, "temperature": 0.6},
 )
-def build(scope_tau: Annotated[float, knob("perplexity weight temperature")] = 1.0) -> Method:
-    if not scope_tau > 0:
-        raise ValueError(f"scope_tau must be > 0, got {scope_tau}")
+def build(scope_tau: Annotated[float, knob("perplexity weight temperature", gt=0)] = 1.0) -> Method:
     return Method(
         "scope",
         student_rollout,

@@ -97,8 +97,6 @@ def build(
     clip_eps: ClipEps = 0.2,
     adv_scale: AdvScale = "std",
 ) -> Method:
-    if srpo_weight not in ("confidence", "none"):
-        raise ValueError(f"srpo_weight must be 'confidence' or 'none', got {srpo_weight!r}")
     return Method(
         "srpo",
         srpo_rollout,

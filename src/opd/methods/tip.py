@@ -75,9 +75,7 @@ def tip_loss(view: StudentView, signal: Signal):
 
 
 @method_info(paper="Xu et al., 2604.14084", fixes="local noise", source="third-party")
-def build(tip_rho: Annotated[float, knob("fraction of tokens kept")] = 0.5) -> Method:
-    if not 0.0 < tip_rho <= 1.0:
-        raise ValueError(f"tip_rho must be in (0, 1], got {tip_rho}")
+def build(tip_rho: Annotated[float, knob("fraction of tokens kept", gt=0, le=1)] = 0.5) -> Method:
     return Method(
         "tip",
         tip_rollout,

@@ -82,11 +82,9 @@ def lsm_loss(view: StudentView, signal: Signal):
 
 @method_info(paper="Fu et al., 2603.25562", fixes="local noise", source="code", recipe={"top_p": 0.9})
 def build(
-    lsm_k: Annotated[int, knob("teacher top-K support size")] = 32,
+    lsm_k: Annotated[int, knob("teacher top-K support size", ge=1)] = 32,
     lsm_add_sampled: Annotated[bool, knob("add the sampled token to the support")] = False,
 ) -> Method:
-    if lsm_k < 1:
-        raise ValueError(f"lsm_k must be >= 1, got {lsm_k}")
     return Method(
         "topk_lsm",
         lsm_rollout,

@@ -76,8 +76,6 @@ def build(
     trd_topk: Annotated[int, knob("(prefix mode) draft tokens are kept while in the teacher's top-K (ties included)", ge=1)] = 5,
     loss_temperature: LossTemperature = 1.0,
 ) -> Method:
-    if trd_context not in ("refine", "plain"):
-        raise ValueError(f"trd_context must be 'refine' or 'plain', got {trd_context!r}")
     return Method(
         "trd",
         lambda env, problems, gen: refine_rollout(

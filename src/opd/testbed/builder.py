@@ -176,5 +176,19 @@ def prepare_teacher(task: str = "addition", horizon: int = 4, *, seed: int = 0, 
     return _prepare("teacher", task, horizon, TEACHER_ARCH, TEACHER_TRAINING, seed, quiet)
 
 
+def prepare(task: str, horizon: int, teacher: bool = False) -> str:
+    """``opd prepare``: build (or find) the student base, and the learned teacher when asked;
+    one line each with its path and validation accuracy."""
+    lines = []
+    for make in [prepare_student_base] + ([prepare_teacher] if teacher else []):
+        path = make(task, horizon)
+        info = prepared_info(path)
+        acc = info.get("eval_val", info["warmup_eval_val"])["eval/accuracy"]
+        before = info["warmup_eval_val"]["eval/accuracy"]
+        damaged = f", {before:.3f} before damage {info['damage']:g}" if "damage" in info else ""
+        lines.append(f"{path}  (validation accuracy {acc:.3f}{damaged})")
+    return "\n".join(lines)
+
+
 def prepared_info(path: Path) -> dict:
     return json.loads((Path(path) / "READY.json").read_text())
