@@ -121,10 +121,11 @@ def describe_methods() -> str:
     return "\n".join(lines)
 
 
-def build_method(name: str, settings: dict[str, Any]) -> Method:
+def build_method(name: str, settings: dict[str, Any], methods: dict[str, Callable[..., Method]] | None = None) -> Method:
     """Build ``name`` from the knobs and run settings its builder names, taken from a flat
     settings mapping."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
-    args = {p: settings[p] for p, _, _ in _parameters(name) if p in settings}
-    return METHODS[name](**args)
+    methods = methods or METHODS
+    if name not in methods:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(methods))}")
+    args = {p: settings[p] for p, _, _ in _parameters(name, methods) if p in settings}
+    return methods[name](**args)
