@@ -62,14 +62,23 @@ class FlatConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Assignment checks the whole config first, so a refused value changes nothing."""
+        if name in type(self).model_fields:
+            type(self).model_validate({**self.model_dump(), name: value})
+        super().__setattr__(name, value)
+
     @field_validator("*", mode="before")
     @classmethod
     def _text(cls, value: Any, info) -> Any:
-        """``none`` for an optional key, and integral scientific notation for an int."""
-        if not isinstance(value, str):
-            return value
+        """``none`` for an optional key, integral scientific notation for an int, and no
+        YAML bool where a number is expected (``steps: yes`` is refused, not 1)."""
         annotation = cls.model_fields[info.field_name].annotation
         inner = _optional_inner(annotation)
+        if isinstance(value, bool) and (inner or annotation) in (int, float):
+            return str(value).lower()
+        if not isinstance(value, str):
+            return value
         if inner is not None and value.strip().lower() in _NONE_WORDS:
             return None
         return _integral(value) if (inner or annotation) is int else value
@@ -129,6 +138,9 @@ def _explain(err: ValidationError, sources: dict[str, str]) -> ConfigError:
             lines.append(f"invalid config: {e['msg'].removeprefix('Value error, ')}")
             continue
         key = str(e["loc"][0])
+        if e["type"] == "missing":
+            lines.append(f"config key {key!r} is required; set it in a YAML file or as {key}=...")
+            continue
         lines.append(f"config key {key!r} {_wants(e)}, got {e['input']!r} [{sources.get(key, 'default')}]")
     return ConfigError("; ".join(lines))
 
@@ -172,7 +184,7 @@ def _split_override(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"malformed override {text!r}: expected key=value, e.g. 'lr=3e-4'")
-    return key.strip(), value
+    return key.strip(), value.strip()
 
 
 def _gather(cls: type[BaseModel], path, overrides, base) -> tuple[dict, dict]:
