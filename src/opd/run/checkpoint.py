@@ -42,6 +42,7 @@ MANIFEST = "manifest.json"
 _NAME = re.compile(r"step_(\d+)")
 _TMP, _OLD = ".tmp-", ".old-"  # being written; being removed (hidden: never a checkpoint)
 _BLOCK = 1 << 20
+LOW_SPACE = 64 << 20  # bytes: a write that fails with less free than this ran out of space
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -162,12 +163,21 @@ def _remove_leftovers(root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _out_of_space(err: BaseException) -> bool:
-    """ENOSPC or EDQUOT, as an ``OSError`` or in a library's message (safetensors)."""
+def _out_of_space(err: BaseException, folder: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC or EDQUOT as an ``OSError`` or in a
+    library's message (safetensors), or any error while ``folder``'s file system has less
+    than :data:`LOW_SPACE` free (``torch.save`` reports a full disk as "unexpected pos")."""
+    if not isinstance(err, Exception):
+        return False
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(err)
-    return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
+    if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+        return True
+    try:
+        return shutil.disk_usage(folder).free < LOW_SPACE
+    except OSError:
+        return False
 
 
 def prune(path: Path, keep_last: int) -> None:
@@ -195,8 +205,9 @@ def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, count
         os.rename(tmp, path)
         _fsync_dir(root)
     except BaseException as err:
+        full = _out_of_space(err, root)  # asked before the temporary folder frees its space
         shutil.rmtree(tmp, ignore_errors=True)
-        if _out_of_space(err):
+        if full:
             before = [p.name for p in list_checkpoints(root.parent) if p != path]
             raise UserError(
                 f"out of disk space while writing checkpoint {path}: nothing of it was kept, the previous checkpoint "
