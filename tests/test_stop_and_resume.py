@@ -145,7 +145,7 @@ def test_a_second_signal_stops_at_once():
         os.kill(os.getpid(), signal.SIGTERM)
         _wait_for(lambda: stop.signum is not None, 10, "the handler")
         assert stop.name == "SIGTERM"
-        with pytest.raises(RunStopped, match=r"^stopped at once by a second SIGINT during step 8, without a new checkpoint"):
+        with pytest.raises(RunStopped, match=r"^stopped at once by a second SIGINT at step 7, without a new checkpoint"):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(10)  # interrupted by the handler
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
@@ -178,7 +178,8 @@ def test_resume_applies_a_changed_lr_and_records_it(tiny_cfg, capsys):
     run.fit()
     rows = read_metrics(cfg.run_dir)
     notes = [r for r in rows if any(k.startswith("resume/") for k in r)]
-    assert len(notes) == 1 and notes[0]["step"] == 2
+    assert len(notes) == 1 and notes[0]["step"] == 3  # in the first resumed step's row
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     assert {k: v for k, v in notes[0].items() if k.startswith("resume/")} == {
         "resume/lr": 4e-4, "resume/lr_schedule=linear": 1.0, "resume/steps": 4.0}
     lrs = {r["step"]: r["optim/lr"] for r in rows if "optim/lr" in r}

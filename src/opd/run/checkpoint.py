@@ -167,7 +167,7 @@ def _out_of_space(err: BaseException, folder: Path) -> bool:
     """Whether a failed write ran out of space: ENOSPC or EDQUOT as an ``OSError`` or in a
     library's message (safetensors), or any error while ``folder``'s file system has less
     than :data:`LOW_SPACE` free (``torch.save`` reports a full disk as "unexpected pos")."""
-    if not isinstance(err, Exception):
+    if not isinstance(err, Exception) or isinstance(err, UserError):  # e.g. a second stop signal
         return False
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True

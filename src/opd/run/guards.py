@@ -58,9 +58,9 @@ class StopSignals:
         if self.signum is None:
             self.signum = signum
             # os.write: a handler may interrupt a print (or the progress bar) on the same stream
-            os.write(2, f"\n{name}: finishing step {self.step() + 1}, then a checkpoint; {name} again stops at once\n".encode())
+            os.write(2, f"\n{name}: stopping after the current step, with a checkpoint; {name} again stops at once\n".encode())
             return
-        raise RunStopped(f"stopped at once by a second {name} during step {self.step() + 1}, without a new checkpoint; "
+        raise RunStopped(f"stopped at once by a second {name} at step {self.step()}, without a new checkpoint; "
                          "resume with resume=true (from the latest checkpoint)")
 
 

@@ -43,7 +43,17 @@ def acquire_run_lock(run_dir: str | Path) -> IO:
     return f
 
 
-def release_run_lock(lock: IO | None) -> None:
-    """Release a lock from :func:`acquire_run_lock` (None or already released: nothing)."""
-    if lock is not None and not lock.closed:
-        lock.close()
+def release_run_lock(lock: IO | None, remove_dir: bool = False) -> None:
+    """Release a lock from :func:`acquire_run_lock` (None or already released: nothing).
+    ``remove_dir``: also remove the lock file and then the run dir if that left it empty
+    (a run that failed at start leaves nothing behind)."""
+    if lock is None or lock.closed:
+        return
+    if remove_dir:
+        Path(lock.name).unlink(missing_ok=True)  # while still held
+    lock.close()
+    if remove_dir:
+        try:
+            Path(lock.name).parent.rmdir()
+        except OSError:
+            pass

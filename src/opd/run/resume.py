@@ -71,8 +71,9 @@ def describe_changes(step: int, changes: dict[str, tuple[Any, Any]]) -> str:
 
 
 def changes_row(changes: dict[str, tuple[Any, Any]]) -> dict[str, float]:
-    """The changes as a metrics row: ``resume/<key>`` = the new value for numbers and
-    booleans, ``resume/<key>=<value>`` = 1 for text and None."""
+    """The changes as metrics (logged in the resumed run's first step's row):
+    ``resume/<key>`` = the new value for numbers and booleans, ``resume/<key>=<value>`` = 1
+    for text and None."""
     row = {}
     for key, (_, new) in changes.items():
         if isinstance(new, (int, float)):

@@ -90,11 +90,12 @@ class Run:
     ``{key: (old, new)}``; see :mod:`opd.run.resume`)."""
 
     def __init__(self, cfg: TrainConfig, setup: Setup | None = None):
+        new_dir = not Path(cfg.run_dir).exists()
         self._lock = acquire_run_lock(cfg.run_dir)
         try:
             self._start(cfg, setup)
         except BaseException:
-            release_run_lock(self._lock)
+            release_run_lock(self._lock, remove_dir=new_dir)  # a run that cannot start writes nothing
             raise
 
     def _start(self, cfg: TrainConfig, setup: Setup | None) -> None:
@@ -187,13 +188,12 @@ class Run:
         resume_step = self.counters["step"] if self.resume_from else None
         with MetricLogger(c.run_dir, tensorboard=c.tensorboard, progress_total=c.steps, progress_keys=PROGRESS_KEYS,
                           desc=c.method, resume_step=resume_step, progress=c.progress) as log, self.signals:
-            if self.changes:
-                log.log(self.counters["step"], changes_row(self.changes))
             if self.counters["step"] == 0:
                 log.log(0, self.evaluate())
-            self._loop(log, min(c.steps, stop_after or c.steps), stop_when)
+            self._loop(log, min(c.steps, stop_after or c.steps), stop_when, note=changes_row(self.changes))
 
-    def _loop(self, log: MetricLogger, last: int, stop_when) -> None:
+    def _loop(self, log: MetricLogger, last: int, stop_when, note: dict) -> None:
+        """The steps; ``note`` (the resume's changes) goes into the first step's row."""
         c = self.cfg
         while self.counters["step"] < last and not budget_spent(c, self.counters):
             if self.signals.signum is not None:
@@ -201,6 +201,8 @@ class Run:
             metrics = self.one_step()
             step = self.counters["step"]
             metrics.update(self._usage())
+            metrics.update(note)
+            note = {}
             stop = budget_spent(c, self.counters)
             if stop or _eval_due(c, step):
                 row = self.evaluate()
