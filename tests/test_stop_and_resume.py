@@ -240,8 +240,8 @@ def test_non_finite_steps_in_a_row_stop_the_run(tiny_cfg):
         Run(cfg, _with_loss_hook(cfg, inf_from_step_1)).fit()
     last = Path(cfg.run_dir) / "checkpoints" / "step_000003"
     assert str(stop.value) == (
-        "stopped at step 4: the loss or gradient norm was not finite in 3 steps in a row (steps 2-4; none was applied, "
-        f"nothing saved since); latest checkpoint: {last}; lower lr, check the data and the teacher, "
+        "stopped at step 4: the loss or gradient norm was not finite in 3 steps in a row (steps 2-4), none of them "
+        f"applied; latest checkpoint: {last}; lower lr, check the data and the teacher, "
         "or raise max_nonfinite_steps")
     assert [p.name for p in list_checkpoints(cfg.run_dir)] == ["step_000001", "step_000002", "step_000003"]
     for path in list_checkpoints(cfg.run_dir):

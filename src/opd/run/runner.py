@@ -224,7 +224,7 @@ class Run:
         if n >= self.cfg.max_nonfinite_steps:
             raise RunStopped(
                 f"stopped at step {step}: the loss or gradient norm was not finite in {n} steps in a row (steps "
-                f"{step - n + 1}-{step}; none was applied, nothing saved since); latest checkpoint: "
+                f"{step - n + 1}-{step}), none of them applied; latest checkpoint: "
                 f"{latest_checkpoint(self.cfg.run_dir) or 'none'}; lower lr, check the data and the teacher, "
                 "or raise max_nonfinite_steps"
             )
