@@ -66,6 +66,8 @@ class RunConfig(FlatConfig):
     eval_k: int = _h("samples per prompt for pass@k", 4, ge=1)
     eval_temperature: float = _h("sampling temperature of pass@k (0 = greedy)", 1.0, ge=0)
     save_every: int = _h("checkpoint every N steps (0 = only at the end)", 0, ge=0)
+    keep_last: int = _h("checkpoints kept in run_dir/checkpoints, the newest (0 = keep all)", 3, ge=0)
+    max_nonfinite_steps: int = _h("stop after this many steps in a row with a non-finite loss or gradient (each is skipped)", 3, ge=1)
     run_dir: str = _h("where logs and checkpoints go", "runs/default", min_length=1)
     resume: bool = _h("continue from the latest checkpoint in run_dir", False)
     overwrite: bool = _h("allow a fresh run in a run_dir that already has checkpoints", False)
@@ -101,9 +103,14 @@ TrainConfig = make_train_config()
 def train_config(path, overrides, base: dict | None = None):
     """The run's config: defaults, then the method's recipe, then ``base`` (a mapping of
     settings, e.g. from ``opd compare``), then the YAML file, then ``key=value`` overrides
-    (later wins). Returns (config, the recipe keys as applied)."""
+    (later wins). Returns (config, the recipe keys as applied).
+
+    The config's ``model_fields_set`` are the keys given (``base``, file, overrides), not
+    the recipe's: on ``resume=true`` the others come from the checkpoint."""
     cfg = load_config(TrainConfig, path, overrides, base=base)
     recipe = method_recipe(cfg.method)
     if recipe:
+        given = set(cfg.model_fields_set)
         cfg = load_config(TrainConfig, path, overrides, base={**recipe, **(base or {})})
+        cfg = TrainConfig.model_construct(_fields_set=given, **cfg.model_dump())
     return cfg, {k: getattr(cfg, k) for k in recipe}

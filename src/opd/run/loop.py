@@ -54,6 +54,16 @@ def make_scheduler(optimizer, *, warmup_steps: int, total_steps: int, schedule: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def set_hyperparams(optimizer, scheduler, *, lr: float, weight_decay: float) -> None:
+    """Make ``lr`` (the peak) and ``weight_decay`` the optimizer's, at the scheduler's
+    current step. A resumed run needs it: the restored optimizer and scheduler states hold
+    the old values, and the scheduler's factor is the new schedule's (never saved)."""
+    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"], group["weight_decay"] = lr, weight_decay
+        group["lr"] = lr * factor(scheduler.last_epoch)
+
+
 def student_view(model, batch, *, lean: bool = True, stats_topk: int | None = None) -> StudentView:
     """The student's outputs on ``batch``'s completion columns. ``lean`` (default): the
     completion hidden states and the LM head, logits and log-probs made lazily (never the
@@ -129,6 +139,8 @@ def _student_diag(view: StudentView, completion_mask_BT: torch.Tensor, scores, r
 def update(model, optimizer, exp: Experience, signal: Signal, method: Method, *, micro_batch_size: int, max_grad_norm: float, scores=None, lean: bool = True) -> dict:
     """One optimizer step over the experience, accumulating micro-batch gradients.
 
+    A step whose loss or gradient norm is not finite is not applied: the gradients are
+    dropped and ``optim/skipped_nonfinite`` is 1 (else 0).
     ``scores``: the teacher's scores of ``exp.batch`` (row- and column-aligned) or None;
     they only feed the ``diag/`` statistics, never the loss. ``lean``: the lazy student
     view (:func:`student_view`); False builds the full logits of every micro-batch."""
@@ -138,6 +150,7 @@ def update(model, optimizer, exp: Experience, signal: Signal, method: Method, *,
     optimizer.zero_grad(set_to_none=True)
     totals: dict = {}
     diag: dict = {}
+    loss_sum = 0.0
     stats_topk = 0 if scores is None else scores.topk_ids_BTK.shape[-1]
     for start in range(0, mask_BT.shape[0], micro_batch_size):
         rows = slice(start, start + micro_batch_size)
@@ -145,16 +158,23 @@ def update(model, optimizer, exp: Experience, signal: Signal, method: Method, *,
         view = student_view(model, batch, lean=lean, stats_topk=stats_topk)
         micro = _rows(signal, rows)
         loss_BT, metrics = method.loss(view, micro)
-        masked_token_mean(loss_BT, micro["mask_BT"], normalizer).backward()
+        loss = masked_token_mean(loss_BT, micro["mask_BT"], normalizer)
+        loss.backward()
+        loss_sum = loss_sum + loss.detach()
         _accumulate(totals, metrics, micro["mask_BT"])
         _accumulate(diag, _student_diag(view, batch.completion_mask_BT, scores, rows), batch.completion_mask_BT)
         del view, loss_BT, metrics  # a cached [B, T, V] must not outlive its micro-batch
     clip = max_grad_norm if max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    optimizer.step()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    finite = math.isfinite(grad_norm) and math.isfinite(float(loss_sum))
+    if finite:
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
     out = {k: s / max(n, 1.0) for k, (s, n) in totals.items()}
     out.update({k: s / n for k, (s, n) in diag.items() if n > 0})  # nothing to measure: omitted
-    out["optim/grad_norm"] = float(grad_norm)
+    out["optim/grad_norm"] = grad_norm
+    out["optim/skipped_nonfinite"] = 0.0 if finite else 1.0
     return out
 
 
@@ -209,8 +229,11 @@ def train_step(env, method: Method, problems: list, generator: torch.Generator, 
     signal = method.signal(exp, scores)
     t1 = time.perf_counter()
     diag_scores = aligned_scores(scores, exp.batch)
+    skipped = 0.0
     for _ in range(ppo_epochs):
         metrics = update(env.student, optimizer, exp, signal, method, micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm, scores=diag_scores)
+        skipped += metrics["optim/skipped_nonfinite"]
+    metrics["optim/skipped_nonfinite"] = skipped  # updates not applied in this step (of ppo_epochs)
     metrics.update(rollout_metrics(exp, signal))
     metrics.update(signal_metrics(signal))
     if scores is not None:
