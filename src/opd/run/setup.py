@@ -235,6 +235,21 @@ def report_data(counts: dict[str, int], limit: int | None, why: str) -> None:
               "prompt (they would measure memorization)", file=sys.stderr)
 
 
+def problem_pools(cfg: TrainConfig, task, encode, positions: int | None):
+    """``(train_pool, eval_problems, counts)``: prompts longer than the limit dropped (and
+    counted, with the held-out duplicates the task removed); one note each, once."""
+    limit, why = prompt_limit(getattr(cfg, "max_prompt_tokens", None), cfg.max_new_tokens, positions)
+    train_pool = task.problems("train", None if cfg.dataset else 4096, cfg.seed)
+    eval_problems = task.problems(cfg.eval_split, None if cfg.dataset else cfg.eval_size, 0)
+    n_prompts = len(train_pool) + len(eval_problems)
+    train_pool, too_long = drop_long_prompts(train_pool, encode, limit, why, "training")
+    eval_problems, eval_too_long = drop_long_prompts(eval_problems, encode, limit, why, "held-out")
+    counts = {"data/prompts": n_prompts, "data/prompts_too_long": too_long + eval_too_long,
+              "data/eval_duplicates": getattr(task, "eval_duplicates", 0)}
+    report_data(counts, limit, why)
+    return train_pool, eval_problems[: cfg.eval_size], counts  # one held-out set for all seeds
+
+
 def build_setup(cfg: TrainConfig, student=None) -> Setup:
     """Student, tokenizer, teacher, data and the method, checked against each other."""
     task = make_task(cfg)
@@ -250,11 +265,8 @@ def build_setup(cfg: TrainConfig, student=None) -> Setup:
         check_same_vocab(student, teacher.vocab_size, len(tokenizer))
     reference = frozen(load_model(student_path, cfg.dtype)) if "reference" in method.needs else None
     encode = prompt_encoder(tokenizer, cfg.chat_template, bool(cfg.dataset))
-    limit, why = prompt_limit(getattr(cfg, "max_prompt_tokens", None), cfg.max_new_tokens,
-                              model_positions(student, getattr(teacher, "model", None)))
-    train_pool = task.problems("train", None, cfg.seed) if cfg.dataset else task.problems("train", 4096, cfg.seed)
-    n_prompts = len(train_pool)
-    train_pool, too_long = drop_long_prompts(train_pool, encode, limit, why, "training")
+    positions = model_positions(student, getattr(teacher, "model", None))
+    train_pool, eval_problems, counts = problem_pools(cfg, task, encode, positions)
     check_needs(method, teacher, train_pool, cfg.group_size)
     privileged, refine = context_encoders(tokenizer, cfg.chat_template, bool(cfg.dataset))
     env = RolloutEnv(
@@ -266,12 +278,4 @@ def build_setup(cfg: TrainConfig, student=None) -> Setup:
         special_ids=special_ids(tokenizer), vocab_size=len(tokenizer),
         boundary_ids=boundary_ids(tokenizer) if "boundaries" in method.needs else (),
     )
-    eval_n = None if cfg.dataset else cfg.eval_size
-    eval_problems = task.problems(cfg.eval_split, eval_n, 0)
-    n_prompts += len(eval_problems)
-    eval_problems, eval_too_long = drop_long_prompts(eval_problems, encode, limit, why, "held-out")
-    eval_problems = eval_problems[: cfg.eval_size]  # one held-out set for all seeds
-    counts = {"data/prompts": n_prompts, "data/prompts_too_long": too_long + eval_too_long,
-              "data/eval_duplicates": getattr(task, "eval_duplicates", 0)}
-    report_data(counts, limit, why)
     return Setup(env, method, tokenizer, train_pool, eval_problems, counts)
