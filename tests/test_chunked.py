@@ -199,3 +199,48 @@ def test_hostile_inputs_are_finite(seed, scale, dtype, kind, clip, masked, fused
     gh, gw = torch.autograd.grad(loss, (h, W))
     assert torch.isfinite(gh).all() and torch.isfinite(gw).all()
     assert gh.dtype == dtype and gw.dtype == dtype
+
+
+@pytest.mark.parametrize("kind, beta, clip", CASES)
+@pytest.mark.parametrize("support", [None, "teacher_topk"])
+def test_nan_teacher_logit_at_masked_token_reaches_no_gradient(kind, beta, clip, support):
+    h, W, b, t, _ = _inputs(seed=70)
+    kw = dict(kind=kind, beta=beta, entry_clip=clip, support=support, k=4 if support else None, chunk_size=3)
+    weights = torch.full((N,), 1.0 / (N - 1), dtype=torch.float64)
+    weights[5] = 0.0  # token 5 is masked
+    bad = t.clone()
+    bad[5, 2] = math.nan
+
+    def fused(teacher):
+        loss, _ = chunked_divergence_loss(h, W, teacher, weights_N=weights, bias_V=b, **kw)
+        return (loss, *torch.autograd.grad(loss, (h, W, b)))
+
+    def recomputed(teacher):
+        value = chunked_divergence(h, W, teacher, bias_V=b, **kw)
+        loss = torch.where(weights > 0, value * weights, 0.0).sum()
+        return (loss, *torch.autograd.grad(loss, (h, W, b)))
+
+    for fn in (fused, recomputed):
+        got, want = fn(bad), fn(t)
+        assert all(torch.isfinite(x).all() for x in got)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind, beta, clip", CASES)
+def test_nan_teacher_logit_at_kept_token_gives_nan_loss_and_finite_gradients(kind, beta, clip):
+    h, W, b, t, _ = _inputs(seed=71)
+    t[2, 0] = math.nan
+    weights = torch.full((N,), 1.0 / N, dtype=torch.float64)
+    loss, values = chunked_divergence_loss(h, W, t, kind, weights, bias_V=b, beta=beta, entry_clip=clip, chunk_size=3)
+    assert torch.isnan(loss) and torch.isnan(values[2]) and torch.isfinite(values[[0, 1, 3, 4, 5, 6]]).all()
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(loss, (h, W, b)))
+    value = chunked_divergence(h, W, t, kind, bias_V=b, beta=beta, entry_clip=clip, chunk_size=3)
+    torch.testing.assert_close(value, values, equal_nan=True)
+
+
+def test_nan_float_arguments_are_refused():
+    h, W, _, t, _ = _inputs(seed=72)
+    with pytest.raises(ValueError, match="entry_clip must be a number or None, got nan"):
+        chunked_divergence(h, W, t, "rkl", entry_clip=math.nan)
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        chunked_divergence_loss(h, W, t, "rkl", torch.ones(N, dtype=torch.float64), temperature=math.nan)

@@ -355,3 +355,76 @@ def test_pinned_to_trl_generalized_jsd_loss(beta, temperature):
     trl = trl_generalized_jsd_loss()(s, t, beta=beta, temperature=temperature, reduction="none")
     ours = divergence(s, t, "jsd", beta=beta, temperature=temperature)
     torch.testing.assert_close(ours, trl.sum(-1), rtol=1e-10, atol=1e-12)
+
+
+# --- NaN: refused as an argument; selected away (never multiplied) at a masked position ---
+
+
+def test_nan_and_inf_float_arguments_are_refused():
+    s, t = _randn((2, 5), 40), _randn((2, 5), 41)
+    with pytest.raises(ValueError, match="entry_clip must be a number or None, got nan"):
+        divergence(s, t, "fkl", entry_clip=math.nan)
+    with pytest.raises(ValueError, match="beta must be in"):
+        divergence(s, t, "jsd", beta=math.nan)
+    for bad in (math.nan, math.inf, 0.0):
+        with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+            divergence(s, t, "rkl", temperature=bad)
+        with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+            entropy(s, temperature=bad)
+
+
+def _head_case(seed, nan_at, **kw):
+    """Student logits from a shared head (every row's gradient reaches all of W), a NaN
+    teacher logit at ``nan_at``, the token mean over a mask that drops position (1, 2)."""
+    from opd.losses import masked_token_mean
+
+    h, W = _randn((2, 3, 4), seed), _randn((6, 4), seed + 1).requires_grad_()
+    t = _randn((2, 3, 6), seed + 2, 2.0)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[1, 2] = False
+    clean = t.clone()
+    t[nan_at][2] = math.nan
+    loss = masked_token_mean(divergence(h @ W.T, t, **kw), mask)
+    (g,) = torch.autograd.grad(loss, W)
+    clean_loss = masked_token_mean(divergence(h @ W.T, clean, **kw), mask)
+    return loss, g, clean_loss, torch.autograd.grad(clean_loss, W)[0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("support", [None, "teacher_topk", "student_topk"])
+def test_nan_teacher_logit_at_masked_position_reaches_no_gradient(kind, support):
+    kw = dict(kind=kind, support=support, k=3 if support else None, entry_clip=0.5 if kind == "rkl" else None)
+    loss, g, clean_loss, clean_g = _head_case(50, (1, 2), **kw)
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+    torch.testing.assert_close(loss, clean_loss, rtol=0, atol=0)
+    torch.testing.assert_close(g, clean_g, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nan_teacher_logit_at_kept_position_gives_nan_not_zero(kind):
+    s, t = _randn((2, 3, 6), 51).requires_grad_(), _randn((2, 3, 6), 52)
+    t[0, 1, 4] = math.nan
+    value = divergence(s, t, kind)
+    assert torch.isnan(value[0, 1]) and torch.isfinite(value[[0, 1], [0, 0]]).all()
+    (g,) = torch.autograd.grad(value, s, grad_outputs=torch.ones_like(value))  # the NaN row kept
+    assert torch.isfinite(g).all() and (g[0, 1] == 0).all()
+    loss, g_W, _, _ = _head_case(53, (0, 1), kind=kind)
+    assert torch.isnan(loss) and torch.isfinite(g_W).all()  # loud loss, no NaN in any gradient
+
+
+def test_entropy_and_logp_divergence_nan_rows():
+    from opd.losses.divergence import divergence_from_logp
+
+    x = _randn((2, 3, 5), 54).requires_grad_()
+    x_nan = x.detach().clone()
+    x_nan[1, 2, 0] = math.nan
+    x_nan.requires_grad_()
+    h = entropy(x_nan)
+    assert torch.isnan(h[1, 2]) and torch.isfinite(h[[0, 1], [0, 0]]).all()
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[1, 2] = False
+    (g,) = torch.autograd.grad(torch.where(mask, h, 0.0).sum(), x_nan)
+    (g_clean,) = torch.autograd.grad(torch.where(mask, entropy(x), 0.0).sum(), x)
+    torch.testing.assert_close(g, g_clean, rtol=0, atol=0)
+    d = divergence_from_logp(torch.log_softmax(x_nan, -1), torch.log_softmax(_randn((2, 3, 5), 55), -1), "fkl")
+    assert torch.isnan(d[1, 2]) and torch.isfinite(d[0]).all()

@@ -386,3 +386,62 @@ def test_signals_hostile_inputs_stay_finite(batch, gamma):
     ppl = perplexity(lp, mask)
     ppl.sum().backward()
     assert _all_finite(ppl, sequence_mean_logp(lp, mask), lp.grad)
+
+
+# --- NaN: refused as an argument; selected away at a masked position -------------------
+
+
+def test_nan_float_arguments_are_refused():
+    logp = _randn((2, 5), torch.float64, seed=80)
+    for kw, msg in [
+        (dict(clip_low=math.nan), "clip_low and clip_high must be >= 0, got nan and 0.2"),
+        (dict(clip_high=math.nan), "clip_low and clip_high must be >= 0, got 0.2 and nan"),
+        (dict(dual_clip=math.nan), "dual_clip must be > 1, got nan"),
+        (dict(log_ratio_limit=math.nan), "limit must be > 0, got nan"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            ppo_clip_loss(logp, logp, logp, **kw)
+    with pytest.raises(ValueError, match="limit must be > 0, got nan"):
+        importance_sampling_loss(logp, logp, logp, log_ratio_limit=math.nan)
+    with pytest.raises(ValueError, match="eps must be finite and >= 0, got nan"):
+        grpo_advantages(logp, eps=math.nan)
+    with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\], got nan"):
+        discounted_returns(logp, logp > 0, math.nan)
+
+
+LOSSES = [importance_sampling_loss, lambda *a: ppo_clip_loss(*a, dual_clip=3.0)]
+
+
+@pytest.mark.parametrize("loss_fn", LOSSES, ids=["is", "ppo"])
+@pytest.mark.parametrize("where", ["logp", "sampler", "adv"])
+def test_nan_input_at_masked_position_reaches_no_gradient(loss_fn, where):
+    inputs = [_randn((2, 4), torch.float64, seed=s) for s in (81, 82, 83)]
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[1, 3] = False
+
+    def loss_and_grad(inputs):
+        logp = inputs[0].clone().requires_grad_()
+        loss = masked_token_mean(loss_fn(logp, inputs[1], inputs[2])[0], mask)
+        return loss, torch.autograd.grad(loss, logp)[0]
+
+    bad = [x.clone() for x in inputs]
+    bad[["logp", "sampler", "adv"].index(where)][1, 3] = math.nan
+    (loss, g), (clean_loss, clean_g) = loss_and_grad(bad), loss_and_grad(inputs)
+    assert torch.isfinite(g).all()
+    torch.testing.assert_close((loss, g[mask]), (clean_loss, clean_g[mask]), rtol=0, atol=0)
+    bad[["logp", "sampler", "adv"].index(where)][0, 0] = math.nan  # kept: a NaN loss, never a silent 0
+    loss, g = loss_and_grad(bad)
+    assert torch.isnan(loss) and torch.isfinite(g).all()
+
+
+def test_nan_logp_at_masked_position_in_sequence_statistics():
+    logp = _randn((2, 4), torch.float64, seed=84)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    for fn in (sequence_mean_logp, perplexity):
+        clean = logp.clone().requires_grad_()
+        bad = logp.clone()
+        bad[~mask] = math.nan
+        bad.requires_grad_()
+        (g,) = torch.autograd.grad(fn(bad, mask).sum(), bad)
+        (g_clean,) = torch.autograd.grad(fn(clean, mask).sum(), clean)
+        torch.testing.assert_close(g, g_clean, rtol=0, atol=0)

@@ -83,7 +83,7 @@ def test_bad_dataset_rows_are_named(real_setup, capsys):
     code = main(["train", f"student={student}", f"teacher={teacher}", f"dataset={data}", f"run_dir={tmp / 'r'}"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "row 2" in err and "'prompt'" in err
+    assert "line 2" in err and "'prompt'" in err
 
 
 def test_unknown_config_key_via_cli(capsys):

@@ -171,3 +171,22 @@ def test_reductions_hostile_inputs_stay_finite(batch):
         out.backward()
         assert torch.isfinite(out) and torch.isfinite(v.grad).all()
         assert v.grad[~mask].eq(0).all()
+
+
+@pytest.mark.parametrize("reduce", [masked_token_mean, masked_sequence_mean, masked_row_mean])
+def test_nan_and_inf_at_masked_positions_reach_neither_value_nor_gradient(reduce):
+    values, mask = _inputs(3, 5, torch.float64, seed=90)
+    bad = values.detach().clone()
+    bad[~mask] = torch.tensor([math.nan, math.inf, -math.inf]).repeat(15)[: int((~mask).sum())].double()
+    bad.requires_grad_()
+    out, out_clean = reduce(bad, mask), reduce(values, mask)
+    (g,) = torch.autograd.grad(out.sum(), bad)
+    (g_clean,) = torch.autograd.grad(out_clean.sum(), values)
+    assert torch.isfinite(out).all() and torch.isfinite(g).all()
+    torch.testing.assert_close((out, g), (out_clean, g_clean), rtol=0, atol=0)
+
+
+def test_nan_normalizer_is_refused():
+    values, mask = _inputs(2, 3, torch.float64, seed=91)
+    with pytest.raises(ValueError, match="normalizer must be >= 0, got nan"):
+        masked_token_mean(values, mask, math.nan)

@@ -192,3 +192,34 @@ def test_errors():
         sparse_divergence(s, ids.int(), logp, "rkl")
     with pytest.raises(ValueError, match="kind"):
         sparse_divergence(s, ids, logp, "xkl")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tail_bucket", [False, True])
+def test_nan_teacher_logp_at_masked_position_reaches_no_gradient(kind, tail_bucket):
+    from opd.losses import masked_token_mean
+
+    h, W = _randn((2, 3, 4), 60), _randn((8, 4), 61).requires_grad_()
+    ids, lp = _teacher_topk(_randn((2, 3, 8), 62, 2.0), 3)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[1, 2] = False
+
+    def loss_and_grad(lp):
+        loss = masked_token_mean(sparse_divergence(h @ W.T, ids, lp, kind, tail_bucket=tail_bucket), mask)
+        return loss, torch.autograd.grad(loss, W)[0]
+
+    bad = lp.clone()
+    bad[1, 2, 1] = math.nan
+    loss, g = loss_and_grad(bad)
+    clean_loss, clean_g = loss_and_grad(lp)
+    assert torch.isfinite(g).all()
+    torch.testing.assert_close((loss, g), (clean_loss, clean_g), rtol=0, atol=0)
+    bad[0, 0, 0] = math.nan  # at a kept position: the loss is NaN, no gradient is
+    loss, g = loss_and_grad(bad)
+    assert torch.isnan(loss) and torch.isfinite(g).all()
+
+
+def test_nan_entry_clip_is_refused():
+    ids, lp = _teacher_topk(_randn((2, 6), 63), 2)
+    with pytest.raises(ValueError, match="entry_clip must be a number or None, got nan"):
+        sparse_divergence(_randn((2, 6), 64), ids, lp, "fkl", entry_clip=math.nan)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 
 from opd.errors import UserError
 
@@ -24,9 +25,17 @@ def cmd_train(args) -> int:
         shown = " ".join(f"{k}={v}" for k, v in recipe.items())
         print(f"method {cfg.method}: {shown} (its recipe under your settings; override with key=value)")
     history = train(cfg)
-    last = history[-1] if history else {}
-    print(f"done: {cfg.run_dir}  accuracy={last.get('eval/accuracy', float('nan')):.3f}")
+    print(f"done: {cfg.run_dir}{_measured(history[-1] if history else {})}")
     return 0
+
+
+def _measured(row: dict) -> str:
+    """The last evaluation's accuracy, or (prompt-only data: nothing to check) its mean length."""
+    if "eval/accuracy" in row:
+        return f"  accuracy={row['eval/accuracy']:.3f}"
+    if "eval/length" in row:
+        return f"  mean_length={row['eval/length']:.1f} tokens (no answers to check accuracy against)"
+    return ""
 
 
 def cmd_methods(args) -> int:
@@ -118,9 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     _threads()
     try:
         return args.func(args)
-    except (UserError, FileNotFoundError) as err:
-        print(f"opd: error: {err}", file=sys.stderr)
+    except (UserError, FileNotFoundError) as err:  # the user can fix it: one line, no traceback
+        print(f"opd: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
         return 2
+    except Exception:  # a bug: keep the traceback
+        traceback.print_exc()
+        print("opd: internal error (a bug): please report it with the traceback above", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ and ``∂D/∂x = u − S·Σ_v u_v``:
 
 ``support`` (top-K) is handled by running :func:`~opd.losses.divergence.divergence`
 with autograd on each chunk (same values, slower). The teacher is a constant (``sg``):
-no gradient reaches it. Numerics as in :mod:`opd.losses.divergence`; the softmax math
+no gradient reaches it. Numerics as in :mod:`opd.losses.divergence` (a token with a NaN
+logit on either side: value NaN, gradient 0); the softmax math
 runs in float32 (float64 if hidden and W are float64), matmuls in the LM head's dtype
 (bf16 heads: the logits are upcast per chunk), W's gradient accumulates in float32.
 """
@@ -73,19 +74,22 @@ class _Spec:
 # ---------------------------------------------------------------- per-chunk kernels
 
 
-def _log_softmax_(x_CV: torch.Tensor, p_CV: torch.Tensor, normalize_p: bool) -> torch.Tensor:
-    """In place: ``x ← log softmax(max(x, floor))``, ``p ← exp(x)`` (if ``normalize_p``).
+def _log_softmax_(x_CV: torch.Tensor, p_CV: torch.Tensor, normalize_p: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place: ``x ← log softmax(max(x, floor))`` (NaN entries → floor), ``p ← exp(x)``
+    (if ``normalize_p``).
 
-    Returns ``has_mass [C]`` (some logit above the floor). No temporaries of size V.
+    Returns ``(has_mass [C], nan [C])``: some logit above the floor; the row held a NaN.
+    No temporaries of size V.
     """
     floor = torch.finfo(x_CV.dtype).min
-    m_C1 = x_CV.clamp_min_(floor).amax(-1, keepdim=True)
+    nan_C = x_CV.amax(-1).isnan()
+    m_C1 = x_CV.nan_to_num_(nan=floor, neginf=floor, posinf=math.inf).amax(-1, keepdim=True)
     x_CV.sub_(m_C1)
     z_C1 = torch.exp(x_CV, out=p_CV).sum(-1, keepdim=True)
     if normalize_p:
         p_CV.div_(z_C1)
     x_CV.sub_(z_C1.log_())
-    return m_C1.squeeze(-1) > floor
+    return m_C1.squeeze(-1) > floor, nan_C
 
 
 def _clipped_sum(ell_CV: torch.Tensor, clip: Optional[float]) -> torch.Tensor:
@@ -156,8 +160,10 @@ def _closed_form(s, t, scratch, spec: _Spec, scale_C):
         s.div_(spec.temperature), t.div_(spec.temperature)
     a, b = scratch[0], scratch[-1]  # rkl has one scratch buffer: T's p is not needed
     kind, need_grad, clip = _base_kind(spec), scale_C is not None, spec.entry_clip
-    ok = _log_softmax_(t, b, normalize_p=kind == "fkl")
-    ok &= _log_softmax_(s, a, normalize_p=kind != "jsd")
+    ok, nan = _log_softmax_(t, b, normalize_p=kind == "fkl")
+    ok_s, nan_s = _log_softmax_(s, a, normalize_p=kind != "jsd")
+    nan |= nan_s
+    ok &= ok_s & ~nan
     if kind == "rkl":
         value, grad = _rkl(s, a, t, clip, need_grad)
     elif kind == "fkl":
@@ -166,7 +172,7 @@ def _closed_form(s, t, scratch, spec: _Spec, scale_C):
         value, grad = _jsd(s, t, a, b, spec.beta, clip, need_grad)
     if grad is not None:
         grad.mul_((scale_C * ok / spec.temperature)[:, None])
-    return value.masked_fill_(~ok, 0.0), grad
+    return value.masked_fill_(~ok, 0.0).masked_fill_(nan, math.nan), grad
 
 
 def _with_autograd(s, t, spec: _Spec, scale_C):
@@ -261,7 +267,8 @@ class _FusedLoss(torch.autograd.Function):
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype,
                       weights_N.dtype)  # fmt: skip
         ctx.mark_non_differentiable(values)
-        return (weights_N.to(values.dtype) * values).sum(), values
+        kept_N = weights_N != 0  # a 0 weight is a masked position: its value (even NaN) is selected away
+        return torch.where(kept_N, weights_N.to(values.dtype) * values, 0.0).sum(), values
 
     @staticmethod
     @once_differentiable
@@ -398,7 +405,9 @@ def chunked_divergence_loss(
     3 matmuls as a naive forward+backward, no recompute), and stored (``[N, H]``,
     ``[V, H]``, ``[V]``); backward scales them by the upstream scalar. ``weights_N`` gets
     the gradient ``D_N`` if it requires grad. Backward runs once (no double backward).
-    Weights multiply: a 0 weight does not shield a NaN produced by NaN inputs.
+    A 0 weight masks its token: the token's value is selected away (``torch.where``), so a
+    NaN there (e.g. a NaN teacher logit on padding) reaches neither the loss nor a gradient;
+    a NaN at a weighted token makes the loss NaN, with zero gradient from that token.
     Source: Liger-Kernel fused linear JSD (third-party code), generalized.
     """
     spec = _Spec(kind, beta, temperature, entry_clip, support, k, renormalize, chunk_size)

@@ -34,6 +34,11 @@ Numerics (shared by every function here):
 - A position whose logits are all ``-inf`` on either side (no distribution), or, with a
   top-K support, a renormalized side with no mass on the support, gets value 0 and zero
   gradient: mask it.
+- A position with a NaN logit on either side gets value NaN and zero gradient: the NaN
+  is *selected* away (``torch.where``) before any arithmetic, so it cannot reach a
+  gradient. Masked out by the reduction (:mod:`opd.losses.reduce`), such a position
+  costs nothing; kept, it makes the loss NaN (loud: the step is not applied), never a
+  silent 0.
 - Gradients flow to both logits; the caller detaches the teacher (``sg``).
 """
 
@@ -55,11 +60,26 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def floored_logits(logits: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-    """``max(z / τ, finfo.min)`` in ``dtype``: same distribution, finite log-probs (module doc)."""
+    """``max(z / τ, finfo.min)`` in ``dtype``: same distribution, finite log-probs (module doc).
+
+    NaN entries become the floor too (no mass, zero gradient); :func:`nan_rows` flags them."""
     x = logits.to(dtype)
     if temperature != 1.0:
         x = x / temperature
-    return x.clamp_min(torch.finfo(dtype).min)
+    return _floor(x)
+
+
+def nan_rows(*tensors: torch.Tensor) -> torch.Tensor:
+    """``[...]`` bool: the row ``[..., X]`` holds a NaN in any of ``tensors`` (same leading shape)."""
+    rows = tensors[0].detach().amax(-1).isnan()
+    for t in tensors[1:]:
+        rows = rows | t.detach().amax(-1).isnan()
+    return rows
+
+
+def nan_where(rows: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` with NaN at ``rows`` (no gradient flows there)."""
+    return value.masked_fill(rows, float("nan"))
 
 
 def has_mass(x: torch.Tensor) -> torch.Tensor:
@@ -80,15 +100,20 @@ def log_softmax_t(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
 def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """``H = −Σ_v p(v) log p(v)``, ``p = softmax(z / τ)``: ``[..., V]`` -> ``[...]``.
 
-    ``-inf`` logits contribute 0; an all ``-inf`` row gives 0. Source: definition.
+    ``-inf`` logits contribute 0; an all ``-inf`` row gives 0; a row with a NaN gives NaN
+    (zero gradient). Source: definition.
     """
+    check_temperature(temperature)
     x = floored_logits(logits, temperature, compute_dtype(logits))
     logp = F.log_softmax(x, dim=-1)
-    return -(logp.exp() * logp).sum(-1).masked_fill(~has_mass(x), 0.0)
+    value = -(logp.exp() * logp).sum(-1).masked_fill(~has_mass(x), 0.0)
+    return nan_where(nan_rows(logits), value)
 
 
-def _floor(logp: torch.Tensor) -> torch.Tensor:
-    return logp.clamp_min(torch.finfo(logp.dtype).min)
+def _floor(x: torch.Tensor) -> torch.Tensor:
+    """``max(x, finfo.min)``, NaN -> ``finfo.min``; zero gradient at both (``nan_to_num``)."""
+    floor = torch.finfo(x.dtype).min
+    return x.nan_to_num(nan=floor, neginf=floor, posinf=math.inf)
 
 
 def _kl_terms(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -131,12 +156,15 @@ def divergence_from_logp(
     """``Σ_v min(ℓ_v, entry_clip)`` over the last axis of log-probs ``[..., X]`` -> ``[...]``.
 
     ``entry_clip=None`` is the plain sum. Clipping is per vocabulary entry, from above
-    (OPSD, METHODS §5 and rule 6); a clipped entry gets no gradient.
+    (OPSD, METHODS §5 and rule 6); a clipped entry gets no gradient. A row with a NaN
+    log-prob gives NaN with zero gradient (module doc).
     """
-    terms = divergence_terms(student_logp, teacher_logp, kind, beta)
-    if entry_clip is not None:
-        terms = terms.clamp_max(entry_clip)
-    return terms.sum(-1)
+    value = _clipped_sum(divergence_terms(student_logp, teacher_logp, kind, beta), entry_clip)
+    return nan_where(nan_rows(student_logp, teacher_logp), value)
+
+
+def _clipped_sum(terms: torch.Tensor, entry_clip: float | None) -> torch.Tensor:
+    return (terms if entry_clip is None else terms.clamp_max(entry_clip)).sum(-1)
 
 
 def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -168,12 +196,19 @@ def check_args(kind, beta, temperature, renormalize, entry_clip) -> None:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
-    if not temperature > 0.0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_temperature(temperature)
     if renormalize not in RENORMALIZE:
         raise ValueError(f"renormalize must be one of {RENORMALIZE}, got {renormalize!r}")
     if entry_clip is not None and not isinstance(entry_clip, (int, float)):
         raise TypeError(f"entry_clip must be a number or None, got {type(entry_clip)}")
+    if entry_clip is not None and math.isnan(entry_clip):
+        raise ValueError("entry_clip must be a number or None, got nan")
+
+
+def check_temperature(temperature: float) -> None:
+    """``0 < τ < inf`` (NaN fails)."""
+    if not 0.0 < temperature < math.inf:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
 
 
 def check_support(support, k, vocab: int) -> None:
@@ -224,7 +259,7 @@ def divergence(
     al. for top-K). Agrees with TRL ``generalized_jsd_loss(student_logits,
     teacher_logits, beta=β, temperature=τ, reduction="none").sum(-1)``.
     Deviations: none in the math; numerics per the module doc (floored logits; a
-    position without a distribution gives 0).
+    position without a distribution gives 0, one with a NaN logit NaN, gradient 0).
     """
     check_args(kind, beta, temperature, renormalize, entry_clip)
     if student_logits.shape != teacher_logits.shape:
@@ -243,5 +278,5 @@ def divergence(
         ids = topk_ids(t if support == "teacher_topk" else s, k)
         s_lp, t_lp, ok_S = support_logp(s, t, ids, renormalize)
         ok = ok & ok_S
-    value = divergence_from_logp(s_lp, t_lp, kind, beta=beta, entry_clip=entry_clip)
-    return value.masked_fill(~ok, 0.0)
+    value = _clipped_sum(divergence_terms(s_lp, t_lp, kind, beta), entry_clip)  # s, t hold no NaN
+    return nan_where(nan_rows(student_logits, teacher_logits), value.masked_fill(~ok, 0.0))

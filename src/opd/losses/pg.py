@@ -17,7 +17,10 @@ Conventions:
   overflow guard (it never binds for a sane rollout); pass ``None`` for the raw ratio.
   Where it binds the token gets no gradient. A position where both log-probs are the
   same infinity (e.g. padding filled with ``-inf``) gets log-ratio 0 and no gradient.
-  ``adv_BT`` must be finite everywhere (0 on padding, as the builders here give).
+  ``adv_BT`` should be finite (0 on padding, as the builders here give). A position with a
+  NaN in any input gets loss NaN and zero gradient (the NaN is selected away with
+  ``torch.where`` before any arithmetic): masked by the reduction it costs nothing; kept,
+  it makes the loss NaN (the step is not applied), never a silent 0.
 - Half-precision inputs are computed in float32 and the outputs are float32.
 """
 
@@ -43,9 +46,16 @@ def clamp_log_ratio(log_ratio: torch.Tensor, limit: float | None) -> torch.Tenso
     """
     if limit is None:
         return log_ratio
-    if limit <= 0:
+    if not limit > 0:
         raise ValueError(f"limit must be > 0, got {limit}")
     return log_ratio.clamp(-limit, limit)
+
+
+def _without_nan(*tensors_BT: torch.Tensor):
+    """``(nan_BT, *inputs)``: where any input holds a NaN, every input is 0 (upcast)."""
+    xs = [upcast(x) for x in tensors_BT]
+    nan_BT = torch.stack(torch.broadcast_tensors(*[x.detach().isnan() for x in xs])).any(0)
+    return (nan_BT, *(torch.where(nan_BT, 0.0, x) for x in xs))
 
 
 def _ratio(logp_BT, sampler_logp_BT, limit):
@@ -72,8 +82,9 @@ def importance_sampling_loss(
     Deviation: the log-ratio clamp (an overflow guard; ``log_ratio_limit=None``
     reproduces the code exactly). Metrics: ``pg/ratio``.
     """
-    ratio_BT = _ratio(logp_BT, sampler_logp_BT, log_ratio_limit)
-    loss_BT = -ratio_BT * upcast(adv_BT).detach()
+    nan_BT, logp_BT, sampler_logp_BT, adv_BT = _without_nan(logp_BT, sampler_logp_BT, adv_BT)
+    ratio_BT = _ratio(logp_BT, sampler_logp_BT, log_ratio_limit).masked_fill(nan_BT, float("nan"))
+    loss_BT = -ratio_BT * adv_BT.detach()
     return loss_BT, {"pg/ratio": ratio_BT.detach()}
 
 
@@ -101,12 +112,13 @@ def ppo_clip_loss(
     ``pg/ratio``, ``pg/clip_frac``, ``pg/clip_frac_low``, ``pg/clip_frac_high``,
     ``pg/dual_clip_frac``.
     """
-    if clip_low < 0 or clip_high < 0:
-        raise ValueError("clip_low and clip_high must be >= 0")
-    if dual_clip is not None and dual_clip <= 1:
+    if not (clip_low >= 0 and clip_high >= 0):
+        raise ValueError(f"clip_low and clip_high must be >= 0, got {clip_low} and {clip_high}")
+    if dual_clip is not None and not dual_clip > 1:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    nan_BT, logp_BT, sampler_logp_BT, adv_BT = _without_nan(logp_BT, sampler_logp_BT, adv_BT)
     ratio_BT = _ratio(logp_BT, sampler_logp_BT, log_ratio_limit)
-    adv_BT = upcast(adv_BT).detach()
+    adv_BT = adv_BT.detach()
     clipped_ratio_BT = ratio_BT.clamp(1 - clip_low, 1 + clip_high)
     # inside the clip range the two branches tie; torch.maximum then splits the gradient
     # evenly between them, which adds back up to the unclipped −A·∇r
@@ -117,6 +129,7 @@ def ppo_clip_loss(
     if dual_clip is not None:
         dual_BT = (adv_BT < 0) & (loss_BT.detach() > -dual_clip * adv_BT)
         loss_BT = torch.where(dual_BT, -dual_clip * adv_BT, loss_BT)
+    loss_BT, r = loss_BT.masked_fill(nan_BT, float("nan")), r.masked_fill(nan_BT, float("nan"))
     metrics = {
         "pg/ratio": r,
         "pg/clip_frac": (low_BT | high_BT).to(r.dtype),
@@ -178,6 +191,8 @@ def grpo_advantages(
     """
     if scale not in ("std", "none"):
         raise ValueError(f"scale must be 'std' or 'none', got {scale!r}")
+    if not 0 <= eps < float("inf"):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
     r_NG = upcast(rewards_NG)
     flat_N1 = r_NG.amax(-1, keepdim=True) == r_NG.amin(-1, keepdim=True)
     adv_NG = torch.where(flat_N1, 0.0, r_NG - r_NG.mean(-1, keepdim=True))

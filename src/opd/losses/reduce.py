@@ -52,6 +52,8 @@ def masked_token_mean(
     ranks) so that the micro-batch results *add up* to the step's token mean.
     ``N`` must be >= 0; ``N == 0`` (nothing kept) returns the masked sum, i.e. 0.
     """
+    if isinstance(normalizer, (int, float)) and not normalizer >= 0:
+        raise ValueError(f"normalizer must be >= 0, got {normalizer}")
     total = torch.where(mask_BT.bool(), upcast(values_BT), 0.0).sum()
     if normalizer is None:
         n = mask_BT.bool().sum().to(total.dtype)

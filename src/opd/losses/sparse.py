@@ -22,6 +22,8 @@ from opd.losses.divergence import (
     divergence_from_logp,
     floored_logits,
     has_mass,
+    nan_rows,
+    nan_where,
 )
 
 
@@ -129,7 +131,8 @@ def sparse_divergence(
     already be the teacher's log-probs at the loss temperature (METHODS rule 3). Ids
     may come in any order; they must be distinct. Gradients flow to the student logits
     (and to ``teacher_topk_logp`` if it requires grad). A position whose teacher
-    log-probs are all ``-inf`` gets value 0 (as in ``divergence``).
+    log-probs are all ``-inf`` gets value 0, one with a NaN (either side) NaN with zero
+    gradient (as in ``divergence``).
 
     Source: code/paper (METHODS §6 top-K support; the tail bucket as in TRL's
     ``iw_opd`` ``add_tail``, which instead clamps both sides' tails at 1e-7).
@@ -149,4 +152,5 @@ def sparse_divergence(
         s_lp, t_lp = _on_support(s_BTV, s_K, t_K, renormalize)
         ok = ok & has_mass(s_K) if renormalize == "both" else ok
     value = divergence_from_logp(s_lp, t_lp, kind, beta=beta, entry_clip=entry_clip)
-    return value.masked_fill(~ok, 0.0)
+    bad = nan_rows(student_logits_BTV, teacher_topk_logp_BTK)
+    return nan_where(bad, value.masked_fill(~ok, 0.0))

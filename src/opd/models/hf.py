@@ -8,6 +8,9 @@ the head on kept positions only, in chunks: no ``[B, T, V]`` tensor).
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
 from pathlib import Path
 
 from opd.errors import UserError
@@ -23,17 +26,126 @@ from opd.models.scoring import BUCKET_TOKENS, CALL_COST, chunk_scores, lean_scor
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(path_or_id: str, dtype: str = "float32") -> PreTrainedModel:
-    """``from_pretrained`` from a local directory or a hub id, in eval mode."""
-    model = AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=DTYPES[dtype])
-    return model.eval()
+HUB_TIMEOUT_S = 5.0  # one look-up of a hub id, no retries: no network fails in seconds
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
-def load_tokenizer(path_or_id: str):
-    tok = AutoTokenizer.from_pretrained(str(path_or_id))
+def load_model(path_or_id: str, dtype: str = "float32", *, what: str = "model") -> PreTrainedModel:
+    """``from_pretrained`` from a local directory or a hub id (see :func:`locate`), in eval mode."""
+    where, local_only = locate(path_or_id, what)
+    return _pretrained(AutoModelForCausalLM, where, local_only, what, dtype=DTYPES[dtype]).eval()
+
+
+def load_tokenizer(path_or_id: str, *, what: str = "tokenizer"):
+    """The tokenizer of a model directory or hub id. It must have an eos token (a rollout
+    ends there); without a pad token it pads with eos (a one-line note on stderr)."""
+    where, local_only = locate(path_or_id, what)
+    if Path(where).is_dir() and not any((Path(where) / f).exists() for f in TOKENIZER_FILES):
+        raise UserError(
+            f"{where} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); save the tokenizer "
+            "there (tokenizer.save_pretrained(DIR)) or copy those files from the model it comes from"
+        )
+    tok = _pretrained(AutoTokenizer, where, local_only, "tokenizer")
+    if tok.eos_token_id is None:
+        nor_pad = " (nor a pad token)" if tok.pad_token_id is None else ""
+        raise UserError(
+            f"the tokenizer of {path_or_id} has no eos token{nor_pad}, so no rollout could end before "
+            'max_new_tokens; set "eos_token" in its tokenizer_config.json to the model\'s end-of-text token'
+        )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+        print(f"opd: note: the tokenizer of {path_or_id} has no pad token; padding with its eos token {tok.eos_token!r}",
+              file=sys.stderr)
     return tok
+
+
+def _pretrained(cls, where: str, local_only: bool, what: str, **kwargs):
+    """``cls.from_pretrained``; what it cannot load (missing or damaged files) is one line."""
+    from safetensors import SafetensorError
+
+    try:
+        return cls.from_pretrained(where, local_files_only=local_only, **kwargs)
+    except (OSError, ValueError, SafetensorError) as err:
+        raise UserError(f"cannot load the {what} from {where}: {' '.join(str(err).split())}") from err
+
+
+def looks_local(text: str) -> bool:
+    """A path rather than a hub id (``name`` or ``org/name``): it starts with ``/``, ``./``,
+    ``../`` or ``~``, has more than one ``/``, or holds this system's other separator."""
+    return text.startswith(("/", "./", "../", "~", ".\\", "..\\")) or text.count("/") > 1 or (
+        os.sep != "/" and os.sep in text
+    )
+
+
+def locate(path_or_id, what: str) -> tuple[str, bool]:
+    """``(where, local_only)``: an existing directory, or a hub id that was looked up once;
+    ``local_only``: load without the network. A path that does not exist, an unknown hub id,
+    or no network without a cached copy is one :class:`UserError`."""
+    text = str(path_or_id)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return str(path), True
+    if path.exists():
+        raise UserError(f"{what} {text} is a file; give the model's directory (the one holding config.json)")
+    if looks_local(text):
+        raise UserError(f"{what} {text}: no such directory; check the path (a hub id looks like org/name)")
+    return text, _hub_local_only(text, what)
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_local_only(repo_id: str, what: str) -> bool:
+    """Whether to load hub id ``repo_id`` from the local cache only (offline, or the hub is
+    unreachable and a copy is cached); otherwise it exists on the hub. Else one line."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UserError(f"{what} {repo_id}: neither a local directory nor a valid hub id (org/name); check the path") from None
+    cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    if _offline():
+        if cached:
+            return True
+        raise UserError(
+            f"{what} {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it "
+            f"where there is a network (hf download {repo_id}), unset HF_HUB_OFFLINE, or give a local directory"
+        )
+    problem = _hub_lookup(repo_id)
+    if problem is None:
+        return False
+    if cached and problem.startswith("unreachable"):
+        print(f"opd: note: the Hugging Face hub is {problem}; loading {repo_id} from the local cache", file=sys.stderr)
+        return True
+    if problem.startswith("unreachable"):
+        raise UserError(
+            f"{what} {repo_id}: the Hugging Face hub is {problem} and the model is not in the local cache; "
+            "check the network, or download it where there is one and give its directory"
+        )
+    raise UserError(f"{what} {repo_id}: {problem}")
+
+
+@functools.lru_cache(maxsize=64)
+def _hub_lookup(repo_id: str) -> str | None:
+    """None if the hub knows ``repo_id``; else what is wrong (one look-up per id and process)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        return "a gated model; accept its terms on its hub page and log in (hf auth login)"
+    except RepositoryNotFoundError:
+        return "no such model on the Hugging Face hub (a private one needs hf auth login); check the id, or give a local directory"
+    except Exception as err:  # no network, DNS, proxy, timeout, a server error
+        return f"unreachable ({type(err).__name__}: {' '.join(str(err).split())[:120]})"
+    return None
 
 
 def check_same_vocab(student: PreTrainedModel, teacher_vocab_size: int, tokenizer_len: int) -> None:

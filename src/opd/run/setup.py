@@ -7,7 +7,8 @@ what is missing and how to provide it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from opd.errors import UserError
@@ -29,6 +30,7 @@ class Setup:
     tokenizer: object
     train_pool: list[Problem]
     eval_problems: list[Problem]
+    data_counts: dict[str, int] = field(default_factory=dict)  # data/prompts, data/prompts_too_long, data/eval_duplicates
 
 
 def make_task(cfg: TrainConfig):
@@ -54,7 +56,8 @@ def make_teacher(cfg: TrainConfig, task, tokenizer):
     made = cfg.teacher if source is None else source(vars(cfg), task, tokenizer)
     if not isinstance(made, (str, Path)):
         return made
-    return HFTeacher(load_model(str(made), cfg.dtype), eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+    return HFTeacher(load_model(str(made), cfg.dtype, what="teacher"), eos_id=tokenizer.eos_token_id,
+                     pad_id=tokenizer.pad_token_id)
 
 
 PRIVILEGED_TEMPLATE = (
@@ -183,12 +186,76 @@ def boundary_ids(tokenizer) -> tuple[int, ...]:
     )
 
 
+def model_positions(*models) -> int | None:
+    """The fewest positions among ``models`` (``config.max_position_embeddings``); None: unknown."""
+    sizes = [getattr(getattr(m, "config", None), "max_position_embeddings", None) for m in models]
+    sizes = [n for n in sizes if isinstance(n, int) and n > 0]
+    return min(sizes) if sizes else None
+
+
+def prompt_limit(max_prompt_tokens: int | None, max_new_tokens: int, positions: int | None) -> tuple[int | None, str]:
+    """``(limit, why)``: the longest prompt in tokens, ``max_prompt_tokens``, by default what
+    the model's ``positions`` leave beside ``max_new_tokens`` (None: no limit known). A prompt
+    and its completion must fit the positions (a learned position table has no row beyond)."""
+    if positions is None:
+        return max_prompt_tokens, "max_prompt_tokens"
+    room = positions - max_new_tokens
+    if room < 1:
+        raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's {positions} "
+                        f"positions; set max_new_tokens below {positions}")
+    if max_prompt_tokens is None:
+        return room, f"the model's {positions} positions minus max_new_tokens={max_new_tokens}; set max_prompt_tokens to choose"
+    if max_prompt_tokens > room:
+        raise UserError(f"max_prompt_tokens={max_prompt_tokens} plus max_new_tokens={max_new_tokens} exceeds the "
+                        f"model's {positions} positions; lower one of them (max_prompt_tokens <= {room})")
+    return max_prompt_tokens, "max_prompt_tokens"
+
+
+def drop_long_prompts(problems: list[Problem], encode, limit: int | None, why: str, split: str) -> tuple[list[Problem], int]:
+    """The problems whose encoded prompt has at most ``limit`` tokens, and how many were dropped.
+
+    Dropped, not left-truncated: a prompt cut at the front loses its instruction or the
+    question's start, and its answer would still be checked against the whole question."""
+    if limit is None:
+        return problems, 0
+    kept = [p for p in problems if len(encode(p)) <= limit]
+    if problems and not kept:
+        raise UserError(f"all {len(problems)} {split} prompts are longer than {limit} tokens ({why}); raise "
+                        "max_prompt_tokens, lower max_new_tokens, or use a model with more positions")
+    return kept, len(problems) - len(kept)
+
+
+def report_data(counts: dict[str, int], limit: int | None, why: str) -> None:
+    """One note per thing the data set-up removed (printed once, at set-up)."""
+    if counts.get("data/prompts_too_long"):
+        print(f"opd: note: dropped {counts['data/prompts_too_long']} of {counts['data/prompts']} prompts (train and "
+              f"held-out) longer than {limit} tokens ({why})", file=sys.stderr)
+    if counts.get("data/eval_duplicates"):
+        print(f"opd: note: removed {counts['data/eval_duplicates']} held-out rows whose prompt is also a training "
+              "prompt (they would measure memorization)", file=sys.stderr)
+
+
+def problem_pools(cfg: TrainConfig, task, encode, positions: int | None):
+    """``(train_pool, eval_problems, counts)``: prompts longer than the limit dropped (and
+    counted, with the held-out duplicates the task removed); one note each, once."""
+    limit, why = prompt_limit(getattr(cfg, "max_prompt_tokens", None), cfg.max_new_tokens, positions)
+    train_pool = task.problems("train", None if cfg.dataset else 4096, cfg.seed)
+    eval_problems = task.problems(cfg.eval_split, None if cfg.dataset else cfg.eval_size, 0)
+    n_prompts = len(train_pool) + len(eval_problems)
+    train_pool, too_long = drop_long_prompts(train_pool, encode, limit, why, "training")
+    eval_problems, eval_too_long = drop_long_prompts(eval_problems, encode, limit, why, "held-out")
+    counts = {"data/prompts": n_prompts, "data/prompts_too_long": too_long + eval_too_long,
+              "data/eval_duplicates": getattr(task, "eval_duplicates", 0)}
+    report_data(counts, limit, why)
+    return train_pool, eval_problems[: cfg.eval_size], counts  # one held-out set for all seeds
+
+
 def build_setup(cfg: TrainConfig, student=None) -> Setup:
     """Student, tokenizer, teacher, data and the method, checked against each other."""
     task = make_task(cfg)
     student_path = resolve_student(cfg)
-    tokenizer = load_tokenizer(student_path)
-    student = student if student is not None else load_model(student_path, cfg.dtype)
+    tokenizer = load_tokenizer(student_path, what="student")
+    student = student if student is not None else load_model(student_path, cfg.dtype, what="student")
     method = build_method(cfg.method, vars(cfg))
     # a method that never asks a teacher (sft on solutions, grpo, opsd) runs on a dataset
     # with the default teacher=oracle; the oracle is still built on the testbed (reports use it)
@@ -197,11 +264,13 @@ def build_setup(cfg: TrainConfig, student=None) -> Setup:
     if teacher is not None:
         check_same_vocab(student, teacher.vocab_size, len(tokenizer))
     reference = frozen(load_model(student_path, cfg.dtype)) if "reference" in method.needs else None
-    train_pool = task.problems("train", None, cfg.seed) if cfg.dataset else task.problems("train", 4096, cfg.seed)
+    encode = prompt_encoder(tokenizer, cfg.chat_template, bool(cfg.dataset))
+    positions = model_positions(student, getattr(teacher, "model", None))
+    train_pool, eval_problems, counts = problem_pools(cfg, task, encode, positions)
     check_needs(method, teacher, train_pool, cfg.group_size)
     privileged, refine = context_encoders(tokenizer, cfg.chat_template, bool(cfg.dataset))
     env = RolloutEnv(
-        student=student, teacher=teacher, encode_prompt=prompt_encoder(tokenizer, cfg.chat_template, bool(cfg.dataset)),
+        student=student, teacher=teacher, encode_prompt=encode,
         encode_solution=solution_encoder(tokenizer), verify=completion_verifier(task, tokenizer),
         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature, top_p=cfg.top_p, group_size=cfg.group_size,
@@ -209,6 +278,4 @@ def build_setup(cfg: TrainConfig, student=None) -> Setup:
         special_ids=special_ids(tokenizer), vocab_size=len(tokenizer),
         boundary_ids=boundary_ids(tokenizer) if "boundaries" in method.needs else (),
     )
-    eval_n = None if cfg.dataset else cfg.eval_size
-    eval_problems = task.problems(cfg.eval_split, eval_n, 0)[: cfg.eval_size]  # one held-out set for all seeds
-    return Setup(env, method, tokenizer, train_pool, eval_problems)
+    return Setup(env, method, tokenizer, train_pool, eval_problems, counts)
