@@ -289,27 +289,29 @@ def test_group_softmax_weights_match_naive():
             assert float(got[b]) == 0.0
             continue
         z = sum(math.exp(float(x[j])) for j in peers)
-        assert abs(float(got[b]) - len(peers) * math.exp(float(x[b])) / z) < 1e-9
+        assert abs(float(got[b]) - math.exp(float(x[b])) / z) < 1e-9
     for g in group.unique():
         sel = (group == g) & member
         if sel.any():
-            assert abs(float(got[sel].mean()) - 1.0) < 1e-12
+            assert abs(float(got[sel].sum()) - 1.0) < 1e-12
 
 
 def test_group_softmax_weights_extreme_inputs():
     x = torch.tensor([float("inf"), 0.0, float("-inf"), float("nan"), -1e308, -1e308])
     got = group_softmax_weights(x, torch.ones(6, dtype=torch.bool), torch.tensor([0, 0, 1, 1, 2, 2]))
     assert finite(got)
-    assert got.tolist()[:2] == [2.0, 0.0] and abs(float(got[4]) - 1.0) < 1e-12
+    assert got.tolist()[:2] == [1.0, 0.0] and abs(float(got[4]) - 0.5) < 1e-12
 
 
 def naive_scope_weights(s_logp, t_logp, mask, correct, group, tau):
+    """Each branch of a group sums to 1 (METHODS §8), times the group's row count G."""
     B = s_logp.shape[0]
     out = [0.0] * B
     for b in range(B):
         n = int(mask[b].sum())
         if n == 0:
             continue
+        rows = sum(int(group[j] == group[b]) for j in range(B))
         peers = [j for j in range(B) if group[j] == group[b] and bool(correct[j]) == bool(correct[b]) and mask[j].any()]
 
         def raw(j):
@@ -317,7 +319,7 @@ def naive_scope_weights(s_logp, t_logp, mask, correct, group, tau):
             mean_t = float(t_logp[j][mask[j]].mean())
             return math.exp(-mean_s) ** (1 / tau) if correct[j] else math.exp(-mean_t) ** (-1 / tau)
 
-        out[b] = len(peers) * raw(b) / sum(raw(j) for j in peers)
+        out[b] = rows * raw(b) / sum(raw(j) for j in peers)
     return torch.tensor(out, dtype=D)
 
 
@@ -333,13 +335,27 @@ def test_scope_weights_match_naive(tau):
 
 
 def test_scope_uniform_weights_reduce_to_plain_losses():
-    exp = fake_exp(B=4, T=3, group_size=4, rewards=[1, 0, 1, 0])
-    mask = torch.ones(4, 3, dtype=torch.bool)
-    flat = torch.full((4, 3), -0.7, dtype=D)  # equal perplexities on both sides
-    w = scope_weights(flat, flat, mask, exp.rewards_B > 0.5, exp.group_B, 1.0)
-    torch.testing.assert_close(w, torch.ones(4, dtype=D), **TOL)
-    w_huge_tau = scope_weights(exp.sampler_logp_BT, randn(4, 3), mask, exp.rewards_B > 0.5, exp.group_B, 1e12)
-    torch.testing.assert_close(w_huge_tau, torch.ones(4, dtype=D), **TOL)
+    # uniform weights: a group whose rows share one branch weighs 1 per row (plain token-mean
+    # MLE/OPD); a group with both branches gives each branch the group's G rows of weight
+    for rewards, group_size, want in (([1, 1, 0, 0], 2, [1.0] * 4), ([1, 0, 1, 0], 4, [2.0] * 4)):
+        exp = fake_exp(B=4, T=3, group_size=group_size, rewards=rewards)
+        mask = torch.ones(4, 3, dtype=torch.bool)
+        flat = torch.full((4, 3), -0.7, dtype=D)  # equal perplexities on both sides
+        w = scope_weights(flat, flat, mask, exp.rewards_B > 0.5, exp.group_B, 1.0)
+        torch.testing.assert_close(w, torch.tensor(want, dtype=D), **TOL)
+        w_huge_tau = scope_weights(exp.sampler_logp_BT, randn(4, 3), mask, exp.rewards_B > 0.5, exp.group_B, 1e12)
+        torch.testing.assert_close(w_huge_tau, torch.tensor(want, dtype=D), **TOL)
+
+
+def test_scope_branches_weigh_the_same_whatever_their_sizes():
+    """1 correct and 7 wrong rollouts, uniform weights: each branch sums to 1 (METHODS §8),
+    times G = 8, so the correct row weighs 8 and each wrong row 8/7 (not 1 each, which
+    would give the wrong branch 7x the weight of the correct one)."""
+    exp = fake_exp(B=8, T=3, group_size=8, rewards=[1, 0, 0, 0, 0, 0, 0, 0])
+    flat = torch.full((8, 3), -0.7, dtype=D)
+    w = scope_weights(flat, flat, torch.ones(8, 3, dtype=torch.bool), exp.rewards_B > 0.5, exp.group_B, 1.0)
+    torch.testing.assert_close(w, torch.tensor([8.0] + [8 / 7] * 7, dtype=D), **TOL)
+    assert abs(float(w[:1].sum()) - float(w[1:].sum())) < 1e-12
 
 
 def test_scope_loss_matches_naive_with_gradients():

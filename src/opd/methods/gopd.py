@@ -24,6 +24,7 @@ from typing import Annotated
 import torch
 
 from opd.methods.base import Experience, Method, RolloutEnv, Signal, TeacherRequest, method_info
+from opd.methods.degeneracy import Degenerate
 from opd.methods.knobs import ClipEps, OpdLoss, knob
 from opd.methods.contexts import reference_scores
 from opd.methods.opd import opd_token_loss
@@ -65,4 +66,5 @@ def build(
         lambda view, signal: opd_token_loss(view, signal, opd_loss=opd_loss, clip_eps=clip_eps),
         teacher_request=TeacherRequest(topk=8, full=False),
         needs=("teacher", "reference"),
+        degenerate=lambda facts: Degenerate("gopd_lambda", "opd", "gopd_lambda=1 is standard OPD") if gopd_lambda == 1.0 else None,
     )

@@ -9,8 +9,10 @@ pad, bos, unk, template tokens; EOS is trained), so ``N`` counts the remaining t
 The loss is differentiated directly (an exact divergence on S, not a policy gradient).
 Source: code (hhh675597/revisiting_opd, Fu et al. 2603.25562; METHODS §6).
 
-Knobs: ``lsm_k`` (K = 32; the teacher clamps it to the vocabulary size, so on the 24-token
-testbed S is the whole vocabulary and the loss is the full reverse KL); ``lsm_add_sampled``
+Knobs: ``lsm_k`` (K = 8; the paper's K = 32 is for LLM vocabularies: the teacher clamps K
+to the vocabulary size, so on the 24-token testbed K = 32 makes S the whole vocabulary and
+the loss the full-vocabulary reverse KL, which the run reports as degenerate);
+``lsm_add_sampled``
 (add ``y_t`` as a K+1-th element with the teacher's ``log π_T(y_t)``; nothing is added
 where ``y_t`` is already in the top K). Recipe: top-p 0.9 rollouts (top-K alone was worse
 than the baseline in the paper).
@@ -32,8 +34,10 @@ import torch
 
 from opd.losses import divergence
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
+from opd.methods.degeneracy import Degenerate, RunFacts
 from opd.methods.knobs import knob
 from opd.rollouts.student import student_rollout
+from opd.signals.teacher_logp import floor_logp
 from opd.signals.topk_lsm import retained_mass, special_token_mask, teacher_support
 
 
@@ -45,8 +49,8 @@ def lsm_rollout(env, problems, generator) -> Experience:
 
 
 def lsm_signal(exp: Experience, scores, *, add_sampled: bool) -> Signal:
-    sampled = (exp.batch.completion_ids_BT, scores.token_logp_BT) if add_sampled else (None, None)
-    ids_BTS, logp_BTS, keep_BTS = teacher_support(scores.topk_ids_BTK, scores.topk_logp_BTK, *sampled)
+    sampled = (exp.batch.completion_ids_BT, floor_logp(scores.token_logp_BT)) if add_sampled else (None, None)
+    ids_BTS, logp_BTS, keep_BTS = teacher_support(scores.topk_ids_BTK, floor_logp(scores.topk_logp_BTK), *sampled)
     completion_BT = exp.batch.completion_mask_BT
     special_BT = exp.extra["special_BT"] & completion_BT
     return {
@@ -80,9 +84,20 @@ def lsm_loss(view: StudentView, signal: Signal):
     return rkl_BT, {"loss/rkl_topk": rkl_BT}
 
 
+def lsm_degenerate(facts: RunFacts, *, k: int, add_sampled: bool) -> Degenerate | None:
+    """The whole vocabulary as support (full-vocabulary reverse KL), or a one-token support
+    (the renormalized KL is 0: no loss at all)."""
+    if facts.vocab_size is not None and k >= facts.vocab_size:
+        why = f"lsm_k={k} >= the vocabulary size {facts.vocab_size}, so the support is every token"
+        return Degenerate("lsm_k", "the full-vocabulary reverse KL (gkd with lmbda=1, beta=1)", why)
+    if k == 1 and not add_sampled:
+        return Degenerate("lsm_k", "a zero loss", "a one-token support renormalizes to probability 1 on both sides")
+    return None
+
+
 @method_info(paper="Fu et al., 2603.25562", fixes="local noise", source="code", recipe={"top_p": 0.9})
 def build(
-    lsm_k: Annotated[int, knob("teacher top-K support size", ge=1)] = 32,
+    lsm_k: Annotated[int, knob("teacher top-K support size (the paper's 32 is for LLM vocabularies)", ge=1)] = 8,
     lsm_add_sampled: Annotated[bool, knob("add the sampled token to the support")] = False,
 ) -> Method:
     return Method(
@@ -92,4 +107,5 @@ def build(
         lsm_loss,
         teacher_request=TeacherRequest(topk=lsm_k, full=False),
         needs=("teacher",),
+        degenerate=partial(lsm_degenerate, k=lsm_k, add_sampled=lsm_add_sampled),
     )
