@@ -24,7 +24,8 @@ def _facts(entropy=None, **first_step):
 DEGENERATE = [  # method, knobs, facts -> the knob the warning names
     ("eopd", dict(eopd_tau=0.8), _facts(ORACLE_ENTROPY), "eopd_tau"),
     ("eopd", dict(eopd_lambda=0.0), _facts(), "eopd_lambda"),
-    ("eopd", dict(eopd_mode="switch"), _facts(ORACLE_ENTROPY), "eopd_quantile"),
+    ("eopd", dict(eopd_mode="switch"), _facts(ORACLE_ENTROPY), "eopd_mode"),  # no threshold splits a constant entropy
+    ("eopd", dict(eopd_mode="switch", eopd_quantile=0.0), _facts(torch.linspace(0.01, 2.0, 100)), "eopd_quantile"),
     ("trunc", dict(trunc_tokens=100), _facts(), "trunc_tokens"),
     ("trunc", {}, _facts(**{"rollout/truncated": 0.0}), "trunc_tokens"),
     ("topd", dict(horizon_frac=1.0), _facts(), "horizon_frac"),

@@ -91,7 +91,8 @@ def eopd_degenerate(facts: RunFacts, *, tau: float | None, quantile: float, lam:
         return Degenerate(knob_name, "opd", why)
     if bool(u_N.all()) and mode == "switch":
         why = f"every token of the first step is at or above the threshold {float(threshold):.3g} nats, so no token keeps the OPD term"
-        return Degenerate(knob_name, "top-K forward KL alone (no OPD term)", why)
+        constant = float(H_N.max() - H_N.min()) <= 1e-6  # no threshold splits a constant entropy: add the FKL term instead
+        return Degenerate("eopd_mode" if constant else knob_name, "top-K forward KL alone (no OPD term)", why)
     return None
 
 
