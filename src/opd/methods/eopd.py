@@ -11,11 +11,12 @@ where it is uncertain").
 
 The OPD term is the per-token OPD policy-gradient surrogate of ``methods/opd.py``
 (``OPD_t = −ρ_t·sg(A_t)``, ``A_t = −(log π_sampler(y_t) − log π_T(y_t))``, γ = 0, c = 1;
-``opd_loss="ppo"`` clips ρ), not the exact full-vocabulary reverse KL: it needs only the
-sampled token's teacher log-prob, so a sparse teacher suffices. ``FKL^K`` renormalizes both
-sides on the teacher's top-K (the audit does not say; ``sparse_divergence`` with
-``renormalize="both"``). ``H^T_t`` is the teacher's full-vocabulary entropy as its
-``Scores`` report it. In ``switch`` λ still scales the forward-KL term.
+``opd_loss="ppo"`` clips ρ), not the exact full-vocabulary reverse KL. ``FKL^K``
+renormalizes both sides on the teacher's top-K (the audit does not say), ties included
+(every id at least as likely as the K-th, as in ``topk_lsm``), so the method asks for the
+teacher's full logits (``needs`` "full_teacher"). ``H^T_t`` is the teacher's
+full-vocabulary entropy as its ``Scores`` report it. In ``switch`` λ still scales the
+forward-KL term.
 
 The threshold. The code's ``τ_H = 0.8`` nats is a property of its teachers: the testbed's
 oracle has entropy ~0.06 nats everywhere, so with 0.8 no token is ever uncertain and the
@@ -42,35 +43,36 @@ from typing import Annotated, Literal
 
 import torch
 
-from opd.losses import sparse_divergence
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
+from opd.methods.degeneracy import Degenerate, RunFacts
 from opd.methods.knobs import ClipEps, OpdLoss, knob
 from opd.methods.opd import opd_signal, opd_token_loss
 from opd.rollouts.student import student_rollout
-from opd.methods.degeneracy import Degenerate, RunFacts
 from opd.signals.eopd import eopd_combine, routed_mask
-from opd.signals.teacher_logp import floor_logp
+from opd.methods.topk_lsm import support_divergence
+from opd.signals.teacher_logp import floored_logp_V
+from opd.signals.topk_lsm import retained_mass, teacher_support
 
 
-def eopd_signal(exp: Experience, scores, *, tau: float | None, quantile: float = 0.8) -> Signal:
+def eopd_signal(exp: Experience, scores, *, k: int, tau: float | None, quantile: float = 0.8) -> Signal:
     signal = opd_signal(exp, scores, gamma=0.0, kl_coef=1.0)
     uncertain_BT, threshold = routed_mask(scores.entropy_BT, signal["mask_BT"], tau=tau, quantile=quantile)
+    teacher_BTV = floored_logp_V(scores.logits_BTV)
+    support_BTV = teacher_support(teacher_BTV, k)
     signal.update({
         "uncertain_BT": uncertain_BT,
         "signal/tau": threshold.float(),
-        "teacher_topk_ids_BTK": scores.topk_ids_BTK,
-        "teacher_topk_logp_BTK": floor_logp(scores.topk_logp_BTK),
+        "teacher_logp_BTV": teacher_BTV,
+        "support_BTV": support_BTV,
         "signal/uncertain_frac": uncertain_BT.float(),
-        "signal/retained_mass": scores.topk_logp_BTK.logsumexp(-1).exp(),
+        "signal/retained_mass": retained_mass(teacher_BTV, support_BTV),
     })
     return signal
 
 
 def eopd_loss(view: StudentView, signal: Signal, *, lam: float, mode: str, opd_loss: str, clip_eps: float):
     opd_BT, metrics = opd_token_loss(view, signal, opd_loss=opd_loss, clip_eps=clip_eps)
-    fkl_BT = sparse_divergence(
-        view.logits_BTV, signal["teacher_topk_ids_BTK"], signal["teacher_topk_logp_BTK"], "fkl", renormalize="both"
-    )
+    fkl_BT = support_divergence(view.logits_BTV, signal["teacher_logp_BTV"], signal["support_BTV"], "fkl")
     loss_BT = eopd_combine(opd_BT, fkl_BT, signal["uncertain_BT"], lam=lam, mode=mode)
     return loss_BT, {**metrics, "loss/eopd": loss_BT, "loss/fkl_topk": fkl_BT}
 
@@ -109,9 +111,9 @@ def build(
     return Method(
         "eopd",
         student_rollout,
-        partial(eopd_signal, tau=eopd_tau, quantile=eopd_quantile),
+        partial(eopd_signal, k=eopd_k, tau=eopd_tau, quantile=eopd_quantile),
         partial(eopd_loss, lam=eopd_lambda, mode=eopd_mode, opd_loss=opd_loss, clip_eps=clip_eps),
-        teacher_request=TeacherRequest(topk=eopd_k, full=False),
-        needs=("teacher",),
+        teacher_request=TeacherRequest(topk=eopd_k, full=True),
+        needs=("teacher", "full_teacher"),
         degenerate=partial(eopd_degenerate, tau=eopd_tau, quantile=eopd_quantile, lam=eopd_lambda, mode=eopd_mode),
     )

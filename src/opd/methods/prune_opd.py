@@ -18,11 +18,12 @@ is saved with checkpoints.
 Ties are ties: the overlap counts the teacher's ids tied with its k-th log-prob as a set
 (:func:`opd.signals.prune.tied_topk_overlap_BT`), so it needs the teacher's log-probs at the
 student's ids: Prune-OPD asks for the teacher's full logits (``needs`` "full_teacher", as
-suffix_fade). On the noise-free testbed oracle (every word but the intended one tied) any
-``k >= 2`` then overlaps fully whenever the student's top-k holds the intended word, so
-drift events almost never happen and the method is ``opd``; the default ``prune_k = 1``
-(drift = the student's most likely token is not the teacher's) is the setting that means
-something there. The run reports a first step without any drift event as degenerate.
+suffix_fade). On the noise-free testbed oracle (every word but the intended one tied) a
+student's top-k of live words always shares at least ``k − 1`` ids with one of the oracle's
+equally valid top-k sets, so at ``prune_delta = 0.5`` any ``k >= 2`` never drifts and the
+method is ``opd``; the default ``prune_k = 1`` (drift = the student's most likely token is
+not the teacher's) is the setting that means something there. The run reports a first step
+without any drift event as degenerate.
 
 Knobs: ``prune_k`` (top-K size on both sides, 1), ``prune_delta``, ``prune_eta``,
 ``prune_w_min``, ``prune_quantile``, ``prune_grow``, ``max_new_tokens`` (the cap), and the

@@ -25,6 +25,7 @@ import torch
 
 
 from opd.signals.opd import TEACHER_LOGP_FLOOR, floored_log_ratio_BT  # noqa: F401  (re-exported)
+from opd.signals.teacher_logp import TIE_TOL
 
 
 def topk_overlap_BT(student_ids_BTK: torch.Tensor, teacher_ids_BTK: torch.Tensor) -> torch.Tensor:
@@ -32,9 +33,6 @@ def topk_overlap_BT(student_ids_BTK: torch.Tensor, teacher_ids_BTK: torch.Tensor
     distinct (as ``topk`` gives them). The teacher set may be of another size."""
     hits_BTK = (student_ids_BTK[..., :, None] == teacher_ids_BTK[..., None, :]).any(-1)
     return hits_BTK.sum(-1).double() / student_ids_BTK.shape[-1]
-
-
-TIE_TOL = 1e-6  # nats: teacher log-probs this close to the k-th largest are tied with it
 
 
 def tied_topk_overlap_BT(student_ids_BTK: torch.Tensor, teacher_logp_BTV: torch.Tensor, tol: float = TIE_TOL) -> torch.Tensor:

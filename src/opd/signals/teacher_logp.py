@@ -11,6 +11,12 @@ changes nothing for a teacher with full support in practice, and every value and
 stays finite. No method returns NaN or inf on such scores
 (``tests/test_teacher_zero_prob.py`` runs every method's loss on them).
 
+Ties are ties: a teacher's "top-K" is every id at least as likely as its K-th most likely
+one (within :data:`TIE_TOL`), so it never depends on the order in which ``topk`` breaks
+ties (:func:`tied_topk_mask`). A program teacher ties a lot: the testbed's noise-free oracle
+gives every word but the intended one the same log-prob, so there any top-K with K >= 2
+holds every live word.
+
 Pure torch.
 """
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 import torch
 
 TEACHER_LOGP_FLOOR = -100.0  # nats: the log-prob a zero probability is clipped to
+TIE_TOL = 1e-6  # nats: log-probs this close to the K-th largest are tied with it
 
 
 def floor_logp(logp: torch.Tensor, floor: float = TEACHER_LOGP_FLOOR) -> torch.Tensor:
@@ -37,3 +44,11 @@ def floored_logp_V(logits_V: torch.Tensor, floor: float = TEACHER_LOGP_FLOOR) ->
     x = torch.nan_to_num(x, nan=float("-inf"), posinf=torch.finfo(x.dtype).max, neginf=float("-inf"))
     has_mass = (x > float("-inf")).any(-1, keepdim=True)
     return torch.where(has_mass, x.log_softmax(-1).clamp_min(floor), float("-inf"))
+
+
+def tied_topk_mask(logp_V: torch.Tensor, k: int, tol: float = TIE_TOL) -> torch.Tensor:
+    """bool ``[..., V]``: the top-``k`` ids with ties, ``logp ≥ (k-th largest) − tol`` (at
+    least ``min(k, V)`` ids; more where ids tie at the k-th place). ``logp_V``: log-probs
+    without NaN (:func:`floored_logp_V`)."""
+    kth = logp_V.topk(min(k, logp_V.shape[-1]), dim=-1).values[..., -1:]
+    return logp_V >= kth - tol
