@@ -18,7 +18,7 @@ from opd.run.metrics_log import read_metrics
 from opd.models.base import Scores
 from opd.rollouts.budget import LengthBudget, adaptive_budget, fixed_budget, ramp_budget
 from opd.run.runner import Run, train
-from opd.signals.prune import drift_reliability_BT, next_budget, reliable_mask_BT, topk_overlap_BT
+from opd.signals.prune import drift_reliability_BT, next_budget, reliable_mask_BT, tied_topk_overlap_BT, topk_overlap_BT
 from opd.signals.suffix_fade import (
     LOGP_FLOOR,
     candidate_logp_BTK,
@@ -109,6 +109,50 @@ def test_topk_overlap_against_sets(K, KT, V):
     got = topk_overlap_BT(S, T)
     assert torch.allclose(got, torch.tensor(naive_overlap(S, T), dtype=torch.float64), **F64)
     assert torch.equal(topk_overlap_BT(S, S), torch.ones(3, 9, dtype=torch.float64))
+
+
+def naive_tied_overlap(S, logp, tol=1e-6):
+    """max over every top-k set of the teacher (ties at the k-th value: any choice) of |S ∩ T| / k."""
+    import itertools
+
+    B, L, k = S.shape
+    out = torch.zeros(B, L, dtype=torch.float64)
+    for b in range(B):
+        for t in range(L):
+            vals = logp[b, t].tolist()
+            kth = sorted(vals, reverse=True)[k - 1]
+            above = [v for v, x in enumerate(vals) if x > kth + tol]
+            tied = [v for v, x in enumerate(vals) if abs(x - kth) <= tol]
+            best = max(len(set(S[b, t].tolist()) & (set(above) | set(c))) for c in itertools.combinations(tied, k - len(above)))
+            out[b, t] = best / k
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_tied_overlap_is_the_best_choice_among_tied_ids(k):
+    V = 7
+    logp = torch.randint(0, 3, (3, 6, V), generator=_gen(5)).double() - 2.0  # three values: many ties
+    S = _distinct_ids(3, 6, k, V, 6)
+    torch.testing.assert_close(tied_topk_overlap_BT(S, logp), naive_tied_overlap(S, logp), rtol=0, atol=0)
+    no_ties = torch.randn(3, 6, V, generator=_gen(7), dtype=torch.float64)  # without ties: the plain set overlap
+    torch.testing.assert_close(tied_topk_overlap_BT(S, no_ties), topk_overlap_BT(S, no_ties.topk(k, -1).indices), rtol=0, atol=0)
+
+
+def test_tied_overlap_ignores_the_order_topk_breaks_ties_in():
+    """The noise-free oracle: the intended word, 20 live words tied 8 nats below it, 3 dead ids.
+    A student whose top-8 holds the intended word and 7 live words agrees fully with one of
+    the oracle's equally valid top-8 sets, whichever 7 tied ids ``topk`` happens to return."""
+    V, intended, dead = 24, 5, [0, 1, 2]
+    logp = torch.full((1, 1, V), -8.007, dtype=torch.float64)
+    logp[..., intended], logp[..., dead] = -0.008, -38.0
+    live = [v for v in range(V) if v not in dead + [intended]]
+    for others in (live[:7], live[-7:], live[3:10]):
+        S = torch.tensor([[[intended] + others]])
+        assert float(tied_topk_overlap_BT(S, logp)) == 1.0
+    assert float(tied_topk_overlap_BT(torch.tensor([[live[:8]]]), logp)) == 7 / 8  # the intended word missing
+    assert float(tied_topk_overlap_BT(torch.tensor([[[intended] + dead + live[:4]]]), logp)) == 5 / 8
+    assert float(tied_topk_overlap_BT(torch.tensor([[[live[0]]]]), logp)) == 0.0  # k = 1: top-1 agreement
+    assert float(tied_topk_overlap_BT(torch.tensor([[[intended]]]), logp)) == 1.0
 
 
 def naive_reliability(overlap, mask, delta, eta, w_min):

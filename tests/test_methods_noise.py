@@ -12,7 +12,7 @@ from opd.methods.base import Experience, StudentView
 from opd.methods.eopd import eopd_loss, eopd_signal
 from opd.methods.scope import scope_loss, scope_signal
 from opd.methods.tip import tip_loss, tip_signal
-from opd.methods.topk_lsm import lsm_loss, lsm_signal, support_rkl
+from opd.methods.topk_lsm import lsm_loss, lsm_signal, support_divergence
 from opd.run.metrics_log import read_metrics
 from opd.models.base import Scores
 from opd.losses import divergence, sparse_divergence
@@ -21,6 +21,7 @@ from opd.signals.eopd import eopd_combine, uncertain_mask
 from opd.signals.scope import group_softmax_weights, scope_advantages, scope_weights
 from opd.signals.tip import keep_top_fraction, minmax_normalize, tip_score
 from opd.signals.topk_lsm import retained_mass, special_token_mask, teacher_support
+from opd.signals.teacher_logp import tied_topk_mask
 
 D = torch.float64
 TOL = dict(atol=1e-6, rtol=1e-6)
@@ -68,13 +69,15 @@ def fake_scores(exp, V=7, K=3, seed=5, scale=2.0):
 # ------------------------------------------------------------------- naive references
 
 
-def naive_support_rkl(s_logits, ids, t_logp, keep):
+def naive_support_rkl(s_logits, t_logp_V, support_V):
     """Σ_{v∈S} Ŝ(v) log(Ŝ(v)/T̂(v)) position by position, with explicit renormalization."""
-    B, T, _ = s_logits.shape
+    B, T, V = s_logits.shape
     out = torch.zeros(B, T, dtype=s_logits.dtype)
     for b in range(B):
         for t in range(T):
-            sup = [(int(ids[b, t, j]), float(t_logp[b, t, j])) for j in range(ids.shape[-1]) if keep[b, t, j]]
+            sup = [(v, float(t_logp_V[b, t, v])) for v in range(V) if support_V[b, t, v]]
+            if not sup:
+                continue
             p = s_logits[b, t].softmax(-1)
             ps = torch.stack([p[v] for v, _ in sup])
             qs = torch.tensor([math.exp(lq) for _, lq in sup], dtype=s_logits.dtype)
@@ -83,16 +86,19 @@ def naive_support_rkl(s_logits, ids, t_logp, keep):
     return out
 
 
-def naive_fkl_topk(s_logits, ids, t_logp):
-    B, T, K = ids.shape
+def naive_fkl_topk(s_logits, t_logp_V, k):
+    """Forward KL on the teacher's top-k, ties included, both sides renormalized there."""
+    B, T, V = s_logits.shape
     out = torch.zeros(B, T, dtype=s_logits.dtype)
     for b in range(B):
         for t in range(T):
-            p = s_logits[b, t].softmax(-1)[ids[b, t]]
+            kth = sorted(t_logp_V[b, t].tolist(), reverse=True)[k - 1]
+            ids = [v for v in range(V) if float(t_logp_V[b, t, v]) >= kth - 1e-6]
+            p = s_logits[b, t].softmax(-1)[ids]
             p = p / p.sum()
-            q = t_logp[b, t].exp()
+            q = t_logp_V[b, t, ids].exp()
             q = q / q.sum()
-            out[b, t] = sum(q[j] * (torch.log(q[j]) - torch.log(p[j])) for j in range(K))
+            out[b, t] = sum(q[j] * (torch.log(q[j]) - torch.log(p[j])) for j in range(len(ids)))
     return out
 
 
@@ -110,18 +116,28 @@ def naive_rkl(s_logits, t_logits):
 
 
 def test_teacher_support_with_and_without_sampled_token():
-    ids, logp = distinct_ids(2, 3, 3, 6), randn(2, 3, 3)
-    assert teacher_support(ids, logp)[2].all()
-    tok = torch.tensor([[int(ids[0, 0, 1]), 5, 0], [1, 2, int(ids[1, 2, 0])]])
-    tok_logp = randn(2, 3, seed=1)
-    sids, slogp, keep = teacher_support(ids, logp, tok, tok_logp)
-    assert sids.shape == (2, 3, 4)
+    logp = randn(2, 3, 6).log_softmax(-1)
+    top3 = logp.topk(3, -1).indices
+    support = teacher_support(logp, 3)
+    assert support.sum(-1).eq(3).all() and support.gather(-1, top3).all()  # no ties: exactly the top 3
+    tok = torch.tensor([[int(top3[0, 0, 1]), 5, 0], [1, 2, int(top3[1, 2, 0])]])
+    with_tok = teacher_support(logp, 3, tok)
     for b in range(2):
         for t in range(3):
-            assert int(sids[b, t, 3]) == int(tok[b, t]) and float(slogp[b, t, 3]) == float(tok_logp[b, t])
-            assert bool(keep[b, t, 3]) == (int(tok[b, t]) not in ids[b, t].tolist())
-            assert keep[b, t, :3].all()
-    assert not keep[0, 0, 3] and not keep[1, 2, 3]
+            want = set(top3[b, t].tolist()) | {int(tok[b, t])}
+            assert set(with_tok[b, t].nonzero().squeeze(-1).tolist()) == want
+
+
+def test_teacher_support_counts_ties_as_a_set():
+    """The noise-free oracle: the intended id, 20 ids tied below it, 3 dead ids. Any K >= 2
+    takes every tied id, whatever order topk would break the tie in; K = 1 the intended id."""
+    logp = torch.full((1, 1, 24), -8.0067, dtype=D)
+    logp[..., 5], logp[..., :3] = -0.0067, -38.0
+    assert teacher_support(logp, 1).sum() == 1 and bool(teacher_support(logp, 1)[0, 0, 5])
+    for k in (2, 8, 21):
+        assert torch.equal(teacher_support(logp, k)[0, 0], torch.arange(24) >= 3)
+    assert int(teacher_support(logp, 22).sum()) == 24  # the 22nd is a dead id, tied with the other two
+    assert torch.equal(tied_topk_mask(logp, 8), teacher_support(logp, 8))
 
 
 def test_special_token_mask_and_retained_mass():
@@ -138,13 +154,15 @@ def test_special_token_mask_and_retained_mass():
 def test_support_rkl_matches_naive_with_gradients(with_dropped):
     B, T, V, S = 2, 3, 9, 4
     logits = randn(B, T, V, scale=2.0).requires_grad_()
-    ids, t_logp = distinct_ids(B, T, S, V), randn(B, T, S, seed=3).log_softmax(-1) - 0.5
-    keep = torch.ones(B, T, S, dtype=torch.bool)
+    ids = distinct_ids(B, T, S, V)
+    support = torch.zeros(B, T, V, dtype=torch.bool).scatter(-1, ids, True)
+    t_logp = randn(B, T, V, seed=3).log_softmax(-1) - 0.5
     if with_dropped:
-        keep[0, 1, 2] = keep[1, 0, 0] = keep[1, 2, 3] = False
-        t_logp = t_logp.masked_fill(~keep, 123.0)  # garbage on dropped entries must not matter
-    got = support_rkl(logits, ids, t_logp, keep)
-    want = naive_support_rkl(logits, ids, t_logp, keep)
+        support[0, 1, int(ids[0, 1, 2])] = support[1, 0, int(ids[1, 0, 0])] = False
+        support[1, 2] = False  # nothing kept at a position
+    t_logp = t_logp.masked_fill(~support, 123.0)  # garbage off the support must not matter
+    got = support_divergence(logits, t_logp, support, "rkl")
+    want = naive_support_rkl(logits, t_logp, support)
     torch.testing.assert_close(got, want, **TOL)
     w = randn(B, T, seed=7)
     (g_got,) = torch.autograd.grad((got * w).sum(), logits)
@@ -152,18 +170,20 @@ def test_support_rkl_matches_naive_with_gradients(with_dropped):
     torch.testing.assert_close(g_got, g_want, **TOL)
 
 
-def test_support_rkl_agrees_with_the_loss_library():
+@pytest.mark.parametrize("kind", ["rkl", "fkl"])
+def test_support_divergence_agrees_with_the_loss_library(kind):
     B, T, V, K = 3, 4, 11, 5
     s, t = randn(B, T, V, scale=3.0), randn(B, T, V, seed=2, scale=3.0)
     t_logp_full = t.log_softmax(-1)
     top_logp, top_ids = t_logp_full.topk(K, dim=-1)
-    got = support_rkl(s, top_ids, top_logp, torch.ones_like(top_ids, dtype=torch.bool))
-    torch.testing.assert_close(got, sparse_divergence(s, top_ids, top_logp, "rkl", renormalize="both"), **TOL)
-    torch.testing.assert_close(got, divergence(s, t, "rkl", support="teacher_topk", k=K, renormalize="both"), **TOL)
-    # K = V: the full reverse KL
-    all_logp, all_ids = t_logp_full.topk(V, dim=-1)
-    full = support_rkl(s, all_ids, all_logp, torch.ones_like(all_ids, dtype=torch.bool))
-    torch.testing.assert_close(full, naive_rkl(s, t), **TOL)
+    got = support_divergence(s, t_logp_full, teacher_support(t_logp_full, K), kind)
+    torch.testing.assert_close(got, sparse_divergence(s, top_ids, top_logp, kind, renormalize="both"), **TOL)
+    torch.testing.assert_close(got, divergence(s, t, kind, support="teacher_topk", k=K, renormalize="both"), **TOL)
+    # K = V: the full divergence
+    full = support_divergence(s, t_logp_full, teacher_support(t_logp_full, V), kind)
+    torch.testing.assert_close(full, divergence(s, t, kind), **TOL)
+    if kind == "rkl":
+        torch.testing.assert_close(full, naive_rkl(s, t), **TOL)
 
 
 def test_support_rkl_extreme_inputs_stay_finite():
@@ -172,11 +192,12 @@ def test_support_rkl_extreme_inputs_stay_finite():
     logits[0, 0] = float("-inf")  # a position with no distribution
     logits = logits.requires_grad_()
     ids = distinct_ids(B, T, S, V)
-    t_logp = randn(B, T, S, seed=1) * 1e3
-    t_logp[1, 1, 1:] = float("-inf")  # teacher mass on one id only
-    keep = torch.ones(B, T, S, dtype=torch.bool)
-    keep[1, 2] = False  # nothing kept at a position
-    val = support_rkl(logits, ids, t_logp.float(), keep)
+    support = torch.zeros(B, T, V, dtype=torch.bool).scatter(-1, ids, True)
+    t_logp = randn(B, T, V, seed=1) * 1e3
+    t_logp[1, 1] = float("-inf")
+    t_logp[1, 1, int(ids[1, 1, 0])] = 0.0  # teacher mass on one id only
+    support[1, 2] = False  # nothing kept at a position
+    val = support_divergence(logits, t_logp.float(), support, "rkl")
     (g,) = torch.autograd.grad(val.sum(), logits)
     assert finite(val) and finite(g)
     assert float(val[1, 2].detach()) == 0.0 and float(val[0, 0].detach()) == 0.0
@@ -187,17 +208,20 @@ def test_lsm_signal_masks_special_tokens_and_loss_matches_naive(add_sampled):
     exp = fake_exp()
     exp.extra["special_BT"] = special_token_mask(exp.batch.completion_ids_BT, (0, 3))
     scores = fake_scores(exp)
-    sig = lsm_signal(exp, scores, add_sampled=add_sampled)
+    sig = lsm_signal(exp, scores, k=3, add_sampled=add_sampled)
     comp = exp.batch.completion_mask_BT
     assert torch.equal(sig["mask_BT"], comp & ~torch.isin(exp.batch.completion_ids_BT, torch.tensor([0, 3])))
-    assert sig["support_ids_BTS"].shape[-1] == 3 + add_sampled
-    ids, logp, keep = sig["support_ids_BTS"], sig["teacher_logp_BTS"], sig["keep_BTS"]
+    logp, support = sig["teacher_logp_BTV"], sig["support_BTV"]
     full_logp = scores.logits_BTV.log_softmax(-1)
-    torch.testing.assert_close(logp, full_logp.gather(-1, ids), **TOL)  # every entry is the teacher's log-prob
-    torch.testing.assert_close(sig["signal/retained_mass"], retained_mass(logp, keep), **TOL)
+    torch.testing.assert_close(logp, full_logp, **TOL)  # the teacher's log-probs
+    want_support = torch.zeros_like(support).scatter(-1, full_logp.topk(3, -1).indices, True)
+    if add_sampled:
+        want_support = want_support.scatter(-1, exp.batch.completion_ids_BT[..., None], True)
+    assert torch.equal(support, want_support)
+    torch.testing.assert_close(sig["signal/retained_mass"], retained_mass(logp, support), **TOL)
     logits = randn(*scores.logits_BTV.shape, seed=9).requires_grad_()
     loss, metrics = lsm_loss(StudentView(logits, None), sig)
-    torch.testing.assert_close(loss, naive_support_rkl(logits, ids, logp, keep), **TOL)
+    torch.testing.assert_close(loss, naive_support_rkl(logits, logp, support), **TOL)
     assert set(metrics) == {"loss/rkl_topk"}
 
 
@@ -289,27 +313,29 @@ def test_group_softmax_weights_match_naive():
             assert float(got[b]) == 0.0
             continue
         z = sum(math.exp(float(x[j])) for j in peers)
-        assert abs(float(got[b]) - len(peers) * math.exp(float(x[b])) / z) < 1e-9
+        assert abs(float(got[b]) - math.exp(float(x[b])) / z) < 1e-9
     for g in group.unique():
         sel = (group == g) & member
         if sel.any():
-            assert abs(float(got[sel].mean()) - 1.0) < 1e-12
+            assert abs(float(got[sel].sum()) - 1.0) < 1e-12
 
 
 def test_group_softmax_weights_extreme_inputs():
     x = torch.tensor([float("inf"), 0.0, float("-inf"), float("nan"), -1e308, -1e308])
     got = group_softmax_weights(x, torch.ones(6, dtype=torch.bool), torch.tensor([0, 0, 1, 1, 2, 2]))
     assert finite(got)
-    assert got.tolist()[:2] == [2.0, 0.0] and abs(float(got[4]) - 1.0) < 1e-12
+    assert got.tolist()[:2] == [1.0, 0.0] and abs(float(got[4]) - 0.5) < 1e-12
 
 
 def naive_scope_weights(s_logp, t_logp, mask, correct, group, tau):
+    """Each branch of a group sums to 1 (METHODS §8), times the group's row count G."""
     B = s_logp.shape[0]
     out = [0.0] * B
     for b in range(B):
         n = int(mask[b].sum())
         if n == 0:
             continue
+        rows = sum(int(group[j] == group[b]) for j in range(B))
         peers = [j for j in range(B) if group[j] == group[b] and bool(correct[j]) == bool(correct[b]) and mask[j].any()]
 
         def raw(j):
@@ -317,7 +343,7 @@ def naive_scope_weights(s_logp, t_logp, mask, correct, group, tau):
             mean_t = float(t_logp[j][mask[j]].mean())
             return math.exp(-mean_s) ** (1 / tau) if correct[j] else math.exp(-mean_t) ** (-1 / tau)
 
-        out[b] = len(peers) * raw(b) / sum(raw(j) for j in peers)
+        out[b] = rows * raw(b) / sum(raw(j) for j in peers)
     return torch.tensor(out, dtype=D)
 
 
@@ -333,13 +359,27 @@ def test_scope_weights_match_naive(tau):
 
 
 def test_scope_uniform_weights_reduce_to_plain_losses():
-    exp = fake_exp(B=4, T=3, group_size=4, rewards=[1, 0, 1, 0])
-    mask = torch.ones(4, 3, dtype=torch.bool)
-    flat = torch.full((4, 3), -0.7, dtype=D)  # equal perplexities on both sides
-    w = scope_weights(flat, flat, mask, exp.rewards_B > 0.5, exp.group_B, 1.0)
-    torch.testing.assert_close(w, torch.ones(4, dtype=D), **TOL)
-    w_huge_tau = scope_weights(exp.sampler_logp_BT, randn(4, 3), mask, exp.rewards_B > 0.5, exp.group_B, 1e12)
-    torch.testing.assert_close(w_huge_tau, torch.ones(4, dtype=D), **TOL)
+    # uniform weights: a group whose rows share one branch weighs 1 per row (plain token-mean
+    # MLE/OPD); a group with both branches gives each branch the group's G rows of weight
+    for rewards, group_size, want in (([1, 1, 0, 0], 2, [1.0] * 4), ([1, 0, 1, 0], 4, [2.0] * 4)):
+        exp = fake_exp(B=4, T=3, group_size=group_size, rewards=rewards)
+        mask = torch.ones(4, 3, dtype=torch.bool)
+        flat = torch.full((4, 3), -0.7, dtype=D)  # equal perplexities on both sides
+        w = scope_weights(flat, flat, mask, exp.rewards_B > 0.5, exp.group_B, 1.0)
+        torch.testing.assert_close(w, torch.tensor(want, dtype=D), **TOL)
+        w_huge_tau = scope_weights(exp.sampler_logp_BT, randn(4, 3), mask, exp.rewards_B > 0.5, exp.group_B, 1e12)
+        torch.testing.assert_close(w_huge_tau, torch.tensor(want, dtype=D), **TOL)
+
+
+def test_scope_branches_weigh_the_same_whatever_their_sizes():
+    """1 correct and 7 wrong rollouts, uniform weights: each branch sums to 1 (METHODS §8),
+    times G = 8, so the correct row weighs 8 and each wrong row 8/7 (not 1 each, which
+    would give the wrong branch 7x the weight of the correct one)."""
+    exp = fake_exp(B=8, T=3, group_size=8, rewards=[1, 0, 0, 0, 0, 0, 0, 0])
+    flat = torch.full((8, 3), -0.7, dtype=D)
+    w = scope_weights(flat, flat, torch.ones(8, 3, dtype=torch.bool), exp.rewards_B > 0.5, exp.group_B, 1.0)
+    torch.testing.assert_close(w, torch.tensor([8.0] + [8 / 7] * 7, dtype=D), **TOL)
+    assert abs(float(w[:1].sum()) - float(w[1:].sum())) < 1e-12
 
 
 def test_scope_loss_matches_naive_with_gradients():
@@ -401,7 +441,7 @@ def test_eopd_loss_matches_naive_with_gradients(mode):
     exp = fake_exp()
     scores = fake_scores(exp, K=4)
     tau = float(scores.entropy_BT.median())
-    sig = eopd_signal(exp, scores, tau=tau)
+    sig = eopd_signal(exp, scores, k=4, tau=tau)
     mask = exp.batch.completion_mask_BT
     u = (scores.entropy_BT > tau) & mask
     assert torch.equal(sig["signal/uncertain_frac"], u.float())
@@ -410,7 +450,7 @@ def test_eopd_loss_matches_naive_with_gradients(mode):
     loss, metrics = eopd_loss(StudentView(logits, logp), sig, lam=0.5, mode=mode, opd_loss="is", clip_eps=0.2)
     adv = -(exp.sampler_logp_BT - scores.token_logp_BT)
     opd = -torch.exp(logp - exp.sampler_logp_BT) * adv
-    fkl = naive_fkl_topk(logits, scores.topk_ids_BTK, scores.topk_logp_BTK)
+    fkl = naive_fkl_topk(logits, scores.logits_BTV.log_softmax(-1), 4)
     want = torch.where(u, 0.5 * fkl + (opd if mode == "add" else 0.0), opd)
     torch.testing.assert_close(torch.where(mask, loss, 0.0), torch.where(mask, want, 0.0), **TOL)
     torch.testing.assert_close(metrics["loss/fkl_topk"], fkl, **TOL)
@@ -422,8 +462,8 @@ def test_eopd_loss_matches_naive_with_gradients(mode):
 def test_eopd_extreme_inputs_stay_finite():
     exp = fake_exp()
     scores = fake_scores(exp, K=4, scale=1e4)
-    scores.topk_logp_BTK[0, 0, 1:] = float("-inf")
-    sig = eopd_signal(exp, scores, tau=0.0)
+    scores.logits_BTV[0, 0, 1:] = float("-inf")
+    sig = eopd_signal(exp, scores, k=4, tau=0.0)
     logits = (randn(*scores.logits_BTV.shape, seed=3) * 1e4).requires_grad_()
     logp = logits.log_softmax(-1).gather(-1, exp.batch.completion_ids_BT[..., None]).squeeze(-1)
     loss, _ = eopd_loss(StudentView(logits, logp), sig, lam=1.0, mode="add", opd_loss="ppo", clip_eps=0.2)
@@ -443,7 +483,7 @@ def test_builders_refuse_bad_knobs():
     assert build_method("tip", {}).needs == ("teacher", "full_teacher")
     scope = build_method("scope", {})
     assert scope.min_group_size == 2 and set(scope.needs) == {"teacher", "verifier"}
-    assert not build_method("eopd", {}).teacher_request.full
+    assert build_method("eopd", {}).teacher_request.full  # the top-K with ties needs every id's log-prob
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,8 @@ The spec (YAML)::
 
 Each run's config is: defaults < the method's recipe < ``base`` < command-line ``key=value``
 < the label's overrides < what the comparison sets (seed, lr, run_dir, eval split, budget).
+A label whose method reduces to another one on its runs (``opd.methods.degeneracy``: e.g. a
+threshold no token reaches) is marked in the report's table with the knob to change.
 Runs go to ``OUT/runs/LABEL/seedS`` (tuning runs to ``OUT/tune/LABEL/lrX``); each finished
 run leaves ``result.json`` with its config and evaluation history, and a re-run reuses it when
 the config is the same (``--force`` recomputes). The whole spec is checked, and every config
@@ -293,6 +295,15 @@ def _say(what: str, result: dict) -> None:
     print(f"{what}: accuracy {acc:.3f}{' (reused)' if result['reused'] else ''}", flush=True)
 
 
+def run_degeneracy(runs: dict) -> list[str]:
+    """The knobs that make a label's method reduce to another one, as its runs recorded
+    them (``degenerate/<knob>`` in the first step's metrics, :mod:`opd.methods.degeneracy`)."""
+    from opd.methods.degeneracy import degenerate_knobs
+    from opd.run.metrics_log import read_metrics
+
+    return degenerate_knobs([row for run in runs.values() for row in read_metrics(run["run_dir"])])
+
+
 def tune(spec: Spec, out: Path, force: bool) -> dict | None:
     """Each label's lr from ``lr_grid``: final validation accuracy with the first seed."""
     if not spec.lr_grid:
@@ -326,7 +337,8 @@ def compare(spec_path: str, out_dir: str | None = None, overrides: list[str] = (
             result = run_or_reuse(cfg, force)
             _say(f"{label} seed {seed}", result)
             runs[seed] = {"history": result["history"], "run_dir": cfg.run_dir, "reused": result["reused"]}
-        labels[label] = {"lr": cfg.lr, "method": cfg.method, "overrides": spec.methods[label], "runs": runs}
+        labels[label] = {"lr": cfg.lr, "method": cfg.method, "overrides": spec.methods[label], "runs": runs,
+                         "degenerate": run_degeneracy(runs)}
     summary = {"spec": spec_path, "seeds": spec.seeds, "budget_kind": spec.budget_kind, "budget": spec.budget,
                "eval_size": cfg.eval_size, "labels": labels, "lr_info": lr_info}
     out.mkdir(parents=True, exist_ok=True)

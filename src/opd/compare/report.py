@@ -17,7 +17,7 @@ AXES = {  # x key of the evaluation rows -> (file stem, axis label)
 }
 DIAG_PREFIXES = ("diag/", "teacher/")
 DIAG_KEYS = ("rollout/length", "rollout/truncated")
-COLUMNS = ["label", "method", "lr", "final accuracy", "pass@k", "sequences", "teacher tokens", "train wall s"]
+COLUMNS = ["label", "method", "lr", "final accuracy", "pass@k", "sequences", "teacher tokens", "train wall s", "degenerate"]
 
 
 def _histories(entry: dict) -> list[list[dict]]:
@@ -74,9 +74,15 @@ def final_rows(summary: dict) -> list[list[str]]:
         rows.append([
             label, entry["method"], f"{entry['lr']:g}", _pm([r.get("eval/accuracy", math.nan) for r in last]),
             _pm([_pass_at_k(r) for r in last]), f"{mean('usage/sequences'):.0f}", f"{mean('usage/teacher_tokens'):.0f}",
-            f"{mean('usage/wall_s'):.1f}",
+            f"{mean('usage/wall_s'):.1f}", degenerate_cell(entry),
         ])
     return rows
+
+
+def degenerate_cell(entry: dict) -> str:
+    """``-``, or the knobs that make the label's method reduce to another one on its runs."""
+    knobs = entry.get("degenerate") or []
+    return "yes: change " + ", ".join(f"`{k}`" for k in knobs) if knobs else "-"
 
 
 def run_diagnostics(run_dir: str) -> dict[str, float]:
@@ -158,7 +164,9 @@ Budget: {budget}. Seeds: {n}. Evaluation: {eval_size} held-out test prompts per 
 {table}
 
 Columns: mean ± std over seeds of the final greedy accuracy and pass@k (at the stop); mean
-sequences, teacher tokens and training wall time used (wall time excludes evaluation).
+sequences, teacher tokens and training wall time used (wall time excludes evaluation);
+"degenerate": the label's method reduced to another one on its runs (each run's log says
+what it became), so its row does not measure its own objective: change the knob named.
 
 {spread}
 

@@ -37,6 +37,7 @@ from pydantic import validate_call
 
 from opd.batch import SeqBatch
 from opd.losses.selective import token_logp, token_logp_and_stats
+from opd.methods.degeneracy import Check, never
 from opd.models.base import Scores, Teacher
 from opd.rollouts.base import Experience, RolloutEnv  # noqa: F401  (part of the method contract)
 from opd.tasks.base import Problem
@@ -151,7 +152,9 @@ class Method:
     """``needs``: "teacher", "verifier", "solutions", "reference" (frozen initial student),
     "full_teacher" (full-vocabulary teacher logits), "teacher_generate" (a teacher that
     samples), "boundaries" (``env.boundary_ids`` filled from the tokenizer).
-    ``setup.check_needs`` turns an unmet need into an error at start."""
+    ``setup.check_needs`` turns an unmet need into an error at start. ``degenerate``: when
+    the method, under its knobs, reduces to another method on a run
+    (:mod:`opd.methods.degeneracy`)."""
 
     name: str
     rollout: Callable[[RolloutEnv, list[Problem], torch.Generator], Experience]
@@ -162,6 +165,7 @@ class Method:
     min_group_size: int = 1  # rollouts per prompt the signal needs (GRPO: 2)
     context: Context = plain_context
     state: MethodState | None = None
+    degenerate: Check = never
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ import torch
 from opd.losses import entropy, grpo_advantages
 from opd.methods.grpo import grpo_loss
 from opd.methods.base import Experience, Method, Signal, TeacherRequest, method_info
+from opd.methods.degeneracy import Degenerate
 from opd.methods.knobs import AdvScale, ClipEps, knob
 from opd.methods.contexts import privileged_context
 from opd.models.hf import completion_logits
@@ -104,4 +105,5 @@ def build(
         needs=("verifier", "reference", "solutions"),
         min_group_size=2,
         context=privileged_context,
+        degenerate=lambda facts: Degenerate("dasd_beta", "grpo", "dasd_beta=0 removes the routed self-teacher term") if dasd_beta == 0.0 else None,
     )

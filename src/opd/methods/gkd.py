@@ -19,6 +19,7 @@ from opd.losses import divergence
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
 from opd.methods.knobs import Beta, LossTemperature, knob
 from opd.rollouts.student import solution_rollout, student_rollout, teacher_rollout
+from opd.signals.teacher_logp import floored_logp_V
 
 
 def gkd_rollout(env, problems, generator, *, lmbda: float, seq_kd: bool) -> Experience:
@@ -34,7 +35,7 @@ def gkd_signal(exp: Experience, scores) -> Signal:
 
 def gkd_loss(view: StudentView, signal: Signal, *, beta: float, loss_temperature: float):
     jsd_BT = divergence(
-        view.logits_BTV, signal["teacher_logits_BTV"], "jsd", beta=beta, temperature=loss_temperature
+        view.logits_BTV, floored_logp_V(signal["teacher_logits_BTV"]), "jsd", beta=beta, temperature=loss_temperature
     )
     return jsd_BT, {"loss/jsd": jsd_BT}
 

@@ -24,11 +24,14 @@ from typing import Annotated
 import torch
 
 from opd.methods.base import Experience, Method, RolloutEnv, Signal, TeacherRequest, method_info
+from opd.methods.degeneracy import Degenerate
 from opd.methods.knobs import ClipEps, OpdLoss, knob
 from opd.methods.contexts import reference_scores
 from opd.methods.opd import opd_token_loss
 from opd.rollouts.student import student_rollout
 from opd.signals.gopd import gopd_advantages_BT
+from opd.signals.opd import floored_log_ratio_BT
+from opd.signals.teacher_logp import floor_logp
 
 
 def gopd_rollout(env: RolloutEnv, problems: list, generator: torch.Generator) -> Experience:
@@ -47,8 +50,8 @@ def gopd_signal(exp: Experience, scores, *, lam: float) -> Signal:
         "mask_BT": mask_BT,
         "adv_BT": adv_BT,
         "sampler_logp_BT": sampler,
-        "log_ratio_BT": torch.where(mask_BT, sampler - teacher, 0.0),
-        "signal/ref_gap": torch.where(mask_BT, teacher - ref, 0.0),
+        "log_ratio_BT": floored_log_ratio_BT(sampler, teacher, mask_BT),
+        "signal/ref_gap": torch.where(mask_BT, floor_logp(teacher) - floor_logp(ref), 0.0),
     }
 
 
@@ -65,4 +68,5 @@ def build(
         lambda view, signal: opd_token_loss(view, signal, opd_loss=opd_loss, clip_eps=clip_eps),
         teacher_request=TeacherRequest(topk=8, full=False),
         needs=("teacher", "reference"),
+        degenerate=lambda facts: Degenerate("gopd_lambda", "opd", "gopd_lambda=1 is standard OPD") if gopd_lambda == 1.0 else None,
     )

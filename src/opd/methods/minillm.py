@@ -38,6 +38,7 @@ from opd.losses import divergence, ppo_clip_loss
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
 from opd.methods.knobs import ClipEps, knob
 from opd.rollouts.mixed import mixed_rollout
+from opd.signals.teacher_logp import floored_logp_V
 from opd.signals.minillm import importance_weights, length_normalized_returns, minillm_rewards, whiten
 
 
@@ -64,7 +65,7 @@ def minillm_loss(view: StudentView, signal: Signal, *, clip_eps: float):
     pg_BT, metrics = ppo_clip_loss(
         view.logp_BT, signal["mix_logp_BT"], signal["adv_BT"], clip_low=clip_eps, clip_high=clip_eps
     )
-    rkl_BT = divergence(view.logits_BTV, signal["teacher_logits_BTV"], "rkl")
+    rkl_BT = divergence(view.logits_BTV, floored_logp_V(signal["teacher_logits_BTV"]), "rkl")
     return pg_BT + rkl_BT, {"loss/pg": pg_BT, "loss/rkl": rkl_BT, **metrics}
 
 

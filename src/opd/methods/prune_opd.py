@@ -15,7 +15,17 @@ reliable through all they generated, else ``N <- quantile_q(L_eff)``; clamped to
 ``[1, max_new_tokens]``, starting at ``max_new_tokens``. The budget is ``Method.state`` and
 is saved with checkpoints.
 
-Knobs: ``prune_k`` (top-K size on both sides), ``prune_delta``, ``prune_eta``,
+Ties are ties: the overlap counts the teacher's ids tied with its k-th log-prob as a set
+(:func:`opd.signals.prune.tied_topk_overlap_BT`), so it needs the teacher's log-probs at the
+student's ids: Prune-OPD asks for the teacher's full logits (``needs`` "full_teacher", as
+suffix_fade). On the noise-free testbed oracle (every word but the intended one tied) a
+student's top-k of live words always shares at least ``k − 1`` ids with one of the oracle's
+equally valid top-k sets, so at ``prune_delta = 0.5`` any ``k >= 2`` never drifts and the
+method is ``opd``; the default ``prune_k = 1`` (drift = the student's most likely token is
+not the teacher's) is the setting that means something there. The run reports a first step
+without any drift event as degenerate.
+
+Knobs: ``prune_k`` (top-K size on both sides, 1), ``prune_delta``, ``prune_eta``,
 ``prune_w_min``, ``prune_quantile``, ``prune_grow``, ``max_new_tokens`` (the cap), and the
 OPD knobs ``gamma``, ``kl_coef``, ``opd_loss``, ``clip_eps``.
 
@@ -37,6 +47,7 @@ Logged: ``signal/drift_rate`` (drift events per generated token), ``signal/overl
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
 import torch
@@ -44,6 +55,7 @@ import torch
 from opd.batch import SeqBatch
 from opd.losses import discounted_returns
 from opd.methods.base import Experience, Method, RolloutEnv, Signal, TeacherRequest, method_info
+from opd.methods.degeneracy import Degenerate, RunFacts
 from opd.methods.knobs import ClipEps, Gamma, KlCoef, OpdLoss, knob
 from opd.methods.opd import opd_token_loss
 from opd.methods.truncation import budget_metric, budget_rollout
@@ -54,8 +66,9 @@ from opd.signals.prune import (
     floored_log_ratio_BT,
     next_budget,
     reliable_mask_BT,
-    topk_overlap_BT,
+    tied_topk_overlap_BT,
 )
+from opd.signals.teacher_logp import floored_logp_V
 from opd.tasks.base import Problem
 
 LOGIT_ELEMENTS = 2**27  # rows per no-grad pass are chosen so that [rows, T, V] stays under this
@@ -89,7 +102,7 @@ def prune_signal(
 ) -> Signal:
     """Reliability-weighted OPD advantages on the reliable prefix; updates ``budget``."""
     mask_BT = exp.batch.completion_mask_BT
-    overlap_BT = topk_overlap_BT(exp.extra["student_topk_ids_BTK"], scores.topk_ids_BTK)
+    overlap_BT = tied_topk_overlap_BT(exp.extra["student_topk_ids_BTK"], floored_logp_V(scores.logits_BTV))
     drift_BT, w_BT = drift_reliability_BT(overlap_BT, mask_BT, delta=delta, eta=eta)
     keep_BT = reliable_mask_BT(w_BT, mask_BT, w_min=w_min)
     log_ratio_BT = floored_log_ratio_BT(exp.sampler_logp_BT, scores.token_logp_BT, mask_BT)
@@ -111,9 +124,23 @@ def prune_signal(
     }
 
 
+def prune_degenerate(facts: RunFacts, *, k: int, delta: float, eta: float) -> Degenerate | None:
+    """No drift event can happen (or none did in the first step): every token is supervised
+    with reliability 1 and the budget stays at the cap, as ``opd``."""
+    if eta == 1.0:
+        return Degenerate("prune_eta", "opd", "prune_eta=1: a drift event never lowers the reliability")
+    if delta == 0.0:
+        return Degenerate("prune_delta", "opd", "prune_delta=0: an overlap is never below it, so nothing drifts")
+    if facts.vocab_size is not None and k >= facts.vocab_size:
+        return Degenerate("prune_k", "opd", f"prune_k={k} >= the vocabulary size {facts.vocab_size}: the top-k sets always agree")
+    if facts.metric("signal/drift_rate") == 0.0:
+        return Degenerate("prune_k", "opd", f"no drift event in the first step (top-{k} overlaps never fell below prune_delta={delta:g})")
+    return None
+
+
 @method_info(paper="Yang et al., 2605.07804", fixes="horizon decay", source="reconstruction", recipe={})
 def build(
-    prune_k: Annotated[int, knob("top-K size of the compatibility overlap", ge=1)] = 8,
+    prune_k: Annotated[int, knob("top-K size of the compatibility overlap (ties at the K-th count as a set)", ge=1)] = 1,
     prune_delta: Annotated[float, knob("overlap below this is a drift event", ge=0, le=1)] = 0.5,
     prune_eta: Annotated[float, knob("reliability decay per drift event", gt=0, le=1)] = 0.9,
     prune_w_min: Annotated[float, knob("stop supervising once reliability falls below this", ge=0, le=1)] = 0.3,
@@ -141,7 +168,8 @@ def build(
         rollout,
         signal,
         lambda view, sig: opd_token_loss(view, sig, opd_loss=opd_loss, clip_eps=clip_eps),
-        teacher_request=TeacherRequest(topk=prune_k, full=False),
-        needs=("teacher",),
+        teacher_request=TeacherRequest(topk=prune_k, full=True),
+        needs=("teacher", "full_teacher"),
         state=budget,
+        degenerate=partial(prune_degenerate, k=prune_k, delta=prune_delta, eta=prune_eta),
     )

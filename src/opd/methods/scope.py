@@ -8,13 +8,16 @@ Per prompt, N rollouts split by the verifier into correct Ω_c and wrong Ω_w;
 
 Source: paper (Zheng et al., 2604.10688, full text; METHODS §8).
 
-How the weights meet the loop's token mean (a choice; the paper normalizes within each
-branch): the weights of each branch of each group are scaled to *mean 1 over the branch's
-rows*, ``w̃_i = |Ω|·w_i/Σ_{j∈Ω} w_j``, and every token of row i is multiplied by ``w̃_i``;
-the loop then divides the step's sum by the number of completion tokens. Uniform weights
-(τ → ∞, or equal perplexities) give exactly the plain token-mean MLE/OPD losses; a group
-with an empty branch contributes only the other; the two branches are not rebalanced
-against each other (each row counts by its tokens, as in plain OPD).
+How the weights meet the loop's token mean: the weights are normalized within each branch
+of each group to *sum to 1* (METHODS §8, "normalized within Ω_c / Ω_w"), then scaled by the
+group's row count ``G``, ``w̃_i = G·w_i/Σ_{j∈Ω} w_j`` (the scale, the same for every group,
+only fixes the loss's magnitude); every token of row i is multiplied by ``w̃_i`` and the loop
+divides the step's sum by the number of completion tokens. So the two branches of a group
+weigh the same whatever their sizes: with 1 correct and 7 wrong rollouts and uniform
+weights, the correct row weighs 8 and each wrong row 8/7, not 1 each (which would give the
+wrong branch 7× the weight). A group whose rows all fall in one branch, with uniform weights
+(τ → ∞, or equal perplexities), is exactly the plain token-mean MLE/OPD loss; a group with
+an empty branch contributes only the other.
 
 ``PPL_S`` uses the sampler's log-probs (π_old, temperature 1 as recorded by the sampler),
 ``PPL_T`` the teacher's log-probs of the sampled tokens. Both losses are the
@@ -33,7 +36,8 @@ from opd.losses import importance_sampling_loss, perplexity
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
 from opd.methods.knobs import knob
 from opd.rollouts.student import student_rollout
-from opd.signals.scope import LOGP_FLOOR, scope_advantages, scope_weights
+from opd.signals.scope import scope_advantages, scope_weights
+from opd.signals.teacher_logp import floor_logp
 
 
 def scope_signal(exp: Experience, scores, *, tau: float) -> Signal:
@@ -50,7 +54,7 @@ def scope_signal(exp: Experience, scores, *, tau: float) -> Signal:
         "signal/correct_frac": correct_B.float(),
         "signal/row_weight": weight_B[:, None].float().expand_as(mask_BT),  # token mean: 1 if uniform
         "signal/ppl_student": perplexity(exp.sampler_logp_BT.double(), mask_BT),
-        "signal/ppl_teacher": perplexity(teacher_BT.double().clamp_min(LOGP_FLOOR), mask_BT),
+        "signal/ppl_teacher": perplexity(floor_logp(teacher_BT.double()), mask_BT),
     }
 
 

@@ -14,8 +14,12 @@ context x, teacher context x, full vocabulary, at ``loss_temperature`` τ:
 
 K small: the teacher writes most tokens (off-policy, close to supervised KD); K >= the
 vocabulary: nothing is rejected and this is on-policy full-vocabulary KD on the student's
-own samples (same random stream as plain sampling). The source's K = 25 is meant for LLM
-vocabularies; the testbed's has 24 words, so there K = 25 accepts everything: use K = 1..3.
+own samples (same random stream as plain sampling), i.e. ``gkd`` with ``lmbda=1``; the run
+reports it (K >= V, or a first step in which the teacher wrote no token). The source's
+K = 25 is meant for LLM vocabularies; the testbed's has 24 words, and its noise-free oracle
+ties every word but the intended one, so with ties counted every K >= 2 accepts every live
+word there. The default is K = 1 (accept the teacher's most likely token only, ties
+included); set ``skd_topk=25`` for an LLM vocabulary.
 
 ``exp.on_policy`` is True only when the teacher wrote no token in the step (then every
 token is the student's own sample); any teacher token makes the step off-policy, which
@@ -33,13 +37,16 @@ samples; the teacher re-scores the final sequences for the loss (one extra pass)
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Literal
 
 from opd.losses import divergence
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
+from opd.methods.degeneracy import Degenerate, RunFacts
 from opd.methods.knobs import Beta, LossTemperature, knob
 from opd.rollouts.speculative import speculative_sample
 from opd.rollouts.student import group_rows, verify_rows, truncated_rows
+from opd.signals.teacher_logp import floored_logp_V
 
 
 def skd_rollout(env, problems, generator, *, block: int, topk: int, temperature: float, top_p: float) -> Experience:
@@ -75,14 +82,24 @@ def skd_signal(exp: Experience, scores) -> Signal:
 
 
 def skd_divergence_loss(view: StudentView, signal: Signal, *, kind: str, beta: float, loss_temperature: float):
-    d_BT = divergence(view.logits_BTV, signal["teacher_logits_BTV"], kind, beta=beta, temperature=loss_temperature)
+    d_BT = divergence(view.logits_BTV, floored_logp_V(signal["teacher_logits_BTV"]), kind, beta=beta, temperature=loss_temperature)
     return d_BT, {f"loss/{kind}": d_BT}
+
+
+def skd_degenerate(facts: RunFacts, *, topk: int) -> Degenerate | None:
+    """Nothing rejected: on-policy full-vocabulary KD on the student's own samples."""
+    becomes = "on-policy full-vocabulary KD on the student's samples (gkd with lmbda=1)"
+    if facts.vocab_size is not None and topk >= facts.vocab_size:
+        return Degenerate("skd_topk", becomes, f"skd_topk={topk} >= the vocabulary size {facts.vocab_size} accepts every proposal")
+    if facts.metric("rollout/on_policy") == 1.0:
+        return Degenerate("skd_topk", becomes, "the teacher rejected no proposal in the first step")
+    return None
 
 
 @method_info(paper="Xu et al., 2410.11325", fixes="myopic supervision (the teacher replaces rejected student tokens in the rollout)", source="code")
 def build(
     skd_block: Annotated[int, knob("student tokens proposed per block (the paper's gamma)", ge=1)] = 5,
-    skd_topk: Annotated[int, knob("a proposed token is accepted if in the teacher's top-K", ge=1)] = 25,
+    skd_topk: Annotated[int, knob("a proposed token is accepted if in the teacher's top-K, ties included (the source's 25 is for LLM vocabularies)", ge=1)] = 1,
     skd_temperature: Annotated[float, knob("teacher sampling temperature of replacements", ge=0)] = 0.2,
     skd_top_p: Annotated[float, knob("teacher nucleus of replacements", gt=0, le=1)] = 0.5,
     skd_loss: Annotated[Literal["fkl", "rkl", "jsd"], knob("divergence on the resulting sequence (jsd uses beta)")] = "fkl",
@@ -98,4 +115,5 @@ def build(
         lambda view, signal: skd_divergence_loss(view, signal, kind=skd_loss, beta=beta, loss_temperature=loss_temperature),
         teacher_request=TeacherRequest(topk=8, full=True),
         needs=("teacher", "full_teacher"),
+        degenerate=partial(skd_degenerate, topk=skd_topk),
     )

@@ -18,7 +18,10 @@ loop takes the token mean over all kept tokens of the step,
 weighs in proportion to its token count (no per-term renormalization), and the confidence
 weights, mean-normalized over the failed tokens (``Σ ŵ = N_failed``), only redistribute
 the distillation's mass among those tokens. A group whose rollouts are all correct has
-GRPO advantage 0 (no gradient); one whose rollouts all fail is distilled entirely.
+GRPO advantage 0 (no gradient); one whose rollouts all fail is distilled entirely. A step
+with no correct rollout and uniform weights (``srpo_weight="none"``, or a teacher with the
+same entropy everywhere, as the noise-free testbed oracle) is exactly ``opd``: the run
+reports it when the first step is such a step.
 ``V`` is the teacher's vocabulary size (``env.teacher.vocab_size``), stored per row by the
 rollout.
 
@@ -33,12 +36,14 @@ confidence ``w`` on the failed tokens.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Annotated, Literal
 
 import torch
 
 from opd.losses import importance_sampling_loss, ppo_clip_loss
 from opd.methods.base import Experience, Method, RolloutEnv, Signal, StudentView, TeacherRequest, method_info
+from opd.methods.degeneracy import Degenerate, RunFacts
 from opd.methods.knobs import AdvScale, ClipEps, KlCoef, OpdLoss, knob
 from opd.rollouts.student import student_rollout
 from opd.signals.srpo import confidence_BT, mean_normalize_BT, route_BT, srpo_advantages_BT
@@ -89,6 +94,20 @@ def srpo_loss(view: StudentView, signal: Signal, *, opd_loss: str, clip_eps: flo
     return loss_BT, {"loss/grpo": grpo_BT.detach(), "loss/distill": distill_BT.detach(), "pg/ratio": metrics["pg/ratio"]}
 
 
+def srpo_degenerate(facts: RunFacts, *, weight: str) -> Degenerate | None:
+    """Exactly ``opd`` when the first step had no correct rollout (no GRPO term) and the
+    distillation weights were uniform (``srpo_weight="none"``, or a teacher whose entropy is
+    the same at every token, as the noise-free testbed oracle's)."""
+    if facts.metric("signal/correct_frac") != 0.0:
+        return None
+    H_N = facts.teacher_entropy_N
+    uniform = weight == "none" or (H_N is not None and H_N.numel() > 0 and float(H_N.max() - H_N.min()) <= 1e-6)
+    if not uniform:
+        return None
+    why = "no rollout of the first step was correct (no GRPO term) and the distillation weights were uniform"
+    return Degenerate("group_size", "opd", why)
+
+
 @method_info(paper="Li et al., 2604.02288", fixes="beyond the teacher (RLVR + distillation)", source="reconstruction")
 def build(
     srpo_weight: Annotated[Literal["confidence", "none"], knob("per-token weight of the distillation on failed rollouts")] = "confidence",
@@ -105,4 +124,5 @@ def build(
         teacher_request=TeacherRequest(topk=8, full=False),
         needs=("teacher", "verifier"),
         min_group_size=2,
+        degenerate=partial(srpo_degenerate, weight=srpo_weight),
     )

@@ -46,11 +46,13 @@ import torch
 from opd.batch import make_batch
 from opd.losses import discounted_returns, divergence
 from opd.methods.base import Experience, Method, RolloutEnv, Signal, StudentView, TeacherRequest, method_info
+from opd.methods.degeneracy import Degenerate
 from opd.methods.knobs import ClipEps, Gamma, KlCoef, OpdLoss, knob
 from opd.methods.contexts import reference_scores
 from opd.methods.opd import opd_token_loss
 from opd.rollouts.student import solution_rollout, student_rollout
 from opd.signals.monitors import rollout_monitors
+from opd.signals.opd import floored_log_ratio_BT
 from opd.signals.stable_opd import combined_loss_BT, term_weights_BT
 
 
@@ -91,7 +93,7 @@ def stable_signal(exp: Experience, scores, *, gamma: float, kl_coef: float, rep_
     gold_B = exp.extra["gold_B"]
     roll_w_BT, gold_w_BT = term_weights_BT(mask_BT, gold_B)
     roll_BT = roll_w_BT > 0
-    log_ratio_BT = torch.where(roll_BT, exp.sampler_logp_BT - scores.token_logp_BT, 0.0)
+    log_ratio_BT = floored_log_ratio_BT(exp.sampler_logp_BT, scores.token_logp_BT, roll_BT)
     adv_BT = discounted_returns(-kl_coef * log_ratio_BT, roll_BT, gamma)
     roll_rows = torch.nonzero(~gold_B).squeeze(-1)
     monitors = rollout_monitors(
@@ -147,4 +149,8 @@ def build(
         ),
         teacher_request=TeacherRequest(topk=8, full=False),
         needs=("teacher", "reference", "solutions"),
+        degenerate=lambda facts: (
+            Degenerate("gold_coef", "opd", "gold_coef=0 and ref_kl_coef=0 leave only the OPD term")
+            if gold_coef == 0.0 and ref_kl_coef == 0.0 else None
+        ),
     )

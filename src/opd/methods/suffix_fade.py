@@ -39,6 +39,7 @@ import torch
 
 from opd.losses import discounted_returns
 from opd.methods.base import Experience, Method, RolloutEnv, Signal, TeacherRequest, method_info
+from opd.methods.degeneracy import Degenerate, RunFacts
 from opd.methods.knobs import ClipEps, Gamma, KlCoef, OpdLoss, knob
 from opd.methods.opd import opd_token_loss
 from opd.methods.prune_opd import with_student_topk
@@ -87,6 +88,12 @@ def fade_signal(exp: Experience, scores, *, margin: str, penalty: float, gamma: 
     }
 
 
+def fade_degenerate(facts: RunFacts) -> Degenerate | None:
+    if facts.metric("signal/change_rate") == 0.0:
+        return Degenerate("fade_penalty", "opd", "no rollout of the first step had a change point, so the mask kept every token")
+    return None
+
+
 @method_info(paper="Liu et al., 2605.13643", fixes="horizon decay", source="reconstruction", recipe={})
 def build(
     fade_k: Annotated[int, knob("student top-K candidates of the teacher margin", ge=1)] = 8,
@@ -113,4 +120,5 @@ def build(
         lambda view, sig: opd_token_loss(view, sig, opd_loss=opd_loss, clip_eps=clip_eps),
         teacher_request=TeacherRequest(topk=fade_k, full=True),
         needs=("teacher", "full_teacher", "boundaries"),
+        degenerate=fade_degenerate,
     )

@@ -29,9 +29,11 @@ import torch
 
 from opd.losses import divergence, entropy, masked_token_mean
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
+from opd.methods.degeneracy import Degenerate, RunFacts
 from opd.methods.knobs import knob
 from opd.models.hf import completion_logits
 from opd.rollouts.student import student_rollout
+from opd.signals.teacher_logp import floored_logp_V
 from opd.signals.tip import keep_top_fraction, tip_score
 
 
@@ -55,7 +57,7 @@ def tip_signal(exp: Experience, scores, *, rho: float) -> Signal:
     student_BTV, teacher_BTV = exp.extra["student_logits_BTV"], scores.logits_BTV
     completion_BT = exp.batch.completion_mask_BT
     h_BT = entropy(student_BTV)
-    d_BT = divergence(student_BTV, teacher_BTV.to(student_BTV.device), "rkl")
+    d_BT = divergence(student_BTV, floored_logp_V(teacher_BTV.to(student_BTV.device)), "rkl")
     score_BT = tip_score(h_BT, d_BT, completion_BT)
     keep_BT = keep_top_fraction(score_BT, completion_BT, rho)
     return {
@@ -70,8 +72,14 @@ def tip_signal(exp: Experience, scores, *, rho: float) -> Signal:
 
 
 def tip_loss(view: StudentView, signal: Signal):
-    rkl_BT = divergence(view.logits_BTV, signal["teacher_logits_BTV"], "rkl")
+    rkl_BT = divergence(view.logits_BTV, floored_logp_V(signal["teacher_logits_BTV"]), "rkl")
     return rkl_BT, {"loss/rkl": rkl_BT}
+
+
+def tip_degenerate(facts: RunFacts, *, rho: float) -> Degenerate | None:
+    if rho >= 1.0:
+        return Degenerate("tip_rho", "the full-vocabulary reverse KL on every token (gkd with lmbda=1, beta=1)", "tip_rho=1 keeps every token")
+    return None
 
 
 @method_info(paper="Xu et al., 2604.14084", fixes="local noise", source="third-party")
@@ -83,4 +91,5 @@ def build(tip_rho: Annotated[float, knob("fraction of tokens kept", gt=0, le=1)]
         tip_loss,
         teacher_request=TeacherRequest(topk=8, full=True),
         needs=("teacher", "full_teacher"),
+        degenerate=partial(tip_degenerate, rho=tip_rho),
     )

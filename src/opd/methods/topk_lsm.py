@@ -1,6 +1,6 @@
 """Top-K local support matching: reverse KL on the teacher's top-K, both sides renormalized.
 
-    S_t    = TopK_T(c_t)  (∪ {y_t} with ``lsm_add_sampled``)
+    S_t    = TopK_T(c_t), ties included  (∪ {y_t} with ``lsm_add_sampled``)
     π̂(v)   = π(v) / Σ_{u∈S_t} π(u)        for v ∈ S_t, both student and teacher
     L      = (1/N) Σ_{i,t} m_t Σ_{v∈S_t} π̂_θ(v) (log π̂_θ(v) − log π̂_T(v))     (coefficient 1)
 
@@ -9,15 +9,25 @@ pad, bos, unk, template tokens; EOS is trained), so ``N`` counts the remaining t
 The loss is differentiated directly (an exact divergence on S, not a policy gradient).
 Source: code (hhh675597/revisiting_opd, Fu et al. 2603.25562; METHODS §6).
 
-Knobs: ``lsm_k`` (K = 32; the teacher clamps it to the vocabulary size, so on the 24-token
-testbed S is the whole vocabulary and the loss is the full reverse KL); ``lsm_add_sampled``
-(add ``y_t`` as a K+1-th element with the teacher's ``log π_T(y_t)``; nothing is added
-where ``y_t`` is already in the top K). Recipe: top-p 0.9 rollouts (top-K alone was worse
-than the baseline in the paper).
+Ties are ties: ``TopK_T`` is every id at least as likely as the teacher's K-th
+(:func:`opd.signals.teacher_logp.tied_topk_mask`), so the support never depends on the
+order in which ``topk`` breaks ties. That needs the teacher's log-prob of every id: the
+method asks for the teacher's full logits (``needs`` "full_teacher"). Breaking ties by
+order instead gave the noise-free testbed oracle (every word but the intended one tied) a
+support of the intended word and whichever 7 tied words came first, the same ones at every
+position; the reverse KL on it pushed those words down and left the 13 others free, and a
+30-step run from a 0.645 student collapsed to 0.115 greedy accuracy. With ties counted, on
+that oracle every K >= 2 makes S the 21 live words (the reverse KL over them: the full
+vocabulary's but for the 3 dead ids), while a noisy oracle (``oracle_noise > 0``) or a
+model teacher gives a real top-K.
 
-The teacher may be sparse: only its top-K ids/log-probs and the sampled token's log-prob
-are read; the student's logits are gathered on those ids. Logged: ``signal/retained_mass``
-``Σ_{v∈S_t} π_T(v)`` (METHODS rule 5) and ``signal/special_frac``.
+Knobs: ``lsm_k`` (K = 8; the paper's K = 32 is for LLM vocabularies: K >= the vocabulary
+size makes S the whole vocabulary and the loss the full-vocabulary reverse KL, which the
+run reports as degenerate, as on the 24-token testbed); ``lsm_add_sampled`` (add ``y_t``
+to S). Recipe: top-p 0.9 rollouts (top-K alone was worse than the baseline in the paper).
+
+Logged: ``signal/retained_mass`` ``Σ_{v∈S_t} π_T(v)`` (METHODS rule 5),
+``signal/support_size`` ``|S_t|`` and ``signal/special_frac``.
 Deviations: the paper's code masks the *first occurrence* of template tokens ("<",
 "think", "<|im_end|>"); here every position whose token is a special id is masked.
 """
@@ -32,8 +42,10 @@ import torch
 
 from opd.losses import divergence
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
+from opd.methods.degeneracy import Degenerate, RunFacts
 from opd.methods.knobs import knob
 from opd.rollouts.student import student_rollout
+from opd.signals.teacher_logp import floored_logp_V
 from opd.signals.topk_lsm import retained_mass, special_token_mask, teacher_support
 
 
@@ -44,52 +56,69 @@ def lsm_rollout(env, problems, generator) -> Experience:
     return exp
 
 
-def lsm_signal(exp: Experience, scores, *, add_sampled: bool) -> Signal:
-    sampled = (exp.batch.completion_ids_BT, scores.token_logp_BT) if add_sampled else (None, None)
-    ids_BTS, logp_BTS, keep_BTS = teacher_support(scores.topk_ids_BTK, scores.topk_logp_BTK, *sampled)
+def lsm_signal(exp: Experience, scores, *, k: int, add_sampled: bool) -> Signal:
+    teacher_BTV = floored_logp_V(scores.logits_BTV)
+    support_BTV = teacher_support(teacher_BTV, k, exp.batch.completion_ids_BT.to(teacher_BTV.device) if add_sampled else None)
     completion_BT = exp.batch.completion_mask_BT
     special_BT = exp.extra["special_BT"] & completion_BT
     return {
         "mask_BT": completion_BT & ~special_BT,
-        "support_ids_BTS": ids_BTS,
-        "teacher_logp_BTS": logp_BTS,
-        "keep_BTS": keep_BTS,
-        "signal/retained_mass": retained_mass(logp_BTS, keep_BTS),
+        "teacher_logp_BTV": teacher_BTV,
+        "support_BTV": support_BTV,
+        "signal/retained_mass": retained_mass(teacher_BTV, support_BTV),
+        "signal/support_size": support_BTV.sum(-1).float(),
         "signal/special_frac": special_BT.sum() / completion_BT.sum().clamp(min=1),
     }
 
 
-def support_rkl(
-    student_logits_BTV: torch.Tensor, ids_BTS: torch.Tensor, teacher_logp_BTS: torch.Tensor, keep_BTS: torch.Tensor
+def support_divergence(
+    student_logits_BTV: torch.Tensor, teacher_logp_BTV: torch.Tensor, support_BTV: torch.Tensor, kind: str = "rkl"
 ) -> torch.Tensor:
-    """``Σ_{v∈S} π̂_θ(v)(log π̂_θ(v) − log π̂_T(v))`` -> ``[B, T]``, both renormalized on S.
+    """The divergence ``kind`` on S, both sides renormalized on it -> ``[B, T]``; rkl:
+    ``Σ_{v∈S} π̂_θ(v)(log π̂_θ(v) − log π̂_T(v))``.
 
-    S is the kept entries of ``ids_BTS``. The student's logits gathered on S and the
-    teacher's log-probs there are full-support inputs to ``divergence`` over the S axis, whose
-    softmax renormalizes both sides on S; dropped entries are ``-inf`` on both sides (no
-    mass, no gradient). Equal to ``sparse_divergence(..., "rkl", renormalize="both")``
-    when every entry is kept.
+    S is ``support_BTV``; outside it both sides are ``-inf`` (no mass, no gradient), and the
+    softmax inside ``divergence`` renormalizes both sides on S. With S the teacher's top-K
+    (no ties) it equals ``sparse_divergence(..., kind, renormalize="both")``. Also EOPD's
+    forward KL on the teacher's top-K.
     """
-    s_BTS = student_logits_BTV.gather(-1, ids_BTS).masked_fill(~keep_BTS, float("-inf"))
-    t_BTS = teacher_logp_BTS.masked_fill(~keep_BTS, float("-inf"))
-    return divergence(s_BTS, t_BTS, "rkl")
+    s_BTV = student_logits_BTV.masked_fill(~support_BTV, float("-inf"))
+    t_BTV = teacher_logp_BTV.masked_fill(~support_BTV, float("-inf"))
+    return divergence(s_BTV, t_BTV, kind)
 
 
 def lsm_loss(view: StudentView, signal: Signal):
-    rkl_BT = support_rkl(view.logits_BTV, signal["support_ids_BTS"], signal["teacher_logp_BTS"], signal["keep_BTS"])
+    rkl_BT = support_divergence(view.logits_BTV, signal["teacher_logp_BTV"], signal["support_BTV"], "rkl")
     return rkl_BT, {"loss/rkl_topk": rkl_BT}
+
+
+def lsm_degenerate(facts: RunFacts, *, k: int, add_sampled: bool) -> Degenerate | None:
+    """The whole vocabulary as support (full-vocabulary reverse KL: K >= V, or ties that
+    filled it at every token of the first step), or a one-token support (the renormalized KL
+    is 0: no loss at all)."""
+    becomes = "the full-vocabulary reverse KL (gkd with lmbda=1, beta=1)"
+    if facts.vocab_size is not None and k >= facts.vocab_size:
+        return Degenerate("lsm_k", becomes, f"lsm_k={k} >= the vocabulary size {facts.vocab_size}, so the support is every token")
+    if k == 1 and not add_sampled:
+        why = "the support is the teacher's most likely token alone (unless tied), on which the renormalized KL is 0"
+        return Degenerate("lsm_k", "a zero loss", why)
+    size = facts.metric("signal/support_size")
+    if size is not None and facts.vocab_size is not None and size >= facts.vocab_size:
+        return Degenerate("lsm_k", becomes, "the teacher's ties filled the whole vocabulary at every token of the first step")
+    return None
 
 
 @method_info(paper="Fu et al., 2603.25562", fixes="local noise", source="code", recipe={"top_p": 0.9})
 def build(
-    lsm_k: Annotated[int, knob("teacher top-K support size", ge=1)] = 32,
+    lsm_k: Annotated[int, knob("teacher top-K support size (the paper's 32 is for LLM vocabularies)", ge=1)] = 8,
     lsm_add_sampled: Annotated[bool, knob("add the sampled token to the support")] = False,
 ) -> Method:
     return Method(
         "topk_lsm",
         lsm_rollout,
-        partial(lsm_signal, add_sampled=lsm_add_sampled),
+        partial(lsm_signal, k=lsm_k, add_sampled=lsm_add_sampled),
         lsm_loss,
-        teacher_request=TeacherRequest(topk=lsm_k, full=False),
-        needs=("teacher",),
+        teacher_request=TeacherRequest(topk=lsm_k, full=True),
+        needs=("teacher", "full_teacher"),
+        degenerate=partial(lsm_degenerate, k=lsm_k, add_sampled=lsm_add_sampled),
     )

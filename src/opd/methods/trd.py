@@ -36,13 +36,16 @@ non-intended words tied) any K >= 2 keeps every live word of the draft.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Literal
 
 from opd.losses import divergence
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info, plain_context
+from opd.methods.degeneracy import Degenerate, RunFacts
 from opd.methods.knobs import LossTemperature, knob
 from opd.methods.contexts import with_prompts
 from opd.rollouts.refine import drafts_of, refine_prompts, refine_rollout
+from opd.signals.teacher_logp import floored_logp_V
 
 
 def refine_context(env, exp: Experience):
@@ -63,8 +66,20 @@ def trd_signal(exp: Experience, scores) -> Signal:
 
 
 def trd_divergence_loss(view: StudentView, signal: Signal, *, kind: str, loss_temperature: float):
-    d_BT = divergence(view.logits_BTV, signal["teacher_logits_BTV"], kind, temperature=loss_temperature)
+    d_BT = divergence(view.logits_BTV, floored_logp_V(signal["teacher_logits_BTV"]), kind, temperature=loss_temperature)
     return d_BT, {f"loss/{kind}": d_BT}
+
+
+def trd_degenerate(facts: RunFacts, *, refine: str, topk: int) -> Degenerate | None:
+    """Prefix mode keeping every draft token: distillation along the student's own rollout."""
+    if refine != "prefix":
+        return None
+    becomes = "full-vocabulary KD along the student's own rollouts (gkd with lmbda=1)"
+    if facts.vocab_size is not None and topk >= facts.vocab_size:
+        return Degenerate("trd_topk", becomes, f"trd_topk={topk} >= the vocabulary size {facts.vocab_size} keeps every draft token")
+    if facts.metric("rollout/refine_kept") == 1.0:
+        return Degenerate("trd_topk", becomes, "the teacher kept every draft token in the first step")
+    return None
 
 
 @method_info(paper="Jiang et al., 2606.08432", fixes="myopic supervision (the teacher rewrites the whole rollout)", source="code")
@@ -86,4 +101,5 @@ def build(
         teacher_request=TeacherRequest(topk=8, full=True),
         needs=("teacher", "full_teacher", "teacher_generate"),
         context=refine_context if trd_context == "refine" else plain_context,
+        degenerate=partial(trd_degenerate, refine=trd_refine, topk=trd_topk),
     )

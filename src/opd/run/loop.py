@@ -21,6 +21,7 @@ from opd.run.step_diagnostics import (
 )
 from opd.losses import masked_token_mean
 from opd.methods.base import Experience, Method, Signal, StudentView
+from opd.methods.degeneracy import first_step_record
 from opd.models.hf import completion_hidden, completion_logits
 
 
@@ -239,6 +240,8 @@ def train_step(env, method: Method, problems: list, generator: torch.Generator, 
     if scores is not None:
         ids_BT = exp.batch.completion_ids_BT if diag_scores is not None else None
         metrics.update(teacher_metrics(scores, exp.batch.completion_mask_BT, ids_BT))
+    if env.step == 0:  # degeneracy the first step shows: degenerate/<knob> (opd.methods.degeneracy)
+        metrics.update(first_step_record(method, env, exp, scores, metrics))
     metrics.update({"time/rollout_s": t1 - t0, "time/update_s": time.perf_counter() - t1})
     usage = {"sequences": exp.batch.input_ids_BL.shape[0], "teacher_tokens": teacher_tokens}
     return metrics, usage

@@ -17,6 +17,7 @@ import torch
 
 from opd.methods import build_method
 from opd.methods.base import Method, RolloutEnv
+from opd.methods.degeneracy import warn_at_setup
 from opd.models.hf import HFTeacher, check_same_vocab, load_model, load_tokenizer
 from opd.run.sources import lookup, task_source
 from opd.tasks.base import Problem
@@ -278,4 +279,5 @@ def build_setup(cfg: TrainConfig, student=None) -> Setup:
         special_ids=special_ids(tokenizer), vocab_size=len(tokenizer),
         boundary_ids=boundary_ids(tokenizer) if "boundaries" in method.needs else (),
     )
+    warn_at_setup(method, env)  # a method that reduces to another one here says so (opd.methods.degeneracy)
     return Setup(env, method, tokenizer, train_pool, eval_problems, counts)

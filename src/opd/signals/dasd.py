@@ -19,7 +19,9 @@ the teacher likes ``y_t`` more than the student, i.e. attracts toward the teache
 ``Â`` moves toward the teacher; ``ω_t < 0`` at high-entropy forks: away from it. The
 sigmoid gates by how large the normalized disagreement is. ``σ_H`` and ``mean|d|`` are
 floored at ``eps`` (a constant row gives ``ω = 0`` / ``d̄ = 0``); ``d_t`` is clamped to
-``±log_ratio_limit`` (an overflow guard, METHODS rule 6) and an undefined ``inf − inf`` is 0.
+``±log_ratio_limit`` (an overflow guard, METHODS rule 6) after the teacher's log-prob is
+floored (:mod:`opd.signals.teacher_logp`: NaN or ``−inf`` is a zero probability), and an
+undefined student ``inf − inf`` is 0.
 Everything returned is detached and 0 where masked.
 """
 
@@ -29,6 +31,7 @@ import torch
 
 from opd.losses import clamp_log_ratio
 from opd.losses.reduce import upcast
+from opd.signals.teacher_logp import floor_logp
 
 EPS = 1e-6
 LOG_RATIO_LIMIT = 20.0
@@ -39,7 +42,7 @@ def teacher_log_ratio(
     teacher_logp_BT: torch.Tensor, student_logp_BT: torch.Tensor, mask_BT: torch.Tensor, limit: float = LOG_RATIO_LIMIT
 ) -> torch.Tensor:
     """``d_t = clamp(log π_T − log π_θ, ±limit)``, 0 where masked or undefined -> ``[B, T]``."""
-    d_BT = upcast(teacher_logp_BT) - upcast(student_logp_BT)
+    d_BT = floor_logp(upcast(teacher_logp_BT)) - upcast(student_logp_BT)
     d_BT = clamp_log_ratio(torch.where(torch.isnan(d_BT), 0.0, d_BT), limit)
     return torch.where(mask_BT.bool(), d_BT, 0.0)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from opd.signals.opd import TEACHER_LOGP_FLOOR
+from opd.signals.teacher_logp import floor_logp
 
 
 @torch.no_grad()
@@ -31,8 +31,8 @@ def gopd_advantages_BT(
     """``A_t`` (module doc) on kept tokens, 0 elsewhere (masked garbage, even ``-inf``,
     does not leak); detached."""
     mask_BT = mask_BT.bool()
-    teacher_logp_BT = teacher_logp_BT.clamp(min=TEACHER_LOGP_FLOOR)  # a -inf token stays finite
-    ref_logp_BT = ref_logp_BT.clamp(min=TEACHER_LOGP_FLOOR)
+    teacher_logp_BT = floor_logp(teacher_logp_BT)  # a -inf (or NaN) token stays finite
+    ref_logp_BT = floor_logp(ref_logp_BT)
     opd_BT = torch.where(mask_BT, teacher_logp_BT - sampler_logp_BT, 0.0)
     gap_BT = torch.where(mask_BT, teacher_logp_BT - ref_logp_BT, 0.0)
     return opd_BT + (lam - 1.0) * gap_BT

@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from opd.losses import discounted_returns
+from opd.signals.teacher_logp import floor_logp
 
 WHITEN_EPS = 1e-8
 FUTURE = ("from_t", "after_t")
@@ -52,12 +53,13 @@ def minillm_rewards(
 ) -> torch.Tensor:
     """``r_t = clip((log π_T − log π_θ)/reward_scale, ±reward_clip)``, 0 where masked -> ``[B, T]``.
 
-    ``reward_clip <= 0`` is no clip. A ``-inf`` teacher log-prob gives ``−reward_clip``
-    (``−inf`` unclipped); an undefined ``inf − inf`` gives 0.
+    ``reward_clip <= 0`` is no clip. The teacher's log-prob is floored first
+    (:mod:`opd.signals.teacher_logp`: a NaN or ``-inf`` one is a zero probability, −100
+    nats), so the reward stays finite; an undefined student ``inf − inf`` gives 0.
     """
     if reward_scale <= 0:
         raise ValueError(f"reward_scale must be > 0, got {reward_scale}")
-    t, s = teacher_logp_BT.double(), student_logp_BT.double()
+    t, s = floor_logp(teacher_logp_BT.double()), student_logp_BT.double()
     r_BT = (t - s) / reward_scale
     r_BT = torch.where(torch.isnan(r_BT), 0.0, r_BT)
     if reward_clip > 0:

@@ -6,17 +6,21 @@ wrong ``Ω_w``. With ``PPL(y) = exp(−mean_t log π(y_t))``:
     correct i ∈ Ω_c:  w_i ∝ PPL_S(y_i)^{1/τ}   = exp(−mean_t log π_S(y_t) / τ)
     wrong   i ∈ Ω_w:  w_i ∝ PPL_T(y_i)^{−1/τ}  = exp(+mean_t log π_T(y_t) / τ)
 
-normalized within the branch of the group, here to *mean 1 over the branch's rows*:
-``w̃_i = |Ω| · w_i / Σ_{j∈Ω} w_j`` (a softmax of the log-weights times the branch size), so
-uniform weights give ``w̃ = 1`` and the loop's token mean is then plain OPD/MLE. An empty
-branch contributes nothing; a row without tokens is in no branch. The per-token advantage
+normalized within the branch of the group, as METHODS §8 reads it: the weights of a branch
+*sum to 1* (a softmax of the log-weights over the branch's rows), then every weight of the
+group is scaled by the group's row count ``G`` to meet the loop's token mean:
+``w̃_i = G · w_i / Σ_{j∈Ω} w_j``. So the two branches of a group carry the same total
+weight ``G`` whatever their sizes (1 correct and 7 wrong rollouts with uniform weights: the
+correct row weighs 8, each wrong row 8/7), and a group whose rows all fall in one branch,
+with uniform weights, is exactly plain token-mean MLE/OPD (``w̃ = 1``). An empty branch
+contributes nothing; a row without tokens is in no branch. The per-token advantage
 fed to the importance-sampling surrogate ``−ρ_t·A_t`` (``ρ_t = π_θ/π_old``) is
 
     correct: A_t = w̃_i                                   (loss −w̃_i·ρ_t: weighted MLE)
     wrong:   A_t = −w̃_i · sg(log π_θ(y_t) − log π_T(y_t)) (loss w̃_i·ρ_t·sg(δ_t): OPD)
 
-Teacher log-probs are floored at ``LOGP_FLOOR`` nats (only a ``−inf`` from a vocabulary
-mask reaches it), which keeps ``δ`` and ``PPL_T`` finite. Pure torch; detached outputs.
+Teacher log-probs follow :mod:`opd.signals.teacher_logp` (NaN or ``−inf`` is a zero
+probability, floored at ``LOGP_FLOOR`` = −100 nats), which keeps ``δ`` and ``PPL_T`` finite. Pure torch; detached outputs.
 """
 
 from __future__ import annotations
@@ -24,18 +28,16 @@ from __future__ import annotations
 import torch
 
 from opd.losses import sequence_mean_logp
-
-LOGP_FLOOR = -100.0
+from opd.signals.teacher_logp import TEACHER_LOGP_FLOOR as LOGP_FLOOR, floor_logp  # noqa: F401  (re-exported)
 _BIG = 1e300
 
 
 @torch.no_grad()
 def group_softmax_weights(logw_B: torch.Tensor, member_B: torch.Tensor, group_B: torch.Tensor) -> torch.Tensor:
-    """``w̃_i = n_g · exp(x_i) / Σ_{j∈g, member} exp(x_j)`` for members, 0 otherwise -> ``[B]`` float64.
+    """``w_i = exp(x_i) / Σ_{j∈g, member} exp(x_j)`` for members, 0 otherwise -> ``[B]`` float64.
 
-    ``n_g`` is the number of members of row i's group (``group_B``: any integer labels), so
-    the members of each group average to 1. Non-finite log-weights count as ``±1e300``
-    (NaN as ``−1e300``): finite in, finite out.
+    The members of each group (``group_B``: any integer labels) sum to 1. Non-finite
+    log-weights count as ``±1e300`` (NaN as ``−1e300``): finite in, finite out.
     """
     member_B = member_B.bool()
     gid_B = torch.unique(group_B, return_inverse=True)[1]
@@ -46,8 +48,13 @@ def group_softmax_weights(logw_B: torch.Tensor, member_B: torch.Tensor, group_B:
     max_G = max_G.scatter_reduce(0, gid_B, x_B, "amax", include_self=True)
     e_B = torch.where(member_B, torch.exp(x_B - max_G[gid_B]), 0.0)
     sum_G = torch.zeros_like(max_G).index_add(0, gid_B, e_B)
-    n_G = torch.zeros_like(max_G).index_add(0, gid_B, member_B.double())
-    return torch.where(member_B, e_B / sum_G[gid_B].clamp_min(1e-300) * n_G[gid_B], 0.0)
+    return torch.where(member_B, e_B / sum_G[gid_B].clamp_min(1e-300), 0.0)
+
+
+def group_rows_B(group_B: torch.Tensor) -> torch.Tensor:
+    """The number of rows of each row's group -> ``[B]`` float64."""
+    gid_B = torch.unique(group_B, return_inverse=True)[1]
+    return torch.bincount(gid_B).double()[gid_B]
 
 
 @torch.no_grad()
@@ -70,15 +77,16 @@ def scope_weights(
     group_B: torch.Tensor,
     tau: float,
 ) -> torch.Tensor:
-    """Per-row weights ``w̃_i`` (module doc), each branch of each group averaging 1 -> ``[B]`` float64."""
+    """Per-row weights ``w̃_i`` (module doc): each branch of each group sums to the group's
+    row count ``G`` -> ``[B]`` float64."""
     s_mean_B = sequence_mean_logp(student_logp_BT.double(), mask_BT)
-    t_mean_B = sequence_mean_logp(teacher_logp_BT.double().clamp_min(LOGP_FLOOR), mask_BT)
+    t_mean_B = sequence_mean_logp(floor_logp(teacher_logp_BT.double()), mask_BT)
     logw_B = scope_log_weights(s_mean_B, t_mean_B, correct_B, tau)
     has_tokens_B = mask_BT.bool().any(-1)
     correct_B = correct_B.bool()
     w_c = group_softmax_weights(logw_B, correct_B & has_tokens_B, group_B)
     w_w = group_softmax_weights(logw_B, ~correct_B & has_tokens_B, group_B)
-    return w_c + w_w
+    return (w_c + w_w) * group_rows_B(group_B).to(w_c.device)
 
 
 @torch.no_grad()
@@ -93,7 +101,7 @@ def scope_advantages(
 
     ``logp_BT`` is the current student's log-prob (detached here: ``sg``) -> ``[B, T]``.
     """
-    delta_BT = logp_BT.detach() - teacher_logp_BT.to(logp_BT.dtype).clamp_min(LOGP_FLOOR)
+    delta_BT = logp_BT.detach() - floor_logp(teacher_logp_BT.to(logp_BT.dtype))
     per_token_BT = torch.where(correct_B.bool()[:, None], torch.ones_like(delta_BT), -delta_BT)
     adv_BT = weight_B.to(delta_BT.dtype)[:, None] * per_token_BT
     return torch.where(mask_BT.bool(), adv_BT, 0.0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from opd.losses import grpo_advantages
+from opd.signals.opd import floored_log_ratio_BT
 
 
 def route_BT(rewards_B: torch.Tensor, mask_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +33,7 @@ def confidence_BT(entropy_BT: torch.Tensor, log_vocab: float | torch.Tensor, mas
     log_v = torch.as_tensor(log_vocab, dtype=entropy_BT.dtype, device=entropy_BT.device)
     if log_v.dim() == 1:
         log_v = log_v[:, None]
-    w_BT = (1.0 - entropy_BT / log_v).clamp(0.0, 1.0)
+    w_BT = (1.0 - entropy_BT / log_v).clamp(0.0, 1.0).nan_to_num(nan=0.0)  # undefined entropy: no confidence
     return torch.where(mask_BT.bool(), w_BT, 0.0)
 
 
@@ -64,9 +65,10 @@ def srpo_advantages_BT(
     """``(grpo_adv_BT, distill_adv_BT)``, each 0 off its own rows' kept tokens:
 
     ``A^GRPO_{i,t} = (R_i − mean_g R)/(std_g R + ε)`` on correct rows;
-    ``A^D_t = −c·(log π_sampler(y_t) − log π_T(y_t))`` on failed rows (per-token OPD)."""
+    ``A^D_t = −c·(log π_sampler(y_t) − log π_T(y_t))`` on failed rows (per-token OPD; the
+    teacher's log-prob under :mod:`opd.signals.teacher_logp`'s floor)."""
     correct_BT, failed_BT = route_BT(rewards_B, mask_BT)
     adv_B = group_advantages_B(rewards_B, group_size, scale=adv_scale).to(sampler_logp_BT.dtype)
     grpo_BT = torch.where(correct_BT, adv_B[:, None].expand_as(correct_BT), 0.0)
-    distill_BT = torch.where(failed_BT, -kl_coef * (sampler_logp_BT - teacher_logp_BT), 0.0)
+    distill_BT = torch.where(failed_BT, -kl_coef * floored_log_ratio_BT(sampler_logp_BT, teacher_logp_BT, failed_BT), 0.0)
     return grpo_BT, distill_BT

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-LOGP_FLOOR = -100.0
+from opd.signals.teacher_logp import TEACHER_LOGP_FLOOR as LOGP_FLOOR, floor_logp  # noqa: F401  (re-exported)
 EPS = 1e-9
 
 
@@ -43,14 +43,14 @@ def candidate_logp_BTK(teacher_logits_BTV: torch.Tensor, ids_BTK: torch.Tensor) 
 def teacher_margin_BT(cand_logp_BTK: torch.Tensor, sampled_logp_BT: torch.Tensor, *, mode: str) -> torch.Tensor:
     """``gap``: best minus second-best teacher log-prob among the candidates; ``sampled``:
     the sampled token's teacher log-prob minus the best candidate's. Finite everywhere."""
-    cand = cand_logp_BTK.nan_to_num(nan=LOGP_FLOOR).clamp(min=LOGP_FLOOR)
+    cand = floor_logp(cand_logp_BTK)
     if mode == "gap":
         if cand.shape[-1] < 2:
             raise ValueError("the 'gap' margin needs at least 2 candidates (fade_k >= 2)")
         top2 = cand.topk(2, dim=-1).values
         return top2[..., 0] - top2[..., 1]
     if mode == "sampled":
-        return sampled_logp_BT.nan_to_num(nan=LOGP_FLOOR).clamp(min=LOGP_FLOOR) - cand.max(-1).values
+        return floor_logp(sampled_logp_BT) - cand.max(-1).values
     raise ValueError(f"unknown margin mode {mode!r}; use 'gap' or 'sampled'")
 
 

@@ -1,9 +1,9 @@
 """Top-K local support matching (Fu et al., 2603.25562; METHODS §6): the support and masks.
 
-The support ``S_t`` is the teacher's top-K ids, optionally with the sampled token ``y_t``
-as a ``K+1``-th element. Supports are carried as ``(ids_BTS, teacher_logp_BTS, keep_BTS)``:
-``keep`` is False on an entry that is not part of ``S_t`` (the extra element when ``y_t``
-is already among the top K), so every kept id appears once. Pure torch.
+The support ``S_t`` is the teacher's top-K ids, ties included (every id at least as likely
+as the K-th, :func:`opd.signals.teacher_logp.tied_topk_mask`), optionally with the sampled
+token ``y_t``. It is carried as a boolean mask over the vocabulary, ``support_BTV``. Pure
+torch.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from opd.signals.teacher_logp import tied_topk_mask
 
 
 def special_token_mask(ids_BT: torch.Tensor, special_ids: Sequence[int]) -> torch.Tensor:
@@ -20,28 +22,17 @@ def special_token_mask(ids_BT: torch.Tensor, special_ids: Sequence[int]) -> torc
     return torch.isin(ids_BT, torch.as_tensor(list(special_ids), dtype=ids_BT.dtype, device=ids_BT.device))
 
 
-def teacher_support(
-    topk_ids_BTK: torch.Tensor,
-    topk_logp_BTK: torch.Tensor,
-    token_ids_BT: torch.Tensor | None = None,
-    token_logp_BT: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``S_t`` = teacher top-K (``token_*`` None) or top-K ∪ {y_t} -> ``(ids, logp, keep)``.
-
-    With the sampled token, ``S = K + 1`` entries: the last is ``y_t`` with the teacher's
-    ``log π_T(y_t)``, kept only where ``y_t`` is not already among the top K.
-    """
-    keep_BTK = torch.ones_like(topk_ids_BTK, dtype=torch.bool)
-    if token_ids_BT is None:
-        return topk_ids_BTK, topk_logp_BTK, keep_BTK
-    extra_BT1 = token_ids_BT.unsqueeze(-1)
-    new_BT1 = ~(topk_ids_BTK == extra_BT1).any(-1, keepdim=True)
-    ids_BTS = torch.cat([topk_ids_BTK, extra_BT1], dim=-1)
-    logp_BTS = torch.cat([topk_logp_BTK, token_logp_BT.unsqueeze(-1).to(topk_logp_BTK.dtype)], dim=-1)
-    return ids_BTS, logp_BTS, torch.cat([keep_BTK, new_BT1], dim=-1)
+def teacher_support(teacher_logp_BTV: torch.Tensor, k: int, token_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """``S_t`` -> bool ``[B, T, V]``: the teacher's top-``k`` with ties, and ``y_t`` when
+    ``token_ids_BT`` is given. ``teacher_logp_BTV``: the teacher's log-probs (no NaN)."""
+    support_BTV = tied_topk_mask(teacher_logp_BTV, k)
+    if token_ids_BT is not None:
+        support_BTV = support_BTV.scatter(-1, token_ids_BT.unsqueeze(-1), True)
+    return support_BTV
 
 
 def retained_mass(teacher_logp_BTS: torch.Tensor, keep_BTS: torch.Tensor) -> torch.Tensor:
-    """``Σ_{v∈S_t} π_T(v)`` -> ``[B, T]`` (METHODS rule 5), from the teacher's log-probs on S."""
+    """``Σ_{v∈S_t} π_T(v)`` -> ``[B, T]`` (METHODS rule 5), from the teacher's log-probs and
+    the support mask over the same last axis."""
     logp = teacher_logp_BTS.masked_fill(~keep_BTS, float("-inf"))
     return logp.logsumexp(-1).exp().nan_to_num(0.0)
