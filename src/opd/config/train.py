@@ -57,6 +57,7 @@ class RunConfig(FlatConfig):
     budget: float | None = _h("stop (evaluate, checkpoint) once the budget_kind counter reaches this; `steps` stays the cap and the schedule's length", None, gt=0)
     # sampling
     max_new_tokens: int = _h("rollout length cap", 96, ge=1)
+    max_prompt_tokens: int | None = _h("longest prompt in tokens; longer prompts are dropped (counted at start); unset = the model's positions minus max_new_tokens", None, ge=1)
     temperature: float = _h("rollout sampling temperature (0 = greedy)", 1.0, ge=0)
     top_p: float = _h("rollout nucleus sampling", 1.0, gt=0, le=1)
     # evaluation, checkpoints, logs
