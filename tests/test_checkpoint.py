@@ -17,25 +17,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import opd
 from opd.errors import UserError
 from opd.run.checkpoint import MANIFEST, STATE_FILE, latest_checkpoint, list_checkpoints, verify_checkpoint
 from opd.run.lock import acquire_run_lock, release_run_lock
 from opd.run.runner import Run, train
+from run_helpers import subprocess_env, tiny_cli_args
 
 KILLER = Path(__file__).with_name("checkpoint_killer.py")
 
 
-def _env() -> dict:
-    """The subprocess imports this ``opd``, with one thread like the tests."""
-    src = str(Path(opd.__file__).resolve().parents[1])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-
-
-def _cli_args(student: str, run_dir: Path) -> list[str]:
-    """``tiny_cfg``'s settings as ``key=value``."""
-    return [f"student={student}", "teacher=oracle", "prompts_per_step=4", "group_size=2", "micro_batch_size=3",
-            "max_new_tokens=40", "eval_every=0", "eval_size=8", "eval_k=2", f"run_dir={run_dir}", "progress=false", "lr=1e-3"]
+_env, _cli_args = subprocess_env, tiny_cli_args
 
 
 def _names(run_dir) -> list[str]:

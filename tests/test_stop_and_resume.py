@@ -20,7 +20,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import opd
 from opd.config.loader import load_config
 from opd.config.train import TrainConfig, train_config
 from opd.errors import UserError
@@ -29,18 +28,10 @@ from opd.run.guards import RunStopped, StopSignals
 from opd.run.metrics_log import read_metrics
 from opd.run.runner import Run, train
 from opd.run.setup import build_setup
+from run_helpers import subprocess_env, tiny_cli_args
 
 
-def _env() -> dict:
-    """The subprocess imports this ``opd``, with one thread like the tests."""
-    src = str(Path(opd.__file__).resolve().parents[1])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-
-
-def _cli_args(student: str, run_dir: Path) -> list[str]:
-    """``tiny_cfg``'s settings as ``key=value``."""
-    return [f"student={student}", "teacher=oracle", "prompts_per_step=4", "group_size=2", "micro_batch_size=3",
-            "max_new_tokens=40", "eval_every=0", "eval_size=8", "eval_k=2", f"run_dir={run_dir}", "progress=false", "lr=1e-3"]
+_env, _cli_args = subprocess_env, tiny_cli_args
 
 
 def _weights(path) -> dict:
