@@ -179,9 +179,9 @@ def test_spaces_around_an_override_value(override):
         ("lr=nan", "must be a finite number (not nan or inf), got 'nan'"),
         ("lr=inf", "must be a finite number (not nan or inf), got 'inf'"),
         ("clip=-inf", "must be a finite number (not nan or inf), got '-inf'"),
-        ("lr=-1", "must be > 0.0, got '-1'"),
-        ("lr=0", "must be > 0.0, got '0'"),
-        ("top_p=2", "must be <= 1.0, got '2'"),
+        ("lr=-1", "must be > 0, got '-1'"),
+        ("lr=0", "must be > 0, got '0'"),
+        ("top_p=2", "must be <= 1, got '2'"),
         ("steps=0", "must be >= 1, got 0"),
         ("warmup=-1", "must be >= 0, got -1"),
         ("steps=1.5", "expects an int, got '1.5'"),
@@ -233,9 +233,9 @@ def test_several_bad_values_in_one_message():
 
 def test_source_is_the_layer_that_set_the_value(tmp_path):
     fails("unknown config key 'bogus' [preset]", base={"bogus": 1})
-    fails("config key 'lr' must be > 0.0, got -1 [preset]", base={"lr": -1})
+    fails("config key 'lr' must be > 0, got -1 [preset]", base={"lr": -1})
     path = write(tmp_path, "lr: -2\n")
-    fails(f"config key 'lr' must be > 0.0, got -2 [file '{path}']", path, base={"lr": 1})
+    fails(f"config key 'lr' must be > 0, got -2 [file '{path}']", path, base={"lr": 1})
     fails("got 'abc' [override 'lr=abc']", path, ["lr=abc"], base={"lr": -1})
 
 
@@ -281,7 +281,7 @@ def test_with_changes_revalidates_and_copies():
     new = with_changes(cfg, lr=0.01, steps="1e3")
     assert (new.lr, new.steps) == (0.01, 1000) and type(new) is Cfg
     assert cfg == Cfg()  # the original is untouched
-    with pytest.raises(ConfigError, match=re.escape("config key 'lr' must be > 0.0, got -1 [changed in code]")):
+    with pytest.raises(ConfigError, match=re.escape("config key 'lr' must be > 0, got -1 [changed in code]")):
         with_changes(cfg, lr=-1)
     with pytest.raises(ConfigError, match=re.escape("invalid config: warmup=200 exceeds steps=100")):
         with_changes(cfg, warmup=200)
@@ -408,7 +408,7 @@ def test_train_config_keeps_every_old_key_and_default():
 
 
 def test_train_config_errors():
-    fails("config key 'lr' must be > 0.0, got '-1' [override 'lr=-1']", overrides=["lr=-1"], cls=TrainConfig)
+    fails("config key 'lr' must be > 0, got '-1' [override 'lr=-1']", overrides=["lr=-1"], cls=TrainConfig)
     fails("config key 'budget' must be a finite number", overrides=["budget=inf"], cls=TrainConfig)
     names = typing.get_args(TrainConfig.model_fields["method"].annotation)
     choices = ", ".join(map(repr, names[:-1])) + f" or {names[-1]!r}"
@@ -430,3 +430,22 @@ def test_method_recipe_applies_under_the_users_settings(tmp_path):
     assert (cfg.group_size, cfg.temperature) == (8, 1.0)
     cfg, recipe = train_config(None, ["method=sft"])
     assert recipe == {} and cfg.temperature == 1.0
+
+
+@pytest.mark.parametrize("override, wants", [
+    ("lr=nan", "config key 'lr' must be a finite number (not nan or inf), got 'nan'"),
+    ("lr=inf", "config key 'lr' must be a finite number (not nan or inf), got 'inf'"),
+    ("weight_decay=nan", "config key 'weight_decay' must be a finite number (not nan or inf), got 'nan'"),
+    ("kl_coef=nan", "config key 'kl_coef' must be a finite number (not nan or inf), got 'nan'"),
+    ("temperature=-1", "config key 'temperature' must be >= 0, got '-1'"),
+    ("eval_temperature=-1", "config key 'eval_temperature' must be >= 0, got '-1'"),
+    ("temperature=inf", "config key 'temperature' must be a finite number (not nan or inf), got 'inf'"),
+    ("oracle_sharpness=-8", "config key 'oracle_sharpness' must be >= 0, got '-8'"),
+    ("run_dir=", "config key 'run_dir' must not be empty, got ''"),
+    ("eval_every=-1", "config key 'eval_every' must be >= 0, got -1"),
+])
+def test_train_config_refuses_what_once_trained_silently(override, wants):
+    """Inputs a run once accepted (or failed on deep in torch), refused at load in one line."""
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, overrides=[override])
+    assert str(info.value) == f"{wants} [override '{override}']"

@@ -127,7 +127,8 @@ def _wants(error: dict) -> str:
     template = _WANTS.get(error["type"])
     if template is None:
         return error["msg"][0].lower() + error["msg"][1:]
-    return template.format(**error.get("ctx", {}))
+    ctx = {k: f"{v:g}" if isinstance(v, float) else v for k, v in error.get("ctx", {}).items()}
+    return template.format(**ctx)
 
 
 def _explain(err: ValidationError, sources: dict[str, str]) -> ConfigError:
