@@ -58,13 +58,41 @@ def test_train_checkpoint_resume_on_real_models(real_setup, method):
     assert [r["step"] for r in read_metrics(tmp / "run")] == [0, 1, 2, 3]
 
 
-def test_mismatched_vocabularies_are_refused(real_setup, capsys):
+@pytest.mark.parametrize("method", ["opd", "gkd"])
+def test_teacher_with_padded_embeddings_trains(real_setup, method):
+    """One tokenizer, a teacher head padded past it (as Qwen2.5 7B's 152,064 rows against
+    0.5B's 151,936): accepted, both sides cut to the tokenizer's ids."""
     student, _, data, tmp = real_setup
-    other = save_model(tmp / "other", make_tokenizer(), 16, vocab=len(WORDS) + 7)
+    padded = save_model(tmp / "padded", make_tokenizer(), 32, vocab=len(WORDS) + 40)
+    args = [f"method={method}", f"student={student}", f"teacher={padded}", f"dataset={data}", "prompts_per_step=4",
+            "group_size=2", "max_new_tokens=8", "eval_size=4", "eval_k=2", "progress=false", f"run_dir={tmp / 'run'}",
+            "steps=2"]
+    assert main(["train", *args]) == 0
+    rows = read_metrics(tmp / "run")
+    assert len(rows) == 3 and all(r["loss"] == r["loss"] for r in rows if "loss" in r)
+
+
+def test_mismatched_tokenizers_are_refused(real_setup, capsys):
+    student, _, data, tmp = real_setup
+    words = list(WORDS)
+    words[5], words[6] = words[6], words[5]  # same tokens, two ids swapped: a real mismatch
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    other = save_model(tmp / "other", other_tok, 16)
     code = main(["train", "method=opd", f"student={student}", f"teacher={other}", f"dataset={data}", f"run_dir={tmp / 'r'}"])
     assert code == 2
-    assert "vocabularies differ" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "tokenizers differ" in err and "2 with other ids" in err
     assert not (tmp / "r").exists()  # nothing written before the check
+
+
+def test_teacher_with_fewer_ids_than_the_tokenizer_is_refused(real_setup, capsys):
+    student, _, data, tmp = real_setup
+    small = save_model(tmp / "small", make_tokenizer(), 16, vocab=len(WORDS) - 3)
+    code = main(["train", "method=opd", f"student={student}", f"teacher={small}", f"dataset={data}", f"run_dir={tmp / 'r'}"])
+    assert code == 2
+    assert "vocabularies differ" in capsys.readouterr().err
 
 
 def test_dataset_without_solutions_for_sft(real_setup, capsys):

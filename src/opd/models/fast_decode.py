@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from opd.batch import make_batch
+from opd.models.head import head_params
 
 FAMILY = {"llama", "qwen2", "mistral"}
 STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
@@ -176,7 +177,7 @@ class FastDecoder:
             x_BSD = x_BSD + _linear(o_BHSd.transpose(1, 2).reshape(B, S, -1), attn.o_proj)
             h_BSD = _rms(x_BSD, layer.post_attention_layernorm)
             x_BSD = x_BSD + _linear(F.silu(_linear(h_BSD, mlp.gate_proj)) * _linear(h_BSD, mlp.up_proj), mlp.down_proj)
-        return _linear(_rms(x_BSD[:, -1], self.norm), self.head).float()
+        return F.linear(_rms(x_BSD[:, -1], self.norm), *head_params(self.head)).float()  # cut to the tokenizer's ids
 
     def advance(self, tok_B: torch.Tensor, live_B: torch.Tensor) -> None:
         """Append ``tok_B``; ``live_B`` marks rows whose token is real (attended to)."""

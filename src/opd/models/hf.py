@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from opd.batch import SeqBatch
 from opd.losses.chunked import default_chunk_size
 from opd.models.base import Scores
+from opd.models.head import head_rows
 from opd.models.scoring import BUCKET_TOKENS, CALL_COST, chunk_scores, lean_scores
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -148,20 +149,73 @@ def _hub_lookup(repo_id: str) -> str | None:
     return None
 
 
-def check_same_vocab(student: PreTrainedModel, teacher_vocab_size: int, tokenizer_len: int) -> None:
-    """Teacher and student must share token ids (METHODS rule 7); never resize silently."""
+def check_vocabularies(student: PreTrainedModel, tokenizer, teacher=None, teacher_tokenizer=None) -> None:
+    """Student and teacher must share one tokenizer (METHODS rule 7); never resize silently.
+
+    The tokenizers are compared (:func:`check_same_tokenizer`), not the embedding sizes: a
+    model's output rows may be padded past its tokenizer (:mod:`opd.models.head`), and each
+    side is then cut to the tokenizer's ``len(tokenizer)`` ids at set-up. A model with fewer
+    rows than the tokenizer has ids, or a program teacher of another size, is an error."""
+    n = len(tokenizer)
     student_v = student.get_output_embeddings().weight.shape[0]
-    if student_v != teacher_vocab_size:
+    if n > student_v:
         raise UserError(
-            f"student and teacher vocabularies differ ({student_v} vs {teacher_vocab_size} ids); "
+            f"the tokenizer has {n} tokens but the model only {student_v} output ids; "
+            "check that model and tokenizer paths belong together."
+        )
+    if teacher_tokenizer is not None:
+        check_same_tokenizer(tokenizer, teacher_tokenizer)
+    model = getattr(teacher, "model", None)
+    teacher_v = None if teacher is None else (model.get_output_embeddings().weight.shape[0] if model is not None else teacher.vocab_size)
+    if teacher_v is not None and (teacher_v < n or (model is None and teacher_v != n)):
+        raise UserError(
+            f"student and teacher vocabularies differ ({n} tokenizer ids vs {teacher_v} teacher ids); "
             "on-policy distillation needs one shared tokenizer. Pick a teacher from the same model "
             "family, or a student whose tokenizer matches the teacher's."
         )
-    if tokenizer_len > student_v:
+
+
+def _describe_difference(a: dict, b: dict) -> str:
+    only_a, only_b = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
+    moved = sorted(t for t in a.keys() & b.keys() if a[t] != b[t])
+    parts = [f"{len(a)} vs {len(b)} tokens"]
+    if only_a:
+        parts.append(f"{len(only_a)} only in the student's (e.g. {only_a[0]!r})")
+    if only_b:
+        parts.append(f"{len(only_b)} only in the teacher's (e.g. {only_b[0]!r})")
+    if moved:
+        parts.append(f"{len(moved)} with other ids (e.g. {moved[0]!r}: {a[moved[0]]} vs {b[moved[0]]})")
+    return ", ".join(parts)
+
+
+SPECIAL_ROLES = ("eos_token", "bos_token", "unk_token")
+
+
+def check_same_tokenizer(student_tok, teacher_tok) -> None:
+    """One line if the two tokenizers map any token to different ids (added tokens included);
+    a note on stderr when a special-token role differs (an instruct model's ``eos`` is often
+    ``<|im_end|>`` where its base model's is ``<|endoftext|>``: both ids exist on both sides,
+    and the rollout stops at the student's)."""
+    a, b = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if a != b:
         raise UserError(
-            f"the tokenizer has {tokenizer_len} tokens but the model only {student_v} output ids; "
-            "check that model and tokenizer paths belong together."
+            f"student and teacher tokenizers differ ({_describe_difference(a, b)}); on-policy distillation "
+            "needs one shared tokenizer. Pick a teacher from the same model family, or a student whose "
+            "tokenizer matches the teacher's."
         )
+    roles = [r for r in SPECIAL_ROLES if getattr(student_tok, r, None) != getattr(teacher_tok, r, None)]
+    for role in roles:
+        print(f"opd: note: student and teacher tokenizers share their ids but not their {role} "
+              f"({getattr(student_tok, role, None)!r} vs {getattr(teacher_tok, role, None)!r}); the student's is used",
+              file=sys.stderr)
+
+
+def optional_tokenizer(path: str | Path):
+    """The tokenizer saved in model directory ``path``, or None when it holds none."""
+    where = Path(path).expanduser()
+    if where.is_dir() and not any((where / f).exists() for f in TOKENIZER_FILES):
+        return None
+    return load_tokenizer(str(path), what="teacher")
 
 
 def completion_hidden(model: PreTrainedModel, batch: SeqBatch) -> torch.Tensor:
@@ -211,9 +265,14 @@ class HFTeacher:
                  bucket_tokens: int = BUCKET_TOKENS, call_cost: int = CALL_COST):
         self.model = model.eval()
         self.eos_id, self.pad_id = eos_id, pad_id
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.full_logits = True  # can return full next-token logits (a server may not)
         self.bucket_tokens, self.call_cost = bucket_tokens, call_cost
+
+    @property
+    def vocab_size(self) -> int:
+        """The ids the teacher scores: its head's rows, or the tokenizer's after set-up
+        cut a padded head (:func:`opd.models.head.restrict_head`)."""
+        return head_rows(self.model.get_output_embeddings())
 
     @torch.no_grad()
     def score(self, batch: SeqBatch, *, topk: int = 8, full: bool = False, temperature: float = 1.0) -> Scores:

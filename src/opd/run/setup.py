@@ -18,7 +18,8 @@ import torch
 from opd.methods import build_method
 from opd.methods.base import Method, RolloutEnv
 from opd.methods.degeneracy import warn_at_setup
-from opd.models.hf import HFTeacher, check_same_vocab, load_model, load_tokenizer
+from opd.models.head import restrict_head
+from opd.models.hf import HFTeacher, check_vocabularies, load_model, load_tokenizer, optional_tokenizer
 from opd.run.sources import lookup, task_source
 from opd.tasks.base import Problem
 from opd.config.train import TrainConfig
@@ -50,15 +51,30 @@ def resolve_student(cfg: TrainConfig) -> str:
 
 
 def make_teacher(cfg: TrainConfig, task, tokenizer):
-    """None, a named source's teacher (``teacher=oracle``), or a model loaded from its path."""
+    """``(teacher, its tokenizer)``: ``(None, None)``, a named source's teacher
+    (``teacher=oracle``: a program, no tokenizer of its own), or a model loaded from its path
+    with the tokenizer saved beside it (None when the directory holds none)."""
     source = lookup("teacher", cfg.teacher)
     if cfg.teacher is None:
-        return None
+        return None, None
     made = cfg.teacher if source is None else source(vars(cfg), task, tokenizer)
     if not isinstance(made, (str, Path)):
-        return made
-    return HFTeacher(load_model(str(made), cfg.dtype, what="teacher"), eos_id=tokenizer.eos_token_id,
-                     pad_id=tokenizer.pad_token_id)
+        return made, None
+    model = load_model(str(made), cfg.dtype, what="teacher")
+    teacher_tok = optional_tokenizer(made) if Path(str(made)).expanduser().is_dir() else load_tokenizer(str(made), what="teacher")
+    if teacher_tok is None:
+        print(f"opd: note: the teacher directory {made} holds no tokenizer, so it cannot be compared with the "
+              "student's; its ids are assumed to be the student tokenizer's", file=sys.stderr)
+    return HFTeacher(model, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id), teacher_tok
+
+
+def share_vocabulary(student, teacher, tokenizer, teacher_tokenizer, reference=None) -> None:
+    """Check that both sides share the tokenizer, then cut every model's head to its
+    ``len(tokenizer)`` ids (padded embedding rows are never sampled nor scored)."""
+    check_vocabularies(student, tokenizer, teacher, teacher_tokenizer)
+    for model in (student, getattr(teacher, "model", None), reference):
+        if model is not None:
+            restrict_head(model, len(tokenizer))
 
 
 PRIVILEGED_TEMPLATE = (
@@ -261,10 +277,9 @@ def build_setup(cfg: TrainConfig, student=None) -> Setup:
     # a method that never asks a teacher (sft on solutions, grpo, opsd) runs on a dataset
     # with the default teacher=oracle; the oracle is still built on the testbed (reports use it)
     unused_oracle = cfg.teacher == "oracle" and bool(cfg.dataset) and "teacher" not in method.needs
-    teacher = None if unused_oracle else make_teacher(cfg, task, tokenizer)
-    if teacher is not None:
-        check_same_vocab(student, teacher.vocab_size, len(tokenizer))
+    teacher, teacher_tok = (None, None) if unused_oracle else make_teacher(cfg, task, tokenizer)
     reference = frozen(load_model(student_path, cfg.dtype)) if "reference" in method.needs else None
+    share_vocabulary(student, teacher, tokenizer, teacher_tok, reference)
     encode = prompt_encoder(tokenizer, cfg.chat_template, bool(cfg.dataset))
     positions = model_positions(student, getattr(teacher, "model", None))
     train_pool, eval_problems, counts = problem_pools(cfg, task, encode, positions)
