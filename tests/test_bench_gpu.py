@@ -51,3 +51,24 @@ def test_bench_gpu_cpu_size(tmp_path):
         assert _finite(roll[side]["tokens_per_s"]) and roll[side]["tokens_per_s"] > 0, roll[side]
     assert _finite(roll["ratio_sampler_vs_generate_default"])
     assert "generate_static" not in roll  # compiled static cache: gpu size only
+
+    train = res["train"]
+    for method in ("opd", "gkd"):
+        run = train[method]
+        assert run["returncode"] == 0 and run["steps_done"] == 3, run
+        split = run["split_s"]
+        assert all(_finite(split[k]) and split[k] > 0 for k in ("rollout", "score", "update")), split
+        assert _finite(run["tokens_per_s"]) and all(_finite(x) for x in run["loss"]), run
+    assert res["summary"]["train_tokens_per_s"]["opd"] == train["opd"]["tokens_per_s"]
+
+
+def test_non_embedding_parameter_formula_matches_the_model():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch
+
+    import gpu
+
+    arch = gpu.SIZES["cpu"]["teacher"]
+    model = gpu.build_model(arch, torch.float32, torch.device("cpu"))
+    real = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    assert gpu.non_embedding_params(arch) == real
