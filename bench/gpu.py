@@ -35,7 +35,8 @@ attention (causal, no mask: its flash kernel), no gradient checkpointing. ``cpu`
    ``max_memory_allocated`` minus what was allocated before (grads included; null on the CPU).
    Naive is skipped where its estimate exceeds the free memory. Losses and ``h.grad`` are
    compared across methods (relative differences recorded).
-3. ``rollout``: opd's ``sample`` vs ``model.generate`` (default dynamic cache; on the GPU also
+3. ``rollout``: opd's ``sample`` (its default: the decode step replayed as a CUDA graph; and
+   ``opd_sampler_dynamic``, the eager step, to show what the graph buys) vs ``model.generate`` (default dynamic cache; on the GPU also
    ``cache_implementation="static"``, its compiling first call timed apart), same model, batch
    64, 128-token prompts, 256 new tokens, temperature 1, top-p 1, no EOS: generated tokens/s
    (median after a warm-up) and the ratio. ``greedy_agreement``: fraction of equal tokens of
@@ -367,10 +368,10 @@ def _compare_loss_methods(results: dict, grads: dict) -> None:
 # ---------------------------------------------------------------- 3. rollout: sampler vs generate
 
 
-def run_sampler(model, prompts, new: int, temperature: float = 1.0):
-    gen = torch.Generator(device=model.device).manual_seed(0)
+def run_sampler(model, prompts, new: int, temperature: float = 1.0, step: str = "auto"):
+    gen = torch.Generator().manual_seed(0)  # the sampler draws its uniforms on the host
     return sample(model, prompts, max_new_tokens=new, eos_id=-1, pad_id=PAD, temperature=temperature,
-                  top_p=1.0, generator=gen)  # fmt: skip
+                  top_p=1.0, generator=gen, step=step)  # fmt: skip
 
 
 @torch.no_grad()
@@ -407,7 +408,8 @@ def section_rollout(size: dict, device, dtype, budget: Budget, out: dict) -> Non
     out.update(batch=B, prompt_len=cfg["prompt"], new_tokens=new, dtype=str(dtype), settings="T=1, top-p 1, no EOS")
     out["greedy_agreement"] = attempt("greedy", lambda: {"fraction": greedy_agreement(model, prompts[:4], 8)})
     cases = {
-        "opd_sampler": (lambda: run_sampler(model, prompts, new), False),
+        "opd_sampler": (lambda: run_sampler(model, prompts, new), False),  # a CUDA graph per batch size on a GPU
+        "opd_sampler_dynamic": (lambda: run_sampler(model, prompts, new, step="dynamic"), False),
         "generate_default": (lambda: run_generate(model, prompts, new), False),
     }
     if cfg["static"]:
@@ -417,7 +419,7 @@ def section_rollout(size: dict, device, dtype, budget: Budget, out: dict) -> Non
             out[name] = {"skipped": f"{budget.left():.0f} s of the section's budget left"}
             continue
         out[name] = attempt(name, lambda: rate(fn, B * new, device, cfg, budget, compiles))
-    for key in ("generate_default", "generate_static"):
+    for key in ("generate_default", "generate_static", "opd_sampler_dynamic"):
         if "tokens_per_s" in out["opd_sampler"] and "tokens_per_s" in out.get(key, {}):
             out[f"ratio_sampler_vs_{key}"] = out["opd_sampler"]["tokens_per_s"] / out[key]["tokens_per_s"]
 

@@ -191,3 +191,46 @@ def test_layout_left_pads_prompts_and_right_pads_completions():
     assert b.completion_mask_BT.tolist() == [[True, True, False], [True, True, True]]
     assert b.position_ids_BL[b.attention_mask_BL.bool()].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
     assert b.completions() == [[7, 2], [8, 9, 2]] and b.prompts() == [[4, 5], [6]]
+
+
+@pytest.mark.parametrize("step", ["static", "graph"])
+def test_static_step_samples_what_the_dynamic_step_samples(family_model, step):
+    """The fixed-shape step (what a CUDA graph replays; "graph" on a CPU runs it eagerly)
+    writes its column through an index and attends over the whole capacity under the mask:
+    same tokens, log-probs within float rounding, with EOS rows and compaction on the way."""
+    kw = dict(max_new_tokens=30, eos_id=EOS, pad_id=PAD, temperature=1.0)
+    dynamic = sample(family_model, PROMPTS * 3, generator=torch.Generator().manual_seed(6), step="dynamic", **kw)
+    fixed = sample(family_model, PROMPTS * 3, generator=torch.Generator().manual_seed(6), step=step, **kw)
+    assert torch.equal(dynamic.batch.input_ids_BL, fixed.batch.input_ids_BL)
+    assert (dynamic.sampler_logp_BT - fixed.sampler_logp_BT).abs().max() <= 1e-5
+    assert dynamic.batch.completion_mask_BT.sum(1).min() < 30
+
+
+def test_static_step_logits_match_step_by_step(family_model):
+    dyn = Decoder(family_model, PROMPTS, PAD, max_new_tokens=12, step="dynamic")
+    fix = Decoder(family_model, PROMPTS, PAD, max_new_tokens=12, step="static")
+    assert fix.impl.step == "static" and dyn.impl.step == "dynamic"
+    live = torch.tensor([True, True, False, True])
+    for t in range(12):
+        torch.testing.assert_close(fix.logits_BV, dyn.logits_BV, atol=1e-5, rtol=0)
+        tok = torch.tensor([4 + t, 5, 6, 7 + t])
+        dyn.advance(tok, live)
+        fix.advance(tok, live)
+    torch.testing.assert_close(fix.logits_BV, dyn.logits_BV, atol=1e-5, rtol=0)
+
+
+def test_autocast_decodes_with_weights_cast_once(family_model):
+    """Under bf16 autocast (a student with float32 master weights) the direct decoder reads
+    bf16 copies of the weights made once per rollout: it picks the tokens a bf16 copy of the
+    model picks, and never casts per step."""
+    import copy
+
+    bf16 = copy.deepcopy(family_model).to(torch.bfloat16)
+    kw = dict(max_new_tokens=16, eos_id=EOS, pad_id=PAD, temperature=0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dec = Decoder(family_model, PROMPTS, PAD, max_new_tokens=16)
+        assert dec.impl.dtype == torch.bfloat16 and dec.impl.k_LBKCd.dtype == torch.bfloat16
+        auto = sample(family_model, PROMPTS, **kw)
+    native = sample(bf16, PROMPTS, **kw)
+    assert torch.equal(auto.batch.input_ids_BL, native.batch.input_ids_BL)
+    assert next(family_model.parameters()).dtype == torch.float32  # the model itself is untouched

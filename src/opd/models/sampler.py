@@ -158,14 +158,14 @@ class Decoder:
     """
 
     def __init__(self, model: PreTrainedModel, prompts: list[list[int]], pad_id: int,
-                 max_new_tokens: int | None = None, fast: bool = True):
+                 max_new_tokens: int | None = None, fast: bool = True, step: str = "auto"):
         max_len = None if max_new_tokens is None else max(len(p) for p in prompts) + max_new_tokens
         self.fallback = fast_decode.unsupported(model, max_len) if fast else "fast=False"
         self.path = "hf" if self.fallback else "fast"
         if self.fallback:
             self.impl = HFDecoder(model, prompts, pad_id, capacity=max_len or 0)
         else:
-            self.impl = fast_decode.FastDecoder(model, prompts, pad_id, capacity=max_len or 0)
+            self.impl = fast_decode.FastDecoder(model, prompts, pad_id, capacity=max_len or 0, step=step)
 
     @property
     def logits_BV(self) -> torch.Tensor:
@@ -197,14 +197,17 @@ def sample(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     fast: bool = True,
+    step: str = "auto",
 ) -> Sampled:
     """Sample one completion per prompt (up to ``max_new_tokens``, stopping at EOS).
 
-    ``fast=False`` forces the generic Hugging Face decoder (same tokens, slower). Decoding
-    runs in inference mode; the returned tensors are ordinary ones.
+    ``fast=False`` forces the generic Hugging Face decoder (same tokens, slower); ``step``:
+    how the direct decoder runs a step (:class:`opd.models.fast_decode.FastDecoder`; "auto":
+    a CUDA graph on a GPU). Decoding runs in inference mode; the returned tensors are
+    ordinary ones.
     """
     with torch.inference_mode():
-        dec = Decoder(model, prompts, pad_id, max_new_tokens=max_new_tokens, fast=fast)
+        dec = Decoder(model, prompts, pad_id, max_new_tokens=max_new_tokens, fast=fast, step=step)
         tokens_BT, logp_BT = _decode(dec, len(prompts), max_new_tokens, eos_id, pad_id, temperature, top_p, generator)
     return assemble(prompts, tokens_BT, logp_BT, eos_id, pad_id)
 
