@@ -5,7 +5,8 @@
 #
 # Writes $OUT/gpu_results.json (and the log, $OUT/gpu_log.txt) when $OUT is set, else
 # bench/results/gpu_results.json. Finishes in under 8 minutes on one H100 or H200: bench/gpu.py
-# keeps each section within its budget (430 s in all) and `timeout` stops it at 470 s in any case;
+# runs the CUDA tests (90 s at most), then keeps each section within its budget (340 s in all);
+# `timeout` stops it at 360 s in any case;
 # the JSON is rewritten after each section, so what finished is kept.
 #
 # Python: the GPU machine has no internet, so nothing is pip-installed from a registry. The first of
@@ -16,12 +17,15 @@
 #
 # Extra packages travel as wheels in `.whl/` (git-ignored through .git/info/exclude, named in the
 # run's `carry`); they are installed with --no-index into /tmp/opd-site, which goes first on
-# PYTHONPATH. For Liger-Kernel's fused linear JSD (pure Python over Triton, which the image has):
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: -d .whl liger-kernel==0.8.5
-# If the machine's transformers lacks the `cache` argument that opd's sampler passes (see the
-# JSON's meta.warning and rollout.greedy_agreement), carry the transformers wheel this repo is
-# tested with (5.24.0) the same way.
+# PYTHONPATH. The lent image lacks pydantic (opd's config) and Liger-Kernel (the loss section's
+# third side); fetch both, here, once:
+#   bash bench/fetch_wheels.sh
+# then run `bash bench/gpu.sh` with carry [".whl"]. If the machine's transformers lacks the
+# `cache` argument that opd's HF fallback decoder passes (see the JSON's meta.warning), carry the
+# transformers wheel this repo is tested with the same way.
+#
+# First, the CUDA tests (tests/test_cuda.py, skipped where there is no GPU), time-boxed to 90 s;
+# their log goes beside the JSON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,7 +55,8 @@ else
     out="bench/results/gpu_results.json" logfile="bench/results/gpu_log.txt"
 fi
 mkdir -p "$(dirname "$out")"
-timeout -k 10 470 "$py" bench/gpu.py --out "$out" "$@" 2>&1 | tee "$logfile"
+timeout -k 5 90 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$(dirname "$out")/cuda_tests.txt"
+timeout -k 10 360 "$py" bench/gpu.py --out "$out" "$@" 2>&1 | tee "$logfile"
 rc=$?
 echo "bench/gpu.sh: exit $rc, results in $out"
 exit $rc
