@@ -392,6 +392,24 @@ def greedy_agreement(model, prompts, new: int) -> float:
     return float((ours == theirs).float().mean()) if ours.shape == theirs.shape else 0.0
 
 
+def transfers_per_token(model, prompts, new: int) -> dict:
+    """Host<->device copies and host syncs per generated token in one ``sample`` call, counted
+    by the profiler (``Memcpy HtoD`` / ``Memcpy DtoH`` device activities; ``aten::item`` and
+    ``aten::_local_scalar_dense``, a tensor read on the host). The decode loop should add none
+    per token beyond what stopping at EOS needs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        run_sampler(model, prompts, new)
+    counts: dict = {}
+    for e in prof.events():
+        for key in ("Memcpy HtoD", "Memcpy DtoH", "aten::_local_scalar_dense"):
+            if key in e.name:
+                counts[key] = counts.get(key, 0) + 1
+    return {k: v / new for k, v in counts.items()} | {"new_tokens": new}
+
+
 def rate(fn, n_tokens: int, device, cfg: dict, budget: Budget, compiles: bool = False) -> dict:
     """Generated tokens/s of ``fn`` (median); with ``compiles``, its first call is timed apart."""
     first_s = elapsed_s(fn, device) if compiles else None
@@ -407,6 +425,7 @@ def section_rollout(size: dict, device, dtype, budget: Budget, out: dict) -> Non
     B, new = cfg["batch"], cfg["new"]
     out.update(batch=B, prompt_len=cfg["prompt"], new_tokens=new, dtype=str(dtype), settings="T=1, top-p 1, no EOS")
     out["greedy_agreement"] = attempt("greedy", lambda: {"fraction": greedy_agreement(model, prompts[:4], 8)})
+    out["transfers_per_token"] = attempt("transfers", lambda: transfers_per_token(model, prompts, min(new, 64)))
     cases = {
         "opd_sampler": (lambda: run_sampler(model, prompts, new), False),  # a CUDA graph per batch size on a GPU
         "opd_sampler_dynamic": (lambda: run_sampler(model, prompts, new, step="dynamic"), False),
