@@ -46,6 +46,21 @@ class SeqBatch:
         """Each row's completion ids without padding."""
         return [row[m].tolist() for row, m in zip(self.completion_ids_BT, self.completion_mask_BT)]
 
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids_BL.device
+
+    def to(self, device: torch.device | str) -> "SeqBatch":
+        """The batch on ``device`` (itself when it is there already)."""
+        if self.input_ids_BL.device == torch.device(device):
+            return self
+        return replace(
+            self,
+            input_ids_BL=self.input_ids_BL.to(device),
+            attention_mask_BL=self.attention_mask_BL.to(device),
+            completion_mask_BT=self.completion_mask_BT.to(device),
+        )
+
     def select(self, rows: torch.Tensor | list[int]) -> "SeqBatch":
         return replace(
             self,
@@ -61,14 +76,14 @@ def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: i
     P = max(len(p) for p in prompts)
     T = max(width, max(len(c) for c in completions))
     B = len(prompts)
-    ids = torch.full((B, P + T), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, P + T), dtype=torch.long)
-    cmask = torch.zeros((B, T), dtype=torch.bool)
+    ids = torch.full((B, P + T), pad_id, dtype=torch.long, device="cpu")  # built on the host, moved once
+    attn = torch.zeros((B, P + T), dtype=torch.long, device="cpu")
+    cmask = torch.zeros((B, T), dtype=torch.bool, device="cpu")
     for b, (p, c) in enumerate(zip(prompts, completions)):
-        ids[b, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
+        ids[b, P - len(p) : P] = torch.tensor(p, dtype=torch.long, device="cpu")
         attn[b, P - len(p) : P] = 1
         if c:
-            ids[b, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
+            ids[b, P : P + len(c)] = torch.tensor(c, dtype=torch.long, device="cpu")
             attn[b, P : P + len(c)] = 1
             cmask[b, : len(c)] = True
     return SeqBatch(ids, attn, P, cmask)

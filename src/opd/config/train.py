@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Literal
 
-from pydantic import Field, create_model, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 from opd.config.loader import FlatConfig, load_config
 from opd.methods import METHODS, knob_fields, method_recipe, method_settings
@@ -34,7 +34,21 @@ class RunConfig(FlatConfig):
     verifier: Literal["exact", "math"] = _h("answer check for datasets: exact match or math-verify", "exact")
     eval_fraction: float = _h("share of dataset rows held out for evaluation", 0.1, gt=0, lt=1)
     chat_template: Literal["auto", "on", "off"] = _h("wrap dataset prompts in the tokenizer's chat template", "auto")
-    dtype: Literal["float32", "bfloat16", "float16"] = _h("model weights dtype", "float32")
+    dtype: Literal["float32", "bfloat16", "float16"] = _h(
+        "compute precision. float32: everything in float32. bfloat16: the teacher and the frozen reference "
+        "hold bf16 weights; the student keeps float32 master weights and AdamW states and runs its forward "
+        "passes under bf16 autocast; log-probs, entropies and divergences are float32. float16 is refused "
+        "(its range overflows without loss scaling): use bfloat16", "float32")
+    device: str = _h("where the student runs: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, mps", "auto", min_length=1)
+    teacher_device: str | None = _h("where the teacher and the reference model run; unset = device", None, min_length=1)
+    gradient_checkpointing: bool = _h("recompute the student's activations in backward (the model's own checkpointing)", False)
+    @field_validator("dtype")
+    @classmethod
+    def _no_float16(cls, value: str) -> str:
+        if value == "float16":
+            raise ValueError("float16 is not supported (its range overflows without loss scaling); use dtype=bfloat16")
+        return value
+
     # the oracle teacher (testbed)
     oracle_sharpness: float = _h("oracle: logit gap of the intended token", 8.0, ge=0)
     oracle_noise: float = _h("oracle: probability spread on plausible-but-wrong tokens", 0.0, ge=0)

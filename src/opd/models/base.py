@@ -2,7 +2,8 @@
 
 A teacher is anything with ``score(batch, topk=, full=, temperature=) -> Scores`` and a
 ``vocab_size``: a local Hugging Face model, a program (the testbed's oracle) or a server.
-All tensors are aligned to the completion columns of :class:`opd.batch.SeqBatch`:
+Scores may come back on any device (the teacher's own): the loop moves them to the
+student's. All tensors are aligned to the completion columns of :class:`opd.batch.SeqBatch`:
 index ``t`` holds the distribution that predicts completion token ``t`` given the prompt
 and completion tokens ``< t``. Values at masked positions are finite but meaningless.
 """
@@ -24,6 +25,11 @@ class Scores:
     topk_ids_BTK: torch.Tensor  # long, the K most likely ids, descending
     topk_logp_BTK: torch.Tensor  # their log-probs
     logits_BTV: torch.Tensor | None = None  # full next-token logits, only when asked (full=True)
+
+    def to(self, device: torch.device) -> "Scores":
+        """The scores on ``device`` (the loop moves them to the student's device once per step)."""
+        return Scores(*(None if t is None else t.to(device) for t in
+                        (self.token_logp_BT, self.entropy_BT, self.topk_ids_BTK, self.topk_logp_BTK, self.logits_BTV)))
 
 
 class Teacher(Protocol):

@@ -64,9 +64,14 @@ def draw(w_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
     target_B = (1.0 - u_B) * cdf_BN[:, -1]
     blk_B = torch.searchsorted(cdf_BN, target_B[:, None]).squeeze(-1).clamp(max=nb - 1)
     before_B = cdf_BN.gather(1, (blk_B - 1).clamp(min=0)[:, None]).squeeze(-1) * (blk_B > 0)
-    local_BK = w_BNK[torch.arange(B), blk_B].double().cumsum(-1)
+    local_BK = w_BNK[torch.arange(B, device=w_BV.device), blk_B].double().cumsum(-1)
     rest_B = torch.minimum(target_B - before_B, local_BK[:, -1])
     return blk_B * BLOCK + torch.searchsorted(local_BK, rest_B[:, None]).squeeze(-1).clamp(max=BLOCK - 1)
+
+
+def _check_finite(ok: torch.Tensor) -> None:
+    if not bool(ok):
+        raise ValueError("the logits hold nan or inf: nothing to sample from")
 
 
 def _nucleus(probs_BV: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,21 +82,22 @@ def _nucleus(probs_BV: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.
 
 
 def pick_tokens_logp(
-    logits_BV: torch.Tensor, temperature: float, top_p: float, u_B: torch.Tensor | None
+    logits_BV: torch.Tensor, temperature: float, top_p: float, u_B: torch.Tensor | None, check: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens and their log-probs ``log softmax(logits)[tok]`` (temperature 1).
 
     Greedy when ``temperature == 0`` (``u_B`` unused), else a draw (:func:`draw`, one
     uniform per row in ``u_B``) from ``softmax(logits / temperature)``, cut to its top-p
     nucleus when ``top_p < 1``. At temperature 1 the sampling softmax is reused for the
-    log-prob: ``log p_tok`` (a sampled token has ``p_tok > 0``).
+    log-prob: ``log p_tok`` (a sampled token has ``p_tok > 0``). ``check``: raise on
+    non-finite logits here (a host sync); the decode loop checks them in batches instead.
     """
     if temperature == 0:
         tok_B = logits_BV.argmax(-1)
         return tok_B, logits_BV.gather(-1, tok_B[:, None]).squeeze(-1) - logits_BV.logsumexp(-1)
     probs_BV = torch.softmax(logits_BV if temperature == 1.0 else logits_BV / temperature, dim=-1)
-    if not bool(torch.isfinite(probs_BV.sum())):
-        raise ValueError("the logits hold nan or inf: nothing to sample from")
+    if check:
+        _check_finite(torch.isfinite(probs_BV.sum()))
     if top_p < 1.0:
         kept_BV, order_BV = _nucleus(probs_BV, top_p)
         tok_B = order_BV.gather(-1, draw(kept_BV, u_B)[:, None]).squeeze(-1)
@@ -106,8 +112,14 @@ def pick_tokens(
     logits_BV: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Greedy when ``temperature == 0``, else temperature + nucleus (top-p) sampling."""
-    u_B = None if temperature == 0 else torch.rand(logits_BV.shape[0], generator=generator, dtype=torch.float64)
+    u_B = None if temperature == 0 else host_uniforms((logits_BV.shape[0],), generator).to(logits_BV.device)
     return pick_tokens_logp(logits_BV, temperature, top_p, u_B)[0]
+
+
+def host_uniforms(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    """float64 uniforms in ``[0, 1)`` from ``generator`` (a host generator: a seed gives the
+    same draws whatever device the model is on)."""
+    return torch.rand(shape, generator=generator, dtype=torch.float64, device="cpu")
 
 
 class HFDecoder:
@@ -212,31 +224,65 @@ def sample(
     return assemble(prompts, tokens_BT, logp_BT, eos_id, pad_id)
 
 
+SYNC_EVERY = 8  # on an accelerator, decode steps between host reads of the finished rows
+
+
 def _decode(dec: Decoder, B: int, max_new_tokens: int, eos_id: int, pad_id: int, temperature: float, top_p: float,
             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sampling loop: ``[B, steps]`` tokens (padding after EOS) and their log-probs (0 there)."""
-    tokens_BT = torch.full((B, max_new_tokens), pad_id, dtype=torch.long)
-    logp_BT = torch.zeros(B, max_new_tokens)
-    rows_A = torch.arange(B)  # batch rows still decoded
-    done_A = torch.zeros(B, dtype=torch.bool)
+    """The sampling loop: ``[B, steps]`` tokens (padding after EOS) and their log-probs (0 there).
+
+    Everything stays on the model's device: the uniforms of every step are drawn on the host
+    up front (one copy), and the host reads the finished rows (to stop, or to drop them from
+    the batch) every step on the CPU but only every ``SYNC_EVERY`` steps on an accelerator;
+    a finished row emits padding meanwhile, so the tokens are the same either way. The
+    generator ends as if each step had drawn its ``B`` uniforms (the steps until every row
+    finished), whatever the device."""
+    dev = dec.logits_BV.device
+    sync_every = 1 if dev.type == "cpu" else SYNC_EVERY
+    state = None if generator is None else generator.get_state()
+    u_TB = None if temperature == 0 else host_uniforms((max_new_tokens, B), generator).to(dev)
+    tokens_BT = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    logp_BT = torch.zeros(B, max_new_tokens, device=dev)
+    finite = torch.ones((), dtype=torch.bool, device=dev)
+    rows_A = torch.arange(B, device=dev)  # batch rows still decoded
+    done_A = torch.zeros(B, dtype=torch.bool, device=dev)
     steps = 0
     for t in range(max_new_tokens):
-        u_B = None if temperature == 0 else torch.rand(B, generator=generator, dtype=torch.float64)
-        tok_A, lp_A = pick_tokens_logp(dec.logits_BV, temperature, top_p, None if u_B is None else u_B[rows_A])
+        u_A = None if u_TB is None else u_TB[t, rows_A]
+        tok_A, lp_A = pick_tokens_logp(dec.logits_BV, temperature, top_p, u_A, check=False)
+        finite &= torch.isfinite(lp_A).all()
         live_A = ~done_A
         tok_A = tok_A.masked_fill(done_A, pad_id)
         tokens_BT[rows_A, t], logp_BT[rows_A, t] = tok_A, lp_A.masked_fill(done_A, 0.0)
         done_A = done_A | (tok_A == eos_id)
         steps = t + 1
-        n_done = int(done_A.sum())
-        if n_done == len(rows_A) or steps == max_new_tokens:
+        if steps == max_new_tokens:
             break
-        if _worth_compacting(n_done, len(rows_A)):
-            keep_A = (~done_A).nonzero().squeeze(-1)
-            dec.keep_rows(keep_A)
-            rows_A, tok_A, live_A, done_A = rows_A[keep_A], tok_A[keep_A], live_A[keep_A], done_A[keep_A]
+        if steps % sync_every == 0:
+            _check_finite(finite)
+            n_done = int(done_A.sum())
+            if n_done == len(rows_A):
+                break
+            if _worth_compacting(n_done, len(rows_A)):
+                keep_A = (~done_A).nonzero().squeeze(-1)
+                dec.keep_rows(keep_A)
+                rows_A, tok_A, live_A, done_A = rows_A[keep_A], tok_A[keep_A], live_A[keep_A], done_A[keep_A]
         dec.advance(tok_A, live_A)
-    return tokens_BT[:, :steps], logp_BT[:, :steps]
+    _check_finite(finite)
+    steps = _steps_taken(tokens_BT[:, :steps], eos_id)
+    if state is not None and u_TB is not None:  # consume exactly what a draw per step would have
+        generator.set_state(state)
+        host_uniforms((steps, B), generator)
+    return tokens_BT[:, :steps].cpu(), logp_BT[:, :steps].cpu()
+
+
+def _steps_taken(tokens_BT: torch.Tensor, eos_id: int) -> int:
+    """Steps until every row had emitted EOS (the full width when one never did)."""
+    T = tokens_BT.shape[1]
+    is_eos_BT = tokens_BT == eos_id
+    if T == 0 or not bool(is_eos_BT.any(1).all()):
+        return T
+    return int(is_eos_BT.float().argmax(1).max()) + 1
 
 
 def assemble(prompts, tokens_BT, logp_BT, eos_id, pad_id) -> Sampled:

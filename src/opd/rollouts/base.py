@@ -6,7 +6,7 @@ They live in the rollout layer so that rollouts never import the methods above t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -30,6 +30,15 @@ class Experience:
     truncated_B: torch.Tensor | None = None  # hit the length cap without EOS
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # per-row tensors for the signal
     sampled_B: torch.Tensor | None = None  # bool, the rows rollout/* metrics describe (None: all)
+
+    def to(self, device: torch.device) -> "Experience":
+        """Every tensor on ``device`` (the loop moves a rollout to the student's device once)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(
+            self, batch=self.batch.to(device), group_B=move(self.group_B), sampler_logp_BT=move(self.sampler_logp_BT),
+            rewards_B=move(self.rewards_B), truncated_B=move(self.truncated_B), sampled_B=move(self.sampled_B),
+            extra={k: move(v) for k, v in self.extra.items()},
+        )
 
 
 @dataclass
@@ -55,3 +64,4 @@ class RolloutEnv:
     boundary_ids: tuple[int, ...] = ()  # ids that end a sentence/line/step (set when needs has "boundaries")
     vocab_size: int = 0
     step: int = 0  # index of the step being taken (set by the loop)
+    autocast: torch.dtype | None = None  # the student's forward dtype under autocast (None: its own)
