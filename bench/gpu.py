@@ -525,7 +525,7 @@ def train_summary(run: dict, size: dict, cfg: dict, device) -> dict:
         "split_s": split, "step_s": step_s, "completion_tokens_per_step": cfg["batch"] * length,
         "tokens_per_s": cfg["batch"] * length / step_s if step_s else None,
         "update_flops": flops, "update_mfu": None if peak is None or not split["update"] else flops / split["update"] / peak,
-        "peak_memory_gib": med("memory/peak_gib"), "loss": [r.get("loss") for r in run["steps"]],
+        "peak_memory_gib": med("memory/peak_gib"), "loss": [next((v for k, v in sorted(r.items()) if k.startswith("loss/")), None) for r in run["steps"]],
     }  # fmt: skip
 
 

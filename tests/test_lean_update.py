@@ -196,7 +196,7 @@ def test_lean_opd_never_builds_full_logits(stats_topk):
     assert (view.side_stats is None) == (stats_topk is None)
     scores = _scores(model, exp.batch)
     calls.clear()
-    stats = _student_diag(view, exp.batch.completion_mask_BT, scores, slice(None))
+    stats = _student_diag(view, exp.batch.completion_mask_BT, scores)
     assert not view.has_logits and not calls and set(stats) == {"diag/student_entropy", "diag/topk_overlap"}
     ref = student_step_stats(completion_logits(model, exp.batch), exp.batch.completion_mask_BT, scores.topk_ids_BTK, scores.topk_logp_BTK)
     for key, val in ref.items():

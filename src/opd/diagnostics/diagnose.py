@@ -46,12 +46,12 @@ def resolve(path: str | Path) -> tuple[Path, Path]:
 
 def load(ckpt: Path):
     """The run config (student = the checkpoint) and its :class:`opd.run.setup.Setup`."""
-    from opd.models.hf import load_model
+    from opd.run.setup import load_student
     from opd.run.setup import build_setup
     from opd.config.train import TrainConfig
 
     cfg = with_changes(load_config(TrainConfig, ckpt / "config.yaml"), student=str(ckpt))
-    return cfg, build_setup(cfg, student=load_model(str(ckpt), cfg.dtype))
+    return cfg, build_setup(cfg, student=load_student(ckpt, cfg))
 
 
 def _student_rollouts(env, prompts, generator, max_new_tokens):

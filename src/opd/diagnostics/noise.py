@@ -40,7 +40,7 @@ def entropy_stats(entropy_N: torch.Tensor, high: float = 1.0) -> dict[str, float
     if entropy_N.numel() == 0:
         return {}
     out = {"mean": float(entropy_N.mean()), f"share>{high:g}": float((entropy_N > high).double().mean())}
-    qs = torch.quantile(entropy_N.double(), torch.tensor(ENTROPY_QUANTILES, dtype=torch.float64))
+    qs = torch.quantile(entropy_N.double(), torch.tensor(ENTROPY_QUANTILES, dtype=torch.float64, device=entropy_N.device))
     out.update({f"q{int(round(100 * q))}": float(v) for q, v in zip(ENTROPY_QUANTILES, qs)})
     return out
 

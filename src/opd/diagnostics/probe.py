@@ -58,7 +58,7 @@ def plant_wrong_step(oracle, prompt: list[int], solution_ids: list[int], sep_id:
     wrong = [i for i in target.plausible if i != clean[pos]]
     if not wrong:
         raise ValueError(f"the oracle names no plausible wrong word at step {k}'s result")
-    pick = wrong[int(torch.randint(len(wrong), (1,), generator=generator))]
+    pick = wrong[int(torch.randint(len(wrong), (1,), generator=generator, device="cpu"))]
     return Planted(list(prompt), clean[:pos] + [pick], clean, pos)
 
 

@@ -23,7 +23,7 @@ from opd.signals.teacher_logp import floored_logp_V
 
 
 def gkd_rollout(env, problems, generator, *, lmbda: float, seq_kd: bool) -> Experience:
-    if float(torch.rand((), generator=generator)) < lmbda:
+    if float(torch.rand((), generator=generator, device="cpu")) < lmbda:
         return student_rollout(env, problems, generator)
     off = teacher_rollout if seq_kd else solution_rollout
     return off(env, problems, generator)

@@ -53,7 +53,7 @@ def srpo_rollout(env: RolloutEnv, problems: list, generator: torch.Generator) ->
     """Student rollouts, with ``log V`` of the teacher's vocabulary on every row."""
     exp = student_rollout(env, problems, generator)
     vocab = getattr(env.teacher, "vocab_size", 0) or env.vocab_size
-    exp.extra["log_vocab_B"] = torch.full((len(exp.problems),), math.log(max(vocab, 2)))
+    exp.extra["log_vocab_B"] = torch.full((len(exp.problems),), math.log(max(vocab, 2)), device=exp.batch.device)
     return exp
 
 

@@ -69,17 +69,17 @@ def with_golden_rows(env: RolloutEnv, exp: Experience, gold: Experience) -> Expe
     prompts = exp.batch.prompts() + gold.batch.prompts()
     batch = make_batch(prompts, exp.batch.completions() + gold.batch.completions(), env.pad_id, width=T0)
     B, T = batch.completion_mask_BT.shape
-    ref_logits = reference_scores(env, batch.select(torch.arange(R)), topk=1, full=True).logits_BTV
-    gold_rewards = torch.tensor([float(env.verify(p, c)) for p, c in zip(gold.problems, gold.batch.completions())])
+    ref_logits = reference_scores(env, batch.select(torch.arange(R, device="cpu")), topk=1, full=True).logits_BTV
+    gold_rewards = torch.tensor([float(env.verify(p, c)) for p, c in zip(gold.problems, gold.batch.completions())], device="cpu")
     return Experience(
         batch=batch,
         problems=exp.problems + gold.problems,
         group_B=torch.cat([exp.group_B, gold.group_B]),
         sampler_logp_BT=_pad_cols(exp.sampler_logp_BT, B, T),
         rewards_B=torch.cat([exp.rewards_B, gold_rewards]),
-        truncated_B=torch.cat([exp.truncated_B, torch.zeros(B - R, dtype=torch.bool)]),
-        sampled_B=torch.arange(B) < R,
-        extra={"gold_B": torch.arange(B) >= R, "ref_logits_BTV": _pad_cols(ref_logits.float(), B, T)},
+        truncated_B=torch.cat([exp.truncated_B, torch.zeros(B - R, dtype=torch.bool, device="cpu")]),
+        sampled_B=torch.arange(B, device="cpu") < R,
+        extra={"gold_B": torch.arange(B, device="cpu") >= R, "ref_logits_BTV": _pad_cols(ref_logits.float().to(batch.device), B, T)},
     )
 
 

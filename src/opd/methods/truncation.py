@@ -51,7 +51,7 @@ def budget_rollout(env: RolloutEnv, problems: list[Problem], generator: torch.Ge
     ``exp.extra["budget_B"]`` holds the budget used (for ``rollout/budget``)."""
     tokens = min(budget(env.step), env.max_new_tokens)
     exp = student_rollout(env, problems, generator, max_new_tokens=tokens)
-    exp.extra["budget_B"] = torch.full((exp.batch.input_ids_BL.shape[0],), tokens, dtype=torch.long)
+    exp.extra["budget_B"] = torch.full((exp.batch.input_ids_BL.shape[0],), tokens, dtype=torch.long, device=exp.batch.device)
     return exp
 
 

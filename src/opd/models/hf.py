@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from opd.batch import SeqBatch
 from opd.losses.chunked import default_chunk_size
 from opd.models.base import Scores
+from opd.models.device import model_device
 from opd.models.head import head_rows
 from opd.models.scoring import BUCKET_TOKENS, CALL_COST, chunk_scores, lean_scores
 
@@ -219,7 +220,9 @@ def optional_tokenizer(path: str | Path):
 
 
 def completion_hidden(model: PreTrainedModel, batch: SeqBatch) -> torch.Tensor:
-    """Final hidden states that predict each completion token: ``[B, T, H]``."""
+    """Final hidden states that predict each completion token: ``[B, T, H]``, on the model's
+    device (the batch is moved there if it is elsewhere)."""
+    batch = batch.to(model_device(model))
     out = model.get_decoder()(
         input_ids=batch.input_ids_BL,
         attention_mask=batch.attention_mask_BL,
@@ -276,6 +279,8 @@ class HFTeacher:
 
     @torch.no_grad()
     def score(self, batch: SeqBatch, *, topk: int = 8, full: bool = False, temperature: float = 1.0) -> Scores:
+        """Scores on the teacher's device (the batch is moved there)."""
+        batch = batch.to(model_device(self.model))
         if not full:
             return lean_scores(self.model, batch, topk=topk, temperature=temperature,
                                max_tokens=self.bucket_tokens, call_cost=self.call_cost)

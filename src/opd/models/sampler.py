@@ -36,6 +36,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from opd.batch import SeqBatch, make_batch
 from opd.models import fast_decode
+from opd.models.device import model_device
 
 BLOCK = 128  # vocabulary block of the two-level inverse CDF
 
@@ -129,10 +130,10 @@ class HFDecoder:
     """
 
     def __init__(self, model: PreTrainedModel, prompts: list[list[int]], pad_id: int, capacity: int = 0):
-        prompt_batch = make_batch(prompts, [[] for _ in prompts], pad_id)
+        prompt_batch = make_batch(prompts, [[] for _ in prompts], pad_id).to(model_device(model))
         P = self.length = prompt_batch.prompt_len
         self.model = model
-        self.attn_BL = torch.zeros(len(prompts), max(capacity, 2 * P), dtype=torch.long)
+        self.attn_BL = torch.zeros(len(prompts), max(capacity, 2 * P), dtype=torch.long, device=model_device(model))
         self.attn_BL[:, :P] = prompt_batch.attention_mask_BL[:, :P]
         pos_BL = (self.attn_BL[:, :P].cumsum(-1) - 1).clamp(min=0)
         self.cache = DynamicCache(config=model.config)
@@ -293,6 +294,6 @@ def assemble(prompts, tokens_BT, logp_BT, eos_id, pad_id) -> Sampled:
         completions.append(row[:end])
     batch = make_batch(prompts, completions, pad_id)
     width = batch.completion_mask_BT.shape[1]
-    out_BT = torch.zeros(batch.completion_mask_BT.shape)
+    out_BT = torch.zeros(batch.completion_mask_BT.shape, device=batch.device)
     out_BT[:, : min(width, T)] = logp_BT[:, :width]
     return Sampled(batch, out_BT.masked_fill(~batch.completion_mask_BT, 0.0))

@@ -92,9 +92,9 @@ def _pick(mix_BV, teacher_BV, student_BV, alpha, temperature, top_p, generator):
 def _cut(values_BT: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
     """Align step-major values to the batch's completion columns, 0 on padding."""
     mask_BT = batch.completion_mask_BT
-    out_BT = torch.zeros(mask_BT.shape)
+    out_BT = torch.zeros(mask_BT.shape, device=mask_BT.device)
     width = min(mask_BT.shape[1], values_BT.shape[1])
-    out_BT[:, :width] = values_BT[:, :width].float()
+    out_BT[:, :width] = values_BT[:, :width].float().to(out_BT.device)
     return out_BT.masked_fill(~mask_BT, 0.0)
 
 
@@ -117,7 +117,7 @@ def mixed_sample(
     B = len(prompts)
     prefixes: list[list[int]] = [[] for _ in range(B)]
     tokens, s_logps, m_logps, queries = [], [], [], 0
-    done_B = torch.zeros(B, dtype=torch.bool)
+    done_B = torch.zeros(B, dtype=torch.bool, device=dec.logits_BV.device)
     for _ in range(max_new_tokens):
         student_BV = torch.log_softmax(dec.logits_BV, -1)
         teacher_BV = student_BV.clone()  # finished rows: never read
@@ -138,7 +138,7 @@ def mixed_sample(
         if bool(done_B.all()):
             break
         dec.advance(tok_B, live_B)
-    out = assemble(prompts, torch.stack(tokens, 1), torch.stack(s_logps, 1), eos_id, pad_id)
+    out = assemble(prompts, torch.stack(tokens, 1).cpu(), torch.stack(s_logps, 1).cpu(), eos_id, pad_id)
     return MixedSampled(out.batch, out.sampler_logp_BT, _cut(torch.stack(m_logps, 1), out.batch), queries)
 
 

@@ -89,8 +89,8 @@ def refine_rollout(env: RolloutEnv, problems: list[Problem], generator: torch.Ge
         prefixes, more = refine_by_prefix(env, raw.batch, topk=topk, temperature=temperature, generator=generator)
         refined = [p + m for p, m in zip(prefixes, more)]
         teacher_tokens = sum(len(m) for m in more)
-        n_body = torch.tensor([max(1, len(d) - int(bool(d) and d[-1] == env.eos_id)) for d in drafts])
-        extra["refine_kept_B"] = torch.tensor([len(p) for p in prefixes]) / n_body
+        n_body = torch.tensor([max(1, len(d) - int(bool(d) and d[-1] == env.eos_id)) for d in drafts], device="cpu")
+        extra["refine_kept_B"] = torch.tensor([len(p) for p in prefixes], device="cpu") / n_body
     extra["draft_ids_BT"], extra["draft_mask_BT"] = raw.batch.completion_ids_BT, raw.batch.completion_mask_BT
     batch = make_batch(raw.batch.prompts(), refined, env.pad_id)
     return Experience(

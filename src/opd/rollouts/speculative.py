@@ -68,8 +68,8 @@ def _vet(teacher: Teacher, prompts, comps, props, rows, *, topk: int, pad_id: in
     """Teacher pass over ``rows``: accepted block lengths [R] and full logits [R, T, V]."""
     batch = make_batch([prompts[b] for b in rows], [comps[b] + props[b] for b in rows], pad_id)
     scores = teacher.score(batch, topk=topk, full=True)
-    start_R = torch.tensor([len(comps[b]) for b in rows])
-    cols_T = torch.arange(batch.completion_mask_BT.shape[1])
+    start_R = torch.tensor([len(comps[b]) for b in rows], device="cpu")
+    cols_T = torch.arange(batch.completion_mask_BT.shape[1], device="cpu")
     block_BT = batch.completion_mask_BT & (cols_T[None, :] >= start_R[:, None])
     accept_BT = in_teacher_topk(scores.token_logp_BT.cpu(), scores.topk_logp_BTK.cpu()) | ~block_BT
     n_ok_R = accepted_prefix_len(accept_BT, batch.completion_mask_BT) - start_R
@@ -146,6 +146,6 @@ def speculative_sample(
     batch = make_batch([list(p) for p in prompts], comps, pad_id)
     written_BT = torch.zeros_like(batch.completion_mask_BT)
     for b, f in enumerate(flags):
-        written_BT[b, : len(f)] = torch.tensor(f, dtype=torch.bool)
-    proposed_B, accepted_B = torch.tensor(counts, dtype=torch.long).unbind(-1)
+        written_BT[b, : len(f)] = torch.tensor(f, dtype=torch.bool, device="cpu")
+    proposed_B, accepted_B = torch.tensor(counts, dtype=torch.long, device="cpu").unbind(-1)
     return Speculative(batch, written_BT, proposed_B, accepted_B)

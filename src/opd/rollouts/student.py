@@ -14,16 +14,16 @@ from opd.tasks.base import Problem
 
 def group_rows(problems: list[Problem], group_size: int) -> tuple[list[Problem], torch.Tensor]:
     rows = [p for p in problems for _ in range(group_size)]
-    group_B = torch.arange(len(problems)).repeat_interleave(group_size)
+    group_B = torch.arange(len(problems), device="cpu").repeat_interleave(group_size)
     return rows, group_B
 
 
 def verify_rows(env: RolloutEnv, rows: list[Problem], completions: list[list[int]]) -> torch.Tensor:
-    return torch.tensor([float(env.verify(p, c)) for p, c in zip(rows, completions)])
+    return torch.tensor([float(env.verify(p, c)) for p, c in zip(rows, completions)], device="cpu")
 
 
 def truncated_rows(completions: list[list[int]], eos_id: int) -> torch.Tensor:
-    return torch.tensor([not c or c[-1] != eos_id for c in completions])
+    return torch.tensor([not c or c[-1] != eos_id for c in completions], device="cpu")
 
 
 def student_rollout(
@@ -66,7 +66,7 @@ def solution_rollout(env: RolloutEnv, problems: list[Problem], generator: torch.
     prompts = [env.encode_prompt(p) for p in problems]
     completions = [env.encode_solution(p) for p in problems]
     batch = make_batch(prompts, completions, env.pad_id)
-    return Experience(batch, list(problems), torch.arange(len(problems)), on_policy=False)
+    return Experience(batch, list(problems), torch.arange(len(problems), device="cpu"), on_policy=False)
 
 
 def teacher_rollout(env: RolloutEnv, problems: list[Problem], generator: torch.Generator) -> Experience:
@@ -84,6 +84,6 @@ def teacher_rollout(env: RolloutEnv, problems: list[Problem], generator: torch.G
     batch = make_batch(prompts, completions, env.pad_id)
     tokens = sum(len(c) for c in completions)
     return Experience(
-        batch, list(problems), torch.arange(len(problems)), on_policy=False, teacher_tokens=tokens,
+        batch, list(problems), torch.arange(len(problems), device="cpu"), on_policy=False, teacher_tokens=tokens,
         rewards_B=verify_rows(env, list(problems), completions),
     )

@@ -39,7 +39,7 @@ def evaluate(env: RolloutEnv, problems: list[Problem], *, k: int, temperature: f
     generator = torch.Generator().manual_seed(seed)
     rows = [p for p in problems for _ in range(k)]
     sampled = _complete(env, rows, temperature=temperature, generator=generator)
-    correct = torch.tensor([env.verify(p, c) for p, c in zip(rows, sampled)]).view(len(problems), k)
+    correct = torch.tensor([env.verify(p, c) for p, c in zip(rows, sampled)], device="cpu").view(len(problems), k)
     env.student.train(was_training)
     return {
         "eval/accuracy": accuracy,

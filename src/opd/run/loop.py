@@ -7,8 +7,10 @@ optimizer step (``mask_BT`` summed over every micro-batch), METHODS rule 4.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from dataclasses import replace
 
 import torch
 
@@ -22,6 +24,7 @@ from opd.run.step_diagnostics import (
 from opd.losses import masked_token_mean
 from opd.methods.base import Experience, Method, Signal, StudentView
 from opd.methods.degeneracy import first_step_record
+from opd.models.device import model_device
 from opd.models.hf import completion_hidden, completion_logits
 
 
@@ -31,7 +34,7 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def pick_problems(pool: list, n: int, generator: torch.Generator) -> list:
-    idx = torch.randperm(len(pool), generator=generator)[:n]
+    idx = torch.randperm(len(pool), generator=generator, device="cpu")[:n]
     return [pool[i] for i in idx.tolist()]
 
 
@@ -93,6 +96,52 @@ def _rows(signal: Signal, rows: slice) -> Signal:
     return {k: v[rows] for k, v in signal.items()}
 
 
+def trimmed(batch, signal: Signal) -> tuple:
+    """A micro-batch cut to its own width: prompt columns that are padding in every row
+    (on the left) and completion columns past its longest completion (on the right) are
+    dropped, from the batch and from every signal tensor whose second dimension is the
+    completion width. Returns ``(batch, signal, cols)``, ``cols`` the kept completion
+    columns. Causal attention and position ids from the attention mask make the kept
+    positions' outputs the same as in the full-width batch (up to float rounding)."""
+    T = batch.completion_mask_BT.shape[1]
+    keep_T = max(1, int(batch.completion_mask_BT.any(0).nonzero().max()) + 1) if bool(batch.completion_mask_BT.any()) else 1
+    prompt_used = batch.attention_mask_BL[:, : batch.prompt_len].any(0)
+    first = int(prompt_used.float().argmax()) if bool(prompt_used.any()) else batch.prompt_len - 1
+    first = min(first, batch.prompt_len - 1)  # the column predicting the first completion token stays
+    cols = slice(0, keep_T)
+    if keep_T == T and first == 0:
+        return batch, signal, cols
+    end = batch.prompt_len + keep_T
+    cut = replace(batch, input_ids_BL=batch.input_ids_BL[:, first:end], attention_mask_BL=batch.attention_mask_BL[:, first:end],
+                  prompt_len=batch.prompt_len - first, completion_mask_BT=batch.completion_mask_BT[:, :keep_T])
+    return cut, {k: (v[:, :keep_T] if v.dim() >= 2 and v.shape[1] == T else v) for k, v in signal.items()}, cols
+
+
+def _cols(scores, rows: slice, cols: slice):
+    """The teacher's top-K scores of a micro-batch's rows and kept completion columns."""
+    return replace(scores, topk_ids_BTK=scores.topk_ids_BTK[rows, cols], topk_logp_BTK=scores.topk_logp_BTK[rows, cols])
+
+
+@contextlib.contextmanager
+def checkpointing(model):
+    """Activate the model's own gradient checkpointing (when it was enabled) for the update.
+
+    Hugging Face checkpoints a layer only while that layer is in training mode; the student
+    stays in eval mode (no dropout: its log-probs are the sampler's), so only the layers
+    that checkpoint are switched, not their children."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    modes = [m.training for m in layers]
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m, mode in zip(layers, modes):
+            m.training = mode
+
+
 def signal_metrics(signal: Signal) -> dict:
     """Means of the signal's metric entries: scalars as they are, ``[B, T]`` over kept tokens."""
     mask_BT = signal["mask_BT"]
@@ -117,19 +166,19 @@ def _accumulate(totals: dict, metrics: dict, mask_BT: torch.Tensor) -> None:
         totals[key] = (totals.get(key, (0.0, 0.0))[0] + s, totals.get(key, (0.0, 0.0))[1] + n)
 
 
-def _student_diag(view: StudentView, completion_mask_BT: torch.Tensor, scores, rows: slice) -> dict:
+def _student_diag(view: StudentView, completion_mask_BT: torch.Tensor, scores) -> dict:
     """Student-side ``diag/`` statistics of one micro-batch, with no extra decoder pass:
     from the lean view's chunked sweep (``side_stats``) when the loss read ``logp_BT``,
     else from the detached logits when the loss made them, else chunked from the hidden
     states (same values; never ``[B, T, V]``). The top-K overlap when ``scores``
-    (row-aligned) are given."""
+    (aligned with the micro-batch) are given."""
     head = view.linear_head
     lean = not view.has_logits and view.hidden_BTH is not None and head is not None
     with torch.no_grad():
         ids_BTK = lp_BTK = None
         if scores is not None:
             dev = view.hidden_BTH.device if view.hidden_BTH is not None else view.logits_BTV.device
-            ids_BTK, lp_BTK = scores.topk_ids_BTK[rows].to(dev), scores.topk_logp_BTK[rows].to(dev)
+            ids_BTK, lp_BTK = scores.topk_ids_BTK.to(dev), scores.topk_logp_BTK.to(dev)
         if view.side_stats is not None and (ids_BTK is None or view.stats_topk == ids_BTK.shape[-1]):
             return student_step_stats_from_parts(*view.side_stats, completion_mask_BT, ids_BTK, lp_BTK)
         if lean:
@@ -155,15 +204,16 @@ def update(model, optimizer, exp: Experience, signal: Signal, method: Method, *,
     stats_topk = 0 if scores is None else scores.topk_ids_BTK.shape[-1]
     for start in range(0, mask_BT.shape[0], micro_batch_size):
         rows = slice(start, start + micro_batch_size)
-        batch = exp.batch.select(rows)
-        view = student_view(model, batch, lean=lean, stats_topk=stats_topk)
-        micro = _rows(signal, rows)
-        loss_BT, metrics = method.loss(view, micro)
-        loss = masked_token_mean(loss_BT, micro["mask_BT"], normalizer)
-        loss.backward()
+        batch, micro, cols = trimmed(exp.batch.select(rows), _rows(signal, rows))
+        micro_scores = None if scores is None else _cols(scores, rows, cols)
+        with checkpointing(model):
+            view = student_view(model, batch, lean=lean, stats_topk=stats_topk)
+            loss_BT, metrics = method.loss(view, micro)
+            loss = masked_token_mean(loss_BT, micro["mask_BT"], normalizer)
+            loss.backward()
         loss_sum = loss_sum + loss.detach()
         _accumulate(totals, metrics, micro["mask_BT"])
-        _accumulate(diag, _student_diag(view, batch.completion_mask_BT, scores, rows), batch.completion_mask_BT)
+        _accumulate(diag, _student_diag(view, batch.completion_mask_BT, micro_scores), batch.completion_mask_BT)
         del view, loss_BT, metrics  # a cached [B, T, V] must not outlive its micro-batch
     clip = max_grad_norm if max_grad_norm > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
@@ -182,7 +232,7 @@ def update(model, optimizer, exp: Experience, signal: Signal, method: Method, *,
 def rollout_metrics(exp: Experience, signal: Signal) -> dict:
     """Rollout statistics over the rows the rollout sampled (``exp.sampled_B``, default all)."""
     mask_BT = exp.batch.completion_mask_BT
-    rows = exp.sampled_B if exp.sampled_B is not None else torch.ones(mask_BT.shape[0], dtype=torch.bool)
+    rows = exp.sampled_B if exp.sampled_B is not None else torch.ones(mask_BT.shape[0], dtype=torch.bool, device=mask_BT.device)
     out = {
         "rollout/length": float(mask_BT[rows].sum(1).float().mean()),
         "rollout/on_policy": float(exp.on_policy),
@@ -217,16 +267,28 @@ def teacher_metrics(scores, mask_BT: torch.Tensor, completion_ids_BT: torch.Tens
     return out
 
 
+def memory_metrics(device: torch.device) -> dict:
+    """``memory/peak_gib``: the accelerator's peak allocated memory since the last step (none on a CPU)."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return {"memory/peak_gib": peak}
+
+
 def train_step(env, method: Method, problems: list, generator: torch.Generator, optimizer, *, micro_batch_size: int, max_grad_norm: float, ppo_epochs: int) -> tuple[dict, dict]:
     """Rollout, score, shape, update. Returns (metrics, usage counters of this step)."""
+    device = model_device(env.student)
     t0 = time.perf_counter()
-    exp = method.rollout(env, problems, generator)
+    exp = method.rollout(env, problems, generator).to(device)
+    t_score = time.perf_counter()
     scores, teacher_tokens = None, exp.teacher_tokens
     if method.teacher_request is not None:
         req = method.teacher_request
         teacher, context_batch = method.context(env, exp)
-        scores = teacher.score(context_batch, topk=req.topk, full=req.full, temperature=1.0)
+        scores = teacher.score(context_batch, topk=req.topk, full=req.full, temperature=1.0).to(device)
         teacher_tokens += context_batch.num_tokens
+    t_signal = time.perf_counter()
     signal = method.signal(exp, scores)
     t1 = time.perf_counter()
     diag_scores = aligned_scores(scores, exp.batch)
@@ -242,6 +304,7 @@ def train_step(env, method: Method, problems: list, generator: torch.Generator, 
         metrics.update(teacher_metrics(scores, exp.batch.completion_mask_BT, ids_BT))
     if env.step == 0:  # degeneracy the first step shows: degenerate/<knob> (opd.methods.degeneracy)
         metrics.update(first_step_record(method, env, exp, scores, metrics))
-    metrics.update({"time/rollout_s": t1 - t0, "time/update_s": time.perf_counter() - t1})
+    metrics.update({"time/rollout_s": t1 - t0, "time/score_s": t_signal - t_score, "time/update_s": time.perf_counter() - t1})
+    metrics.update(memory_metrics(device))
     usage = {"sequences": exp.batch.input_ids_BL.shape[0], "teacher_tokens": teacher_tokens}
     return metrics, usage

@@ -24,9 +24,9 @@ from opd.run.evaluate import evaluate
 from opd.run.guards import RunStopped, StopSignals, finite_params
 from opd.run.lock import acquire_run_lock, release_run_lock
 from opd.run.metrics_log import METRICS_FILE, MetricLogger
-from opd.models.hf import load_model
+from opd.models.device import student_precision
 from opd.run.resume import changes_row, describe_changes, resumed_config
-from opd.run.setup import Setup, build_setup
+from opd.run.setup import Setup, build_setup, load_student
 from opd.run.loop import make_optimizer, make_scheduler, pick_problems, set_hyperparams, step_generator, train_step
 from opd.config.train import TrainConfig
 
@@ -102,7 +102,7 @@ class Run:
         self.resume_from = _check_run_dir(cfg)
         self.cfg, self.changes = resumed_config(self.resume_from, cfg) if self.resume_from else (cfg, {})
         cfg = self.cfg
-        student = load_model(self.resume_from, cfg.dtype) if self.resume_from else None
+        student = load_student(self.resume_from, cfg) if self.resume_from else None
         self.setup = setup or build_setup(cfg, student=student)
         model = self.setup.env.student
         self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -125,7 +125,9 @@ class Run:
 
     def evaluate(self) -> dict:
         c = self.cfg
-        row = evaluate(self.setup.env, self.setup.eval_problems, k=c.eval_k, temperature=c.eval_temperature, seed=c.seed)
+        env = self.setup.env
+        with student_precision(env.student, env.autocast):
+            row = evaluate(env, self.setup.eval_problems, k=c.eval_k, temperature=c.eval_temperature, seed=c.seed)
         row.update(self._usage())
         self.history.append({"step": self.counters["step"], **row})
         return row
@@ -151,10 +153,12 @@ class Run:
         problems = pick_problems(self.setup.train_pool, c.prompts_per_step, generator)
         self.setup.env.step = step
         t0 = time.perf_counter()
-        metrics, usage = train_step(
-            self.setup.env, self.setup.method, problems, generator, self.optimizer,
-            micro_batch_size=c.micro_batch_size, max_grad_norm=c.max_grad_norm, ppo_epochs=c.ppo_epochs,
-        )
+        env = self.setup.env
+        with student_precision(env.student, env.autocast):
+            metrics, usage = train_step(
+                env, self.setup.method, problems, generator, self.optimizer,
+                micro_batch_size=c.micro_batch_size, max_grad_norm=c.max_grad_norm, ppo_epochs=c.ppo_epochs,
+            )
         metrics["optim/lr"] = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.counters["step"] += 1

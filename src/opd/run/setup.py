@@ -18,6 +18,7 @@ import torch
 from opd.methods import build_method
 from opd.methods.base import Method, RolloutEnv
 from opd.methods.degeneracy import warn_at_setup
+from opd.models.device import autocast_dtype, resolve_device
 from opd.models.head import restrict_head
 from opd.models.hf import HFTeacher, check_vocabularies, load_model, load_tokenizer, optional_tokenizer
 from opd.run.sources import lookup, task_source
@@ -60,7 +61,7 @@ def make_teacher(cfg: TrainConfig, task, tokenizer):
     made = cfg.teacher if source is None else source(vars(cfg), task, tokenizer)
     if not isinstance(made, (str, Path)):
         return made, None
-    model = load_model(str(made), cfg.dtype, what="teacher")
+    model = load_model(str(made), cfg.dtype, what="teacher").to(teacher_device(cfg))
     teacher_tok = optional_tokenizer(made) if Path(str(made)).expanduser().is_dir() else load_tokenizer(str(made), what="teacher")
     if teacher_tok is None:
         print(f"opd: note: the teacher directory {made} holds no tokenizer, so it cannot be compared with the "
@@ -267,18 +268,44 @@ def problem_pools(cfg: TrainConfig, task, encode, positions: int | None):
     return train_pool, eval_problems[: cfg.eval_size], counts  # one held-out set for all seeds
 
 
+def teacher_device(cfg: TrainConfig) -> torch.device:
+    """Where the teacher and the reference model run (``teacher_device``, else ``device``)."""
+    if cfg.teacher_device is None:
+        return resolve_device(cfg.device)
+    return resolve_device(cfg.teacher_device, "teacher_device")
+
+
+def enable_checkpointing(model) -> None:
+    """The model's own activation checkpointing (non-reentrant); active in the update only
+    (:func:`opd.run.loop.checkpointing`)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def load_student(path, cfg: TrainConfig):
+    """The student in float32 (its master weights under bf16 autocast) on ``device``, with
+    the model's own gradient checkpointing when asked."""
+    model = load_model(str(path), "float32", what="student").to(resolve_device(cfg.device))
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
+    return model
+
+
 def build_setup(cfg: TrainConfig, student=None) -> Setup:
     """Student, tokenizer, teacher, data and the method, checked against each other."""
+    resolve_device(cfg.device), teacher_device(cfg)  # a bad device name fails before any loading
     task = make_task(cfg)
     student_path = resolve_student(cfg)
     tokenizer = load_tokenizer(student_path, what="student")
-    student = student if student is not None else load_model(student_path, cfg.dtype, what="student")
+    student = student.to(resolve_device(cfg.device)) if student is not None else load_student(student_path, cfg)
     method = build_method(cfg.method, vars(cfg))
     # a method that never asks a teacher (sft on solutions, grpo, opsd) runs on a dataset
     # with the default teacher=oracle; the oracle is still built on the testbed (reports use it)
     unused_oracle = cfg.teacher == "oracle" and bool(cfg.dataset) and "teacher" not in method.needs
     teacher, teacher_tok = (None, None) if unused_oracle else make_teacher(cfg, task, tokenizer)
-    reference = frozen(load_model(student_path, cfg.dtype)) if "reference" in method.needs else None
+    reference = frozen(load_model(student_path, cfg.dtype).to(teacher_device(cfg))) if "reference" in method.needs else None
     share_vocabulary(student, teacher, tokenizer, teacher_tok, reference)
     encode = prompt_encoder(tokenizer, cfg.chat_template, bool(cfg.dataset))
     positions = model_positions(student, getattr(teacher, "model", None))
@@ -293,6 +320,7 @@ def build_setup(cfg: TrainConfig, student=None) -> Setup:
         encode_privileged=privileged, encode_refine=refine, reference=reference,
         special_ids=special_ids(tokenizer), vocab_size=len(tokenizer),
         boundary_ids=boundary_ids(tokenizer) if "boundaries" in method.needs else (),
+        autocast=autocast_dtype(cfg.dtype),
     )
     warn_at_setup(method, env)  # a method that reduces to another one here says so (opd.methods.degeneracy)
     return Setup(env, method, tokenizer, train_pool, eval_problems, counts)

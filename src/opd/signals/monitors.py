@@ -73,7 +73,7 @@ def repetition_ratios_B(
 ) -> torch.Tensor:
     """:func:`repetition_ratio` of every row's kept tokens (``mask_BT``) -> float ``[B]``."""
     rows = [row[m].tolist() for row, m in zip(completion_ids_BT, mask_BT.bool())]
-    return torch.tensor([repetition_ratio(r, tail) for r in rows], dtype=torch.float32)
+    return torch.tensor([repetition_ratio(r, tail) for r in rows], dtype=torch.float32, device="cpu")
 
 
 def is_truncated_B(completion_ids_BT: torch.Tensor, mask_BT: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -102,12 +102,12 @@ def rollout_monitors(
     if len(completions) != len(truncated_B):
         raise ValueError(f"{len(completions)} completions but {len(truncated_B)} truncation flags")
     if not completions:
-        zero = torch.zeros(())
+        zero = torch.zeros((), device="cpu")
         return {k: zero for k in ("monitor/truncation", "monitor/repetition", "monitor/compression", "monitor/length")}
-    ratios_B = torch.tensor([repetition_ratio(c, tail) for c in completions], dtype=torch.float32)
+    ratios_B = torch.tensor([repetition_ratio(c, tail) for c in completions], dtype=torch.float32, device="cpu")
     return {
         "monitor/truncation": truncated_B.float().mean(),
         "monitor/repetition": (ratios_B > rep_threshold).float().mean(),
         "monitor/compression": ratios_B.mean(),
-        "monitor/length": torch.tensor([float(len(c)) for c in completions]).mean(),
+        "monitor/length": torch.tensor([float(len(c)) for c in completions], device="cpu").mean(),
     }

@@ -62,7 +62,7 @@ def drift_reliability_BT(
     Masked positions are never drift events (``w`` carries over them)."""
     drift_BT = mask_BT.bool() & (overlap_BT < delta)
     count_BT = drift_BT.long().cumsum(-1)
-    return drift_BT, torch.pow(torch.as_tensor(float(eta), dtype=torch.float64), count_BT.double())
+    return drift_BT, torch.pow(float(eta), count_BT.double())
 
 
 def reliable_mask_BT(w_BT: torch.Tensor, mask_BT: torch.Tensor, *, w_min: float) -> torch.Tensor:

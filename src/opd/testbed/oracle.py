@@ -167,7 +167,7 @@ class OracleTeacher:
         self.ids = {w: i for i, w in enumerate(self.words)}
         self.eos_token_id, self.wait_token_id = self.ids[EOS], self.ids[WAIT]
         self.pad_token_id = self.ids[PAD]
-        dead = torch.zeros(self.vocab_size, dtype=torch.bool)
+        dead = torch.zeros(self.vocab_size, dtype=torch.bool, device="cpu")  # a program: it runs on the host
         dead[[self.ids[w] for w in (PAD, BOS, UNK) if w in self.ids]] = True
         self.live_V = ~dead
         n_live, n_dead = int(self.live_V.sum()), int(dead.sum())
@@ -197,7 +197,7 @@ class OracleTeacher:
         if row is None:
             row = self._keys[key] = len(self._rows)
             intended = self.ids[key[0]]
-            mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+            mask = torch.zeros(self.vocab_size, dtype=torch.bool, device="cpu")
             mask[[self.ids[w] for w in key[1] if w in self.ids]] = True
             if not mask.any():
                 mask = self.live_V.clone()
@@ -218,8 +218,8 @@ class OracleTeacher:
         if self._table is None:
             self._table = tuple(torch.stack([r[i] for r in self._rows]) for i in (1, 2))
         base_RV, spread_RV = self._table
-        rows_N = torch.tensor(rows, dtype=torch.long)
-        n_N = torch.tensor(n, dtype=torch.float64)
+        rows_N = torch.tensor(rows, dtype=torch.long, device="cpu")
+        n_N = torch.tensor(n, dtype=torch.float64, device="cpu")
         log_keep_N = math.log1p(-self.noise) + n_N * math.log1p(-self.decay)  # log(1 - eps)
         log_eps_N = torch.log(-torch.expm1(log_keep_N))
         return torch.logaddexp(
