@@ -69,6 +69,7 @@ class _Spec:
     k: Optional[int]
     renormalize: str
     chunk_size: Optional[int]
+    teacher_floor: Optional[float] = None
 
 
 # ---------------------------------------------------------------- per-chunk kernels
@@ -154,13 +155,24 @@ def _n_buffers(spec: _Spec) -> int:
     return 3 if _base_kind(spec) == "rkl" else 4
 
 
+def _floor_teacher_(t_CV: torch.Tensor, scratch_CV: torch.Tensor, floor: float) -> torch.Tensor:
+    """In place: ``t ← max(log softmax(t), floor)`` (NaN logits carry no mass), as
+    :func:`opd.signals.teacher_logp.floored_logp_V`; returns ``has_mass [C]``."""
+    has_mass, _ = _log_softmax_(t_CV, scratch_CV, normalize_p=False)
+    t_CV.clamp_min_(floor)
+    return has_mass
+
+
 def _closed_form(s, t, scratch, spec: _Spec, scale_C):
     """Values ``[C]`` and ``scale·∂D/∂z`` ``[C, V]`` (or None) from raw logits, in place."""
+    a, b = scratch[0], scratch[-1]  # rkl has one scratch buffer: T's p is not needed
+    floored = None if spec.teacher_floor is None else _floor_teacher_(t, b, spec.teacher_floor)
     if spec.temperature != 1.0:
         s.div_(spec.temperature), t.div_(spec.temperature)
-    a, b = scratch[0], scratch[-1]  # rkl has one scratch buffer: T's p is not needed
     kind, need_grad, clip = _base_kind(spec), scale_C is not None, spec.entry_clip
     ok, nan = _log_softmax_(t, b, normalize_p=kind == "fkl")
+    if floored is not None:
+        ok &= floored
     ok_s, nan_s = _log_softmax_(s, a, normalize_p=kind != "jsd")
     nan |= nan_s
     ok &= ok_s & ~nan
@@ -177,6 +189,8 @@ def _closed_form(s, t, scratch, spec: _Spec, scale_C):
 
 def _with_autograd(s, t, spec: _Spec, scale_C):
     """Same contract as ``_closed_form``, via ``divergence`` and autograd on the chunk."""
+    if spec.teacher_floor is not None:
+        t = _floored_logp(t, spec.teacher_floor)
     with torch.enable_grad():
         x = s.detach().requires_grad_(scale_C is not None)
         value = divergence(
@@ -188,6 +202,13 @@ def _with_autograd(s, t, spec: _Spec, scale_C):
             return value.detach(), None
         (grad,) = torch.autograd.grad(value, x, grad_outputs=scale_C.to(value.dtype))
     return value.detach(), grad
+
+
+def _floored_logp(t_CV: torch.Tensor, floor: float) -> torch.Tensor:
+    """``max(log softmax(t), floor)``, rows without mass all ``-inf`` (``floored_logp_V``)."""
+    x = torch.nan_to_num(t_CV, nan=float("-inf"), posinf=torch.finfo(t_CV.dtype).max, neginf=float("-inf"))
+    has_mass = (x > float("-inf")).any(-1, keepdim=True)
+    return torch.where(has_mass, x.log_softmax(-1).clamp_min(floor), float("-inf"))
 
 
 # ---------------------------------------------------------------- the sweep
@@ -315,6 +336,7 @@ def _split_teacher(teacher: Teacher, n: int, vocab: int):
     if len(teacher) not in (2, 3):
         raise ValueError("teacher must be logits or (hidden, weight[, bias])")
     hidden, weight, bias = (*teacher, None)[:3]
+    weight, bias = _in_dtype(hidden, weight, bias)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     if hidden.shape[0] != n or weight.shape[0] != vocab or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -322,6 +344,15 @@ def _split_teacher(teacher: Teacher, n: int, vocab: int):
             f"N={n}, V={vocab} (mismatched vocabularies are an error)"
         )
     return None, hidden.detach(), weight.detach(), None if bias is None else bias.detach()
+
+
+def _in_dtype(hidden, weight, bias):
+    """The head in the hidden states' dtype: under bf16 autocast the student's hidden states
+    are bf16 and its master weight float32; the cast is differentiable, so the float32
+    weight gets its gradient (as an autocast matmul would give it)."""
+    if weight.dtype == hidden.dtype:
+        return weight, bias
+    return weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
 
 
 def _prepare(hidden, weight, bias, teacher, spec: _Spec):
@@ -357,6 +388,7 @@ def chunked_divergence(
     support: str | None = None,
     k: int | None = None,
     renormalize: str = "both",
+    teacher_floor: float | None = None,
 ) -> torch.Tensor:
     """Per-token divergence ``D_n`` of the student ``z = h W^T + b`` vs the teacher -> ``[N]``.
 
@@ -371,10 +403,15 @@ def chunked_divergence(
     upstream gradient ``g_N`` (mask/weights applied by the caller afterwards); backward
     recomputes each chunk's logits. Cheapest for logging under ``torch.no_grad()``. For
     training, :func:`chunked_divergence_loss` saves that recompute.
+    ``teacher_floor``: the teacher's log-probs are ``max(log softmax(z_t), floor)`` before the
+    divergence (as :func:`opd.signals.teacher_logp.floored_logp_V` gives them to the full
+    form), applied per chunk. Hidden states in a lower precision than the head's weight
+    (bf16 autocast over float32 master weights): the matmul runs in the hidden's dtype.
     Source: see the module doc. Deviations: none (values and gradients equal the
     unchunked form up to float rounding).
     """
-    spec = _Spec(kind, beta, temperature, entry_clip, support, k, renormalize, chunk_size)
+    spec = _Spec(kind, beta, temperature, entry_clip, support, k, renormalize, chunk_size, teacher_floor)
+    lm_head_weight_VH, bias_V = _in_dtype(hidden_NH, lm_head_weight_VH, bias_V)
     h_NH, teacher, spec = _prepare(hidden_NH, lm_head_weight_VH, bias_V, teacher, spec)
     values = _RecomputedValues.apply(h_NH, lm_head_weight_VH, bias_V, *teacher, spec)
     return values.reshape(hidden_NH.shape[:-1])
@@ -395,6 +432,7 @@ def chunked_divergence_loss(
     support: str | None = None,
     k: int | None = None,
     renormalize: str = "both",
+    teacher_floor: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Σ_n w_n D_n, D_N)``: the weighted divergence sum and the detached per-token values.
 
@@ -410,7 +448,8 @@ def chunked_divergence_loss(
     a NaN at a weighted token makes the loss NaN, with zero gradient from that token.
     Source: Liger-Kernel fused linear JSD (third-party code), generalized.
     """
-    spec = _Spec(kind, beta, temperature, entry_clip, support, k, renormalize, chunk_size)
+    spec = _Spec(kind, beta, temperature, entry_clip, support, k, renormalize, chunk_size, teacher_floor)
+    lm_head_weight_VH, bias_V = _in_dtype(hidden_NH, lm_head_weight_VH, bias_V)
     h_NH, teacher, spec = _prepare(hidden_NH, lm_head_weight_VH, bias_V, teacher, spec)
     w_N = weights_N.reshape(-1)
     if w_N.shape != h_NH.shape[:1]:
