@@ -119,7 +119,8 @@ def _experience(cfg):
     problems = pick_problems(setup.train_pool, cfg.prompts_per_step, generator)
     exp = setup.method.rollout(setup.env, problems, generator)
     scores = setup.env.teacher.score(exp.batch, topk=8, full=True) if setup.method.teacher_request else None
-    signal = {k: (v.double() if v.is_floating_point() else v) for k, v in setup.method.signal(exp, scores).items()}
+    signal = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+              for k, v in setup.method.signal(exp, scores).items()}
     return setup, exp, signal
 
 

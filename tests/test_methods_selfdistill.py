@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from opd.batch import make_batch
-from opd.losses import divergence, entropy
+from opd.losses import entropy
 from opd.methods import dasd as dasd_method
 from opd.methods import gkd as gkd_method
 from opd.methods.base import Experience, StudentView

@@ -39,6 +39,7 @@ from opd.batch import SeqBatch
 from opd.losses.selective import token_logp, token_logp_and_stats
 from opd.methods.degeneracy import Check, never
 from opd.models.base import Scores, Teacher
+from opd.models.head import head_params
 from opd.rollouts.base import Experience, RolloutEnv  # noqa: F401  (part of the method contract)
 from opd.tasks.base import Problem
 
@@ -98,7 +99,7 @@ class StudentView:
         then ``logp_BT`` falls back to the full logits."""
         if type(self.lm_head) is not torch.nn.Linear:
             return None
-        return self.lm_head.weight, self.lm_head.bias
+        return head_params(self.lm_head)  # cut to the tokenizer's ids (opd.models.head)
 
     @property
     def logits_BTV(self) -> torch.Tensor | None:

@@ -57,7 +57,7 @@ from opd.signals.topk_lsm import retained_mass, teacher_support
 def eopd_signal(exp: Experience, scores, *, k: int, tau: float | None, quantile: float = 0.8) -> Signal:
     signal = opd_signal(exp, scores, gamma=0.0, kl_coef=1.0)
     uncertain_BT, threshold = routed_mask(scores.entropy_BT, signal["mask_BT"], tau=tau, quantile=quantile)
-    teacher_BTV = floored_logp_V(scores.logits_BTV)
+    teacher_BTV = floored_logp_V(scores.full_logits_BTV())
     support_BTV = teacher_support(teacher_BTV, k)
     signal.update({
         "uncertain_BT": uncertain_BT,

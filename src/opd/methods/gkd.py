@@ -15,11 +15,11 @@ from typing import Annotated
 
 import torch
 
-from opd.losses import divergence
+from opd.methods.full_vocab import teacher_divergence_BT
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
 from opd.methods.knobs import Beta, LossTemperature, knob
 from opd.rollouts.student import solution_rollout, student_rollout, teacher_rollout
-from opd.signals.teacher_logp import floored_logp_V
+from opd.signals.teacher_logp import full_teacher
 
 
 def gkd_rollout(env, problems, generator, *, lmbda: float, seq_kd: bool) -> Experience:
@@ -30,13 +30,11 @@ def gkd_rollout(env, problems, generator, *, lmbda: float, seq_kd: bool) -> Expe
 
 
 def gkd_signal(exp: Experience, scores) -> Signal:
-    return {"mask_BT": exp.batch.completion_mask_BT, "teacher_logits_BTV": scores.logits_BTV}
+    return {"mask_BT": exp.batch.completion_mask_BT, **full_teacher(scores)}
 
 
 def gkd_loss(view: StudentView, signal: Signal, *, beta: float, loss_temperature: float):
-    jsd_BT = divergence(
-        view.logits_BTV, floored_logp_V(signal["teacher_logits_BTV"]), "jsd", beta=beta, temperature=loss_temperature
-    )
+    jsd_BT = teacher_divergence_BT(view, signal, "jsd", beta=beta, temperature=loss_temperature)
     return jsd_BT, {"loss/jsd": jsd_BT}
 
 

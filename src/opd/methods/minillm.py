@@ -34,11 +34,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from opd.losses import divergence, ppo_clip_loss
+from opd.losses import ppo_clip_loss
+from opd.methods.full_vocab import teacher_divergence_BT
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
 from opd.methods.knobs import ClipEps, knob
 from opd.rollouts.mixed import mixed_rollout
-from opd.signals.teacher_logp import floored_logp_V
+from opd.signals.teacher_logp import full_teacher
 from opd.signals.minillm import importance_weights, length_normalized_returns, minillm_rewards, whiten
 
 
@@ -55,7 +56,7 @@ def minillm_signal(
         "mask_BT": mask_BT,
         "adv_BT": adv_BT,
         "mix_logp_BT": mix_BT,
-        "teacher_logits_BTV": scores.logits_BTV,
+        **full_teacher(scores),
         "signal/reward": r_BT,
         "signal/w": importance_weights(student_BT, mix_BT, mask_BT),
     }
@@ -65,7 +66,7 @@ def minillm_loss(view: StudentView, signal: Signal, *, clip_eps: float):
     pg_BT, metrics = ppo_clip_loss(
         view.logp_BT, signal["mix_logp_BT"], signal["adv_BT"], clip_low=clip_eps, clip_high=clip_eps
     )
-    rkl_BT = divergence(view.logits_BTV, floored_logp_V(signal["teacher_logits_BTV"]), "rkl")
+    rkl_BT = teacher_divergence_BT(view, signal, "rkl")
     return pg_BT + rkl_BT, {"loss/pg": pg_BT, "loss/rkl": rkl_BT, **metrics}
 
 

@@ -37,28 +37,27 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from opd.losses import divergence, importance_sampling_loss
+from opd.losses import importance_sampling_loss
+from opd.methods.full_vocab import teacher_divergence_BT
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
 from opd.methods.knobs import Beta, LossTemperature, knob
 from opd.methods.contexts import privileged_context
 from opd.rollouts.student import student_rollout
 from opd.signals.opd import floored_log_ratio_BT
-from opd.signals.teacher_logp import floored_logp_V
+from opd.signals.teacher_logp import full_teacher
 
 
 def opsd_signal(exp: Experience, scores, *, sampled: bool) -> Signal:
     mask_BT = exp.batch.completion_mask_BT
     if not sampled:
-        return {"mask_BT": mask_BT, "teacher_logits_BTV": scores.logits_BTV}
+        return {"mask_BT": mask_BT, **full_teacher(scores)}
     adv_BT = -floored_log_ratio_BT(exp.sampler_logp_BT, scores.token_logp_BT, mask_BT)  # teacher floored at -100
     return {"mask_BT": mask_BT, "adv_BT": adv_BT, "sampler_logp_BT": exp.sampler_logp_BT, "signal/adv": adv_BT}
 
 
 def opsd_full_loss(view: StudentView, signal: Signal, *, kind: str, beta: float, clip: float, loss_temperature: float):
-    div_BT = divergence(
-        view.logits_BTV, floored_logp_V(signal["teacher_logits_BTV"]), kind, beta=beta, temperature=loss_temperature,
-        entry_clip=clip if clip > 0 else None,
-    )
+    div_BT = teacher_divergence_BT(view, signal, kind, beta=beta, temperature=loss_temperature,
+                                   entry_clip=clip if clip > 0 else None)
     return div_BT, {f"loss/{kind}": div_BT}
 
 

@@ -102,7 +102,7 @@ def prune_signal(
 ) -> Signal:
     """Reliability-weighted OPD advantages on the reliable prefix; updates ``budget``."""
     mask_BT = exp.batch.completion_mask_BT
-    overlap_BT = tied_topk_overlap_BT(exp.extra["student_topk_ids_BTK"], floored_logp_V(scores.logits_BTV))
+    overlap_BT = tied_topk_overlap_BT(exp.extra["student_topk_ids_BTK"], floored_logp_V(scores.full_logits_BTV()))
     drift_BT, w_BT = drift_reliability_BT(overlap_BT, mask_BT, delta=delta, eta=eta)
     keep_BT = reliable_mask_BT(w_BT, mask_BT, w_min=w_min)
     log_ratio_BT = floored_log_ratio_BT(exp.sampler_logp_BT, scores.token_logp_BT, mask_BT)

@@ -40,13 +40,13 @@ from __future__ import annotations
 from functools import partial
 from typing import Annotated, Literal
 
-from opd.losses import divergence
+from opd.methods.full_vocab import teacher_divergence_BT
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
 from opd.methods.degeneracy import Degenerate, RunFacts
 from opd.methods.knobs import Beta, LossTemperature, knob
 from opd.rollouts.speculative import speculative_sample
 from opd.rollouts.student import group_rows, verify_rows, truncated_rows
-from opd.signals.teacher_logp import floored_logp_V
+from opd.signals.teacher_logp import full_teacher
 
 
 def skd_rollout(env, problems, generator, *, block: int, topk: int, temperature: float, top_p: float) -> Experience:
@@ -75,14 +75,14 @@ def skd_signal(exp: Experience, scores) -> Signal:
     accepted, proposed = exp.extra["accepted_B"].sum(), exp.extra["proposed_B"].sum()
     return {
         "mask_BT": mask_BT,
-        "teacher_logits_BTV": scores.logits_BTV,
+        **full_teacher(scores),
         "rollout/accept_rate": accepted.float() / proposed.clamp(min=1).float(),
         "rollout/teacher_written": exp.extra["teacher_written_BT"].float(),
     }
 
 
 def skd_divergence_loss(view: StudentView, signal: Signal, *, kind: str, beta: float, loss_temperature: float):
-    d_BT = divergence(view.logits_BTV, floored_logp_V(signal["teacher_logits_BTV"]), kind, beta=beta, temperature=loss_temperature)
+    d_BT = teacher_divergence_BT(view, signal, kind, beta=beta, temperature=loss_temperature)
     return d_BT, {f"loss/{kind}": d_BT}
 
 

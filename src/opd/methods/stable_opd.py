@@ -69,7 +69,7 @@ def with_golden_rows(env: RolloutEnv, exp: Experience, gold: Experience) -> Expe
     prompts = exp.batch.prompts() + gold.batch.prompts()
     batch = make_batch(prompts, exp.batch.completions() + gold.batch.completions(), env.pad_id, width=T0)
     B, T = batch.completion_mask_BT.shape
-    ref_logits = reference_scores(env, batch.select(torch.arange(R, device="cpu")), topk=1, full=True).logits_BTV
+    ref_logits = reference_scores(env, batch.select(torch.arange(R, device="cpu")), topk=1, full=True).full_logits_BTV()
     gold_rewards = torch.tensor([float(env.verify(p, c)) for p, c in zip(gold.problems, gold.batch.completions())], device="cpu")
     return Experience(
         batch=batch,

@@ -68,7 +68,7 @@ def boundary_mask_BT(exp: Experience, boundary_ids: tuple[int, ...], window: int
 
 def fade_signal(exp: Experience, scores, *, margin: str, penalty: float, gamma: float, kl_coef: float) -> Signal:
     mask_BT = exp.batch.completion_mask_BT
-    cand_BTK = candidate_logp_BTK(scores.logits_BTV, exp.extra["student_topk_ids_BTK"])
+    cand_BTK = candidate_logp_BTK(scores.full_logits_BTV(), exp.extra["student_topk_ids_BTK"])
     margin_BT = teacher_margin_BT(cand_BTK, scores.token_logp_BT, mode=margin)
     seg_BT = segment_ids_BT(exp.extra["boundary_BT"], mask_BT)
     means_BS, counts_BS = step_means_BS(margin_BT, seg_BT, mask_BT)

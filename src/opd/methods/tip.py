@@ -54,7 +54,7 @@ def tip_rollout(env, problems, generator) -> Experience:
 
 
 def tip_signal(exp: Experience, scores, *, rho: float) -> Signal:
-    student_BTV, teacher_BTV = exp.extra["student_logits_BTV"], scores.logits_BTV
+    student_BTV, teacher_BTV = exp.extra["student_logits_BTV"], scores.full_logits_BTV()
     completion_BT = exp.batch.completion_mask_BT
     h_BT = entropy(student_BTV)
     d_BT = divergence(student_BTV, floored_logp_V(teacher_BTV.to(student_BTV.device)), "rkl")

@@ -57,7 +57,7 @@ def lsm_rollout(env, problems, generator) -> Experience:
 
 
 def lsm_signal(exp: Experience, scores, *, k: int, add_sampled: bool) -> Signal:
-    teacher_BTV = floored_logp_V(scores.logits_BTV)
+    teacher_BTV = floored_logp_V(scores.full_logits_BTV())
     support_BTV = teacher_support(teacher_BTV, k, exp.batch.completion_ids_BT.to(teacher_BTV.device) if add_sampled else None)
     completion_BT = exp.batch.completion_mask_BT
     special_BT = exp.extra["special_BT"] & completion_BT

@@ -39,13 +39,13 @@ from __future__ import annotations
 from functools import partial
 from typing import Annotated, Literal
 
-from opd.losses import divergence
+from opd.methods.full_vocab import teacher_divergence_BT
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info, plain_context
 from opd.methods.degeneracy import Degenerate, RunFacts
 from opd.methods.knobs import LossTemperature, knob
 from opd.methods.contexts import with_prompts
 from opd.rollouts.refine import drafts_of, refine_prompts, refine_rollout
-from opd.signals.teacher_logp import floored_logp_V
+from opd.signals.teacher_logp import full_teacher
 
 
 def refine_context(env, exp: Experience):
@@ -57,7 +57,7 @@ def refine_context(env, exp: Experience):
 def trd_signal(exp: Experience, scores) -> Signal:
     signal = {
         "mask_BT": exp.batch.completion_mask_BT,
-        "teacher_logits_BTV": scores.logits_BTV,
+        **full_teacher(scores),
         "rollout/raw_reward": exp.extra["raw_reward_B"],
     }
     if "refine_kept_B" in exp.extra:
@@ -66,7 +66,7 @@ def trd_signal(exp: Experience, scores) -> Signal:
 
 
 def trd_divergence_loss(view: StudentView, signal: Signal, *, kind: str, loss_temperature: float):
-    d_BT = divergence(view.logits_BTV, floored_logp_V(signal["teacher_logits_BTV"]), kind, temperature=loss_temperature)
+    d_BT = teacher_divergence_BT(view, signal, kind, temperature=loss_temperature)
     return d_BT, {f"loss/{kind}": d_BT}
 
 

@@ -24,12 +24,29 @@ class Scores:
     entropy_BT: torch.Tensor  # H(pi(. | c_t)) in nats
     topk_ids_BTK: torch.Tensor  # long, the K most likely ids, descending
     topk_logp_BTK: torch.Tensor  # their log-probs
-    logits_BTV: torch.Tensor | None = None  # full next-token logits, only when asked (full=True)
+    logits_BTV: torch.Tensor | None = None  # full next-token logits (full=True, a program teacher)
+    # full=True, a model teacher: its completion hidden states and LM head (weight_VH, bias_V),
+    # from which any consumer makes the logits chunk by chunk (never [B, T, V] at once)
+    hidden_BTH: torch.Tensor | None = None
+    head: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def to(self, device: torch.device) -> "Scores":
         """The scores on ``device`` (the loop moves them to the student's device once per step)."""
-        return Scores(*(None if t is None else t.to(device) for t in
-                        (self.token_logp_BT, self.entropy_BT, self.topk_ids_BTK, self.topk_logp_BTK, self.logits_BTV)))
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Scores(*(move(t) for t in (self.token_logp_BT, self.entropy_BT, self.topk_ids_BTK, self.topk_logp_BTK,
+                                          self.logits_BTV, self.hidden_BTH)),
+                      head=None if self.head is None else tuple(move(t) for t in self.head))
+
+    @property
+    def has_full(self) -> bool:
+        return self.logits_BTV is not None or self.hidden_BTH is not None
+
+    def full_logits_BTV(self) -> torch.Tensor:
+        """The full next-token logits (float32), made from the hidden states and the head when
+        the teacher gave those: a ``[B, T, V]`` tensor, for the consumers that still need one."""
+        if self.logits_BTV is not None or self.hidden_BTH is None:
+            return self.logits_BTV
+        return torch.nn.functional.linear(self.hidden_BTH, *self.head).float()
 
 
 class Teacher(Protocol):

@@ -22,7 +22,7 @@ from opd.batch import SeqBatch
 from opd.losses.chunked import default_chunk_size
 from opd.models.base import Scores
 from opd.models.device import model_device
-from opd.models.head import head_rows
+from opd.models.head import head_params, head_rows
 from opd.models.scoring import BUCKET_TOKENS, CALL_COST, chunk_scores, lean_scores
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -256,13 +256,31 @@ def scores_from_logits(
     )
 
 
+def scores_from_hidden(hidden_BTH: torch.Tensor, head: tuple, tokens_BT: torch.Tensor, *, topk: int,
+                       temperature: float, chunk_size: int | None = None) -> Scores:
+    """Token log-probs, entropy and top-K of ``softmax(head(h) / temperature)`` at every
+    position, ``chunk_size`` positions at a time, plus the hidden states and the head
+    themselves (``full``: any consumer makes the logits chunk by chunk)."""
+    weight_VH, bias_V = (t.detach() for t in head) if head[1] is not None else (head[0].detach(), None)
+    B, T, H = hidden_BTH.shape
+    V = weight_VH.shape[0]
+    k, C = min(topk, V), chunk_size or default_chunk_size(V)
+    h_NH, tokens_N = hidden_BTH.reshape(B * T, H), tokens_BT.reshape(B * T)
+    parts = [chunk_scores(torch.nn.functional.linear(h_NH[s : s + C], weight_VH, bias_V), tokens_N[s : s + C], k, temperature)
+             for s in range(0, max(B * T, 1), C)]
+    token_N, entropy_N, ids_NK, topk_N = (torch.cat(p) for p in zip(*parts))
+    return Scores(token_N.view(B, T), entropy_N.view(B, T), ids_NK.view(B, T, k), topk_N.view(B, T, k),
+                  hidden_BTH=hidden_BTH.detach(), head=(weight_VH, bias_V))
+
+
 class HFTeacher:
     """A local causal LM as a teacher: one no-grad scoring pass per ``score`` call.
 
     Without ``full``, :func:`opd.models.scoring.lean_scores`: packed length buckets of at
     most ``bucket_tokens`` padded cells (``call_cost``: an extra decoder call's worth in
     cells), the LM head on kept positions only, chunk by chunk. With ``full``, the plain
-    padded pass (every completion column's logits are returned, padding included)."""
+    padded pass, returning the completion hidden states and the LM head (cut to the
+    tokenizer's ids) instead of ``[B, T, V]`` logits (:meth:`Scores.full_logits_BTV`)."""
 
     def __init__(self, model: PreTrainedModel, *, eos_id: int, pad_id: int,
                  bucket_tokens: int = BUCKET_TOKENS, call_cost: int = CALL_COST):
@@ -284,10 +302,8 @@ class HFTeacher:
         if not full:
             return lean_scores(self.model, batch, topk=topk, temperature=temperature,
                                max_tokens=self.bucket_tokens, call_cost=self.call_cost)
-        logits_BTV = completion_logits(self.model, batch)
-        return scores_from_logits(
-            logits_BTV, batch.completion_ids_BT, topk=topk, full=full, temperature=temperature
-        )
+        return scores_from_hidden(completion_hidden(self.model, batch), head_params(self.model.get_output_embeddings()),
+                                  batch.completion_ids_BT, topk=topk, temperature=temperature)
 
     def generate(self, prompts: list[list[int]], *, prefix_ids_list=None, **sampling) -> list[list[int]]:
         """Sample completions (``sample``'s keywords). ``prefix_ids_list``: completion tokens

@@ -73,7 +73,7 @@ def _vet(teacher: Teacher, prompts, comps, props, rows, *, topk: int, pad_id: in
     block_BT = batch.completion_mask_BT & (cols_T[None, :] >= start_R[:, None])
     accept_BT = in_teacher_topk(scores.token_logp_BT.cpu(), scores.topk_logp_BTK.cpu()) | ~block_BT
     n_ok_R = accepted_prefix_len(accept_BT, batch.completion_mask_BT) - start_R
-    return n_ok_R.clamp(min=0), scores.logits_BTV
+    return n_ok_R.clamp(min=0), scores.full_logits_BTV()
 
 
 def _finished(comp: list[int], max_new_tokens: int, eos_id: int) -> bool:

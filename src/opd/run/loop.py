@@ -93,7 +93,8 @@ def loss_inputs(signal: Signal) -> Signal:
 
 
 def _rows(signal: Signal, rows: slice) -> Signal:
-    return {k: v[rows] for k, v in signal.items()}
+    """Every per-row tensor cut to ``rows``; anything else (a teacher's head) as it is."""
+    return {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in signal.items()}
 
 
 def trimmed(batch, signal: Signal) -> tuple:
@@ -114,7 +115,8 @@ def trimmed(batch, signal: Signal) -> tuple:
     end = batch.prompt_len + keep_T
     cut = replace(batch, input_ids_BL=batch.input_ids_BL[:, first:end], attention_mask_BL=batch.attention_mask_BL[:, first:end],
                   prompt_len=batch.prompt_len - first, completion_mask_BT=batch.completion_mask_BT[:, :keep_T])
-    return cut, {k: (v[:, :keep_T] if v.dim() >= 2 and v.shape[1] == T else v) for k, v in signal.items()}, cols
+    narrow = lambda v: v[:, :keep_T] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == T else v  # noqa: E731
+    return cut, {k: narrow(v) for k, v in signal.items()}, cols
 
 
 def _cols(scores, rows: slice, cols: slice):

@@ -52,3 +52,21 @@ def tied_topk_mask(logp_V: torch.Tensor, k: int, tol: float = TIE_TOL) -> torch.
     without NaN (:func:`floored_logp_V`)."""
     kth = logp_V.topk(min(k, logp_V.shape[-1]), dim=-1).values[..., -1:]
     return logp_V >= kth - tol
+
+
+class TeacherHead:
+    """A teacher's LM head ``(weight_VH, bias_V)`` carried in a signal: not a per-row tensor,
+    so the loop passes it to every micro-batch's loss as it is (never sliced or trimmed)."""
+
+    def __init__(self, weight_VH: torch.Tensor, bias_V: torch.Tensor | None):
+        self.weight_VH, self.bias_V = weight_VH, bias_V
+
+
+def full_teacher(scores) -> dict:
+    """The signal entries of the teacher's full next-token distribution: its completion hidden
+    states ``teacher_hidden_BTH`` and ``teacher_head`` (a model teacher: the loss makes the
+    logits chunk by chunk, never ``[B, T, V]``), or ``teacher_logits_BTV`` (a program teacher,
+    whose vocabulary is small)."""
+    if getattr(scores, "hidden_BTH", None) is not None:
+        return {"teacher_hidden_BTH": scores.hidden_BTH, "teacher_head": TeacherHead(*scores.head)}
+    return {"teacher_logits_BTV": scores.logits_BTV}
