@@ -1,0 +1,73 @@
+"""The chunked full-vocabulary divergence of a student view against a teacher in a signal
+(opd.methods.full_vocab) equals the full-logits form, for a model teacher (hidden states and
+head) and a program teacher (logits), in values and gradients; a padded head is cut."""
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from opd.batch import make_batch
+from opd.losses import divergence
+from opd.methods.base import StudentView
+from opd.methods.full_vocab import teacher_divergence_BT
+from opd.models.head import restrict_head
+from opd.models.hf import HFTeacher, completion_hidden, completion_logits, scores_from_logits
+from opd.signals.teacher_logp import floored_logp_V, full_teacher
+
+N_IDS = 40
+
+
+def _model(hidden: int, rows: int, seed: int):
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=rows, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return Qwen2ForCausalLM(cfg).double().eval()
+
+
+def _batch():
+    return make_batch([[3, 4, 5], [6], [7, 8]], [[9, 10, 11, 12], [13], [14, 15, 16]], pad_id=0)
+
+
+@pytest.mark.parametrize("kind, kw", [("jsd", dict(beta=0.5)), ("rkl", {}), ("fkl", dict(temperature=2.0)),
+                                      ("rkl", dict(entry_clip=0.02))])
+@pytest.mark.parametrize("padded", [False, True])
+def test_model_teacher_chunked_equals_full_logits(kind, kw, padded):
+    student = _model(16, N_IDS + (8 if padded else 0), 0)
+    teacher = _model(24, N_IDS + (24 if padded else 0), 1)
+    if padded:  # padded heads cut to the tokenizer's ids, as set-up does
+        restrict_head(student, N_IDS), restrict_head(teacher, N_IDS)
+    batch = _batch()
+    scores = HFTeacher(teacher, eos_id=1, pad_id=0).score(batch, topk=4, full=True)
+    assert scores.logits_BTV is None and scores.hidden_BTH is not None  # never [B, T, V] from a model teacher
+    ref_scores = scores_from_logits(completion_logits(teacher, batch), batch.completion_ids_BT, topk=4, full=True, temperature=1.0)
+    torch.testing.assert_close(scores.token_logp_BT, ref_scores.token_logp_BT)
+    torch.testing.assert_close(scores.full_logits_BTV(), ref_scores.logits_BTV)
+    signal = full_teacher(scores)
+
+    lean_view = StudentView.from_hidden(completion_hidden(student, batch), student.get_output_embeddings(),
+                                        batch.completion_ids_BT, chunk_size=3)
+    lean = teacher_divergence_BT(lean_view, signal, kind, **kw)
+    assert not lean_view.has_logits  # the student's full logits were never made
+    (lean * batch.completion_mask_BT).sum().backward()
+    g_lean = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+
+    teacher_BTV = teacher.get_output_embeddings()(completion_hidden(teacher, batch))  # float64, the naive form
+    full = divergence(student.get_output_embeddings()(completion_hidden(student, batch)), floored_logp_V(teacher_BTV), kind, **kw)
+    (full * batch.completion_mask_BT).sum().backward()
+    g_full = [p.grad.clone() for p in student.parameters()]
+    mask = batch.completion_mask_BT
+    torch.testing.assert_close(lean[mask], full[mask], rtol=1e-8, atol=1e-10)
+    for a, b in zip(g_lean, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+def test_program_teacher_logits_take_the_same_path():
+    student = _model(16, N_IDS, 0)
+    batch = _batch()
+    logits = torch.randn(3, 4, N_IDS, dtype=torch.float64) * 4
+    view = StudentView.from_hidden(completion_hidden(student, batch), student.get_output_embeddings(), batch.completion_ids_BT,
+                                   chunk_size=2)
+    lean = teacher_divergence_BT(view, {"teacher_logits_BTV": logits}, "jsd", beta=0.3)
+    full = divergence(student.get_output_embeddings()(completion_hidden(student, batch)), floored_logp_V(logits), "jsd", beta=0.3)
+    torch.testing.assert_close(lean, full, rtol=1e-8, atol=1e-10)
