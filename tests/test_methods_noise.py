@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+
+from opd.signals.teacher_logp import Head
 from transformers import AutoModelForCausalLM
 
 from opd.batch import make_batch
@@ -268,11 +270,19 @@ def test_top_fraction_breaks_ties_by_position():
         keep_top_fraction(torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), 0.0)
 
 
+def _frozen_student(exp, s_logits):
+    """TIP's frozen student as hidden states and head whose logits are ``s_logits`` exactly
+    (the identity head: H = V)."""
+    V = s_logits.shape[-1]
+    exp.extra["student_hidden_BTH"] = s_logits
+    exp.extra["student_head"] = Head(torch.eye(V, dtype=s_logits.dtype), None)
+
+
 def test_tip_signal_and_loss_match_naive():
     exp = fake_exp()
     scores = fake_scores(exp)
     s_logits = randn(*scores.logits_BTV.shape, seed=11, scale=2.0)
-    exp.extra["student_logits_BTV"] = s_logits
+    _frozen_student(exp, s_logits)
     sig = tip_signal(exp, scores, rho=0.5)
     comp = exp.batch.completion_mask_BT
     h = -(s_logits.softmax(-1) * s_logits.log_softmax(-1)).sum(-1)
@@ -293,8 +303,8 @@ def test_tip_extreme_inputs_stay_finite():
     exp = fake_exp()
     scores = fake_scores(exp, scale=1e4)
     s_logits = randn(*scores.logits_BTV.shape, seed=4) * 1e4
-    s_logits[0, 0, :3] = float("-inf")
-    exp.extra["student_logits_BTV"] = s_logits
+    s_logits[0, 0, :3] = -1e30  # a hidden state of -inf would give NaN through the identity head
+    _frozen_student(exp, s_logits)
     sig = tip_signal(exp, scores, rho=0.3)
     loss, _ = tip_loss(StudentView(s_logits.clone().requires_grad_(), None), sig)
     assert finite(sig["signal/tip_score"], loss) and sig["mask_BT"].any()

@@ -11,7 +11,8 @@ tokens through ``ĥ``.
 
 Readings chosen: ``h`` and ``d`` are known before the loss (the selection is a mask) from a
 no-grad forward of the student at the rollout's weights, run right after sampling (its
-logits travel in ``exp.extra["student_logits_BTV"]``, ``[B, T, V]`` float32); ``d`` is the
+completion hidden states travel in ``exp.extra["student_hidden_BTH"]`` with its head; ``h``
+and ``d`` are made from them chunk by chunk, never ``[B, T, V]``); ``d`` is the
 exact full-vocabulary reverse KL (the loss's own quantity), not a sampled-token estimate.
 Min-max spans the whole step's completion tokens (no spread → every score 0, ties broken by
 position); selection is ``⌈ρ·N⌉`` tokens over the whole step, not per sequence. The
@@ -27,42 +28,58 @@ from functools import partial
 
 import torch
 
-from opd.losses import divergence, entropy, masked_token_mean
+from opd.losses import masked_token_mean
+from opd.losses.chunked import chunked_divergence
+from opd.losses.selective import token_logp_and_stats
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
 from opd.methods.degeneracy import Degenerate, RunFacts
 from opd.methods.knobs import knob
-from opd.models.hf import completion_logits
+from opd.methods.full_vocab import teacher_divergence_BT, teacher_of
+from opd.models.head import head_params
+from opd.models.hf import completion_hidden
 from opd.rollouts.student import student_rollout
-from opd.signals.teacher_logp import floored_logp_V
+from opd.signals.teacher_logp import TEACHER_LOGP_FLOOR, Head, full_teacher
 from opd.signals.tip import keep_top_fraction, tip_score
 
 
 @torch.no_grad()
-def frozen_logits(model, batch) -> torch.Tensor:
-    """The student's completion logits ``[B, T, V]`` without gradient, in eval mode (as sampled)."""
+def frozen_hidden(model, batch) -> torch.Tensor:
+    """The student's completion hidden states ``[B, T, H]`` without gradient, in eval mode (as sampled)."""
     was_training = model.training
     model.eval()
-    logits_BTV = completion_logits(model, batch)
+    hidden_BTH = completion_hidden(model, batch)
     model.train(was_training)
-    return logits_BTV
+    return hidden_BTH
 
 
 def tip_rollout(env, problems, generator) -> Experience:
     exp = student_rollout(env, problems, generator)
-    exp.extra["student_logits_BTV"] = frozen_logits(env.student, exp.batch)
+    exp.extra["student_hidden_BTH"] = frozen_hidden(env.student, exp.batch)
+    exp.extra["student_head"] = Head(*(None if t is None else t.detach() for t in head_params(env.student.get_output_embeddings())))
     return exp
 
 
+@torch.no_grad()
+def student_entropy_rkl(exp: Experience, teacher) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h_BT, d_BT)``: the frozen student's entropy and its reverse KL to the teacher
+    (floored as in the loss), chunk by chunk from its hidden states and head."""
+    hidden_BTH, head = exp.extra["student_hidden_BTH"], exp.extra["student_head"]
+    ids_BT = exp.batch.completion_ids_BT.to(hidden_BTH.device)
+    _, h_BT, _ = token_logp_and_stats(hidden_BTH, head.weight_VH.to(hidden_BTH.dtype), ids_BT, topk=0,
+                                      bias_V=None if head.bias_V is None else head.bias_V.to(hidden_BTH.dtype))
+    d_BT = chunked_divergence(hidden_BTH, head.weight_VH, teacher, "rkl", bias_V=head.bias_V, teacher_floor=TEACHER_LOGP_FLOOR)
+    return h_BT.float(), d_BT.float()
+
+
 def tip_signal(exp: Experience, scores, *, rho: float) -> Signal:
-    student_BTV, teacher_BTV = exp.extra["student_logits_BTV"], scores.full_logits_BTV()
     completion_BT = exp.batch.completion_mask_BT
-    h_BT = entropy(student_BTV)
-    d_BT = divergence(student_BTV, floored_logp_V(teacher_BTV.to(student_BTV.device)), "rkl")
+    full = full_teacher(scores)
+    h_BT, d_BT = student_entropy_rkl(exp, teacher_of(full))
     score_BT = tip_score(h_BT, d_BT, completion_BT)
     keep_BT = keep_top_fraction(score_BT, completion_BT, rho)
     return {
         "mask_BT": keep_BT,
-        "teacher_logits_BTV": teacher_BTV,
+        **full,
         "signal/student_entropy": h_BT,  # means over the kept tokens
         "signal/rkl": d_BT,
         "signal/tip_score": score_BT,
@@ -72,7 +89,7 @@ def tip_signal(exp: Experience, scores, *, rho: float) -> Signal:
 
 
 def tip_loss(view: StudentView, signal: Signal):
-    rkl_BT = divergence(view.logits_BTV, floored_logp_V(signal["teacher_logits_BTV"]), "rkl")
+    rkl_BT = teacher_divergence_BT(view, signal, "rkl")
     return rkl_BT, {"loss/rkl": rkl_BT}
 
 

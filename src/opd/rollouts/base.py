@@ -28,12 +28,12 @@ class Experience:
     on_policy: bool = True  # sampled by the student (False: dataset or teacher data)
     teacher_tokens: int = 0  # tokens the teacher generated to build this experience
     truncated_B: torch.Tensor | None = None  # hit the length cap without EOS
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # per-row tensors for the signal
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # per-row tensors for the signal (or a shared Head)
     sampled_B: torch.Tensor | None = None  # bool, the rows rollout/* metrics describe (None: all)
 
     def to(self, device: torch.device) -> "Experience":
         """Every tensor on ``device`` (the loop moves a rollout to the student's device once)."""
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
         return replace(
             self, batch=self.batch.to(device), group_B=move(self.group_B), sampler_logp_BT=move(self.sampler_logp_BT),
             rewards_B=move(self.rewards_B), truncated_B=move(self.truncated_B), sampled_B=move(self.sampled_B),

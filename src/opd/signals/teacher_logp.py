@@ -54,9 +54,10 @@ def tied_topk_mask(logp_V: torch.Tensor, k: int, tol: float = TIE_TOL) -> torch.
     return logp_V >= kth - tol
 
 
-class TeacherHead:
-    """A teacher's LM head ``(weight_VH, bias_V)`` carried in a signal: not a per-row tensor,
-    so the loop passes it to every micro-batch's loss as it is (never sliced or trimmed)."""
+class Head:
+    """An LM head ``(weight_VH, bias_V)`` (detached) carried in a signal or ``exp.extra``:
+    not a per-row tensor, so the loop passes it to every micro-batch as it is (never sliced,
+    trimmed or moved row by row)."""
 
     def __init__(self, weight_VH: torch.Tensor, bias_V: torch.Tensor | None):
         self.weight_VH, self.bias_V = weight_VH, bias_V
@@ -68,5 +69,5 @@ def full_teacher(scores) -> dict:
     logits chunk by chunk, never ``[B, T, V]``), or ``teacher_logits_BTV`` (a program teacher,
     whose vocabulary is small)."""
     if getattr(scores, "hidden_BTH", None) is not None:
-        return {"teacher_hidden_BTH": scores.hidden_BTH, "teacher_head": TeacherHead(*scores.head)}
+        return {"teacher_hidden_BTH": scores.hidden_BTH, "teacher_head": Head(*scores.head)}
     return {"teacher_logits_BTV": scores.logits_BTV}
