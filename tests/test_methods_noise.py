@@ -213,18 +213,32 @@ def test_lsm_signal_masks_special_tokens_and_loss_matches_naive(add_sampled):
     sig = lsm_signal(exp, scores, k=3, add_sampled=add_sampled)
     comp = exp.batch.completion_mask_BT
     assert torch.equal(sig["mask_BT"], comp & ~torch.isin(exp.batch.completion_ids_BT, torch.tensor([0, 3])))
-    logp, support = sig["teacher_logp_BTV"], sig["support_BTV"]
+    ids, logp_K = sig["support_ids_BTK"], sig["support_logp_BTK"]
+    valid = logp_K > float("-inf")
     full_logp = scores.logits_BTV.log_softmax(-1)
-    torch.testing.assert_close(logp, full_logp, **TOL)  # the teacher's log-probs
+    support = torch.zeros(full_logp.shape, dtype=torch.bool).scatter(-1, ids, valid)
+    torch.testing.assert_close(logp_K[valid], full_logp.gather(-1, ids)[valid], **TOL)  # the teacher's log-probs there
     want_support = torch.zeros_like(support).scatter(-1, full_logp.topk(3, -1).indices, True)
     if add_sampled:
         want_support = want_support.scatter(-1, exp.batch.completion_ids_BT[..., None], True)
     assert torch.equal(support, want_support)
-    torch.testing.assert_close(sig["signal/retained_mass"], retained_mass(logp, support), **TOL)
+    torch.testing.assert_close(sig["signal/retained_mass"], retained_mass(full_logp, support), **TOL)
     logits = randn(*scores.logits_BTV.shape, seed=9).requires_grad_()
     loss, metrics = lsm_loss(StudentView(logits, None), sig)
-    torch.testing.assert_close(loss, naive_support_rkl(logits, logp, support), **TOL)
+    want = naive_support_rkl(logits, full_logp, support)
+    torch.testing.assert_close(loss, want, **TOL)
     assert set(metrics) == {"loss/rkl_topk"}
+    # the lean view (hidden states and head, logits made per chunk and gathered): same values and gradients
+    V = logits.shape[-1]
+    head = torch.nn.Linear(V, V, bias=False).to(logits.dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(V, dtype=logits.dtype))
+    hidden = logits.detach().clone().requires_grad_()
+    lean, _ = lsm_loss(StudentView.from_hidden(hidden, head, exp.batch.completion_ids_BT, chunk_size=2), sig)
+    torch.testing.assert_close(lean, want, **TOL)
+    (g_lean,) = torch.autograd.grad((lean * comp).sum(), hidden)
+    (g_want,) = torch.autograd.grad((want * comp).sum(), logits)
+    torch.testing.assert_close(g_lean, g_want, **TOL)
 
 
 # ------------------------------------------------------------------- tip

@@ -49,30 +49,29 @@ from opd.methods.knobs import ClipEps, OpdLoss, knob
 from opd.methods.opd import opd_signal, opd_token_loss
 from opd.rollouts.student import student_rollout
 from opd.signals.eopd import eopd_combine, routed_mask
-from opd.methods.topk_lsm import support_divergence
-from opd.signals.teacher_logp import floored_logp_V
-from opd.signals.topk_lsm import retained_mass, teacher_support
+from opd.methods.full_vocab import support_divergence_BTK, teacher_support_BTK
+from opd.signals.teacher_logp import full_teacher
+from opd.signals.topk_lsm import retained_mass
 
 
 def eopd_signal(exp: Experience, scores, *, k: int, tau: float | None, quantile: float = 0.8) -> Signal:
     signal = opd_signal(exp, scores, gamma=0.0, kl_coef=1.0)
     uncertain_BT, threshold = routed_mask(scores.entropy_BT, signal["mask_BT"], tau=tau, quantile=quantile)
-    teacher_BTV = floored_logp_V(scores.full_logits_BTV())
-    support_BTV = teacher_support(teacher_BTV, k)
+    ids_BTK, logp_BTK = teacher_support_BTK(full_teacher(scores), tuple(uncertain_BT.shape), k)
     signal.update({
         "uncertain_BT": uncertain_BT,
         "signal/tau": threshold.float(),
-        "teacher_logp_BTV": teacher_BTV,
-        "support_BTV": support_BTV,
+        "support_ids_BTK": ids_BTK,
+        "support_logp_BTK": logp_BTK,
         "signal/uncertain_frac": uncertain_BT.float(),
-        "signal/retained_mass": retained_mass(teacher_BTV, support_BTV),
+        "signal/retained_mass": retained_mass(logp_BTK, logp_BTK > float("-inf")),
     })
     return signal
 
 
 def eopd_loss(view: StudentView, signal: Signal, *, lam: float, mode: str, opd_loss: str, clip_eps: float):
     opd_BT, metrics = opd_token_loss(view, signal, opd_loss=opd_loss, clip_eps=clip_eps)
-    fkl_BT = support_divergence(view.logits_BTV, signal["teacher_logp_BTV"], signal["support_BTV"], "fkl")
+    fkl_BT = support_divergence_BTK(view, signal["support_ids_BTK"], signal["support_logp_BTK"], "fkl")
     loss_BT = eopd_combine(opd_BT, fkl_BT, signal["uncertain_BT"], lam=lam, mode=mode)
     return loss_BT, {**metrics, "loss/eopd": loss_BT, "loss/fkl_topk": fkl_BT}
 

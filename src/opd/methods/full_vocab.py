@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 
 from opd.losses import divergence
-from opd.losses.chunked import chunked_divergence
+from opd.losses.chunked import chunked_divergence, default_chunk_size
 from opd.methods.base import Signal, StudentView
 from opd.signals.teacher_logp import TEACHER_LOGP_FLOOR, floored_logp_V
+from opd.signals.topk_lsm import teacher_support
 
 
 def teacher_of(signal: Signal):
@@ -40,3 +41,68 @@ def teacher_divergence_BT(view: StudentView, signal: Signal, kind: str, **kw) ->
         teacher = (teacher[0].to(view.hidden_BTH.device), *(t if t is None else t.to(view.hidden_BTH.device) for t in teacher[1:]))
     return chunked_divergence(view.hidden_BTH, head[0], teacher, kind, bias_V=head[1], chunk_size=view.chunk_size,
                               teacher_floor=TEACHER_LOGP_FLOOR, **kw)
+
+
+def teacher_logp_chunks(signal: Signal, chunk_size: int | None = None):
+    """``(lo, hi, logp_CV)``: the teacher's floored log-probs (float32) of flat positions
+    ``lo:hi``, one chunk of positions at a time (never all ``[B, T, V]`` at once)."""
+    teacher = teacher_of(signal)
+    if isinstance(teacher, torch.Tensor):
+        rows_NV = teacher.reshape(-1, teacher.shape[-1])
+        make = lambda lo, hi: rows_NV[lo:hi]  # noqa: E731
+    else:
+        hidden, weight, bias = teacher
+        h_NH = hidden.reshape(-1, hidden.shape[-1])
+        rows_NV = h_NH
+        make = lambda lo, hi: torch.nn.functional.linear(h_NH[lo:hi], weight.to(h_NH.dtype), None if bias is None else bias.to(h_NH.dtype))  # noqa: E731
+    vocab = teacher.shape[-1] if isinstance(teacher, torch.Tensor) else teacher[1].shape[0]
+    C = chunk_size or default_chunk_size(vocab)
+    for lo in range(0, rows_NV.shape[0], C):
+        hi = min(lo + C, rows_NV.shape[0])
+        yield lo, hi, floored_logp_V(make(lo, hi))
+
+
+@torch.no_grad()
+def teacher_support_BTK(signal: Signal, shape_BT: tuple[int, int], k: int, token_ids_BT: torch.Tensor | None = None,
+                        chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The support ``S_t`` (the teacher's top-``k`` with ties, plus ``y_t`` when
+    ``token_ids_BT`` is given; :func:`opd.signals.topk_lsm.teacher_support`) as ids
+    ``[B, T, K']`` and the teacher's floored log-probs there (``-inf`` on padding entries,
+    ``K'`` the largest support), made chunk by chunk. A position whose teacher has no
+    distribution has an empty support."""
+    ids_parts, logp_parts = [], []
+    tokens_N = None if token_ids_BT is None else token_ids_BT.reshape(-1)
+    for lo, hi, logp_CV in teacher_logp_chunks(signal, chunk_size):
+        tok_C = None if tokens_N is None else tokens_N[lo:hi].to(logp_CV.device)
+        mask_CV = teacher_support(logp_CV, k, tok_C) & (logp_CV > float("-inf"))
+        kc = max(1, int(mask_CV.sum(-1).max()))
+        vals_CK, ids_CK = logp_CV.masked_fill(~mask_CV, float("-inf")).topk(kc, dim=-1)
+        ids_parts.append(ids_CK), logp_parts.append(vals_CK)
+    K = max(p.shape[1] for p in ids_parts)
+    ids_NK = torch.cat([torch.nn.functional.pad(p, (0, K - p.shape[1])) for p in ids_parts])
+    logp_NK = torch.cat([torch.nn.functional.pad(p, (0, K - p.shape[1]), value=float("-inf")) for p in logp_parts])
+    return ids_NK.view(*shape_BT, K), logp_NK.view(*shape_BT, K)
+
+
+def student_logits_at(view: StudentView, ids_BTK: torch.Tensor) -> torch.Tensor:
+    """The student's logits (float32) at ids ``[B, T, K]``, differentiable: the full logits
+    are made one chunk of positions at a time and gathered (autograd keeps no ``[C, V]``)."""
+    head = view.linear_head
+    if head is None or view.hidden_BTH is None or view.has_logits:
+        return view.logits_BTV.gather(-1, ids_BTK)
+    B, T, H = view.hidden_BTH.shape
+    K = ids_BTK.shape[-1]
+    h_NH, ids_NK = view.hidden_BTH.reshape(B * T, H), ids_BTK.reshape(B * T, K)
+    weight, bias = head
+    C = view.chunk_size or default_chunk_size(weight.shape[0])
+    parts = [torch.nn.functional.linear(h_NH[lo : lo + C], weight, bias).float().gather(1, ids_NK[lo : lo + C])
+             for lo in range(0, B * T, C)]
+    return torch.cat(parts).view(B, T, K) if parts else h_NH.new_zeros(B, T, K, dtype=torch.float32)
+
+
+def support_divergence_BTK(view: StudentView, ids_BTK: torch.Tensor, teacher_logp_BTK: torch.Tensor, kind: str) -> torch.Tensor:
+    """The divergence ``kind`` on the support, both sides renormalized on it -> ``[B, T]``:
+    the sparse form of :func:`opd.methods.topk_lsm.support_divergence` (same values)."""
+    valid_BTK = teacher_logp_BTK > float("-inf")
+    student_BTK = student_logits_at(view, ids_BTK).masked_fill(~valid_BTK, float("-inf"))
+    return divergence(student_BTK, teacher_logp_BTK, kind)

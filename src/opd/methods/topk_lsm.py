@@ -41,12 +41,13 @@ from functools import partial
 import torch
 
 from opd.losses import divergence
+from opd.methods.full_vocab import support_divergence_BTK, teacher_support_BTK
 from opd.methods.base import Experience, Method, Signal, StudentView, TeacherRequest, method_info
 from opd.methods.degeneracy import Degenerate, RunFacts
 from opd.methods.knobs import knob
 from opd.rollouts.student import student_rollout
-from opd.signals.teacher_logp import floored_logp_V
-from opd.signals.topk_lsm import retained_mass, special_token_mask, teacher_support
+from opd.signals.teacher_logp import full_teacher
+from opd.signals.topk_lsm import retained_mass, special_token_mask
 
 
 def lsm_rollout(env, problems, generator) -> Experience:
@@ -57,16 +58,18 @@ def lsm_rollout(env, problems, generator) -> Experience:
 
 
 def lsm_signal(exp: Experience, scores, *, k: int, add_sampled: bool) -> Signal:
-    teacher_BTV = floored_logp_V(scores.full_logits_BTV())
-    support_BTV = teacher_support(teacher_BTV, k, exp.batch.completion_ids_BT.to(teacher_BTV.device) if add_sampled else None)
+    full = full_teacher(scores)
+    ids_BT = exp.batch.completion_ids_BT
+    ids_BTK, logp_BTK = teacher_support_BTK(full, tuple(ids_BT.shape), k, ids_BT if add_sampled else None)
+    valid_BTK = logp_BTK > float("-inf")
     completion_BT = exp.batch.completion_mask_BT
     special_BT = exp.extra["special_BT"] & completion_BT
     return {
         "mask_BT": completion_BT & ~special_BT,
-        "teacher_logp_BTV": teacher_BTV,
-        "support_BTV": support_BTV,
-        "signal/retained_mass": retained_mass(teacher_BTV, support_BTV),
-        "signal/support_size": support_BTV.sum(-1).float(),
+        "support_ids_BTK": ids_BTK,
+        "support_logp_BTK": logp_BTK,
+        "signal/retained_mass": retained_mass(logp_BTK, valid_BTK),
+        "signal/support_size": valid_BTK.sum(-1).float(),
         "signal/special_frac": special_BT.sum() / completion_BT.sum().clamp(min=1),
     }
 
@@ -77,7 +80,8 @@ def support_divergence(
     """The divergence ``kind`` on S, both sides renormalized on it -> ``[B, T]``; rkl:
     ``Σ_{v∈S} π̂_θ(v)(log π̂_θ(v) − log π̂_T(v))``.
 
-    S is ``support_BTV``; outside it both sides are ``-inf`` (no mass, no gradient), and the
+    The naive reference of :func:`opd.methods.full_vocab.support_divergence_BTK`, which the
+    methods use (the support as ids, never ``[B, T, V]``). S is ``support_BTV``; outside it both sides are ``-inf`` (no mass, no gradient), and the
     softmax inside ``divergence`` renormalizes both sides on S. With S the teacher's top-K
     (no ties) it equals ``sparse_divergence(..., kind, renormalize="both")``. Also EOPD's
     forward KL on the teacher's top-K.
@@ -88,7 +92,7 @@ def support_divergence(
 
 
 def lsm_loss(view: StudentView, signal: Signal):
-    rkl_BT = support_divergence(view.logits_BTV, signal["teacher_logp_BTV"], signal["support_BTV"], "rkl")
+    rkl_BT = support_divergence_BTK(view, signal["support_ids_BTK"], signal["support_logp_BTK"], "rkl")
     return rkl_BT, {"loss/rkl_topk": rkl_BT}
 
 
