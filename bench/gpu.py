@@ -45,12 +45,13 @@ attention (causal, no mask: its flash kernel), no gradient checkpointing. ``cpu`
 
 4. ``train``: ``python -m opd train`` itself, 20 OPD steps and 20 GKD steps (each in its own
    subprocess, stopped by SIGTERM if it would overrun its half of the section's budget), bf16,
-   ``device=cuda``: the 0.5B student above and a Qwen2.5-1.5B-shaped teacher (hidden 1536,
-   28 layers, 12 heads, 2 KV heads), both saved with ``save_pretrained`` and loaded from disk,
+   ``device=cuda``: a student of the 0.5B shape above and a teacher of Qwen2.5-1.5B's shape
+   (hidden 1536, 28 layers, 12 heads, 2 KV heads), Llama architecture with q/k/v/o biases
+   (see ``train_files`` for why not Qwen2's class), both saved with ``save_pretrained`` and loaded from disk,
    a word-level tokenizer of 151,665 ids under their 151,936-row heads (as Qwen2.5's), batch
    16 x (128 prompt + 512 new tokens), micro-batches of 8. From the run's metrics.jsonl
-   (medians over the steps after the first): the split ``time/rollout_s`` / ``time/score_s``
-   / ``time/update_s``, completion tokens/s of the whole step, the update's MFU (the ``mfu``
+   (medians over the steps after the first): the split sampling (``time/rollout_s`` minus
+   ``time/score_s``) / teacher scoring / update, completion tokens/s of the whole step, the update's MFU (the ``mfu``
    section's FLOP formula at the rollouts' mean length) and ``memory/peak_gib``.
 
 ``summary``: the issue's GPU targets, as ratios from this one run (update MFU >= 35% at 16k
@@ -80,7 +81,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from opd.batch import make_batch
 from opd.losses.chunked import chunked_divergence, chunked_divergence_loss
@@ -180,8 +181,19 @@ def attempt(name: str, fn) -> dict:
     return r
 
 
-def build_model(arch: dict, dtype: torch.dtype, device: torch.device) -> Qwen2ForCausalLM:
-    """A randomly initialized Qwen2 causal LM of the given shape, made on ``device``."""
+def build_model(arch: dict, dtype: torch.dtype, device: torch.device, family: str = "qwen2"):
+    """A randomly initialized Qwen2 causal LM of the given shape, made on ``device``; with
+    ``family="llama"``, the Llama architecture at the same shape with q/k/v/o biases."""
+    if family == "llama":
+        cfg = LlamaConfig(
+            vocab_size=arch["vocab"], hidden_size=arch["hidden"], intermediate_size=arch["inter"],
+            num_hidden_layers=arch["layers"], num_attention_heads=arch["heads"], num_key_value_heads=arch["kv_heads"],
+            tie_word_embeddings=True, max_position_embeddings=32_768, attention_bias=True, rope_theta=1e6,
+            pad_token_id=PAD, eos_token_id=EOS,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        with device:
+            return LlamaForCausalLM(cfg).to(dtype)
     cfg = Qwen2Config(
         vocab_size=arch["vocab"], hidden_size=arch["hidden"], intermediate_size=arch["inter"],
         num_hidden_layers=arch["layers"], num_attention_heads=arch["heads"],
@@ -461,11 +473,14 @@ def save_tokenizer(path: Path, n_ids: int) -> None:
 def train_files(root: Path, size: dict, device, dtype) -> dict:
     """Student and teacher saved with ``save_pretrained`` (random weights, the tokenizer cut
     below the padded head as Qwen2.5's 151,665 ids under 151,936 rows), and a JSONL dataset
-    of prompts of exactly ``prompt`` words."""
+    of prompts of exactly ``prompt`` words. The models are Llama-architecture at Qwen2.5's
+    shapes (with its q/k/v biases, plus an o bias): transformers 5 loads a ``qwen2``
+    checkpoint's tokenizer as ``Qwen2Tokenizer``, which a word-level tokenizer.json does not
+    survive (every word encodes to nothing)."""
     cfg = size["train"]
     paths = {"student": root / "student", "teacher": root / "teacher", "dataset": root / "data.jsonl"}
     for side in ("student", "teacher"):
-        model = build_model(size[cfg[side]], dtype, device)
+        model = build_model(size[cfg[side]], dtype, device, family="llama")
         model.save_pretrained(paths[side])
         save_tokenizer(paths[side], cfg["tokenizer_ids"])
         del model
@@ -482,7 +497,7 @@ def train_args(paths: dict, cfg: dict, method: str, run_dir: Path, device, dtype
         f"steps={cfg['steps']}", f"prompts_per_step={cfg['batch']}", "group_size=1", f"max_new_tokens={cfg['new']}",
         f"max_prompt_tokens={cfg['prompt']}", f"micro_batch_size={cfg['micro_batch']}", f"device={device.type}",
         f"dtype={str(dtype).removeprefix('torch.')}", "eval_size=1", "eval_k=1", "eval_every=0", "progress=false",
-        "lr=1e-6", f"run_dir={run_dir}", "chat_template=off",
+        "lr=1e-6", f"run_dir={run_dir}", "chat_template=off", *(["lmbda=1"] if method == "gkd" else []),
     ]  # fmt: skip
 
 
@@ -513,12 +528,14 @@ def train_summary(run: dict, size: dict, cfg: dict, device) -> dict:
     if not steps:
         return {"error": f"no step finished (exit {run['returncode']})", "log_tail": run["log_tail"]}
     med = lambda key: statistics.median(r[key] for r in steps) if all(key in r for r in steps) else None  # noqa: E731
-    split = {k: med(f"time/{k}_s") for k in ("rollout", "score", "update")}
+    rollout, score, update = (med(f"time/{k}_s") for k in ("rollout", "score", "update"))
+    # time/rollout_s runs from sampling to the signal (teacher scoring included); score apart
+    split = {"sample": None if rollout is None or score is None else rollout - score, "score": score, "update": update}
     length = med("rollout/length") or cfg["new"]
     arch = size[cfg["student"]]
     n_nonembed = non_embedding_params(arch)
     flops = step_flops(n_nonembed, arch, cfg["batch"], int(cfg["prompt"] + length), int(length))["total"]
-    step_s = sum(v for v in split.values() if v is not None)
+    step_s = (rollout or 0.0) + (update or 0.0)
     peak, _ = peak_flops(device)
     return {
         "steps_done": len(run["steps"]), "steps_timed": len(steps), "wall_s": run["wall_s"], "returncode": run["returncode"],
@@ -529,11 +546,12 @@ def train_summary(run: dict, size: dict, cfg: dict, device) -> dict:
     }  # fmt: skip
 
 
-def non_embedding_params(arch: dict) -> int:
-    """Parameters outside the (tied) embedding of a Qwen2-shaped model, from its shape."""
+def non_embedding_params(arch: dict, o_bias: bool = True) -> int:
+    """Parameters outside the (tied) embedding of the train section's models (Qwen2's shape
+    and q/k/v biases, plus an o bias unless ``o_bias=False``: Qwen2 itself), from the shape."""
     d, f, L = arch["hidden"], arch["inter"], arch["layers"]
     kv = d // arch["heads"] * arch["kv_heads"]
-    attn = d * d + d + 2 * (d * kv + kv) + d * d  # q (+bias), k and v (+bias), o
+    attn = d * d + d + 2 * (d * kv + kv) + d * d + (d if o_bias else 0)  # q, k, v (+biases), o
     return L * (attn + 3 * d * f + 2 * d) + d
 
 

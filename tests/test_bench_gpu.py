@@ -57,7 +57,7 @@ def test_bench_gpu_cpu_size(tmp_path):
         run = train[method]
         assert run["returncode"] == 0 and run["steps_done"] == 3, run
         split = run["split_s"]
-        assert all(_finite(split[k]) and split[k] > 0 for k in ("rollout", "score", "update")), split
+        assert all(_finite(split[k]) and split[k] > 0 for k in ("sample", "score", "update")), split
         assert _finite(run["tokens_per_s"]) and all(_finite(x) for x in run["loss"]), run
     assert res["summary"]["train_tokens_per_s"]["opd"] == train["opd"]["tokens_per_s"]
 
@@ -69,6 +69,7 @@ def test_non_embedding_parameter_formula_matches_the_model():
     import gpu
 
     arch = gpu.SIZES["cpu"]["teacher"]
-    model = gpu.build_model(arch, torch.float32, torch.device("cpu"))
-    real = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
-    assert gpu.non_embedding_params(arch) == real
+    for family, o_bias in (("llama", True), ("qwen2", False)):
+        model = gpu.build_model(arch, torch.float32, torch.device("cpu"), family=family)
+        real = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+        assert gpu.non_embedding_params(arch, o_bias=o_bias) == real
