@@ -394,8 +394,10 @@ def test_stable_and_gopd_rollouts_on_the_testbed(tiny_cfg):
     mask = exp.batch.completion_mask_BT[:R]
     with torch.no_grad():
         own = completion_logits(env.student, exp.batch.select(torch.arange(R)))
-    torch.testing.assert_close(exp.extra["ref_logits_BTV"][:R][mask], own[mask], rtol=1e-5, atol=1e-5)
-    assert (exp.extra["ref_logits_BTV"][R:] == 0).all()
+    head = exp.extra["ref_head"]  # a model reference: hidden states and head, never [B, T, V]
+    ref_logits = torch.nn.functional.linear(exp.extra["ref_hidden_BTH"], head.weight_VH, head.bias_V)
+    torch.testing.assert_close(ref_logits[:R][mask], own[mask], rtol=1e-5, atol=1e-5)
+    assert (exp.extra["ref_hidden_BTH"][R:] == 0).all()
     # signal and loss on the real batch: KL to the reference is 0 at the start
     scores = env.teacher.score(exp.batch, topk=8)
     signal = method.signal(exp, scores)

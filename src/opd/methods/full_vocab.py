@@ -21,31 +21,32 @@ from opd.signals.teacher_logp import TEACHER_LOGP_FLOOR, floored_logp_V
 from opd.signals.topk_lsm import teacher_support
 
 
-def teacher_of(signal: Signal):
-    """The teacher as the chunked functions take it: logits, or ``(hidden, weight, bias)``."""
-    if "teacher_hidden_BTH" in signal:
-        head = signal["teacher_head"]
-        return (signal["teacher_hidden_BTH"], head.weight_VH, head.bias_V)
-    return signal["teacher_logits_BTV"]
+def teacher_of(signal: Signal, prefix: str = "teacher"):
+    """The teacher (``prefix="ref"``: the reference model) as the chunked functions take it:
+    ``{prefix}_logits_BTV``, or ``({prefix}_hidden_BTH, weight, bias)`` of ``{prefix}_head``."""
+    if f"{prefix}_hidden_BTH" in signal:
+        head = signal[f"{prefix}_head"]
+        return (signal[f"{prefix}_hidden_BTH"], head.weight_VH, head.bias_V)
+    return signal[f"{prefix}_logits_BTV"]
 
 
-def teacher_divergence_BT(view: StudentView, signal: Signal, kind: str, **kw) -> torch.Tensor:
-    """``D_t`` per token (module doc); ``kw``: ``divergence``'s ``beta``, ``temperature``,
-    ``entry_clip``, ``support``, ``k``, ``renormalize``."""
-    teacher = teacher_of(signal)
+def teacher_divergence_BT(view: StudentView, signal: Signal, kind: str, *, prefix: str = "teacher",
+                          floor: float | None = TEACHER_LOGP_FLOOR, **kw) -> torch.Tensor:
+    """``D_t`` per token (module doc) against ``prefix``'s distribution, its log-probs
+    floored at ``floor`` (None: as they are); ``kw``: ``divergence``'s ``beta``,
+    ``temperature``, ``entry_clip``, ``support``, ``k``, ``renormalize``."""
+    teacher = teacher_of(signal, prefix)
     head = view.linear_head
     if head is None or view.hidden_BTH is None or view.has_logits:
         logits_BTV = teacher if isinstance(teacher, torch.Tensor) else torch.nn.functional.linear(*teacher).float()
-        return divergence(view.logits_BTV, floored_logp_V(logits_BTV), kind, **kw)
-    if not isinstance(teacher, torch.Tensor):
-        teacher = (teacher[0].to(view.hidden_BTH.device), *(t if t is None else t.to(view.hidden_BTH.device) for t in teacher[1:]))
+        return divergence(view.logits_BTV, logits_BTV if floor is None else floored_logp_V(logits_BTV, floor), kind, **kw)
     return chunked_divergence(view.hidden_BTH, head[0], teacher, kind, bias_V=head[1], chunk_size=view.chunk_size,
-                              teacher_floor=TEACHER_LOGP_FLOOR, **kw)
+                              teacher_floor=floor, **kw)
 
 
-def teacher_logp_chunks(signal: Signal, chunk_size: int | None = None):
-    """``(lo, hi, logp_CV)``: the teacher's floored log-probs (float32) of flat positions
-    ``lo:hi``, one chunk of positions at a time (never all ``[B, T, V]`` at once)."""
+def teacher_logit_chunks(signal: Signal, chunk_size: int | None = None):
+    """``(lo, hi, logits_CV)``: the teacher's logits (float32; float64 kept) at flat positions ``lo:hi``,
+    one chunk of positions at a time (never all ``[B, T, V]`` at once)."""
     teacher = teacher_of(signal)
     if isinstance(teacher, torch.Tensor):
         rows_NV = teacher.reshape(-1, teacher.shape[-1])
@@ -59,7 +60,27 @@ def teacher_logp_chunks(signal: Signal, chunk_size: int | None = None):
     C = chunk_size or default_chunk_size(vocab)
     for lo in range(0, rows_NV.shape[0], C):
         hi = min(lo + C, rows_NV.shape[0])
-        yield lo, hi, floored_logp_V(make(lo, hi))
+        x_CV = make(lo, hi)
+        yield lo, hi, x_CV if x_CV.dtype == torch.float64 else x_CV.float()
+
+
+def teacher_logp_chunks(signal: Signal, chunk_size: int | None = None):
+    """``(lo, hi, logp_CV)``: the teacher's floored log-probs (:func:`floored_logp_V`), per chunk."""
+    for lo, hi, logits_CV in teacher_logit_chunks(signal, chunk_size):
+        yield lo, hi, floored_logp_V(logits_CV)
+
+
+@torch.no_grad()
+def per_position(signal: Signal, fn, *rows: torch.Tensor, floored: bool = True, chunk_size: int | None = None) -> torch.Tensor:
+    """``fn(teacher_CV, *rows_C)`` over every position, a chunk at a time -> ``[B, T, ...]``:
+    ``teacher_CV`` the teacher's floored log-probs (``floored=False``: its logits), ``rows``
+    per-position tensors ``[B, T, ...]`` cut to the same chunk."""
+    B, T = rows[0].shape[:2]
+    flat = [r.reshape(B * T, *r.shape[2:]) for r in rows]
+    chunks = teacher_logp_chunks(signal, chunk_size) if floored else teacher_logit_chunks(signal, chunk_size)
+    parts = [fn(x_CV, *(r[lo:hi].to(x_CV.device) for r in flat)) for lo, hi, x_CV in chunks]
+    out = torch.cat(parts)
+    return out.view(B, T, *out.shape[1:])
 
 
 @torch.no_grad()

@@ -68,7 +68,8 @@ from opd.signals.prune import (
     reliable_mask_BT,
     tied_topk_overlap_BT,
 )
-from opd.signals.teacher_logp import floored_logp_V
+from opd.methods.full_vocab import per_position
+from opd.signals.teacher_logp import full_teacher
 from opd.tasks.base import Problem
 
 LOGIT_ELEMENTS = 2**27  # rows per no-grad pass are chosen so that [rows, T, V] stays under this
@@ -102,7 +103,8 @@ def prune_signal(
 ) -> Signal:
     """Reliability-weighted OPD advantages on the reliable prefix; updates ``budget``."""
     mask_BT = exp.batch.completion_mask_BT
-    overlap_BT = tied_topk_overlap_BT(exp.extra["student_topk_ids_BTK"], floored_logp_V(scores.full_logits_BTV()))
+    overlap_BT = per_position(full_teacher(scores), lambda t_CV, ids_CK: tied_topk_overlap_BT(ids_CK, t_CV),
+                              exp.extra["student_topk_ids_BTK"])
     drift_BT, w_BT = drift_reliability_BT(overlap_BT, mask_BT, delta=delta, eta=eta)
     keep_BT = reliable_mask_BT(w_BT, mask_BT, w_min=w_min)
     log_ratio_BT = floored_log_ratio_BT(exp.sampler_logp_BT, scores.token_logp_BT, mask_BT)

@@ -13,8 +13,9 @@ of Luo et al. 2604.08527; coefficients from a third-party adaptation).
 
 One batch, the loop algorithm-blind: the rollout returns the ``group_size`` student
 rollouts per prompt followed by one golden-solution row per prompt (``exp.extra["gold_B"]``
-marks them) and the reference's full logits on the rollout rows (``ref_logits_BTV``, zero
-on golden rows). Each term is a mean over its own tokens: the signal gives rollout tokens
+marks them) and the reference's full distribution on the rollout rows (its completion
+hidden states ``ref_hidden_BTH`` and head ``ref_head``, zero on golden rows; the loss makes
+the logits chunk by chunk). Each term is a mean over its own tokens: the signal gives rollout tokens
 the weight ``N/N_roll`` and golden tokens ``N/N_gold`` (``N`` the step's kept tokens, the
 loop's normalizer), so the loop's token mean of ``loss_BT`` is exactly ``L``
 (:mod:`opd.signals.stable_opd`). The OPD terms are zero on golden rows, the SFT term zero
@@ -32,9 +33,8 @@ Monitors (:mod:`opd.signals.monitors`, over the rollout rows only): ``monitor/tr
 ``group_size + 1``); read ``monitor/*`` for the student's rollouts alone.
 
 Deviations / choices: the teacher also scores the golden rows (its scores there are
-unused; they count as teacher tokens); the reference's full logits are kept for the
-step (``R·T·V`` floats: fine on the testbed, large for a big vocabulary and long
-rollouts).
+unused; they count as teacher tokens); the reference's hidden states are kept for the
+step (``R·T·H`` floats).
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ from typing import Annotated
 import torch
 
 from opd.batch import make_batch
-from opd.losses import discounted_returns, divergence
+from opd.losses import discounted_returns
+from opd.methods.full_vocab import teacher_divergence_BT
+from opd.signals.teacher_logp import full_teacher
 from opd.methods.base import Experience, Method, RolloutEnv, Signal, StudentView, TeacherRequest, method_info
 from opd.methods.degeneracy import Degenerate
 from opd.methods.knobs import ClipEps, Gamma, KlCoef, OpdLoss, knob
@@ -63,13 +65,23 @@ def _pad_cols(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return out
 
 
+def reference_entries(ref, rows: int, cols: int) -> dict:
+    """The reference's full distribution on the rollout rows, padded to the batch with zero
+    hidden states (a uniform distribution on golden rows, never read): its hidden states and
+    head (a model: never ``[B, T, V]``), or its logits."""
+    full = full_teacher(ref)
+    if "teacher_hidden_BTH" in full:
+        return {"ref_hidden_BTH": _pad_cols(full["teacher_hidden_BTH"], rows, cols), "ref_head": full["teacher_head"]}
+    return {"ref_logits_BTV": _pad_cols(full["teacher_logits_BTV"].float(), rows, cols)}
+
+
 def with_golden_rows(env: RolloutEnv, exp: Experience, gold: Experience) -> Experience:
     """The rollout's rows, then the golden rows, in one batch (columns stay aligned)."""
     R, T0 = exp.batch.completion_mask_BT.shape
     prompts = exp.batch.prompts() + gold.batch.prompts()
     batch = make_batch(prompts, exp.batch.completions() + gold.batch.completions(), env.pad_id, width=T0)
     B, T = batch.completion_mask_BT.shape
-    ref_logits = reference_scores(env, batch.select(torch.arange(R, device="cpu")), topk=1, full=True).full_logits_BTV()
+    ref = reference_scores(env, batch.select(torch.arange(R, device="cpu")), topk=1, full=True)
     gold_rewards = torch.tensor([float(env.verify(p, c)) for p, c in zip(gold.problems, gold.batch.completions())], device="cpu")
     return Experience(
         batch=batch,
@@ -79,7 +91,7 @@ def with_golden_rows(env: RolloutEnv, exp: Experience, gold: Experience) -> Expe
         rewards_B=torch.cat([exp.rewards_B, gold_rewards]),
         truncated_B=torch.cat([exp.truncated_B, torch.zeros(B - R, dtype=torch.bool, device="cpu")]),
         sampled_B=torch.arange(B, device="cpu") < R,
-        extra={"gold_B": torch.arange(B, device="cpu") >= R, "ref_logits_BTV": _pad_cols(ref_logits.float().to(batch.device), B, T)},
+        extra={"gold_B": torch.arange(B, device="cpu") >= R, **reference_entries(ref, B, T)},
     )
 
 
@@ -106,7 +118,7 @@ def stable_signal(exp: Experience, scores, *, gamma: float, kl_coef: float, rep_
         "log_ratio_BT": log_ratio_BT,
         "roll_w_BT": roll_w_BT,
         "gold_w_BT": gold_w_BT,
-        "ref_logits_BTV": exp.extra["ref_logits_BTV"],
+        **{k: v for k, v in exp.extra.items() if k.startswith("ref_")},
         "monitor/reward": exp.rewards_B[roll_rows].float().mean(),
         **monitors,
     }
@@ -114,7 +126,7 @@ def stable_signal(exp: Experience, scores, *, gamma: float, kl_coef: float, rep_
 
 def stable_loss(view: StudentView, signal: Signal, *, opd_loss: str, clip_eps: float, gold_coef: float, ref_kl_coef: float):
     pg_BT, pg_metrics = opd_token_loss(view, signal, opd_loss=opd_loss, clip_eps=clip_eps)
-    kl_BT = divergence(view.logits_BTV, signal["ref_logits_BTV"], "rkl")
+    kl_BT = teacher_divergence_BT(view, signal, "rkl", prefix="ref", floor=None)
     nll_BT = -view.logp_BT
     roll_w, gold_w = signal["roll_w_BT"], signal["gold_w_BT"]
     loss_BT = combined_loss_BT(pg_BT, kl_BT, nll_BT, roll_w, gold_w, gold_coef=gold_coef, ref_kl_coef=ref_kl_coef)

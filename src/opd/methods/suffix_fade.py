@@ -38,6 +38,8 @@ from typing import Annotated, Literal
 import torch
 
 from opd.losses import discounted_returns
+from opd.methods.full_vocab import per_position
+from opd.signals.teacher_logp import full_teacher
 from opd.methods.base import Experience, Method, RolloutEnv, Signal, TeacherRequest, method_info
 from opd.methods.degeneracy import Degenerate, RunFacts
 from opd.methods.knobs import ClipEps, Gamma, KlCoef, OpdLoss, knob
@@ -68,7 +70,7 @@ def boundary_mask_BT(exp: Experience, boundary_ids: tuple[int, ...], window: int
 
 def fade_signal(exp: Experience, scores, *, margin: str, penalty: float, gamma: float, kl_coef: float) -> Signal:
     mask_BT = exp.batch.completion_mask_BT
-    cand_BTK = candidate_logp_BTK(scores.full_logits_BTV(), exp.extra["student_topk_ids_BTK"])
+    cand_BTK = per_position(full_teacher(scores), candidate_logp_BTK, exp.extra["student_topk_ids_BTK"], floored=False)
     margin_BT = teacher_margin_BT(cand_BTK, scores.token_logp_BT, mode=margin)
     seg_BT = segment_ids_BT(exp.extra["boundary_BT"], mask_BT)
     means_BS, counts_BS = step_means_BS(margin_BT, seg_BT, mask_BT)
