@@ -71,3 +71,24 @@ def test_program_teacher_logits_take_the_same_path():
     lean = teacher_divergence_BT(view, {"teacher_logits_BTV": logits}, "jsd", beta=0.3)
     full = divergence(student.get_output_embeddings()(completion_hidden(student, batch)), floored_logp_V(logits), "jsd", beta=0.3)
     torch.testing.assert_close(lean, full, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_logits_at_ids_equals_full_logits_gathered(bias, monkeypatch):
+    from opd.losses import selective
+    from opd.losses.selective import logits_at_ids
+
+    monkeypatch.setattr(selective, "ROWS_ELEMENTS", 40)  # several chunks of positions
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(13, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(30, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(30, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    ids = torch.randint(0, 30, (13, 4), generator=g)
+    ids[0] = 7  # repeated ids: their gradients add up
+    up = torch.randn(13, 4, generator=g, dtype=torch.float64)
+    got = logits_at_ids(h, W, ids, bias_V=b)
+    want = torch.nn.functional.linear(h, W, b).gather(-1, ids)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    inputs = (h, W) + ((b,) if bias else ())
+    for a, c in zip(torch.autograd.grad((got * up).sum(), inputs), torch.autograd.grad((want * up).sum(), inputs)):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)

@@ -244,8 +244,9 @@ def _accumulate(grad_CV, h_CH, w_VH, grads, lo, hi):
 def _sweep(hidden, weight, bias, teacher, spec: _Spec, scale_N, need):
     """Values ``[N]`` and, where ``need``, ``(g_hidden, g_weight, g_bias)`` of ``Σ scale·D``."""
     (n, _), vocab, dtype = hidden.shape, weight.shape[0], compute_dtype(hidden, weight)
-    c = max(1, min(spec.chunk_size, n))
     closed = spec.support is None
+    # the autograd path holds ~8 [C, V] temporaries of divergence(), against 3-4 buffers here
+    c = max(1, min(spec.chunk_size if closed else spec.chunk_size // 4, n))
     bufs = [hidden.new_empty(c, vocab, dtype=dtype) for _ in range(_n_buffers(spec))]
     values = hidden.new_empty(n, dtype=dtype)
     grads = (

@@ -182,3 +182,57 @@ def token_logp_and_stats(
     k = min(topk, lm_head_weight_VH.shape[0])
     logp, ent_N, top_Nk = _apply(hidden_NH, lm_head_weight_VH, ids_N, bias_V, chunk_size, k)
     return logp, ent_N.reshape(logp.shape), top_Nk.reshape(*logp.shape, k)
+
+
+ROWS_ELEMENTS = 2**24  # rows per chunk of logits_at_ids: [rows, K, H] stays under this many elements
+
+
+class _LogitsAtIds(torch.autograd.Function):
+    """``z[n, k] = h_n · W[ids[n, k]] + b[ids[n, k]]`` (backward in closed form, no ``[N, V]``)."""
+
+    @staticmethod
+    def forward(ctx, hidden_NH, weight_VH, bias_V, ids_NK):
+        N, K = ids_NK.shape
+        rows = max(1, ROWS_ELEMENTS // max(1, K * hidden_NH.shape[1]))
+        out_NK = hidden_NH.new_empty(N, K, dtype=torch.float32 if hidden_NH.dtype != torch.float64 else torch.float64)
+        for lo in range(0, N, rows):
+            w_CKH = weight_VH[ids_NK[lo : lo + rows]]
+            z_CK = torch.einsum("ch,ckh->ck", hidden_NH[lo : lo + rows], w_CKH)
+            out_NK[lo : lo + rows] = z_CK if bias_V is None else z_CK + bias_V[ids_NK[lo : lo + rows]]
+        ctx.save_for_backward(hidden_NH, weight_VH, ids_NK)
+        ctx.rows, ctx.has_bias = rows, bias_V is not None
+        return out_NK
+
+    @staticmethod
+    def backward(ctx, g_NK):
+        hidden_NH, weight_VH, ids_NK = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        g_h = torch.zeros_like(hidden_NH) if need_h else None
+        acc = torch.float64 if weight_VH.dtype == torch.float64 else torch.float32
+        g_w = torch.zeros(weight_VH.shape, dtype=acc, device=weight_VH.device) if need_w else None
+        g_b = torch.zeros(weight_VH.shape[0], dtype=acc, device=weight_VH.device) if need_b and ctx.has_bias else None
+        H = hidden_NH.shape[1]
+        for lo in range(0, ids_NK.shape[0], ctx.rows):
+            ids_CK, g_CK = ids_NK[lo : lo + ctx.rows], g_NK[lo : lo + ctx.rows]
+            if g_h is not None:
+                g_h[lo : lo + ctx.rows] = torch.einsum("ck,ckh->ch", g_CK.to(weight_VH.dtype), weight_VH[ids_CK])
+            if g_w is not None:
+                outer_CKH = g_CK.to(acc)[..., None] * hidden_NH[lo : lo + ctx.rows].to(acc)[:, None, :]
+                g_w.index_add_(0, ids_CK.reshape(-1), outer_CKH.reshape(-1, H))
+            if g_b is not None:
+                g_b.index_add_(0, ids_CK.reshape(-1), g_CK.to(acc).reshape(-1))
+        g_w = None if g_w is None else g_w.to(weight_VH.dtype)
+        g_b = None if g_b is None else g_b.to(weight_VH.dtype)
+        return g_h, g_w, g_b, None
+
+
+def logits_at_ids(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, ids_NK: torch.Tensor, *, bias_V: torch.Tensor | None = None) -> torch.Tensor:
+    """The logits ``z[n, k] = h_n · W_{ids[n, k]} + b_{ids[n, k]}`` (float32; float64 kept) of
+    a few ids per position, differentiable, without ever making a position's ``V`` logits:
+    the ``K`` rows of ``W`` are gathered per chunk of positions, and the backward pass
+    scatters ``g ⊗ h`` into ``W``'s gradient (``index_add``). Equals
+    ``(hidden @ W.T + b).gather(-1, ids)`` up to float rounding."""
+    if hidden_NH.dtype != weight_VH.dtype:  # autocast: bf16 hidden states, float32 master weight
+        weight_VH = weight_VH.to(hidden_NH.dtype)
+        bias_V = None if bias_V is None else bias_V.to(hidden_NH.dtype)
+    return _LogitsAtIds.apply(hidden_NH, weight_VH, bias_V, ids_NK)

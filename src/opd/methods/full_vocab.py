@@ -16,6 +16,7 @@ import torch
 
 from opd.losses import divergence
 from opd.losses.chunked import chunked_divergence, default_chunk_size
+from opd.losses.selective import logits_at_ids
 from opd.methods.base import Signal, StudentView
 from opd.signals.teacher_logp import TEACHER_LOGP_FLOOR, floored_logp_V
 from opd.signals.topk_lsm import teacher_support
@@ -44,6 +45,11 @@ def teacher_divergence_BT(view: StudentView, signal: Signal, kind: str, *, prefi
                               teacher_floor=floor, **kw)
 
 
+def _vocab(signal: Signal, prefix: str = "teacher") -> int:
+    teacher = teacher_of(signal, prefix)
+    return teacher.shape[-1] if isinstance(teacher, torch.Tensor) else teacher[1].shape[0]
+
+
 def teacher_logit_chunks(signal: Signal, chunk_size: int | None = None):
     """``(lo, hi, logits_CV)``: the teacher's logits (float32; float64 kept) at flat positions ``lo:hi``,
     one chunk of positions at a time (never all ``[B, T, V]`` at once)."""
@@ -56,8 +62,7 @@ def teacher_logit_chunks(signal: Signal, chunk_size: int | None = None):
         h_NH = hidden.reshape(-1, hidden.shape[-1])
         rows_NV = h_NH
         make = lambda lo, hi: torch.nn.functional.linear(h_NH[lo:hi], weight.to(h_NH.dtype), None if bias is None else bias.to(h_NH.dtype))  # noqa: E731
-    vocab = teacher.shape[-1] if isinstance(teacher, torch.Tensor) else teacher[1].shape[0]
-    C = chunk_size or default_chunk_size(vocab)
+    C = chunk_size or default_chunk_size(_vocab(signal))
     for lo in range(0, rows_NV.shape[0], C):
         hi = min(lo + C, rows_NV.shape[0])
         x_CV = make(lo, hi)
@@ -93,6 +98,8 @@ def teacher_support_BTK(signal: Signal, shape_BT: tuple[int, int], k: int, token
     distribution has an empty support."""
     ids_parts, logp_parts = [], []
     tokens_N = None if token_ids_BT is None else token_ids_BT.reshape(-1)
+    # floored_logp_V and the tied top-K mask hold ~8 [C, V] temporaries: a quarter chunk
+    chunk_size = chunk_size or max(1, default_chunk_size(_vocab(signal)) // 4)
     for lo, hi, logp_CV in teacher_logp_chunks(signal, chunk_size):
         tok_C = None if tokens_N is None else tokens_N[lo:hi].to(logp_CV.device)
         mask_CV = teacher_support(logp_CV, k, tok_C) & (logp_CV > float("-inf"))
@@ -106,19 +113,16 @@ def teacher_support_BTK(signal: Signal, shape_BT: tuple[int, int], k: int, token
 
 
 def student_logits_at(view: StudentView, ids_BTK: torch.Tensor) -> torch.Tensor:
-    """The student's logits (float32) at ids ``[B, T, K]``, differentiable: the full logits
-    are made one chunk of positions at a time and gathered (autograd keeps no ``[C, V]``)."""
+    """The student's logits (float32) at ids ``[B, T, K]``, differentiable, from its hidden
+    states and the ``K`` gathered rows of its head (:func:`opd.losses.selective.logits_at_ids`:
+    no position's ``V`` logits are ever made)."""
     head = view.linear_head
     if head is None or view.hidden_BTH is None or view.has_logits:
         return view.logits_BTV.gather(-1, ids_BTK)
     B, T, H = view.hidden_BTH.shape
     K = ids_BTK.shape[-1]
-    h_NH, ids_NK = view.hidden_BTH.reshape(B * T, H), ids_BTK.reshape(B * T, K)
-    weight, bias = head
-    C = view.chunk_size or default_chunk_size(weight.shape[0])
-    parts = [torch.nn.functional.linear(h_NH[lo : lo + C], weight, bias).float().gather(1, ids_NK[lo : lo + C])
-             for lo in range(0, B * T, C)]
-    return torch.cat(parts).view(B, T, K) if parts else h_NH.new_zeros(B, T, K, dtype=torch.float32)
+    z_NK = logits_at_ids(view.hidden_BTH.reshape(B * T, H), head[0], ids_BTK.reshape(B * T, K), bias_V=head[1])
+    return z_NK.view(B, T, K)
 
 
 def support_divergence_BTK(view: StudentView, ids_BTK: torch.Tensor, teacher_logp_BTK: torch.Tensor, kind: str) -> torch.Tensor:
