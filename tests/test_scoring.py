@@ -81,7 +81,8 @@ def test_teacher_default_is_lean_and_full_keeps_every_column(model):
     assert lean.logits_BTV is None
     assert_same_on(batch.completion_mask_BT, lean, *ref)
     full = teacher.score(batch, topk=4, full=True)
-    torch.testing.assert_close(full.logits_BTV, completion_logits(model, batch), atol=0, rtol=0)
+    assert full.logits_BTV is None and full.hidden_BTH is not None  # hidden states and head, never [B, T, V]
+    torch.testing.assert_close(full.full_logits_BTV(), completion_logits(model, batch), atol=1e-6, rtol=1e-6)
     everywhere = torch.ones_like(batch.completion_mask_BT)
     assert_same_on(everywhere, full, *ref)  # padding columns too (methods read them)
 

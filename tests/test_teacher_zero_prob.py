@@ -50,7 +50,7 @@ class ZeroProbTeacher:
 
     def score(self, batch, *, topk=8, full=False, temperature=1.0):
         s = self.inner.score(batch, topk=topk, full=True, temperature=temperature)
-        logits = s.logits_BTV.detach().double().clone()
+        logits = s.full_logits_BTV().detach().double().clone()
         logits[..., self.banned] = -INF
         logits[0, 0] = -INF
         logits[0, 0, :2] = torch.tensor([0.0, 1.0], dtype=logits.dtype)
