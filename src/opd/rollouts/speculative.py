@@ -65,7 +65,9 @@ def accepted_prefix_len(accept_BT: torch.Tensor, valid_BT: torch.Tensor) -> torc
 
 
 def _vet(teacher: Teacher, prompts, comps, props, rows, *, topk: int, pad_id: int):
-    """Teacher pass over ``rows``: accepted block lengths [R] and full logits [R, T, V]."""
+    """Teacher pass over ``rows``: accepted block lengths [R] and ``logits_at(idx_R, col_R)``,
+    the teacher's full logits ``[n, V]`` at the given (row, column) positions only (made
+    from its hidden states and head when it gave those: never ``[R, T, V]``)."""
     batch = make_batch([prompts[b] for b in rows], [comps[b] + props[b] for b in rows], pad_id)
     scores = teacher.score(batch, topk=topk, full=True)
     start_R = torch.tensor([len(comps[b]) for b in rows], device="cpu")
@@ -73,7 +75,13 @@ def _vet(teacher: Teacher, prompts, comps, props, rows, *, topk: int, pad_id: in
     block_BT = batch.completion_mask_BT & (cols_T[None, :] >= start_R[:, None])
     accept_BT = in_teacher_topk(scores.token_logp_BT.cpu(), scores.topk_logp_BTK.cpu()) | ~block_BT
     n_ok_R = accepted_prefix_len(accept_BT, batch.completion_mask_BT) - start_R
-    return n_ok_R.clamp(min=0), scores.full_logits_BTV()
+    def logits_at(idx_R: torch.Tensor, col_R: torch.Tensor) -> torch.Tensor:
+        if scores.hidden_BTH is None:
+            return scores.logits_BTV[idx_R.to(scores.logits_BTV.device), col_R.to(scores.logits_BTV.device)].float()
+        hidden = scores.hidden_BTH
+        return torch.nn.functional.linear(hidden[idx_R.to(hidden.device), col_R.to(hidden.device)], *scores.head).float()
+
+    return n_ok_R.clamp(min=0), logits_at
 
 
 def _finished(comp: list[int], max_new_tokens: int, eos_id: int) -> bool:
@@ -86,7 +94,7 @@ def _round(propose, vet, replace, comps, flags, counts, *, block: int, max_new_t
     n = min(block, max(max_new_tokens - len(comps[b]) for b in rows))
     proposals = propose(n)  # every row, so the student's random stream is the plain sampler's
     props = {b: proposals[b][: max_new_tokens - len(comps[b])] for b in rows}
-    n_ok_R, logits_RTV = vet(props, rows)
+    n_ok_R, logits_at = vet(props, rows)
     rejects = []  # (row, completion column of the rejected token)
     for i, b in enumerate(rows):
         ok = int(n_ok_R[i])
@@ -97,8 +105,8 @@ def _round(propose, vet, replace, comps, flags, counts, *, block: int, max_new_t
         if ok < len(props[b]):
             rejects.append((i, len(comps[b])))
     if rejects:
-        idx_R, col_R = (torch.tensor(v, device=logits_RTV.device) for v in zip(*rejects))
-        for (i, _), tok in zip(rejects, replace(logits_RTV[idx_R, col_R].float().cpu()).tolist()):
+        idx_R, col_R = (torch.tensor(v, device="cpu") for v in zip(*rejects))
+        for (i, _), tok in zip(rejects, replace(logits_at(idx_R, col_R).cpu()).tolist()):
             comps[rows[i]].append(tok)
             flags[rows[i]].append(True)
 
