@@ -92,3 +92,12 @@ def test_logits_at_ids_equals_full_logits_gathered(bias, monkeypatch):
     inputs = (h, W) + ((b,) if bias else ())
     for a, c in zip(torch.autograd.grad((got * up).sum(), inputs), torch.autograd.grad((want * up).sum(), inputs)):
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+
+
+def test_full_scores_in_row_groups_equal_one_pass():
+    teacher = _model(24, N_IDS, 1)
+    batch = _batch()
+    whole = HFTeacher(teacher, eos_id=1, pad_id=0).score(batch, topk=4, full=True)
+    grouped = HFTeacher(teacher, eos_id=1, pad_id=0, bucket_tokens=8).score(batch, topk=4, full=True)  # one row per call
+    torch.testing.assert_close(grouped.hidden_BTH, whole.hidden_BTH, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grouped.token_logp_BT, whole.token_logp_BT, rtol=1e-10, atol=1e-12)

@@ -302,8 +302,15 @@ class HFTeacher:
         if not full:
             return lean_scores(self.model, batch, topk=topk, temperature=temperature,
                                max_tokens=self.bucket_tokens, call_cost=self.call_cost)
-        return scores_from_hidden(completion_hidden(self.model, batch), head_params(self.model.get_output_embeddings()),
+        return scores_from_hidden(self.hidden_in_groups(batch), head_params(self.model.get_output_embeddings()),
                                   batch.completion_ids_BT, topk=topk, temperature=temperature)
+
+    def hidden_in_groups(self, batch: SeqBatch) -> torch.Tensor:
+        """``completion_hidden`` of the batch, its rows in groups of at most ``bucket_tokens``
+        padded cells per decoder call (the teacher scored in micro-batches)."""
+        B, L = batch.input_ids_BL.shape
+        rows = max(1, self.bucket_tokens // max(L, 1))
+        return torch.cat([completion_hidden(self.model, batch.select(slice(s, s + rows))) for s in range(0, B, rows)])
 
     def generate(self, prompts: list[list[int]], *, prefix_ids_list=None, **sampling) -> list[list[int]]:
         """Sample completions (``sample``'s keywords). ``prefix_ids_list``: completion tokens
