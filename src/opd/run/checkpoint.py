@@ -228,8 +228,10 @@ def set_aside(path: Path) -> Path:
 
 
 def load_trainer_state(path: Path, *, optimizer, scheduler, method_state=None) -> dict:
-    """Restore optimizer, scheduler, the method's state and RNG states; return the counters."""
-    state = torch.load(path / STATE_FILE, weights_only=False)
+    """Restore optimizer, scheduler, the method's state and RNG states; return the counters.
+    Read onto the host: the optimizer moves its states to its parameters' device, so a run
+    saved on a GPU resumes on a CPU and the other way round."""
+    state = torch.load(path / STATE_FILE, weights_only=False, map_location="cpu")
     if method_state is not None and state.get("method_state") is not None:
         method_state.load_state_dict(state["method_state"])
     optimizer.load_state_dict(state["optimizer"])
