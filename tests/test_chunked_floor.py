@@ -78,3 +78,21 @@ def test_bf16_hidden_with_a_float32_head(kind):
     assert abs(float(loss.detach()) - float(ref_loss.detach())) <= 2e-2 * abs(float(ref_loss.detach()))
     for got, ref in ((g_h.float(), g_ref[0]), (g_w, g_ref[1])):
         assert float((got - ref).norm() / ref.norm()) <= 5e-2
+
+
+@pytest.mark.parametrize("kind", ["rkl", "jsd"])
+def test_expected_gradient_shortcut_and_its_fallback(kind):
+    """With ``expected_grad`` = the mask, a masked token mean's gradient (c·mask) is served
+    from the forward; any other upstream gradient recomputes: both equal the naive form."""
+    from opd.losses.reduce import masked_token_mean
+
+    hidden, weight, _, _, t_logits = _inputs()
+    mask = torch.rand(hidden.shape[0], generator=torch.Generator().manual_seed(3)) > 0.3
+    ref = _naive(hidden, weight, t_logits, TEACHER_LOGP_FLOOR, kind=kind)
+    for reduce in (lambda d: masked_token_mean(d, mask, 17.0), lambda d: (d * torch.linspace(0, 1, d.shape[0], dtype=d.dtype)).sum()):
+        g_ref = torch.autograd.grad(reduce(ref), (hidden, weight), retain_graph=True)
+        got = chunked_divergence(hidden, weight, t_logits, kind, chunk_size=6, teacher_floor=TEACHER_LOGP_FLOOR,
+                                 expected_grad=mask)
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)
+        for a, b in zip(torch.autograd.grad(reduce(got), (hidden, weight)), g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)

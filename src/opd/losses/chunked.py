@@ -323,6 +323,37 @@ class _RecomputedValues(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
+class _ValuesWithExpectedGrad(torch.autograd.Function):
+    """``D_N`` whose gradients are made during the forward for an upstream gradient
+    proportional to ``expected_N`` (``g_N = c·expected_N``, what a masked token mean gives):
+    backward checks that ``g_N`` has that shape and scales them by ``c`` (no recompute);
+    any other ``g_N`` is handled by recomputing each chunk, as :class:`_RecomputedValues`."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, expected_N, t_logits, t_hidden, t_weight, t_bias, spec):
+        teacher = (t_logits, t_hidden, t_weight, t_bias)
+        need = ctx.needs_input_grad[:3]
+        values, grads = _sweep(hidden, weight, bias, teacher, spec, expected_N.to(hidden.dtype), need)
+        ctx.save_for_backward(hidden, weight, bias, expected_N, t_logits, t_hidden, t_weight, t_bias, *grads)
+        ctx.spec = spec
+        return values
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_N):
+        hidden, weight, bias, expected_N, *rest = ctx.saved_tensors
+        teacher, grads = rest[:4], rest[4:]
+        inputs = (hidden, weight, bias)
+        kept = expected_N != 0
+        c = g_N[kept][:1] if bool(kept.any()) else g_N.new_zeros(1)
+        if torch.equal(g_N, torch.where(kept, c.to(g_N.dtype) * expected_N.to(g_N.dtype), 0.0)):
+            out = [None if g is None else (g * c.to(g.dtype)).to(x.dtype) for g, x in zip(grads, inputs)]
+        else:
+            _, fresh = _sweep(hidden, weight, bias, teacher, ctx.spec, g_N, ctx.needs_input_grad[:3])
+            out = [None if g is None else g.to(x.dtype) for g, x in zip(fresh, inputs)]
+        return (*out, None, None, None, None, None, None)
+
+
 # ---------------------------------------------------------------- public API
 
 
@@ -390,6 +421,7 @@ def chunked_divergence(
     k: int | None = None,
     renormalize: str = "both",
     teacher_floor: float | None = None,
+    expected_grad: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token divergence ``D_n`` of the student ``z = h W^T + b`` vs the teacher -> ``[N]``.
 
@@ -403,7 +435,11 @@ def chunked_divergence(
     Differentiable w.r.t. ``hidden_NH``, ``lm_head_weight_VH`` and ``bias_V`` for any
     upstream gradient ``g_N`` (mask/weights applied by the caller afterwards); backward
     recomputes each chunk's logits. Cheapest for logging under ``torch.no_grad()``. For
-    training, :func:`chunked_divergence_loss` saves that recompute.
+    training, :func:`chunked_divergence_loss` saves that recompute, and so does
+    ``expected_grad`` (``[...]``, e.g. the loss mask): the gradients for an upstream gradient
+    ``c·expected_grad`` (what the loop's masked token mean sends) are made during the
+    forward and scaled by ``c`` in backward (held meanwhile: ``[N, H]``, ``[V, H]``, ``[V]``);
+    an upstream gradient of another shape falls back to the recompute.
     ``teacher_floor``: the teacher's log-probs are ``max(log softmax(z_t), floor)`` before the
     divergence (as :func:`opd.signals.teacher_logp.floored_logp_V` gives them to the full
     form), applied per chunk. Hidden states in a lower precision than the head's weight
@@ -414,7 +450,10 @@ def chunked_divergence(
     spec = _Spec(kind, beta, temperature, entry_clip, support, k, renormalize, chunk_size, teacher_floor)
     lm_head_weight_VH, bias_V = _in_dtype(hidden_NH, lm_head_weight_VH, bias_V)
     h_NH, teacher, spec = _prepare(hidden_NH, lm_head_weight_VH, bias_V, teacher, spec)
-    values = _RecomputedValues.apply(h_NH, lm_head_weight_VH, bias_V, *teacher, spec)
+    if expected_grad is not None and torch.is_grad_enabled():
+        values = _ValuesWithExpectedGrad.apply(h_NH, lm_head_weight_VH, bias_V, expected_grad.reshape(-1), *teacher, spec)
+    else:
+        values = _RecomputedValues.apply(h_NH, lm_head_weight_VH, bias_V, *teacher, spec)
     return values.reshape(hidden_NH.shape[:-1])
 
 

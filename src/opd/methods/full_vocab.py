@@ -35,14 +35,16 @@ def teacher_divergence_BT(view: StudentView, signal: Signal, kind: str, *, prefi
                           floor: float | None = TEACHER_LOGP_FLOOR, **kw) -> torch.Tensor:
     """``D_t`` per token (module doc) against ``prefix``'s distribution, its log-probs
     floored at ``floor`` (None: as they are); ``kw``: ``divergence``'s ``beta``,
-    ``temperature``, ``entry_clip``, ``support``, ``k``, ``renormalize``."""
+    ``temperature``, ``entry_clip``, ``support``, ``k``, ``renormalize``. The gradients
+    for the loop's masked token mean over ``signal["mask_BT"]`` are made in the forward
+    (no recompute); any other use of ``D_t`` falls back to recomputing."""
     teacher = teacher_of(signal, prefix)
     head = view.linear_head
     if head is None or view.hidden_BTH is None or view.has_logits:
         logits_BTV = teacher if isinstance(teacher, torch.Tensor) else torch.nn.functional.linear(*teacher).float()
         return divergence(view.logits_BTV, logits_BTV if floor is None else floored_logp_V(logits_BTV, floor), kind, **kw)
     return chunked_divergence(view.hidden_BTH, head[0], teacher, kind, bias_V=head[1], chunk_size=view.chunk_size,
-                              teacher_floor=floor, **kw)
+                              teacher_floor=floor, expected_grad=signal.get("mask_BT"), **kw)
 
 
 def _vocab(signal: Signal, prefix: str = "teacher") -> int:
