@@ -33,28 +33,21 @@ from typing import Annotated
 
 import torch
 
-from opd.losses import entropy, grpo_advantages
+from opd.losses import grpo_advantages
 from opd.methods.grpo import grpo_loss
 from opd.methods.base import Experience, Method, Signal, TeacherRequest, method_info
 from opd.methods.degeneracy import Degenerate
 from opd.methods.knobs import AdvScale, ClipEps, knob
 from opd.methods.contexts import privileged_context
-from opd.models.hf import completion_logits
+from opd.methods.full_vocab import frozen_student_stats
 from opd.rollouts.student import student_rollout
 from opd.signals.dasd import dasd_advantages, dasd_router, normalized_log_ratio, teacher_log_ratio
 
-ENTROPY_CHUNK = 16  # rows per no-grad forward when measuring the student's entropies
-
-
-@torch.no_grad()
-def student_entropy(model, batch, chunk: int = ENTROPY_CHUNK) -> torch.Tensor:
-    """``H(π_θ(·|c_t))`` of every completion column at temperature 1 -> ``[B, T]``, 0 on padding."""
-    was_training = model.training
-    model.eval()
-    rows = range(0, batch.input_ids_BL.shape[0], chunk)
-    H_BT = torch.cat([entropy(completion_logits(model, batch.select(slice(i, i + chunk)))) for i in rows])
-    model.train(was_training)
-    return H_BT.masked_fill(~batch.completion_mask_BT, 0.0)
+def student_entropy(model, batch) -> torch.Tensor:
+    """``H(π_θ(·|c_t))`` of every completion column at temperature 1 -> ``[B, T]``, 0 on
+    padding (chunk by chunk from the hidden states: never ``[B, T, V]``)."""
+    entropy_BT, _ = frozen_student_stats(model, batch)
+    return entropy_BT.masked_fill(~batch.completion_mask_BT.to(entropy_BT.device), 0.0)
 
 
 def dasd_rollout(env, problems, generator) -> Experience:

@@ -16,7 +16,9 @@ import torch
 
 from opd.losses import divergence
 from opd.losses.chunked import chunked_divergence, default_chunk_size
-from opd.losses.selective import logits_at_ids
+from opd.losses.selective import logits_at_ids, token_logp_and_stats
+from opd.models.head import head_params
+from opd.models.hf import completion_hidden
 from opd.methods.base import Signal, StudentView
 from opd.signals.teacher_logp import TEACHER_LOGP_FLOOR, floored_logp_V
 from opd.signals.topk_lsm import teacher_support
@@ -133,3 +135,19 @@ def support_divergence_BTK(view: StudentView, ids_BTK: torch.Tensor, teacher_log
     valid_BTK = teacher_logp_BTK > float("-inf")
     student_BTK = student_logits_at(view, ids_BTK).masked_fill(~valid_BTK, float("-inf"))
     return divergence(student_BTK, teacher_logp_BTK, kind)
+
+
+@torch.no_grad()
+def frozen_student_stats(model, batch, *, topk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(entropy_BT, topk_ids_BTk)`` of the student's next-token distributions at every
+    completion column (eval mode, no gradient), chunk by chunk from its hidden states and
+    head (:func:`opd.losses.selective.token_logp_and_stats`): never ``[B, T, V]``."""
+    was_training = model.training
+    model.eval()
+    hidden_BTH = completion_hidden(model, batch)
+    weight, bias = head_params(model.get_output_embeddings())
+    ids_BT = batch.completion_ids_BT.to(hidden_BTH.device)
+    _, entropy_BT, topk_ids_BTk = token_logp_and_stats(hidden_BTH, weight.to(hidden_BTH.dtype), ids_BT, topk=topk,
+                                                       bias_V=None if bias is None else bias.to(hidden_BTH.dtype))
+    model.train(was_training)
+    return entropy_BT.float(), topk_ids_BTk

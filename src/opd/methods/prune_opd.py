@@ -59,7 +59,6 @@ from opd.methods.degeneracy import Degenerate, RunFacts
 from opd.methods.knobs import ClipEps, Gamma, KlCoef, OpdLoss, knob
 from opd.methods.opd import opd_token_loss
 from opd.methods.truncation import budget_metric, budget_rollout
-from opd.models.hf import completion_logits
 from opd.rollouts.budget import LengthBudget, adaptive_budget
 from opd.signals.prune import (
     drift_reliability_BT,
@@ -68,28 +67,15 @@ from opd.signals.prune import (
     reliable_mask_BT,
     tied_topk_overlap_BT,
 )
-from opd.methods.full_vocab import per_position
+from opd.methods.full_vocab import frozen_student_stats, per_position
 from opd.signals.teacher_logp import full_teacher
 from opd.tasks.base import Problem
 
-LOGIT_ELEMENTS = 2**27  # rows per no-grad pass are chosen so that [rows, T, V] stays under this
-
-
-@torch.no_grad()
 def student_topk_ids_BTK(model: torch.nn.Module, batch: SeqBatch, k: int) -> torch.Tensor:
     """The student's ``k`` most likely next-token ids at every completion column (eval mode,
-    row chunks of at most ``LOGIT_ELEMENTS`` logits)."""
-    was_training = model.training
-    model.eval()
-    B, T = batch.completion_mask_BT.shape
-    V = model.get_output_embeddings().weight.shape[0]
-    rows = max(1, LOGIT_ELEMENTS // max(1, T * V))
-    out = [
-        completion_logits(model, batch.select(slice(s, s + rows))).topk(min(k, V), dim=-1).indices
-        for s in range(0, B, rows)
-    ]
-    model.train(was_training)
-    return torch.cat(out).to(batch.input_ids_BL.device)
+    chunk by chunk from the hidden states: never ``[B, T, V]``)."""
+    _, ids_BTK = frozen_student_stats(model, batch, topk=k)
+    return ids_BTK.to(batch.input_ids_BL.device)
 
 
 def with_student_topk(exp: Experience, env: RolloutEnv, k: int) -> Experience:

@@ -75,7 +75,9 @@ def teacher_next_logp(teacher, prompts: list[list[int]], prefixes: list[list[int
     t = len(prefixes[0])
     batch = make_batch(prompts, prefixes, pad_id, width=t + 1)
     scores = teacher.score(batch, topk=1, full=True, temperature=1.0)
-    return torch.log_softmax(scores.full_logits_BTV()[:, t].float(), dim=-1)
+    if scores.hidden_BTH is None:
+        return torch.log_softmax(scores.logits_BTV[:, t].float(), dim=-1)
+    return torch.log_softmax(torch.nn.functional.linear(scores.hidden_BTH[:, t], *scores.head).float(), dim=-1)
 
 
 def _pick(mix_BV, teacher_BV, student_BV, alpha, temperature, top_p, generator):
