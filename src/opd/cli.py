@@ -1,4 +1,4 @@
-"""The ``opd`` command line: ``quickstart``, ``train``, ``compare``, ``diagnose``, ``methods``, ``config``, ``prepare``."""
+"""The ``opd`` command line: ``quickstart``, ``train``, ``compare``, ``diagnose``, ``export``, ``methods``, ``config``, ``prepare``."""
 
 from __future__ import annotations
 
@@ -81,6 +81,13 @@ def cmd_diagnose(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from opd.run.export import export
+
+    print(f"exported: {export(args.path, args.out, merge=args.merge)}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opd", description="On-policy distillation of language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -115,6 +122,11 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--prompts", type=int, default=16, help="held-out prompts to measure on")
     d.add_argument("--seed", type=int, default=0, help="sampling seed")
     d.set_defaults(func=cmd_diagnose)
+    e = sub.add_parser("export", help="write a run's checkpoint as a plain model directory (save_pretrained)")
+    e.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="a run directory (its latest checkpoint) or a checkpoint")
+    e.add_argument("out", help="an empty or new directory")
+    e.add_argument("--merge", action="store_true", help="a LoRA run: fold the adapters into the base weights")
+    e.set_defaults(func=cmd_export)
     return p
 
 

@@ -42,6 +42,10 @@ class RunConfig(FlatConfig):
     device: str = _h("where the student runs: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, mps", "auto", min_length=1)
     teacher_device: str | None = _h("where the teacher and the reference model run; unset = device", None, min_length=1)
     gradient_checkpointing: bool = _h("recompute the student's activations in backward (the model's own checkpointing)", False)
+    lora_r: int = _h("LoRA rank of the student's adapters (PEFT); 0 = train every weight", 0, ge=0)
+    lora_alpha: float = _h("LoRA scale numerator (the adapters' output is scaled by lora_alpha / lora_r)", 16.0, gt=0)
+    lora_dropout: float = _h("dropout on the adapters' input, in the update only", 0.0, ge=0, lt=1)
+    lora_target_modules: str = _h("modules that get adapters: all-linear, or comma-separated names (q_proj,v_proj)", "all-linear", min_length=1)
     @field_validator("dtype")
     @classmethod
     def _no_float16(cls, value: str) -> str:

@@ -24,6 +24,7 @@ from opd.run.step_diagnostics import (
 from opd.losses import masked_token_mean
 from opd.methods.base import Experience, Method, Signal, StudentView
 from opd.methods.degeneracy import first_step_record
+from opd.models import lora
 from opd.models.device import model_device
 from opd.models.hf import completion_hidden, completion_logits
 
@@ -39,7 +40,9 @@ def pick_problems(pool: list, n: int, generator: torch.Generator) -> list:
 
 
 def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
+    """AdamW over the trainable parameters (all of them, or a LoRA student's adapters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
 
 
 def make_scheduler(optimizer, *, warmup_steps: int, total_steps: int, schedule: str):
@@ -126,7 +129,8 @@ def _cols(scores, rows: slice, cols: slice):
 
 @contextlib.contextmanager
 def checkpointing(model):
-    """Activate the model's own gradient checkpointing (when it was enabled) for the update.
+    """Activate the model's own gradient checkpointing (when it was enabled) and a LoRA
+    student's adapter dropout for the update.
 
     Hugging Face checkpoints a layer only while that layer is in training mode; the student
     stays in eval mode (no dropout: its log-probs are the sampler's), so only the layers
@@ -134,6 +138,7 @@ def checkpointing(model):
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    layers += lora.dropout_modules(model)  # a LoRA student's adapter dropout: in the update only
     modes = [m.training for m in layers]
     for m in layers:
         m.training = True

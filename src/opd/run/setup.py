@@ -18,6 +18,7 @@ import torch
 from opd.methods import build_method
 from opd.methods.base import Method, RolloutEnv
 from opd.methods.degeneracy import warn_at_setup
+from opd.models import lora
 from opd.models.device import autocast_dtype, resolve_device
 from opd.models.head import restrict_head
 from opd.models.hf import HFTeacher, check_vocabularies, load_model, load_tokenizer, optional_tokenizer
@@ -286,11 +287,19 @@ def enable_checkpointing(model) -> None:
 
 def load_student(path, cfg: TrainConfig):
     """The student in float32 (its master weights under bf16 autocast) on ``device``, with
-    the model's own gradient checkpointing when asked."""
-    model = load_model(str(path), "float32", what="student").to(resolve_device(cfg.device))
+    the model's own gradient checkpointing when asked, and LoRA adapters when ``lora_r > 0``:
+    new ones, or (``path`` a saved adapter: a resumed run) the base student with that adapter."""
+    adapter = lora.is_adapter(path)
+    base_path = resolve_student(cfg) if adapter else path
+    model = load_model(str(base_path), "float32", what="student")
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
-    return model
+    if adapter:
+        model = lora.load_adapter(model, path)
+    elif cfg.lora_r > 0:  # on the host: the adapters' initialization draws from the seeded CPU generator
+        model = lora.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_target_modules,
+                              seed=cfg.seed)
+    return model.to(resolve_device(cfg.device))
 
 
 def build_setup(cfg: TrainConfig, student=None) -> Setup:
