@@ -12,29 +12,24 @@ import traceback
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from opd.config.train import TrainConfig
 from opd.losses import chunked
 from opd.methods import METHODS, build_method
 from opd.run.loop import make_optimizer, pick_problems, step_generator, student_view, train_step
 from opd.run.setup import build_setup
+from run_helpers import word_tokenizer
 
 V = 997
 LIMIT = 24  # positions: chunks hold at most 8; the batch holds about 8 rows x 12 columns
-CHAT = "{% for m in messages %}<|user|> {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 WORDS = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "what", "is", "plus", "answer:"] + [str(i) for i in range(20)]
 WORDS += [f"filler{i}" for i in range(V - len(WORDS))]
 
 
 def _tokenizer():
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    fast.chat_template = CHAT
-    return fast
+    return word_tokenizer(WORDS)
 
 
 @pytest.fixture(scope="module")
