@@ -1,4 +1,4 @@
-"""The ``opd`` command line: ``quickstart``, ``train``, ``compare``, ``diagnose``, ``export``, ``methods``, ``config``, ``prepare``."""
+"""The ``opd`` command line: ``quickstart``, ``train``, ``compare``, ``diagnose``, ``export``, ``serve``, ``methods``, ``config``, ``prepare``."""
 
 from __future__ import annotations
 
@@ -88,6 +88,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from opd.models.server import serve
+
+    serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, device=args.device, dtype=args.dtype)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opd", description="On-policy distillation of language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -127,6 +134,14 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("out", help="an empty or new directory")
     e.add_argument("--merge", action="store_true", help="a LoRA run: fold the adapters into the base weights")
     e.set_defaults(func=cmd_export)
+    s = sub.add_parser("serve", help="serve a teacher model over vLLM's /v1/completions protocol (prompt_logprobs)")
+    s.add_argument("model", help="model directory or hub id")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--max-batch", type=int, default=64, help="requests scored in one forward pass at most")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    s.set_defaults(func=cmd_serve)
     return p
 
 

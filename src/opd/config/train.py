@@ -27,7 +27,7 @@ class RunConfig(FlatConfig):
     # what to train, on what
     method: MethodName = _h("training method (see `opd methods`)", "opd")
     student: str = _h("student model dir or hub id; 'testbed' = the prepared tiny student base", "testbed")
-    teacher: str | None = _h("teacher dir or hub id; 'oracle' (testbed program), 'testbed' (learned tiny teacher)", "oracle")
+    teacher: str | None = _h("teacher dir or hub id; 'oracle' (testbed program), 'testbed' (learned tiny teacher); http://HOST:PORT/v1 (an OpenAI-compatible server; comma-separated: several)", "oracle")
     dataset: str | None = _h("JSONL/Parquet with prompt, answer (, solution); unset = the synthetic testbed", None)
     task: str = _h("testbed task family", "addition")
     horizon: int = _h("testbed task horizon (number of chain-of-thought steps)", 4, ge=1)
@@ -39,6 +39,10 @@ class RunConfig(FlatConfig):
         "hold bf16 weights; the student keeps float32 master weights and AdamW states and runs its forward "
         "passes under bf16 autocast; log-probs, entropies and divergences are float32. float16 is refused "
         "(its range overflows without loss scaling): use bfloat16", "float32")
+    teacher_api_key: str | None = _h("API key of a server teacher (teacher=http://...); unset = $OPENAI_API_KEY", None)
+    teacher_timeout_s: float = _h("seconds a server teacher's request may take", 30.0, gt=0)
+    teacher_retries: int = _h("retries of a failed server-teacher request (exponential backoff)", 5, ge=0)
+    teacher_concurrency: int = _h("server-teacher requests in flight at once", 16, ge=1)
     device: str = _h("where the student runs: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, mps", "auto", min_length=1)
     teacher_device: str | None = _h("where the teacher and the reference model run; unset = device", None, min_length=1)
     gradient_checkpointing: bool = _h("recompute the student's activations in backward (the model's own checkpointing)", False)

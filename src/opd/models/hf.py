@@ -168,6 +168,7 @@ def check_vocabularies(student: PreTrainedModel, tokenizer, teacher=None, teache
         check_same_tokenizer(tokenizer, teacher_tokenizer)
     model = getattr(teacher, "model", None)
     teacher_v = None if teacher is None else (model.get_output_embeddings().weight.shape[0] if model is not None else teacher.vocab_size)
+    # a server that does not report its vocabulary (vLLM) cannot be checked here
     if teacher_v is not None and (teacher_v < n or (model is None and teacher_v != n)):
         raise UserError(
             f"student and teacher vocabularies differ ({n} tokenizer ids vs {teacher_v} teacher ids); "

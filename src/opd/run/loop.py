@@ -295,6 +295,7 @@ def train_step(env, method: Method, problems: list, generator: torch.Generator, 
         teacher, context_batch = method.context(env, exp)
         scores = teacher.score(context_batch, topk=req.topk, full=req.full, temperature=1.0).to(device)
         teacher_tokens += context_batch.num_tokens
+    retries = {"teacher/retries": float(teacher.take_retries())} if scores is not None and hasattr(teacher, "take_retries") else {}
     t_signal = time.perf_counter()
     signal = method.signal(exp, scores)
     t1 = time.perf_counter()
@@ -313,5 +314,6 @@ def train_step(env, method: Method, problems: list, generator: torch.Generator, 
         metrics.update(first_step_record(method, env, exp, scores, metrics))
     metrics.update({"time/rollout_s": t1 - t0, "time/score_s": t_signal - t_score, "time/update_s": time.perf_counter() - t1})
     metrics.update(memory_metrics(device))
+    metrics.update(retries)  # a server teacher's failed requests retried this step
     usage = {"sequences": exp.batch.input_ids_BL.shape[0], "teacher_tokens": teacher_tokens}
     return metrics, usage

@@ -21,6 +21,7 @@ from opd.methods.degeneracy import warn_at_setup
 from opd.models import lora
 from opd.models.device import autocast_dtype, resolve_device
 from opd.models.head import restrict_head
+from opd.models.http_teacher import HTTPTeacher, is_http
 from opd.models.hf import HFTeacher, check_vocabularies, load_model, load_tokenizer, optional_tokenizer
 from opd.run.sources import lookup, task_source
 from opd.tasks.base import Problem
@@ -56,9 +57,12 @@ def make_teacher(cfg: TrainConfig, task, tokenizer):
     """``(teacher, its tokenizer)``: ``(None, None)``, a named source's teacher
     (``teacher=oracle``: a program, no tokenizer of its own), or a model loaded from its path
     with the tokenizer saved beside it (None when the directory holds none)."""
-    source = lookup("teacher", cfg.teacher)
     if cfg.teacher is None:
         return None, None
+    if is_http(cfg.teacher):
+        return HTTPTeacher(cfg.teacher, timeout_s=cfg.teacher_timeout_s, retries=cfg.teacher_retries,
+                           concurrency=cfg.teacher_concurrency, api_key=cfg.teacher_api_key), None
+    source = lookup("teacher", cfg.teacher)
     made = cfg.teacher if source is None else source(vars(cfg), task, tokenizer)
     if not isinstance(made, (str, Path)):
         return made, None

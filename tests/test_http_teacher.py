@@ -1,0 +1,135 @@
+"""A teacher over HTTP: ``opd serve`` as a real process on 127.0.0.1, the client, the run.
+
+The server is started, killed and restarted by the tests (bounded waits); the tiny testbed
+model is both the served teacher and, loaded in process, the reference it must equal."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from opd.batch import make_batch
+from opd.cli import main
+from opd.errors import UserError
+from opd.models.hf import HFTeacher, load_model
+from opd.models.http_teacher import HTTPTeacher
+from opd.run.metrics_log import read_metrics
+from run_helpers import subprocess_env, tiny_cli_args
+
+V = 24  # the testbed vocabulary
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "opd", "serve", model, "--port", str(port)], env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1).read()
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"opd serve exited: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("opd serve did not answer within 60 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_student_dir):
+    port = free_port()
+    proc = start_server(tiny_student_dir, port)
+    yield f"http://127.0.0.1:{port}/v1"
+    stop(proc)
+
+
+def _batch():
+    return make_batch([[1, 5, 6], [1, 7]], [[8, 9, 10, 2], [11]], pad_id=0)
+
+
+@pytest.mark.parametrize("k", [V, 3])
+def test_server_scores_equal_the_in_process_teacher(server, tiny_student_dir, k):
+    batch = _batch()
+    remote = HTTPTeacher(server).score(batch, topk=k)
+    local = HFTeacher(load_model(tiny_student_dir), eos_id=2, pad_id=0).score(batch, topk=k)
+    m = batch.completion_mask_BT
+    torch.testing.assert_close(remote.token_logp_BT[m], local.token_logp_BT[m], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(remote.topk_logp_BTK[m], local.topk_logp_BTK[m], rtol=1e-5, atol=1e-5)
+    assert torch.equal(remote.topk_ids_BTK[m], local.topk_ids_BTK[m])
+    if k == V:  # the whole distribution: the entropy is exact
+        torch.testing.assert_close(remote.entropy_BT[m], local.entropy_BT[m], rtol=1e-4, atol=1e-5)
+
+
+def test_models_endpoint_reports_the_vocabulary(server):
+    listing = json.loads(urllib.request.urlopen(f"{server}/models", timeout=5).read())
+    assert listing["object"] == "list" and listing["data"][0]["opd_vocab_size"] == V
+    assert HTTPTeacher(server).vocab_size == V
+
+
+def test_a_server_down_at_start_is_one_error_naming_the_url():
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match=f"the teacher server at {url} does not answer"):
+        HTTPTeacher(url, timeout_s=2.0)
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_full_distribution_method_refuses_a_server_teacher(server, tiny_student_dir, tmp_path, capsys):
+    code = main(["train", *tiny_cli_args(tiny_student_dir, tmp_path / "r"), f"teacher={server}", "method=gkd", "steps=1"])
+    assert code == 2 and "only returns top-K log-probs" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_opd_through_the_server_equals_the_in_process_teacher(server, tiny_student_dir, tmp_path):
+    args = [*tiny_cli_args(tiny_student_dir, tmp_path / "x"), "method=opd", "steps=2"]
+    assert main(["train", *args, f"teacher={server}", f"run_dir={tmp_path / 'http'}"]) == 0
+    assert main(["train", *args, f"teacher={tiny_student_dir}", f"run_dir={tmp_path / 'local'}"]) == 0
+    remote, local = read_metrics(tmp_path / "http"), read_metrics(tmp_path / "local")
+    for key in ("loss/pg", "teacher/token_logp"):
+        for a, b in zip(remote[1:], local[1:]):
+            assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(b[key])), (key, a[key], b[key])
+    assert all(r["teacher/retries"] == 0 for r in remote[1:])
+
+
+def test_the_run_rides_out_a_server_restart(tiny_student_dir, tmp_path):
+    """The server is killed after the run's first step and restarted 1.5 s later on the same
+    port: the run finishes every step, none lost or repeated, the retries counted."""
+    port = free_port()
+    server = start_server(tiny_student_dir, port)
+    run_dir = tmp_path / "run"
+    args = [*tiny_cli_args(tiny_student_dir, run_dir), f"teacher=http://127.0.0.1:{port}/v1", "method=opd", "steps=6",
+            "teacher_retries=8", "teacher_timeout_s=5"]
+    run = subprocess.Popen([sys.executable, "-m", "opd", "train", *args], env=subprocess_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(r.get("step") == 1 for r in (read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else [])):
+            assert time.monotonic() < deadline and run.poll() is None, "the run did not reach step 1"
+            time.sleep(0.1)
+        stop(server)
+        time.sleep(1.5)
+        server = start_server(tiny_student_dir, port)
+        assert run.wait(timeout=180) == 0, run.stderr.read()[-2000:]
+    finally:
+        run.kill()
+        stop(server)
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(7))
+    assert sum(r.get("teacher/retries", 0) for r in rows) > 0
