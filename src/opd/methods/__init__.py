@@ -99,12 +99,24 @@ def method_recipe(name: str) -> dict[str, Any]:
     return dict(METHODS[name].info.recipe)
 
 
+def teacher_kind(name: str) -> str:
+    """What teacher a method needs at its defaults: ``full`` (the whole next-token distribution:
+    a local model), ``top-K`` (log-probs a server returns), ``self`` (the student in another
+    context) or ``none``."""
+    method = build_method(name, {})
+    if "full_teacher" in method.needs:
+        return "full"
+    if "teacher" in method.needs:
+        return "top-K"
+    return "self" if method.teacher_request is not None else "none"
+
+
 def methods_table() -> str:
     """The README's Markdown table of every registered method."""
-    rows = ["| method | paper | fixes | source | run it on the testbed |", "|---|---|---|---|---|"]
+    rows = ["| method | paper | fixes | source | teacher | run it on the testbed |", "|---|---|---|---|---|---|"]
     for name, build in METHODS.items():
         info = build.info
-        rows.append(f"| `{name}` | {info.paper} | {info.fixes} | {info.source} | `opd train method={name}` |")
+        rows.append(f"| `{name}` | {info.paper} | {info.fixes} | {info.source} | {teacher_kind(name)} | `opd train method={name}` |")
     return "\n".join(rows)
 
 
@@ -116,7 +128,8 @@ def describe_methods() -> str:
         doc = (sys.modules[build.__module__].__doc__ or "").strip().splitlines()[0]
         knobs = ", ".join(f"{k}={v!r}" for k, v in method_knobs(name).items())
         recipe = " ".join(f"{k}={v}" for k, v in info.recipe.items())
-        lines += [f"{name}: {doc}", f"    fixes: {info.fixes} | source: {info.source} | {info.paper}", f"    knobs: {knobs or '(none)'}"]
+        lines += [f"{name}: {doc}", f"    fixes: {info.fixes} | source: {info.source} | {info.paper} | teacher: {teacher_kind(name)}",
+                  f"    knobs: {knobs or '(none)'}"]
         lines += [f"    recipe: {recipe}"] if recipe else []
     return "\n".join(lines)
 
