@@ -132,3 +132,22 @@ def test_the_run_rides_out_a_server_restart(tiny_student_dir, tmp_path):
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(7))
     assert sum(r.get("teacher/retries", 0) for r in rows) > 0
+
+
+def test_rows_are_spread_over_several_servers_and_fail_over(server, tiny_student_dir):
+    """Two URLs: rows take turns; with one server killed, its rows retry on the other."""
+    port = free_port()
+    second = start_server(tiny_student_dir, port)
+    try:
+        teacher = HTTPTeacher(f"{server},http://127.0.0.1:{port}/v1", backoff_s=0.05)
+        batch = _batch()
+        both = teacher.score(batch, topk=3)
+        assert teacher.take_retries() == 0
+        stop(second)
+        failover = teacher.score(batch, topk=3)
+        assert teacher.take_retries() > 0  # the dead server's rows went to the live one
+        m = batch.completion_mask_BT
+        torch.testing.assert_close(failover.token_logp_BT[m], both.token_logp_BT[m])
+    finally:
+        if second.poll() is None:
+            stop(second)
