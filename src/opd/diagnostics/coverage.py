@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 
 from opd.batch import make_batch
-from opd.run.step_diagnostics import LOGP_FLOOR, topk_overlap_BT
-from opd.models.hf import completion_logits
+from opd.run.step_diagnostics import LOGP_FLOOR, topk_overlap_from_ids_BT
+from opd.methods.full_vocab import frozen_student_stats
 
 CURVES = ("logp", "entropy", "overlap", "agree")
 
@@ -54,10 +54,11 @@ def coverage_profile(
         "count": mask_BT.sum(0).tolist(),
     }
     if student is not None:
-        logits_BTV = completion_logits(student, batch).cpu()
-        overlap_BT = topk_overlap_BT(logits_BTV, scores.topk_ids_BTK.cpu(), scores.topk_logp_BTK.cpu())
+        _, s_ids_BTk = frozen_student_stats(student, batch, topk=scores.topk_ids_BTK.shape[-1])  # chunked: no [B, T, V]
+        s_ids_BTk = s_ids_BTk.cpu()
+        overlap_BT = topk_overlap_from_ids_BT(s_ids_BTk, scores.topk_ids_BTK.cpu(), scores.topk_logp_BTK.cpu())
         out["overlap"] = position_means(overlap_BT, mask_BT)
-        agree_BT = topk_overlap_BT(logits_BTV, scores.topk_ids_BTK[..., :1].cpu(), scores.topk_logp_BTK[..., :1].cpu())
+        agree_BT = topk_overlap_from_ids_BT(s_ids_BTk[..., :1], scores.topk_ids_BTK[..., :1].cpu(), scores.topk_logp_BTK[..., :1].cpu())
         out["agree"] = position_means(agree_BT, mask_BT)
     return out
 

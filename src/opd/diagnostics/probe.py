@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from opd.batch import make_batch
-from opd.models.hf import completion_logits
+from opd.models.hf import completion_hidden
 from opd.models.sampler import sample
 
 
@@ -74,9 +74,11 @@ def first_deviation(oracle, prompt: list[int], completion: list[int]) -> int | N
 def next_token_logp(model, prompts: list[list[int]], prefixes: list[list[int]], token_id: int, pad_id: int) -> torch.Tensor:
     """``log pi(token | x, prefix)`` per row, ``[N]`` (one batched forward pass)."""
     batch = make_batch(prompts, [list(q) + [token_id] for q in prefixes], pad_id)
-    logp_BTV = torch.log_softmax(completion_logits(model, batch), -1)
-    last_B = torch.tensor([len(q) for q in prefixes])
-    return logp_BTV[torch.arange(len(prefixes)), last_B, token_id].cpu()
+    hidden_BTH = completion_hidden(model, batch)
+    last_B = torch.tensor([len(q) for q in prefixes], device=hidden_BTH.device)
+    rows_B = torch.arange(len(prefixes), device=hidden_BTH.device)
+    logits_BV = model.get_output_embeddings()(hidden_BTH[rows_B, last_B]).float()  # one position per row
+    return torch.log_softmax(logits_BV, -1)[:, token_id].cpu()
 
 
 @torch.no_grad()

@@ -30,6 +30,8 @@ import torch
 
 from opd.batch import SeqBatch
 from opd.losses import discounted_returns
+from opd.losses.selective import token_logp
+from opd.models.head import head_params as lm_head_weights
 from opd.models.hf import completion_hidden
 from opd.signals.opd import floored_log_ratio_BT
 
@@ -64,14 +66,23 @@ def rollout_advantages(sampler_logp_BT, teacher_logp_BT, mask_BT, gamma: float) 
     return discounted_returns(-floored_log_ratio_BT(sampler_logp_BT, teacher_logp_BT, mask_BT), mask_BT, gamma)
 
 
+def _token_logp(head, hidden_BTH: torch.Tensor, ids_BT: torch.Tensor) -> torch.Tensor:
+    """``log pi(y_t)`` differentiable w.r.t. the head: chunked for a plain linear head (no
+    ``[B, T, V]``), from the full logits for any other head."""
+    if type(head) is torch.nn.Linear:
+        weight, bias = lm_head_weights(head)
+        return token_logp(hidden_BTH, weight, ids_BT, bias_V=bias)
+    logits_BTV = head(hidden_BTH).float()
+    return torch.log_softmax(logits_BTV, -1).gather(-1, ids_BT[..., None]).squeeze(-1)
+
+
 def iter_rollout_gradients(student, batch: SeqBatch, teacher_logp_BT: torch.Tensor, gammas: tuple[float, ...]):
     """Yield ``(row, gamma, g^(r))``: each rollout's gradient (module doc) w.r.t. the LM
     head, flattened, one at a time (a real model's head gradient is large)."""
     params = head_params(student)
     with torch.no_grad():
         hidden_BTH = completion_hidden(student, batch)
-    logits_BTV = student.get_output_embeddings()(hidden_BTH).float()
-    logp_BT = torch.log_softmax(logits_BTV, -1).gather(-1, batch.completion_ids_BT[..., None]).squeeze(-1)
+    logp_BT = _token_logp(student.get_output_embeddings(), hidden_BTH, batch.completion_ids_BT.to(hidden_BTH.device))
     mask_BT = batch.completion_mask_BT
     adv = {g: rollout_advantages(logp_BT.detach(), teacher_logp_BT.to(logp_BT), mask_BT, g) for g in gammas}
     for b in range(logp_BT.shape[0]):

@@ -141,13 +141,19 @@ def support_divergence_BTK(view: StudentView, ids_BTK: torch.Tensor, teacher_log
 def frozen_student_stats(model, batch, *, topk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(entropy_BT, topk_ids_BTk)`` of the student's next-token distributions at every
     completion column (eval mode, no gradient), chunk by chunk from its hidden states and
-    head (:func:`opd.losses.selective.token_logp_and_stats`): never ``[B, T, V]``."""
+    head (:func:`opd.losses.selective.token_logp_and_stats`): never ``[B, T, V]``; a head
+    that is not a plain ``nn.Linear`` falls back to its full logits."""
     was_training = model.training
     model.eval()
     hidden_BTH = completion_hidden(model, batch)
-    weight, bias = head_params(model.get_output_embeddings())
+    head = model.get_output_embeddings()
+    model.train(was_training)
+    if type(head) is not torch.nn.Linear:  # not a plain matrix (a quantized layer): the full logits
+        logp_BTV = torch.log_softmax(head(hidden_BTH).float(), -1)
+        entropy_BT = -(logp_BTV.exp() * logp_BTV).nan_to_num().sum(-1)
+        return entropy_BT, logp_BTV.topk(min(topk, logp_BTV.shape[-1]), -1).indices
+    weight, bias = head_params(head)
     ids_BT = batch.completion_ids_BT.to(hidden_BTH.device)
     _, entropy_BT, topk_ids_BTk = token_logp_and_stats(hidden_BTH, weight.to(hidden_BTH.dtype), ids_BT, topk=topk,
                                                        bias_V=None if bias is None else bias.to(hidden_BTH.dtype))
-    model.train(was_training)
     return entropy_BT.float(), topk_ids_BTk
