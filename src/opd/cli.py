@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 
@@ -18,14 +19,23 @@ def _threads() -> None:
 
 def cmd_train(args) -> int:
     from opd.config.train import train_config
+    from opd.run import distributed
     from opd.run.runner import train
 
     cfg, recipe = train_config(args.config, args.overrides)
-    if recipe:
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone prints
+    if recipe and main:
         shown = " ".join(f"{k}={v}" for k, v in recipe.items())
         print(f"method {cfg.method}: {shown} (its recipe under your settings; override with key=value)")
-    history = train(cfg)
-    print(f"done: {cfg.run_dir}{_measured(history[-1] if history else {})}")
+    distributed.init(cfg.device)  # several ranks under torchrun; else nothing
+    try:
+        history = train(cfg)
+    except BaseException:
+        distributed.finish(ok=False)
+        raise
+    distributed.finish()
+    if main:
+        print(f"done: {cfg.run_dir}{_measured(history[-1] if history else {})}")
     return 0
 
 

@@ -21,6 +21,8 @@ The sampler's direct decoder casts the weights once per rollout, not per token
 
 from __future__ import annotations
 
+import os
+
 import contextlib
 
 import torch
@@ -31,7 +33,10 @@ EXAMPLES = "auto, cpu, cuda, cuda:1 or mps"
 
 
 def resolve_device(name: str, key: str = "device") -> torch.device:
-    """``auto``: CUDA when available, else the CPU; any other name must exist here."""
+    """``auto``: CUDA when available, else the CPU; any other name must exist here. Under
+    ``torchrun`` (``LOCAL_RANK`` set), ``auto`` and ``cuda`` are this rank's GPU."""
+    if name in ("auto", "cuda") and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

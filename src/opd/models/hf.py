@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from opd.batch import SeqBatch
 from opd.losses.chunked import default_chunk_size
+from opd.models.fsdp import decoder_of
 from opd.models.base import Scores
 from opd.models.device import model_device
 from opd.models.head import head_params, head_rows
@@ -224,7 +225,7 @@ def completion_hidden(model: PreTrainedModel, batch: SeqBatch) -> torch.Tensor:
     """Final hidden states that predict each completion token: ``[B, T, H]``, on the model's
     device (the batch is moved there if it is elsewhere)."""
     batch = batch.to(model_device(model))
-    out = model.get_decoder()(
+    out = decoder_of(model)(
         input_ids=batch.input_ids_BL,
         attention_mask=batch.attention_mask_BL,
         position_ids=batch.position_ids_BL,

@@ -37,6 +37,7 @@ from transformers import DynamicCache, PreTrainedModel
 from opd.batch import SeqBatch, make_batch
 from opd.models import fast_decode
 from opd.models.device import model_device
+from opd.models.fsdp import decoder_of
 
 BLOCK = 128  # vocabulary block of the two-level inverse CDF
 
@@ -141,7 +142,7 @@ class HFDecoder:
         self.next_pos_B = pos_BL[:, -1] + 1
 
     def _step(self, ids_BS: torch.Tensor, pos_BS: torch.Tensor) -> torch.Tensor:
-        out = self.model.get_decoder()(
+        out = decoder_of(self.model)(
             input_ids=ids_BS, attention_mask=self.attn_BL[:, : self.length], position_ids=pos_BS,
             cache=self.cache, use_cache=True,
         )

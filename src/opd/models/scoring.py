@@ -42,6 +42,7 @@ import torch
 from opd.batch import SeqBatch
 from opd.losses.chunked import default_chunk_size
 from opd.models.base import Scores
+from opd.models.fsdp import decoder_of
 
 BUCKET_TOKENS = 1 << 14  # most padded cells (rows · width) of one bucketed decoder call
 CALL_COST = 256  # what one extra decoder call is worth, in padded cells
@@ -108,7 +109,7 @@ def bucket_hidden(model, batch: SeqBatch, rows_R: torch.Tensor, left_B: torch.Te
     def take(x_BL: torch.Tensor) -> torch.Tensor:
         return x_BL[rows_R].gather(1, src_RW) * valid_RW  # 0 (id, position, attention) on padding
 
-    out = model.get_decoder()(
+    out = decoder_of(model)(
         input_ids=take(batch.input_ids_BL),
         attention_mask=take(batch.attention_mask_BL),
         position_ids=take(batch.position_ids_BL),

@@ -17,6 +17,14 @@ Reading (:func:`latest_checkpoint`): the newest checkpoint whose manifest verifi
 and checksums); each newer one that does not is reported in one line and skipped. A
 checkpoint without a manifest but with its trainer state was written before manifests
 existed and is accepted unverified.
+
+A sharded (FSDP2) run writes the student's weights and optimizer state with
+``torch.distributed.checkpoint`` into ``dcp/`` instead (each rank its shards, into the
+same temporary folder on a shared file system; rank 0 writes the rest, the manifest and
+the rename, between barriers). DCP reshards on load, so such a checkpoint resumes on any
+number of ranks, one process included; a single-process checkpoint resumes on several
+ranks too (its optimizer state is loaded as a full state dict and sharded).
+``opd export`` turns either into a ``save_pretrained`` directory.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from opd.config.loader import save_config
 from opd.errors import UserError
 
 STATE_FILE = "trainer_state.pt"
+DCP_DIR = "dcp"  # a sharded run's weights and optimizer state
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"step_(\d+)")
 _TMP, _OLD = ".tmp-", ".old-"  # being written; being removed (hidden: never a checkpoint)
@@ -133,12 +142,14 @@ def _write_manifest(folder: Path) -> None:
 
 
 def _write_files(folder: Path, *, model, tokenizer, optimizer, scheduler, counters: dict, config, method_state) -> None:
-    model.save_pretrained(folder)
+    """``model``/``optimizer`` None: a sharded checkpoint's (they are in ``dcp/``)."""
+    if model is not None:
+        model.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     save_config(config, folder / "config.yaml")
     state = {
-        "optimizer": optimizer.state_dict(),
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "counters": counters,
         "method_state": method_state,
@@ -189,8 +200,97 @@ def prune(path: Path, keep_last: int) -> None:
             _remove(old)
 
 
-def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, counters: dict, config, method_state: dict | None = None, keep_last: int = 0) -> Path:
-    """Write the checkpoint ``path`` atomically (see the module doc), then :func:`prune`."""
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (Path(path) / DCP_DIR).is_dir()
+
+
+def weights_of(path: Path, cfg) -> Path:
+    """Where to load a checkpoint's student from before its state is restored: the
+    checkpoint itself, or for a sharded one the run's base student (its weights then come
+    from ``dcp/``, :func:`load_trainer_state`)."""
+    if not is_sharded_checkpoint(path):
+        return path
+    from opd.run.setup import resolve_student
+
+    return resolve_student(cfg)
+
+
+def _dcp_state(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
+def load_sharded_weights(path: Path, model, optimizer=None) -> None:
+    """Load ``path/dcp`` into ``model`` (and ``optimizer``), resharded to this run's layout
+    (plain tensors in a single process)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    state = _dcp_state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(Path(path) / DCP_DIR))
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _load_full_optimizer(model, optimizer, saved: dict) -> None:
+    """A single-process optimizer state (keyed by parameter index, in the order of the
+    trainable parameters) into a sharded model's optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    full = {"state": {names[i]: st for i, st in saved["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
+def _save_sharded(path: Path, *, model, tokenizer, optimizer, scheduler, counters: dict, config, method_state, keep_last: int) -> Path:
+    """The sharded form of :func:`save_checkpoint` (every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+
+    from opd.models import fsdp
+    from opd.run import distributed
+
+    root, main = path.parent, distributed.is_main()
+    tmp = root / (_TMP + path.name)
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(root)
+        tmp.mkdir()
+    distributed.barrier()
+    fsdp.reshard(model)
+    try:
+        dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR))
+        distributed.barrier()
+        if main:
+            _write_files(tmp, model=None, tokenizer=tokenizer, optimizer=None, scheduler=scheduler,
+                         counters=counters, config=config, method_state=method_state)
+            _write_manifest(tmp)
+            if path.exists():
+                _remove(path)
+            os.rename(tmp, path)
+            _fsync_dir(root)
+            prune(path, keep_last)
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    distributed.barrier()
+    return path
+
+
+def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, counters: dict, config, method_state: dict | None = None,
+                    keep_last: int = 0, sharded: bool = False) -> Path:
+    """Write the checkpoint ``path`` atomically (see the module doc), then :func:`prune`.
+    ``sharded``: the student is FSDP2-sharded (every rank calls this)."""
+    if sharded:
+        return _save_sharded(path, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                             counters=counters, config=config, method_state=method_state, keep_last=keep_last)
     root = path.parent
     root.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(root)
@@ -227,14 +327,23 @@ def set_aside(path: Path) -> Path:
     return target
 
 
-def load_trainer_state(path: Path, *, optimizer, scheduler, method_state=None) -> dict:
+def load_trainer_state(path: Path, *, optimizer, scheduler, method_state=None, model=None) -> dict:
     """Restore optimizer, scheduler, the method's state and RNG states; return the counters.
     Read onto the host: the optimizer moves its states to its parameters' device, so a run
-    saved on a GPU resumes on a CPU and the other way round."""
+    saved on a GPU resumes on a CPU and the other way round. A sharded checkpoint also
+    restores ``model``'s weights (see the module doc); a sharded ``model`` takes a
+    single-process checkpoint's optimizer state as a full state dict."""
+    from opd.models import fsdp
+
     state = torch.load(path / STATE_FILE, weights_only=False, map_location="cpu")
     if method_state is not None and state.get("method_state") is not None:
         method_state.load_state_dict(state["method_state"])
-    optimizer.load_state_dict(state["optimizer"])
+    if is_sharded_checkpoint(path):
+        load_sharded_weights(path, model, optimizer)
+    elif model is not None and fsdp.is_sharded(model):
+        _load_full_optimizer(model, optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])

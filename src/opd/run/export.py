@@ -14,7 +14,7 @@ from opd.config.loader import load_config, with_changes
 from opd.errors import UserError
 from opd.models import lora
 from opd.models.hf import load_tokenizer
-from opd.run.checkpoint import latest_checkpoint, verify_checkpoint
+from opd.run.checkpoint import is_sharded_checkpoint, latest_checkpoint, load_sharded_weights, verify_checkpoint, weights_of
 
 
 def checkpoint_of(path: str | Path) -> Path:
@@ -36,7 +36,9 @@ def export(path: str | Path, out: str | Path, *, merge: bool = False) -> Path:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty; choose a new directory to export to")
     cfg = with_changes(load_config(TrainConfig, ckpt / "config.yaml"), device="cpu", gradient_checkpointing=False)
-    model = load_student(ckpt, cfg)
+    model = load_student(weights_of(ckpt, cfg), cfg)
+    if is_sharded_checkpoint(ckpt):  # a sharded run's weights: from dcp/, gathered here
+        load_sharded_weights(ckpt, model)
     if lora.is_lora(model) and merge:
         model = lora.merged(model)
     model.save_pretrained(out)

@@ -66,5 +66,6 @@ class StopSignals:
 
 def finite_params(model: torch.nn.Module) -> bool:
     """Whether every parameter of ``model`` is finite (one reduction, one device sync)."""
-    flags = [torch.isfinite(p).all() for p in model.parameters()]
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # a sharded model: this rank's shards
+    flags = [torch.isfinite(p).all() for p in local]
     return bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else True

@@ -24,8 +24,9 @@ from opd.run.step_diagnostics import (
 from opd.losses import masked_token_mean
 from opd.methods.base import Experience, Method, Signal, StudentView
 from opd.methods.degeneracy import first_step_record
-from opd.models import lora
+from opd.models import fsdp, lora
 from opd.models.device import model_device
+from opd.run import distributed
 from opd.models.hf import completion_hidden, completion_logits
 
 
@@ -193,6 +194,20 @@ def _student_diag(view: StudentView, completion_mask_BT: torch.Tensor, scores) -
         return student_step_stats(view.logits_BTV.detach(), completion_mask_BT, ids_BTK, lp_BTK)
 
 
+def step_normalizer(mask_BT: torch.Tensor, *, micro_batches: int) -> torch.Tensor:
+    """The loss divisor: the step's kept-token count (at least 1). Over ``N`` data-parallel
+    ranks, whose gradients are averaged, each rank divides by the global count over ``N``:
+    ``mean_r(Σ_r / (n / N)) = Σ / n``. Every rank must run the same number of micro-batches
+    (their gradient reductions pair up)."""
+    count = mask_BT.sum().clamp(min=1)
+    if distributed.world() == 1:
+        return count
+    if distributed.total(micro_batches) != micro_batches * distributed.world():
+        raise RuntimeError(f"ranks disagree on the number of micro-batches ({micro_batches} here); "
+                           "every rank must take the same number of rows")
+    return count.new_tensor(max(distributed.total(mask_BT.sum()), 1.0) / distributed.world())
+
+
 def update(model, optimizer, exp: Experience, signal: Signal, method: Method, *, micro_batch_size: int, max_grad_norm: float, scores=None, lean: bool = True) -> dict:
     """One optimizer step over the experience, accumulating micro-batch gradients.
 
@@ -203,7 +218,7 @@ def update(model, optimizer, exp: Experience, signal: Signal, method: Method, *,
     view (:func:`student_view`); False builds the full logits of every micro-batch."""
     signal = loss_inputs(signal)
     mask_BT = signal["mask_BT"]
-    normalizer = mask_BT.sum().clamp(min=1)
+    normalizer = step_normalizer(mask_BT, micro_batches=-(-mask_BT.shape[0] // micro_batch_size))
     optimizer.zero_grad(set_to_none=True)
     totals: dict = {}
     diag: dict = {}
@@ -223,8 +238,9 @@ def update(model, optimizer, exp: Experience, signal: Signal, method: Method, *,
         _accumulate(diag, _student_diag(view, batch.completion_mask_BT, micro_scores), batch.completion_mask_BT)
         del view, loss_BT, metrics  # a cached [B, T, V] must not outlive its micro-batch
     clip = max_grad_norm if max_grad_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-    finite = math.isfinite(grad_norm) and math.isfinite(float(loss_sum))
+    grad_norm = float(fsdp.full_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
+    finite = math.isfinite(grad_norm) and not distributed.any_rank(not math.isfinite(float(loss_sum)))
+    fsdp.reshard(model)  # a sharded student's optimizer updates the shards
     if finite:
         optimizer.step()
     else:
@@ -287,17 +303,18 @@ def train_step(env, method: Method, problems: list, generator: torch.Generator, 
     """Rollout, score, shape, update. Returns (metrics, usage counters of this step)."""
     device = model_device(env.student)
     t0 = time.perf_counter()
-    exp = method.rollout(env, problems, generator).to(device)
-    t_score = time.perf_counter()
-    scores, teacher_tokens = None, exp.teacher_tokens
-    if method.teacher_request is not None:
-        req = method.teacher_request
-        teacher, context_batch = method.context(env, exp)
-        scores = teacher.score(context_batch, topk=req.topk, full=req.full, temperature=1.0).to(device)
-        teacher_tokens += context_batch.num_tokens
-    retries = {"teacher/retries": float(teacher.take_retries())} if scores is not None and hasattr(teacher, "take_retries") else {}
-    t_signal = time.perf_counter()
-    signal = method.signal(exp, scores)
+    with fsdp.gathered(env.student):  # a sharded student: whole, with no collective inside
+        exp = method.rollout(env, problems, generator).to(device)
+        t_score = time.perf_counter()
+        scores, teacher_tokens = None, exp.teacher_tokens
+        if method.teacher_request is not None:
+            req = method.teacher_request
+            teacher, context_batch = method.context(env, exp)
+            scores = teacher.score(context_batch, topk=req.topk, full=req.full, temperature=1.0).to(device)
+            teacher_tokens += context_batch.num_tokens
+        retries = {"teacher/retries": float(teacher.take_retries())} if scores is not None and hasattr(teacher, "take_retries") else {}
+        t_signal = time.perf_counter()
+        signal = method.signal(exp, scores)
     t1 = time.perf_counter()
     diag_scores = aligned_scores(scores, exp.batch)
     skipped = 0.0
@@ -311,7 +328,8 @@ def train_step(env, method: Method, problems: list, generator: torch.Generator, 
         ids_BT = exp.batch.completion_ids_BT if diag_scores is not None else None
         metrics.update(teacher_metrics(scores, exp.batch.completion_mask_BT, ids_BT))
     if env.step == 0:  # degeneracy the first step shows: degenerate/<knob> (opd.methods.degeneracy)
-        metrics.update(first_step_record(method, env, exp, scores, metrics))
+        with fsdp.gathered(env.student):
+            metrics.update(first_step_record(method, env, exp, scores, metrics))
     metrics.update({"time/rollout_s": t1 - t0, "time/score_s": t_signal - t_score, "time/update_s": time.perf_counter() - t1})
     metrics.update(memory_metrics(device))
     metrics.update(retries)  # a server teacher's failed requests retried this step

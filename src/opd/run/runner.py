@@ -17,14 +17,16 @@ from pathlib import Path
 
 from opd.errors import UserError
 from opd.run.checkpoint import (
-    checkpoint_dir, latest_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint, set_aside,
+    weights_of, checkpoint_dir, latest_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint, set_aside,
 )
 from opd.config.loader import save_config
 from opd.run.evaluate import evaluate
 from opd.run.guards import RunStopped, StopSignals, finite_params
 from opd.run.lock import acquire_run_lock, release_run_lock
 from opd.run.metrics_log import METRICS_FILE, MetricLogger
+from opd.models import fsdp
 from opd.models.device import student_precision
+from opd.run import distributed
 from opd.run.resume import changes_row, describe_changes, resumed_config
 from opd.run.setup import Setup, build_setup, load_student
 from opd.run.loop import make_optimizer, make_scheduler, pick_problems, set_hyperparams, step_generator, train_step
@@ -35,7 +37,21 @@ USAGE = ("sequences", "teacher_tokens", "wall_s")  # the counters logged as usag
 
 
 def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    if distributed.is_main():
+        print(line, file=sys.stderr, flush=True)
+
+
+class _NoLog:
+    """The metric log of a rank other than 0: nothing written."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
 
 
 def _check_run_dir(cfg: TrainConfig) -> Path | None:
@@ -64,6 +80,8 @@ def _check_run_dir(cfg: TrainConfig) -> Path | None:
 
 def _clear_run_dir(run_dir: Path) -> None:
     """A fresh run (``overwrite=true`` was asked for if anything was there) starts clean."""
+    if not distributed.is_main():
+        return
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     (run_dir / METRICS_FILE).unlink(missing_ok=True)
     for events in run_dir.glob("events.out.tfevents*"):
@@ -91,7 +109,8 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, setup: Setup | None = None):
         new_dir = not Path(cfg.run_dir).exists()
-        self._lock = acquire_run_lock(cfg.run_dir)
+        distributed.barrier()  # every rank has seen whether the run dir existed
+        self._lock = acquire_run_lock(cfg.run_dir) if distributed.is_main() else None  # rank 0 holds it
         try:
             self._start(cfg, setup)
         except BaseException:
@@ -102,14 +121,17 @@ class Run:
         self.resume_from = _check_run_dir(cfg)
         self.cfg, self.changes = resumed_config(self.resume_from, cfg) if self.resume_from else (cfg, {})
         cfg = self.cfg
-        student = load_student(self.resume_from, cfg) if self.resume_from else None
+        student = load_student(weights_of(self.resume_from, cfg), cfg) if self.resume_from else None
         self.setup = setup or build_setup(cfg, student=student)
         model = self.setup.env.student
+        if distributed.active():
+            fsdp.shard(model)  # before the optimizer: it holds the shards
         self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, schedule=cfg.lr_schedule)
         self.counters = {"step": 0, "sequences": 0, "teacher_tokens": 0, "wall_s": 0.0, "skipped_nonfinite": 0}
         if self.resume_from:
-            saved = load_trainer_state(self.resume_from, optimizer=self.optimizer, scheduler=self.scheduler, method_state=self.setup.method.state)
+            saved = load_trainer_state(self.resume_from, optimizer=self.optimizer, scheduler=self.scheduler,
+                                       method_state=self.setup.method.state, model=model)
             self.counters.update(saved)
             set_hyperparams(self.optimizer, self.scheduler, lr=cfg.lr, weight_decay=cfg.weight_decay)
             if cfg.steps < self.counters["step"]:
@@ -124,10 +146,15 @@ class Run:
         return {f"usage/{k}": self.counters[k] for k in USAGE}
 
     def evaluate(self) -> dict:
+        """Held-out metrics; over several ranks each evaluates its share of the problems
+        (a seed of its own for pass@k) and the means are weighted by the shares' sizes."""
         c = self.cfg
         env = self.setup.env
-        with student_precision(env.student, env.autocast):
-            row = evaluate(env, self.setup.eval_problems, k=c.eval_k, temperature=c.eval_temperature, seed=c.seed)
+        problems = distributed.share(self.setup.eval_problems)
+        seed = c.seed + 1_000_003 * distributed.rank()
+        with student_precision(env.student, env.autocast), fsdp.gathered(env.student):
+            row = evaluate(env, problems, k=c.eval_k, temperature=c.eval_temperature, seed=seed)
+        row = distributed.mean_metrics(row, weight=len(problems))
         row.update(self._usage())
         self.history.append({"step": self.counters["step"], **row})
         return row
@@ -136,7 +163,7 @@ class Run:
         """Checkpoint the current step; a model with non-finite weights is refused
         (:class:`RunStopped`), never saved."""
         c, step = self.cfg, self.counters["step"]
-        if not finite_params(self.setup.env.student):
+        if distributed.any_rank(not finite_params(self.setup.env.student)):
             latest = latest_checkpoint(c.run_dir)
             raise RunStopped(f"stopped at step {step}: the model's weights hold nan or inf, so it was not saved "
                              f"(latest checkpoint: {latest or 'none'}); lower lr or check the data and the teacher")
@@ -144,13 +171,14 @@ class Run:
             checkpoint_dir(c.run_dir, step), model=self.setup.env.student, tokenizer=self.setup.tokenizer,
             optimizer=self.optimizer, scheduler=self.scheduler, counters=dict(self.counters),
             config=c, method_state=state.state_dict() if (state := self.setup.method.state) is not None else None,
-            keep_last=c.keep_last,
+            keep_last=c.keep_last, sharded=fsdp.is_sharded(self.setup.env.student),
         )
 
     def one_step(self) -> dict:
         c, step = self.cfg, self.counters["step"]
         generator = step_generator(c.seed, step)
-        problems = pick_problems(self.setup.train_pool, c.prompts_per_step, generator)
+        problems = distributed.split(pick_problems(self.setup.train_pool, c.prompts_per_step, generator))
+        generator = distributed.rank_generator(generator)
         self.setup.env.step = step
         t0 = time.perf_counter()
         env = self.setup.env
@@ -159,6 +187,8 @@ class Run:
                 env, self.setup.method, problems, generator, self.optimizer,
                 micro_batch_size=c.micro_batch_size, max_grad_norm=c.max_grad_norm, ppo_epochs=c.ppo_epochs,
             )
+        metrics = distributed.mean_metrics(metrics)
+        usage = distributed.sum_counts(usage)
         metrics["optim/lr"] = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.counters["step"] += 1
@@ -176,11 +206,13 @@ class Run:
         with :class:`RunStopped`. The run dir is unlocked when it returns."""
         c = self.cfg
         try:
-            if self._lock is None:
+            if self._lock is None and distributed.is_main():
                 self._lock = acquire_run_lock(c.run_dir)
             if not self.resume_from:
                 _clear_run_dir(Path(c.run_dir))
-            save_config(c, Path(c.run_dir) / "config.yaml")
+            if distributed.is_main():
+                save_config(c, Path(c.run_dir) / "config.yaml")
+            distributed.barrier()
             self._fit(stop_after, stop_when)
         finally:
             release_run_lock(self._lock)
@@ -190,8 +222,9 @@ class Run:
     def _fit(self, stop_after: int | None, stop_when) -> None:
         c = self.cfg
         resume_step = self.counters["step"] if self.resume_from else None
-        with MetricLogger(c.run_dir, tensorboard=c.tensorboard, progress_total=c.steps, progress_keys=PROGRESS_KEYS,
-                          desc=c.method, resume_step=resume_step, progress=c.progress) as log, self.signals:
+        log = MetricLogger(c.run_dir, tensorboard=c.tensorboard, progress_total=c.steps, progress_keys=PROGRESS_KEYS,
+                           desc=c.method, resume_step=resume_step, progress=c.progress) if distributed.is_main() else _NoLog()
+        with log, self.signals:
             if self.counters["step"] == 0:
                 log.log(0, self.evaluate())
             self._loop(log, min(c.steps, stop_after or c.steps), stop_when, note=changes_row(self.changes))
@@ -200,7 +233,7 @@ class Run:
         """The steps; ``note`` (the resume's changes) goes into the first step's row."""
         c = self.cfg
         while self.counters["step"] < last and not budget_spent(c, self.counters):
-            if self.signals.signum is not None:
+            if self._signalled():
                 self._stop_on_signal()
             metrics = self.one_step()
             step = self.counters["step"]
@@ -218,8 +251,12 @@ class Run:
                 self.save()
             if stop:
                 break
-        if self.signals.signum is not None:  # arrived during the last step: the caller must stop too
+        if self._signalled():  # arrived during the last step: the caller must stop too
             self._stop_on_signal()
+
+    def _signalled(self) -> bool:
+        """Whether a stop signal arrived (on any rank: all stop at the same step)."""
+        return distributed.any_rank(self.signals.signum is not None)
 
     def _check_nonfinite(self, metrics: dict) -> None:
         """Count non-finite (skipped) steps in a row; ``max_nonfinite_steps`` of them stop the run."""
@@ -237,9 +274,9 @@ class Run:
         """Checkpoint the current step (unless it is saved already), then :class:`RunStopped`."""
         step = self.counters["step"]
         path = checkpoint_dir(self.cfg.run_dir, step)
-        if not path.is_dir():
+        if distributed.any_rank(not path.is_dir()):
             path = self.save()
-        raise RunStopped(f"stopped by {self.signals.name} at step {step}: checkpoint {path}; resume with resume=true")
+        raise RunStopped(f"stopped by {self.signals.name or 'a signal to another rank'} at step {step}: checkpoint {path}; resume with resume=true")
 
 
 def train(cfg: TrainConfig, setup: Setup | None = None) -> list[dict]:
