@@ -44,7 +44,7 @@ CASES = {
     "token_logp": lambda h, W, b, t, ids: token_logp(h, W, ids, bias_V=b, chunk_size=7),
     "entropy": lambda h, W, b, t, ids: token_logp_and_stats(h.detach(), W.detach(), ids, topk=3, bias_V=b.detach(), chunk_size=7)[1],
     "logits_at_ids": lambda h, W, b, t, ids: logits_at_ids(h, W, _ids_K(), bias_V=b),
-    "logsumexp": lambda h, W, b, t, ids: chunked_logsumexp(h, W, bias_V=b, temperature=0.8, exclude_ids_NK=_ids_K(), chunk_size=7)[0],
+    "logsumexp": lambda h, W, b, t, ids: sum(chunked_logsumexp(h, W, bias_V=b, temperature=0.8, exclude_ids_NK=_ids_K(), chunk_size=7)[:2]),
     "sparse_tail": lambda h, W, b, t, ids: _sparse(h, W, b, ids, tail_bucket=True),
 }
 

@@ -239,60 +239,65 @@ def logits_at_ids(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, ids_NK: torc
 # ---------------------------------------------------------------- log-normalizers
 
 
-def _lse_chunk(h_CH, w_VH, b_V, exclude_CK, temperature: float, out_CV):
-    """``x = max(z/τ, floor)`` (NaN → floor) with the excluded ids at the floor, in place in
-    ``out``; returns ``(x, lse_C, nan_C)``."""
+def _floored_chunk(h_CH, w_VH, b_V, temperature: float, out_CV):
+    """``x = max(z/τ, floor)`` (NaN → floor) in place in ``out``; returns ``(x, nan_C)``."""
     x = logits_into(h_CH, w_VH, b_V, out_CV)
     nan_C = x.amax(-1).isnan()
-    floor = torch.finfo(x.dtype).min
     if temperature != 1.0:
         x.div_(temperature)
-    x.nan_to_num_(nan=floor, neginf=floor, posinf=torch.finfo(x.dtype).max)
-    if exclude_CK is not None:
-        x.scatter_(-1, exclude_CK, floor)
-    return x, torch.logsumexp(x, -1), nan_C
+    floor = torch.finfo(x.dtype).min
+    return x.nan_to_num_(nan=floor, neginf=floor, posinf=torch.finfo(x.dtype).max), nan_C
 
 
 class _LogSumExp(torch.autograd.Function):
-    """``(lse_N, nan_N)`` of the floored scaled logits, excluded ids at the floor; backward
-    recomputes each chunk: ``∂lse/∂z = softmax(x)/τ`` (0 on the excluded ids; a position
-    without mass gets 0)."""
+    """``(lse_N, outside_N, nan_N)`` of the floored scaled logits (``outside``: the excluded ids
+    at the floor; empty without them), one sweep; backward recomputes each chunk:
+    ``∂/∂z = (g·softmax(x) + g_out·softmax(x_out))/τ`` (a position without mass gets 0)."""
 
     @staticmethod
     def forward(ctx, h_NH, weight_VH, bias_V, exclude_NK, temperature, chunk):
         dtype = compute_dtype(h_NH, weight_VH)
         w_mm, b_mm = head_in_dtype(weight_VH, bias_V, h_NH.dtype)
-        n = h_NH.shape[0]
+        n, floor = h_NH.shape[0], torch.finfo(dtype).min
         c = max(1, min(chunk, n))
         buf = h_NH.new_empty(c, weight_VH.shape[0], dtype=dtype)
         lse_N, nan_N = h_NH.new_empty(n, dtype=dtype), torch.zeros(n, dtype=torch.bool, device=h_NH.device)
+        out_N = h_NH.new_empty(n if exclude_NK is not None else 0, dtype=dtype)
         for lo in range(0, n, c):
             hi = min(lo + c, n)
-            ex = None if exclude_NK is None else exclude_NK[lo:hi]
-            _, lse_N[lo:hi], nan_N[lo:hi] = _lse_chunk(h_NH[lo:hi], w_mm, b_mm, ex, temperature, buf[: hi - lo])
-        ctx.save_for_backward(h_NH, weight_VH, bias_V, exclude_NK, lse_N)
+            x, nan_N[lo:hi] = _floored_chunk(h_NH[lo:hi], w_mm, b_mm, temperature, buf[: hi - lo])
+            lse_N[lo:hi] = torch.logsumexp(x, -1)
+            if exclude_NK is not None:
+                out_N[lo:hi] = torch.logsumexp(x.scatter_(-1, exclude_NK[lo:hi], floor), -1)
+        ctx.save_for_backward(h_NH, weight_VH, bias_V, exclude_NK, lse_N, out_N)
         ctx.temperature, ctx.chunk = temperature, c
         ctx.mark_non_differentiable(nan_N)
-        return lse_N, nan_N
+        return lse_N, out_N, nan_N
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_N, _g_nan):
-        h_NH, weight_VH, bias_V, exclude_NK, lse_N = ctx.saved_tensors
+    def backward(ctx, g_N, g_out_N, _g_nan):
+        h_NH, weight_VH, bias_V, exclude_NK, lse_N, out_N = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
         (n, _), V, dtype = h_NH.shape, weight_VH.shape[0], lse_N.dtype
+        floor, outside = torch.finfo(dtype).min, exclude_NK is not None
         w_mm, b_mm = head_in_dtype(weight_VH, bias_V, h_NH.dtype)
-        buf = h_NH.new_empty(ctx.chunk, V, dtype=dtype)
+        bufs = [h_NH.new_empty(ctx.chunk, V, dtype=dtype) for _ in range(1 + outside)]
         g_h = h_NH.new_empty(h_NH.shape) if need[0] else None
         g_w = weight_VH.new_zeros(weight_VH.shape, dtype=dtype) if need[1] else None
         g_b = weight_VH.new_zeros(V, dtype=dtype) if need[2] else None
-        g_N = g_N.to(dtype) / ctx.temperature
+        scale_N = (g_N.to(dtype) / ctx.temperature) * (lse_N > floor)  # some mass: floored entries get exp(floor − lse) = 0
+        if outside:
+            scale_out_N = (g_out_N.to(dtype) / ctx.temperature) * (out_N > floor)
         for lo in range(0, n, ctx.chunk):
             hi = min(lo + ctx.chunk, n)
-            ex = None if exclude_NK is None else exclude_NK[lo:hi]
-            x, _, _ = _lse_chunk(h_NH[lo:hi], w_mm, b_mm, ex, ctx.temperature, buf[: hi - lo])
-            live_C = lse_N[lo:hi] > torch.finfo(dtype).min  # some mass: the floored entries get exp(floor − lse) = 0
-            grad_CV = x.sub_(lse_N[lo:hi, None]).exp_().mul_((g_N[lo:hi] * live_C)[:, None])  # g p / τ
+            x, _ = _floored_chunk(h_NH[lo:hi], w_mm, b_mm, ctx.temperature, bufs[0][: hi - lo])
+            if outside:
+                p = torch.sub(x, lse_N[lo:hi, None], out=bufs[1][: hi - lo]).exp_().mul_(scale_N[lo:hi, None])
+                x.scatter_(-1, exclude_NK[lo:hi], floor)
+                grad_CV = x.sub_(out_N[lo:hi, None]).exp_().mul_(scale_out_N[lo:hi, None]).add_(p)
+            else:
+                grad_CV = x.sub_(lse_N[lo:hi, None]).exp_().mul_(scale_N[lo:hi, None])  # g p / τ
             if g_h is not None:
                 torch.mm(grad_CV.to(w_mm.dtype), w_mm, out=g_h[lo:hi])
             if g_w is not None:
@@ -300,7 +305,7 @@ class _LogSumExp(torch.autograd.Function):
             if g_b is not None:
                 g_b.add_(grad_CV.sum(0))
         inputs = (h_NH, weight_VH, bias_V)
-        grads = [None if g is None else g.to(x.dtype) for g, x in zip((g_h, g_w, g_b), inputs)]
+        grads = [None if g is None else g.to(t.dtype) for g, t in zip((g_h, g_w, g_b), inputs)]
         return (*grads, None, None, None)
 
 
@@ -312,14 +317,18 @@ def chunked_logsumexp(
     temperature: float = 1.0,
     exclude_ids_NK: torch.Tensor | None = None,
     chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lse [...], nan [...])``: ``lse_n = log Σ_{v ∉ E_n} exp(x_n[v])`` of the floored
-    scaled logits ``x_n = max((h_n W^T + b)/τ, finfo.min)`` (NaN entries at the floor, as
-    :func:`opd.losses.divergence.floored_logits`), the ids ``E_n = exclude_ids_NK[n]`` left out
-    (none when None); ``nan_n``: the position's logits held a NaN (detached). Chunk by chunk,
-    never ``[N, V]``; differentiable w.r.t. hidden, weight and bias (backward recomputes each
-    chunk: ``∂lse_n/∂z_n[v] = softmax(x_n)[v]/τ`` off ``E_n``). A position with every id
-    excluded gets the floor (about ``finfo.min``) and zero gradient."""
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``(lse [...], outside [...] or None, nan [...])`` of the floored scaled logits
+    ``x_n = max((h_n W^T + b)/τ, finfo.min)`` (NaN entries at the floor, as
+    :func:`opd.losses.divergence.floored_logits`):
+
+        lse_n = log Σ_v exp(x_n[v]),   outside_n = log Σ_{v ∉ E_n} exp(x_n[v])
+
+    with ``E_n = exclude_ids_NK[n]`` (``outside`` is None without them; each its own max, so
+    exact however small); ``nan_n``: the position's logits held a NaN (detached). One sweep
+    chunk by chunk, never ``[N, V]``; differentiable w.r.t. hidden, weight and bias (backward
+    recomputes each chunk: ``∂lse_n/∂z_n[v] = softmax(x_n)[v]/τ``, likewise ``outside`` off
+    ``E_n``). A position without mass (every id excluded) gets the floor and zero gradient."""
     V, H = weight_VH.shape
     if hidden_NH.shape[-1] != H:
         raise ValueError(f"hidden [..., H={H}] must match the head, got {tuple(hidden_NH.shape)}")
@@ -330,5 +339,5 @@ def chunked_logsumexp(
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     ex = None if exclude_ids_NK is None else exclude_ids_NK.reshape(-1, exclude_ids_NK.shape[-1]).long()
-    lse_N, nan_N = _LogSumExp.apply(hidden_NH.reshape(-1, H), weight_VH, bias_V, ex, float(temperature), chunk)
-    return lse_N.reshape(lead), nan_N.reshape(lead)
+    lse_N, out_N, nan_N = _LogSumExp.apply(hidden_NH.reshape(-1, H), weight_VH, bias_V, ex, float(temperature), chunk)
+    return lse_N.reshape(lead), None if ex is None else out_N.reshape(lead), nan_N.reshape(lead)

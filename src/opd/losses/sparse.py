@@ -184,7 +184,7 @@ def chunked_sparse_divergence(
 
     The student's logits at the ids come from the ``K`` gathered rows of ``W``
     (:func:`opd.losses.selective.logits_at_ids`); its log-normalizer over all ids and, with
-    ``tail_bucket``, over the ids outside S, from chunked ``logsumexp`` sweeps
+    ``tail_bucket``, over the ids outside S, from one chunked ``logsumexp`` sweep
     (:func:`opd.losses.selective.chunked_logsumexp`, ``chunk_size`` positions at a time), so
     ``renormalize="both"`` without a tail never makes a position's ``V`` logits at all.
     ``hidden_NH [..., H]`` shares its leading dims with the ids; same keywords and values,
@@ -205,10 +205,10 @@ def chunked_sparse_divergence(
     lse_1 = outside_1 = None
     kw = dict(bias_V=bias_V, temperature=temperature, chunk_size=chunk_size)
     if tail_bucket or renormalize != "both":
-        lse, nan_s = chunked_logsumexp(hidden_NH, lm_head_weight_VH, **kw)
+        exclude = teacher_topk_ids_BTK if tail_bucket else None
+        lse, outside, nan_s = chunked_logsumexp(hidden_NH, lm_head_weight_VH, exclude_ids_NK=exclude, **kw)
         lse_1, bad = lse.to(dtype)[..., None], bad | nan_s
-    if tail_bucket:
-        outside_1 = chunked_logsumexp(hidden_NH, lm_head_weight_VH, exclude_ids_NK=teacher_topk_ids_BTK, **kw)[0].to(dtype)[..., None]
+        outside_1 = None if outside is None else outside.to(dtype)[..., None]
     value = _from_parts(s_K, lse_1, outside_1, t_K, teacher_topk_logp_BTK, kind, beta=beta, renormalize=renormalize,
                         tail_bucket=tail_bucket, entry_clip=entry_clip)
     return nan_where(bad.view(lead), value)

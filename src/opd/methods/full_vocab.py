@@ -74,6 +74,8 @@ def per_position(signal: Signal, fn, *rows: torch.Tensor, floored: bool = True, 
     per-position tensors ``[B, T, ...]`` cut to the same chunk."""
     B, T = rows[0].shape[:2]
     flat = [r.reshape(B * T, *r.shape[2:]) for r in rows]
+    # floored_logp_V and a statistic's masks hold ~6 [C, V] temporaries: a quarter chunk
+    chunk_size = chunk_size or max(1, default_chunk_size(teacher_of(signal).vocab) // 4)
     chunks = teacher_logp_chunks(signal, chunk_size) if floored else teacher_logit_chunks(signal, chunk_size)
     parts = [fn(x_CV, *(r[lo:hi].to(x_CV.device) for r in flat)) for lo, hi, x_CV in chunks]
     out = torch.cat(parts)
