@@ -101,3 +101,99 @@ def test_full_scores_in_row_groups_equal_one_pass():
     grouped = HFTeacher(teacher, eos_id=1, pad_id=0, bucket_tokens=8).score(batch, topk=4, full=True)  # one row per call
     torch.testing.assert_close(grouped.hidden_BTH, whole.hidden_BTH, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grouped.token_logp_BT, whole.token_logp_BT, rtol=1e-10, atol=1e-12)
+
+
+def _scored(seed=1):
+    """A model teacher's full scores of the batch (hidden states and head), with a few ties."""
+    teacher = _model(24, N_IDS, seed)
+    batch = _batch()
+    return batch, HFTeacher(teacher, eos_id=1, pad_id=0).score(batch, topk=4, full=True)
+
+
+@pytest.mark.parametrize("with_token", [False, True])
+def test_teacher_support_ids_equal_the_full_mask(with_token):
+    """The tied top-K support as ids ``[B, T, K']``, 2 positions per chunk of 12, equals the
+    ``[B, T, V]`` mask of the naive form, with the teacher's floored log-probs there."""
+    from opd.methods.full_vocab import teacher_support_BTK
+    from opd.signals.topk_lsm import teacher_support
+
+    batch, scores = _scored()
+    tokens = batch.completion_ids_BT if with_token else None
+    ids, logp = teacher_support_BTK(full_teacher(scores), tuple(batch.completion_ids_BT.shape), 3, tokens, chunk_size=2)
+    full_logp = floored_logp_V(scores.dist.full_logits())  # float64, as the chunks
+    mask = teacher_support(full_logp, 3, tokens)
+    valid = logp > float("-inf")
+    got = torch.zeros(mask.shape, dtype=torch.long).scatter_add(-1, ids, valid.long()) > 0
+    assert torch.equal(got, mask) and int(valid.sum()) == int(mask.sum())  # the same ids, each once
+    torch.testing.assert_close(logp[valid], full_logp.gather(-1, ids)[valid], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["rkl", "fkl"])
+def test_support_divergence_from_ids_equals_the_full_mask_form(kind, monkeypatch):
+    """top-K LSM's / EOPD's loss: the student's logits gathered at the support ids (2 positions
+    per chunk) against the masked full-logits form, values and gradients (float64)."""
+    from opd.losses import selective
+    from opd.methods.full_vocab import support_divergence_BTK, teacher_support_BTK
+    from opd.methods.topk_lsm import support_divergence
+    from opd.signals.topk_lsm import teacher_support
+
+    monkeypatch.setattr(selective, "ROWS_ELEMENTS", 2 * 4 * 16)
+    batch, scores = _scored()
+    student = _model(16, N_IDS, 0)
+    ids, logp = teacher_support_BTK(full_teacher(scores), tuple(batch.completion_ids_BT.shape), 3, chunk_size=2)
+    view = StudentView.from_hidden(completion_hidden(student, batch), student.get_output_embeddings(), batch.completion_ids_BT)
+    lean = support_divergence_BTK(view, ids, logp.double(), kind)
+    assert not view.has_logits
+    mask = batch.completion_mask_BT
+    (lean * mask).sum().backward()
+    g_lean = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    full_logp = floored_logp_V(scores.dist.full_logits())
+    full_s = student.get_output_embeddings()(completion_hidden(student, batch))
+    full = support_divergence(full_s, full_logp, teacher_support(full_logp, 3), kind)
+    (full * mask).sum().backward()
+    torch.testing.assert_close(lean[mask], full[mask], rtol=1e-9, atol=1e-12)
+    for a, p in zip(g_lean, student.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_per_position_statistics_equal_the_full_logits():
+    """Prune-OPD's tied top-K overlap and suffix fade's candidate log-probs, made 2 positions
+    at a time from the teacher's hidden states and head, equal the naive ``[B, T, V]`` form."""
+    from opd.methods.full_vocab import per_position
+    from opd.signals.prune import tied_topk_overlap_BT
+    from opd.signals.suffix_fade import candidate_logp_BTK
+
+    batch, scores = _scored()
+    signal = full_teacher(scores)
+    student_ids = torch.randint(0, N_IDS, (*batch.completion_ids_BT.shape, 4), generator=torch.Generator().manual_seed(0))
+    overlap = per_position(signal, lambda t_CV, ids_CK: tied_topk_overlap_BT(ids_CK, t_CV), student_ids, chunk_size=2)
+    cand = per_position(signal, candidate_logp_BTK, student_ids, floored=False, chunk_size=2)
+    full = scores.dist.full_logits()  # float64, as the chunks
+    torch.testing.assert_close(overlap, tied_topk_overlap_BT(student_ids, floored_logp_V(full)), rtol=0, atol=0)
+    torch.testing.assert_close(cand, candidate_logp_BTK(full, student_ids), rtol=1e-12, atol=1e-12)
+
+
+def test_frozen_student_statistics_and_tip_signal_equal_the_full_logits(monkeypatch):
+    """The frozen student's entropy and top-K ids (Prune-OPD, suffix fade) and TIP's entropy and
+    reverse KL to the teacher, in chunks of 2 positions, equal the naive form."""
+    from types import SimpleNamespace
+
+    from opd.losses import chunked
+    from opd.methods.full_vocab import frozen_student_stats, teacher_of
+    from opd.methods.tip import student_entropy_rkl
+    from opd.signals.teacher_logp import Head
+
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 2 * N_IDS)  # 2 positions per chunk
+    batch, scores = _scored()
+    student = _model(16, N_IDS, 0)
+    entropy, top = frozen_student_stats(student, batch, topk=3)
+    logp = torch.log_softmax(completion_logits(student, batch).double(), -1)
+    torch.testing.assert_close(entropy.double(), -(logp.exp() * logp).sum(-1), rtol=1e-5, atol=1e-6)
+    assert torch.equal(top, logp.topk(3, -1).indices)
+    exp = SimpleNamespace(batch=batch, extra={"student_hidden_BTH": completion_hidden(student, batch).detach(),
+                                               "student_head": Head(student.get_output_embeddings().weight.detach(), None)})
+    h, d = student_entropy_rkl(exp, teacher_of(full_teacher(scores)))
+    full_t = floored_logp_V(scores.full_logits_BTV().double())
+    torch.testing.assert_close(h.double(), -(logp.exp() * logp).sum(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d.double(), divergence(logp, full_t, "rkl"), rtol=1e-5, atol=1e-6)

@@ -223,3 +223,39 @@ def test_nan_entry_clip_is_refused():
     ids, lp = _teacher_topk(_randn((2, 6), 63), 2)
     with pytest.raises(ValueError, match="entry_clip must be a number or None, got nan"):
         sparse_divergence(_randn((2, 6), 64), ids, lp, "fkl", entry_clip=math.nan)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("renormalize, tail", [("both", False), ("teacher", False), ("none", False), ("both", True)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_equals_full_logits_values_and_gradients(kind, renormalize, tail, bias):
+    """From hidden states and the LM head, chunk by chunk (3 positions of 7 per chunk):
+    values and gradients of hidden, weight and bias equal the full-logits form (float64)."""
+    from opd.losses.sparse import chunked_sparse_divergence
+
+    N, H, V, K = 7, 5, 17, 4
+    h = _randn((N, H), 3).requires_grad_()
+    W = _randn((V, H), 4).requires_grad_()
+    b = _randn((V,), 5).requires_grad_() if bias else None
+    ids, logp = _teacher_topk(_randn((N, V), 6, 2.0), K, temperature=0.7)
+    kw = dict(beta=0.3, temperature=0.7, renormalize=renormalize, tail_bucket=tail, entry_clip=0.05 if kind == "rkl" else None)
+    inputs = (h, W) + ((b,) if bias else ())
+    up = _randn((N,), 8)
+    got = chunked_sparse_divergence(h, W, ids, logp, kind, bias_V=b, chunk_size=3, **kw)
+    want = sparse_divergence(torch.nn.functional.linear(h, W, b), ids, logp, kind, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for a, c in zip(torch.autograd.grad((got * up).sum(), inputs), torch.autograd.grad((want * up).sum(), inputs)):
+        torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-12)
+
+
+def test_chunked_tail_when_the_ids_are_the_whole_vocabulary():
+    """K = V: no mass outside, the tail bucket is exactly 0 on both sides (as the full form)."""
+    from opd.losses.sparse import chunked_sparse_divergence
+
+    h, W = _randn((3, 4), 1).requires_grad_(), _randn((6, 4), 2).requires_grad_()
+    ids, logp = _teacher_topk(_randn((3, 6), 3), 6)
+    got = chunked_sparse_divergence(h, W, ids, logp, "rkl", tail_bucket=True, chunk_size=2)
+    want = sparse_divergence(h @ W.T, ids, logp, "rkl", tail_bucket=True)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for a, c in zip(torch.autograd.grad(got.sum(), (h, W)), torch.autograd.grad(want.sum(), (h, W))):
+        torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-12)

@@ -12,7 +12,7 @@ from opd.losses.pg import (
     sequence_mean_logp,
 )
 from opd.losses.reduce import masked_row_mean, masked_sequence_mean, masked_token_mean
-from opd.losses.sparse import sparse_divergence
+from opd.losses.sparse import chunked_sparse_divergence, sparse_divergence
 
 __all__ = [
     "chunked_divergence",
@@ -32,4 +32,5 @@ __all__ = [
     "ppo_clip_loss",
     "sequence_mean_logp",
     "sparse_divergence",
+    "chunked_sparse_divergence",
 ]

@@ -31,10 +31,13 @@ and ``∂D/∂x = u − S·Σ_v u_v``:
 
 ``support`` (top-K) is handled by running :func:`~opd.losses.divergence.divergence`
 with autograd on each chunk (same values, slower). The teacher is a constant (``sg``):
-no gradient reaches it. Numerics as in :mod:`opd.losses.divergence` (a token with a NaN
-logit on either side: value NaN, gradient 0); the softmax math
-runs in float32 (float64 if hidden and W are float64), matmuls in the LM head's dtype
-(bf16 heads: the logits are upcast per chunk), W's gradient accumulates in float32.
+no gradient reaches it; it is a :class:`~opd.losses.teacher_dist.TeacherDist` (logits, or
+hidden states and a head, whose logits are made one chunk at a time too). Numerics as in
+:mod:`opd.losses.divergence` (a token with a NaN logit on either side: value NaN, gradient
+0). Precision: the matmuls run in the hidden states' dtype (the head is cast once per call:
+under bf16 autocast the hidden states are bf16 and the master weight float32), the softmax
+math in float32 (float64 if hidden or W is float64); the gradients of W and b accumulate in
+float32 and come back in W's and b's dtype, the hidden's in the hidden's dtype.
 """
 
 from __future__ import annotations
@@ -47,9 +50,10 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from opd.losses.divergence import check_args, check_support, compute_dtype, divergence
+from opd.losses.teacher_dist import TeacherDist, head_in_dtype, logits_into
 
-#: logits ``[N, V]``, or ``(hidden_NH, weight_VH)`` / ``(hidden_NH, weight_VH, bias_V)``.
-Teacher = Union[torch.Tensor, tuple]
+#: a :class:`TeacherDist`, logits ``[N, V]``, or ``(hidden_NH, weight_VH)`` / ``(hidden_NH, weight_VH, bias_V)``.
+Teacher = Union[TeacherDist, torch.Tensor, tuple]
 
 CHUNK_ELEMENTS = 2**24  # default chunk: about this many logits (64 MiB in float32)
 
@@ -214,24 +218,9 @@ def _floored_logp(t_CV: torch.Tensor, floor: float) -> torch.Tensor:
 # ---------------------------------------------------------------- the sweep
 
 
-def _linear_into(h_CH, w_VH, b_V, out_CV):
-    """``out ← h W^T + b`` without a temporary when dtypes agree."""
-    if h_CH.dtype != out_CV.dtype:
-        return out_CV.copy_(torch.nn.functional.linear(h_CH, w_VH, b_V))
-    if b_V is None:
-        return torch.mm(h_CH, w_VH.t(), out=out_CV)
-    return torch.addmm(b_V, h_CH, w_VH.t(), out=out_CV)
-
-
-def _teacher_into(teacher, lo, hi, out_CV):
-    logits, hidden, weight, bias = teacher
-    if logits is not None:
-        return out_CV.copy_(logits[lo:hi])
-    return _linear_into(hidden[lo:hi], weight, bias, out_CV)
-
-
 def _accumulate(grad_CV, h_CH, w_VH, grads, lo, hi):
-    """``g_h[chunk] = G W``, ``g_W += G^T h``, ``g_b += Σ G`` (accumulators in float32+)."""
+    """``g_h[chunk] = G W``, ``g_W += G^T h``, ``g_b += Σ G`` (``W`` in the hidden's dtype;
+    the accumulators of ``W`` and ``b`` in float32+)."""
     g_h, g_w, g_b = grads
     if g_h is not None:
         torch.mm(grad_CV.to(w_VH.dtype), w_VH, out=g_h[lo:hi])
@@ -241,9 +230,14 @@ def _accumulate(grad_CV, h_CH, w_VH, grads, lo, hi):
         g_b.add_(grad_CV.sum(0))
 
 
-def _sweep(hidden, weight, bias, teacher, spec: _Spec, scale_N, need):
-    """Values ``[N]`` and, where ``need``, ``(g_hidden, g_weight, g_bias)`` of ``Σ scale·D``."""
+def _sweep(hidden, weight, bias, teacher: TeacherDist, spec: _Spec, scale_N, need):
+    """Values ``[N]`` and, where ``need``, ``(g_hidden, g_weight, g_bias)`` of ``Σ scale·D``:
+    ``g_hidden`` in the hidden's dtype, the others float32 (float64) accumulators.
+
+    The head is cast to the hidden's dtype once (bf16 autocast over a float32 master weight:
+    the matmuls in bf16, the softmax math and the accumulators in float32)."""
     (n, _), vocab, dtype = hidden.shape, weight.shape[0], compute_dtype(hidden, weight)
+    w_mm, b_mm = head_in_dtype(weight, bias, hidden.dtype)
     closed = spec.support is None
     # the autograd path holds ~8 [C, V] temporaries of divergence(), against 3-4 buffers here
     c = max(1, min(spec.chunk_size if closed else spec.chunk_size // 4, n))
@@ -257,37 +251,43 @@ def _sweep(hidden, weight, bias, teacher, spec: _Spec, scale_N, need):
     for lo in range(0, n, c):
         hi = min(lo + c, n)
         s, t, *scratch = (buf[: hi - lo] for buf in bufs)
-        _linear_into(hidden[lo:hi], weight, bias, s)
-        _teacher_into(teacher, lo, hi, t)
+        logits_into(hidden[lo:hi], w_mm, b_mm, s)
+        teacher.logits_into(lo, hi, t)
         scale_C = None if scale_N is None else scale_N[lo:hi].to(dtype)
         if closed:
             values[lo:hi], grad = _closed_form(s, t, scratch, spec, scale_C)
         else:
             values[lo:hi], grad = _with_autograd(s, t, spec, scale_C)
         if grad is not None:
-            _accumulate(grad, hidden[lo:hi], weight, grads, lo, hi)
+            _accumulate(grad, hidden[lo:hi], w_mm, grads, lo, hi)
     return values, grads
 
 
-def _scaled(x, g):
-    if x is None:
-        return None
-    return x if bool(g == 1) else x * g.to(x.dtype)
+def _dtypes(*inputs) -> list:
+    return [None if x is None else x.dtype for x in inputs]
+
+
+def _in_dtypes(grads, dtypes, scale=None):
+    """Each gradient scaled by ``scale`` (a scalar tensor, or None), in its input's dtype
+    (a float32 master weight gets a float32 gradient, whatever the hidden's dtype)."""
+    out = []
+    for g, dtype in zip(grads, dtypes):
+        if g is not None and scale is not None and not bool(scale == 1):
+            g = g * scale.to(g.dtype)
+        out.append(None if g is None or dtype is None else g.to(dtype))
+    return out
 
 
 class _FusedLoss(torch.autograd.Function):
     """``Σ_n w_n D_n`` with all gradients made in the forward (no recompute)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, weights_N, t_logits, t_hidden, t_weight, t_bias, spec,
-                grad_enabled):  # fmt: skip
-        teacher = (t_logits, t_hidden, t_weight, t_bias)
+    def forward(ctx, hidden, weight, bias, weights_N, teacher, spec, grad_enabled):
         need = [n and grad_enabled for n in ctx.needs_input_grad]
         scale_N = weights_N if any(need[:3]) else None
         values, grads = _sweep(hidden, weight, bias, teacher, spec, scale_N, need)
         ctx.save_for_backward(*grads, values if need[3] else None)
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype,
-                      weights_N.dtype)  # fmt: skip
+        ctx.dtypes = _dtypes(hidden, weight, bias, weights_N)
         ctx.mark_non_differentiable(values)
         kept_N = weights_N != 0  # a 0 weight is a masked position: its value (even NaN) is selected away
         return torch.where(kept_N, weights_N.to(values.dtype) * values, 0.0).sum(), values
@@ -295,32 +295,25 @@ class _FusedLoss(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_loss, _g_values):
-        g_h, g_w, g_b, values = ctx.saved_tensors
-        grads = [_scaled(x, g_loss) for x in (g_h, g_w, g_b, values)]
-        grads = [None if x is None else x.to(d) for x, d in zip(grads, ctx.dtypes)]
-        return (*grads, None, None, None, None, None, None)
+        return (*_in_dtypes(ctx.saved_tensors, ctx.dtypes, g_loss), None, None, None)
 
 
 class _RecomputedValues(torch.autograd.Function):
     """``D_N``; backward recomputes each chunk with the upstream ``g_N``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, spec):
-        teacher = (t_logits, t_hidden, t_weight, t_bias)
+    def forward(ctx, hidden, weight, bias, teacher, spec):
         values, _ = _sweep(hidden, weight, bias, teacher, spec, None, (False, False, False))
-        ctx.save_for_backward(hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias)
-        ctx.spec = spec
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.teacher, ctx.spec = teacher, spec  # constants (detached), not inputs
         return values
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_N):
-        hidden, weight, bias, *teacher = ctx.saved_tensors
-        need = ctx.needs_input_grad[:3]
-        _, grads = _sweep(hidden, weight, bias, teacher, ctx.spec, g_N, need)
-        inputs = (hidden, weight, bias)
-        grads = [None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs)]
-        return (*grads, None, None, None, None, None)
+        inputs = ctx.saved_tensors
+        _, grads = _sweep(*inputs, ctx.teacher, ctx.spec, g_N, ctx.needs_input_grad[:3])
+        return (*_in_dtypes(grads, _dtypes(*inputs)), None, None)
 
 
 class _ValuesWithExpectedGrad(torch.autograd.Function):
@@ -330,69 +323,49 @@ class _ValuesWithExpectedGrad(torch.autograd.Function):
     any other ``g_N`` is handled by recomputing each chunk, as :class:`_RecomputedValues`."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, expected_N, t_logits, t_hidden, t_weight, t_bias, spec):
-        teacher = (t_logits, t_hidden, t_weight, t_bias)
+    def forward(ctx, hidden, weight, bias, expected_N, teacher, spec):
         need = ctx.needs_input_grad[:3]
         values, grads = _sweep(hidden, weight, bias, teacher, spec, expected_N.to(hidden.dtype), need)
-        ctx.save_for_backward(hidden, weight, bias, expected_N, t_logits, t_hidden, t_weight, t_bias, *grads)
-        ctx.spec = spec
+        ctx.save_for_backward(hidden, weight, bias, expected_N, *grads)
+        ctx.teacher, ctx.spec = teacher, spec
         return values
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_N):
-        hidden, weight, bias, expected_N, *rest = ctx.saved_tensors
-        teacher, grads = rest[:4], rest[4:]
+        hidden, weight, bias, expected_N, *grads = ctx.saved_tensors
         inputs = (hidden, weight, bias)
         kept = expected_N != 0
         c = g_N[kept][:1] if bool(kept.any()) else g_N.new_zeros(1)
         if torch.equal(g_N, torch.where(kept, c.to(g_N.dtype) * expected_N.to(g_N.dtype), 0.0)):
-            out = [None if g is None else (g * c.to(g.dtype)).to(x.dtype) for g, x in zip(grads, inputs)]
+            out = _in_dtypes(grads, _dtypes(*inputs), c.squeeze())
         else:
-            _, fresh = _sweep(hidden, weight, bias, teacher, ctx.spec, g_N, ctx.needs_input_grad[:3])
-            out = [None if g is None else g.to(x.dtype) for g, x in zip(fresh, inputs)]
-        return (*out, None, None, None, None, None, None)
+            _, fresh = _sweep(*inputs, ctx.teacher, ctx.spec, g_N, ctx.needs_input_grad[:3])
+            out = _in_dtypes(fresh, _dtypes(*inputs))
+        return (*out, None, None, None)
 
 
 # ---------------------------------------------------------------- public API
 
 
-def _split_teacher(teacher: Teacher, n: int, vocab: int):
-    """``(logits [N, V] | None, hidden | None, weight | None, bias | None)``, validated."""
-    if isinstance(teacher, torch.Tensor):
-        logits = teacher.reshape(-1, teacher.shape[-1])
-        if logits.shape != (n, vocab):
-            got = tuple(teacher.shape)
-            raise ValueError(f"teacher logits must be [N={n}, V={vocab}], got {got}")
-        return logits.detach(), None, None, None
-    if len(teacher) not in (2, 3):
-        raise ValueError("teacher must be logits or (hidden, weight[, bias])")
-    hidden, weight, bias = (*teacher, None)[:3]
-    weight, bias = _in_dtype(hidden, weight, bias)
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    if hidden.shape[0] != n or weight.shape[0] != vocab or hidden.shape[1] != weight.shape[1]:
+def _split_teacher(teacher: Teacher, n: int, vocab: int) -> TeacherDist:
+    """The teacher as a flat :class:`TeacherDist` ``[N, ·]``, validated against the student."""
+    dist = TeacherDist.of(teacher)
+    if dist.positions != n or dist.vocab != vocab:
+        what = "logits" if dist.logits is not None else f"hidden {tuple(dist.hidden.shape)} / weight"
         raise ValueError(
-            f"teacher hidden {tuple(hidden.shape)} / weight {tuple(weight.shape)} do not fit "
+            f"teacher {what} {tuple((dist.logits if dist.logits is not None else dist.weight_VH).shape)} do not fit "
             f"N={n}, V={vocab} (mismatched vocabularies are an error)"
         )
-    return None, hidden.detach(), weight.detach(), None if bias is None else bias.detach()
-
-
-def _in_dtype(hidden, weight, bias):
-    """The head in the hidden states' dtype: under bf16 autocast the student's hidden states
-    are bf16 and its master weight float32; the cast is differentiable, so the float32
-    weight gets its gradient (as an autocast matmul would give it)."""
-    if weight.dtype == hidden.dtype:
-        return weight, bias
-    return weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
+    return dist.flat()
 
 
 def _prepare(hidden, weight, bias, teacher, spec: _Spec):
     """Validate; flatten hidden to ``[N, H]``; split the teacher; fill the chunk size."""
     check_args(spec.kind, spec.beta, spec.temperature, spec.renormalize, spec.entry_clip)
-    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1] or hidden.dtype != weight.dtype:
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1] or not (hidden.is_floating_point() and weight.is_floating_point()):
         raise ValueError(
-            f"hidden [..., H] and lm_head_weight [V, H] must agree in H and dtype, got "
+            f"hidden [..., H] and lm_head_weight [V, H] must be floating and agree in H, got "
             f"{tuple(hidden.shape)} {hidden.dtype} and {tuple(weight.shape)} {weight.dtype}"
         )
     if bias is not None and bias.shape != weight.shape[:1]:
@@ -442,18 +415,18 @@ def chunked_divergence(
     an upstream gradient of another shape falls back to the recompute.
     ``teacher_floor``: the teacher's log-probs are ``max(log softmax(z_t), floor)`` before the
     divergence (as :func:`opd.signals.teacher_logp.floored_logp_V` gives them to the full
-    form), applied per chunk. Hidden states in a lower precision than the head's weight
-    (bf16 autocast over float32 master weights): the matmul runs in the hidden's dtype.
+    form), applied per chunk. Hidden states in another dtype than the head's weight
+    (bf16 autocast over float32 master weights): the matmul runs in the hidden's dtype, the
+    weight's gradient comes back in its own dtype (module doc).
     Source: see the module doc. Deviations: none (values and gradients equal the
     unchunked form up to float rounding).
     """
     spec = _Spec(kind, beta, temperature, entry_clip, support, k, renormalize, chunk_size, teacher_floor)
-    lm_head_weight_VH, bias_V = _in_dtype(hidden_NH, lm_head_weight_VH, bias_V)
     h_NH, teacher, spec = _prepare(hidden_NH, lm_head_weight_VH, bias_V, teacher, spec)
     if expected_grad is not None and torch.is_grad_enabled():
-        values = _ValuesWithExpectedGrad.apply(h_NH, lm_head_weight_VH, bias_V, expected_grad.reshape(-1), *teacher, spec)
+        values = _ValuesWithExpectedGrad.apply(h_NH, lm_head_weight_VH, bias_V, expected_grad.reshape(-1), teacher, spec)
     else:
-        values = _RecomputedValues.apply(h_NH, lm_head_weight_VH, bias_V, *teacher, spec)
+        values = _RecomputedValues.apply(h_NH, lm_head_weight_VH, bias_V, teacher, spec)
     return values.reshape(hidden_NH.shape[:-1])
 
 
@@ -489,11 +462,10 @@ def chunked_divergence_loss(
     Source: Liger-Kernel fused linear JSD (third-party code), generalized.
     """
     spec = _Spec(kind, beta, temperature, entry_clip, support, k, renormalize, chunk_size, teacher_floor)
-    lm_head_weight_VH, bias_V = _in_dtype(hidden_NH, lm_head_weight_VH, bias_V)
     h_NH, teacher, spec = _prepare(hidden_NH, lm_head_weight_VH, bias_V, teacher, spec)
     w_N = weights_N.reshape(-1)
     if w_N.shape != h_NH.shape[:1]:
         raise ValueError(f"weights must match hidden's leading shape, got {tuple(weights_N.shape)}")
-    args = (h_NH, lm_head_weight_VH, bias_V, w_N, *teacher, spec, torch.is_grad_enabled())
+    args = (h_NH, lm_head_weight_VH, bias_V, w_N, teacher, spec, torch.is_grad_enabled())
     loss, values = _FusedLoss.apply(*args)
     return loss, values.reshape(hidden_NH.shape[:-1])

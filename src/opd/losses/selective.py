@@ -18,9 +18,11 @@ matmul): the entropy ``H_n = −Σ_v p_n(v) log p_n(v)`` and the ids of the ``k`
 logits (:func:`token_logp_and_stats`).
 
 Numerics as the full-logits path (``log_softmax(lm_head(h).float())``): the matmul in the
-head's dtype, the softmax math in float32 (float64 for float64 heads); W's gradient
-accumulates in float32 (float64). Logits are floored at the dtype's lowest finite value
-(as :func:`opd.losses.entropy`); an LM head's are finite anyway.
+hidden states' dtype (the head cast once per call: bf16 autocast over a float32 master
+weight), the softmax math in float32 (float64 for float64 inputs); the gradients of W and b
+accumulate in float32 (float64) and come back in their own dtype, the hidden's in its dtype.
+Logits are floored at the dtype's lowest finite value (as :func:`opd.losses.entropy`); an LM
+head's are finite anyway.
 Source: the fused linear cross-entropy idea (Liger-Kernel, third-party code), here for an
 arbitrary upstream gradient rather than a fixed mean. Deviations: none (values and
 gradients equal the unchunked form up to float rounding).
@@ -33,15 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from opd.losses.chunked import default_chunk_size
 from opd.losses.divergence import compute_dtype
-
-
-def logits_into(h_CH, weight_VH, bias_V, out_CV) -> torch.Tensor:
-    """``out ← h W^T + b`` (in ``out``'s dtype; no temporary when the dtypes agree)."""
-    if h_CH.dtype != out_CV.dtype:
-        return out_CV.copy_(torch.nn.functional.linear(h_CH, weight_VH, bias_V))
-    if bias_V is None:
-        return torch.mm(h_CH, weight_VH.t(), out=out_CV)
-    return torch.addmm(bias_V, h_CH, weight_VH.t(), out=out_CV)
+from opd.losses.teacher_dist import head_in_dtype, logits_into
 
 
 def _normalize_(z_CV: torch.Tensor, p_CV: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -61,6 +55,7 @@ def _normalize_(z_CV: torch.Tensor, p_CV: torch.Tensor | None) -> tuple[torch.Te
 def _forward(h_NH, weight_VH, bias_V, ids_N, chunk: int, dtype, k: int):
     """``(ℓ_N, lse_N, H_N, topk_ids_Nk)`` chunk by chunk (``H``, ids empty when ``k < 0``)."""
     n, V = h_NH.shape[0], weight_VH.shape[0]
+    weight_VH, bias_V = head_in_dtype(weight_VH, bias_V, h_NH.dtype)
     c = max(1, min(chunk, n))
     z_buf = h_NH.new_empty(c, V, dtype=dtype)
     p_buf = h_NH.new_empty(c, V, dtype=dtype) if k >= 0 else None
@@ -88,6 +83,7 @@ def _backward(h_NH, weight_VH, bias_V, ids_N, lse_N, g_N, chunk: int, need):
     g_h = h_NH.new_empty(h_NH.shape) if need[0] else None
     g_w = weight_VH.new_zeros(weight_VH.shape, dtype=dtype) if need[1] else None
     g_b = weight_VH.new_zeros(V, dtype=dtype) if need[2] else None
+    weight_VH, bias_V = head_in_dtype(weight_VH, bias_V, h_NH.dtype)
     g_N = g_N.to(dtype)
     for lo in range(0, n, c):
         hi = min(lo + c, n)
@@ -194,45 +190,154 @@ class _LogitsAtIds(torch.autograd.Function):
     def forward(ctx, hidden_NH, weight_VH, bias_V, ids_NK):
         N, K = ids_NK.shape
         rows = max(1, ROWS_ELEMENTS // max(1, K * hidden_NH.shape[1]))
-        out_NK = hidden_NH.new_empty(N, K, dtype=torch.float32 if hidden_NH.dtype != torch.float64 else torch.float64)
+        acc = compute_dtype(hidden_NH, weight_VH)
+        out_NK = hidden_NH.new_empty(N, K, dtype=acc)
         for lo in range(0, N, rows):
-            w_CKH = weight_VH[ids_NK[lo : lo + rows]]
+            ids_CK = ids_NK[lo : lo + rows]
+            w_CKH = weight_VH[ids_CK].to(hidden_NH.dtype)  # the matmul in the hidden's dtype
             z_CK = torch.einsum("ch,ckh->ck", hidden_NH[lo : lo + rows], w_CKH)
-            out_NK[lo : lo + rows] = z_CK if bias_V is None else z_CK + bias_V[ids_NK[lo : lo + rows]]
+            out_NK[lo : lo + rows] = z_CK if bias_V is None else z_CK + bias_V[ids_CK].to(z_CK.dtype)
         ctx.save_for_backward(hidden_NH, weight_VH, ids_NK)
-        ctx.rows, ctx.has_bias = rows, bias_V is not None
+        ctx.rows, ctx.bias_dtype = rows, None if bias_V is None else bias_V.dtype
         return out_NK
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_NK):
         hidden_NH, weight_VH, ids_NK = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         g_h = torch.zeros_like(hidden_NH) if need_h else None
-        acc = torch.float64 if weight_VH.dtype == torch.float64 else torch.float32
+        acc = compute_dtype(hidden_NH, weight_VH)
         g_w = torch.zeros(weight_VH.shape, dtype=acc, device=weight_VH.device) if need_w else None
-        g_b = torch.zeros(weight_VH.shape[0], dtype=acc, device=weight_VH.device) if need_b and ctx.has_bias else None
+        g_b = torch.zeros(weight_VH.shape[0], dtype=acc, device=weight_VH.device) if need_b and ctx.bias_dtype else None
         H = hidden_NH.shape[1]
         for lo in range(0, ids_NK.shape[0], ctx.rows):
             ids_CK, g_CK = ids_NK[lo : lo + ctx.rows], g_NK[lo : lo + ctx.rows]
             if g_h is not None:
-                g_h[lo : lo + ctx.rows] = torch.einsum("ck,ckh->ch", g_CK.to(weight_VH.dtype), weight_VH[ids_CK])
+                w_CKH = weight_VH[ids_CK].to(hidden_NH.dtype)
+                g_h[lo : lo + ctx.rows] = torch.einsum("ck,ckh->ch", g_CK.to(hidden_NH.dtype), w_CKH)
             if g_w is not None:
                 outer_CKH = g_CK.to(acc)[..., None] * hidden_NH[lo : lo + ctx.rows].to(acc)[:, None, :]
                 g_w.index_add_(0, ids_CK.reshape(-1), outer_CKH.reshape(-1, H))
             if g_b is not None:
                 g_b.index_add_(0, ids_CK.reshape(-1), g_CK.to(acc).reshape(-1))
         g_w = None if g_w is None else g_w.to(weight_VH.dtype)
-        g_b = None if g_b is None else g_b.to(weight_VH.dtype)
+        g_b = None if g_b is None else g_b.to(ctx.bias_dtype)
         return g_h, g_w, g_b, None
 
 
 def logits_at_ids(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, ids_NK: torch.Tensor, *, bias_V: torch.Tensor | None = None) -> torch.Tensor:
     """The logits ``z[n, k] = h_n · W_{ids[n, k]} + b_{ids[n, k]}`` (float32; float64 kept) of
     a few ids per position, differentiable, without ever making a position's ``V`` logits:
-    the ``K`` rows of ``W`` are gathered per chunk of positions, and the backward pass
-    scatters ``g ⊗ h`` into ``W``'s gradient (``index_add``). Equals
-    ``(hidden @ W.T + b).gather(-1, ids)`` up to float rounding."""
-    if hidden_NH.dtype != weight_VH.dtype:  # autocast: bf16 hidden states, float32 master weight
-        weight_VH = weight_VH.to(hidden_NH.dtype)
-        bias_V = None if bias_V is None else bias_V.to(hidden_NH.dtype)
+    the ``K`` rows of ``W`` are gathered per chunk of positions (and cast to the hidden's
+    dtype), and the backward pass scatters ``g ⊗ h`` into ``W``'s gradient (``index_add``,
+    float32, returned in W's dtype). Equals ``(hidden @ W.T + b).gather(-1, ids)`` up to
+    float rounding."""
     return _LogitsAtIds.apply(hidden_NH, weight_VH, bias_V, ids_NK)
+
+
+# ---------------------------------------------------------------- log-normalizers
+
+
+def _floored_chunk(h_CH, w_VH, b_V, temperature: float, out_CV):
+    """``x = max(z/τ, floor)`` (NaN → floor) in place in ``out``; returns ``(x, nan_C)``."""
+    x = logits_into(h_CH, w_VH, b_V, out_CV)
+    nan_C = x.amax(-1).isnan()
+    if temperature != 1.0:
+        x.div_(temperature)
+    floor = torch.finfo(x.dtype).min
+    return x.nan_to_num_(nan=floor, neginf=floor, posinf=torch.finfo(x.dtype).max), nan_C
+
+
+class _LogSumExp(torch.autograd.Function):
+    """``(lse_N, outside_N, nan_N)`` of the floored scaled logits (``outside``: the excluded ids
+    at the floor; empty without them), one sweep; backward recomputes each chunk:
+    ``∂/∂z = (g·softmax(x) + g_out·softmax(x_out))/τ`` (a position without mass gets 0)."""
+
+    @staticmethod
+    def forward(ctx, h_NH, weight_VH, bias_V, exclude_NK, temperature, chunk):
+        dtype = compute_dtype(h_NH, weight_VH)
+        w_mm, b_mm = head_in_dtype(weight_VH, bias_V, h_NH.dtype)
+        n, floor = h_NH.shape[0], torch.finfo(dtype).min
+        c = max(1, min(chunk, n))
+        buf = h_NH.new_empty(c, weight_VH.shape[0], dtype=dtype)
+        lse_N, nan_N = h_NH.new_empty(n, dtype=dtype), torch.zeros(n, dtype=torch.bool, device=h_NH.device)
+        out_N = h_NH.new_empty(n if exclude_NK is not None else 0, dtype=dtype)
+        for lo in range(0, n, c):
+            hi = min(lo + c, n)
+            x, nan_N[lo:hi] = _floored_chunk(h_NH[lo:hi], w_mm, b_mm, temperature, buf[: hi - lo])
+            lse_N[lo:hi] = torch.logsumexp(x, -1)
+            if exclude_NK is not None:
+                out_N[lo:hi] = torch.logsumexp(x.scatter_(-1, exclude_NK[lo:hi], floor), -1)
+        ctx.save_for_backward(h_NH, weight_VH, bias_V, exclude_NK, lse_N, out_N)
+        ctx.temperature, ctx.chunk = temperature, c
+        ctx.mark_non_differentiable(nan_N)
+        return lse_N, out_N, nan_N
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_N, g_out_N, _g_nan):
+        h_NH, weight_VH, bias_V, exclude_NK, lse_N, out_N = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        (n, _), V, dtype = h_NH.shape, weight_VH.shape[0], lse_N.dtype
+        floor, outside = torch.finfo(dtype).min, exclude_NK is not None
+        w_mm, b_mm = head_in_dtype(weight_VH, bias_V, h_NH.dtype)
+        bufs = [h_NH.new_empty(ctx.chunk, V, dtype=dtype) for _ in range(1 + outside)]
+        g_h = h_NH.new_empty(h_NH.shape) if need[0] else None
+        g_w = weight_VH.new_zeros(weight_VH.shape, dtype=dtype) if need[1] else None
+        g_b = weight_VH.new_zeros(V, dtype=dtype) if need[2] else None
+        scale_N = (g_N.to(dtype) / ctx.temperature) * (lse_N > floor)  # some mass: floored entries get exp(floor − lse) = 0
+        if outside:
+            scale_out_N = (g_out_N.to(dtype) / ctx.temperature) * (out_N > floor)
+        for lo in range(0, n, ctx.chunk):
+            hi = min(lo + ctx.chunk, n)
+            x, _ = _floored_chunk(h_NH[lo:hi], w_mm, b_mm, ctx.temperature, bufs[0][: hi - lo])
+            if outside:
+                p = torch.sub(x, lse_N[lo:hi, None], out=bufs[1][: hi - lo]).exp_().mul_(scale_N[lo:hi, None])
+                x.scatter_(-1, exclude_NK[lo:hi], floor)
+                grad_CV = x.sub_(out_N[lo:hi, None]).exp_().mul_(scale_out_N[lo:hi, None]).add_(p)
+            else:
+                grad_CV = x.sub_(lse_N[lo:hi, None]).exp_().mul_(scale_N[lo:hi, None])  # g p / τ
+            if g_h is not None:
+                torch.mm(grad_CV.to(w_mm.dtype), w_mm, out=g_h[lo:hi])
+            if g_w is not None:
+                g_w.addmm_(grad_CV.t(), h_NH[lo:hi].to(dtype))
+            if g_b is not None:
+                g_b.add_(grad_CV.sum(0))
+        inputs = (h_NH, weight_VH, bias_V)
+        grads = [None if g is None else g.to(t.dtype) for g, t in zip((g_h, g_w, g_b), inputs)]
+        return (*grads, None, None, None)
+
+
+def chunked_logsumexp(
+    hidden_NH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    *,
+    bias_V: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    exclude_ids_NK: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``(lse [...], outside [...] or None, nan [...])`` of the floored scaled logits
+    ``x_n = max((h_n W^T + b)/τ, finfo.min)`` (NaN entries at the floor, as
+    :func:`opd.losses.divergence.floored_logits`):
+
+        lse_n = log Σ_v exp(x_n[v]),   outside_n = log Σ_{v ∉ E_n} exp(x_n[v])
+
+    with ``E_n = exclude_ids_NK[n]`` (``outside`` is None without them; each its own max, so
+    exact however small); ``nan_n``: the position's logits held a NaN (detached). One sweep
+    chunk by chunk, never ``[N, V]``; differentiable w.r.t. hidden, weight and bias (backward
+    recomputes each chunk: ``∂lse_n/∂z_n[v] = softmax(x_n)[v]/τ``, likewise ``outside`` off
+    ``E_n``). A position without mass (every id excluded) gets the floor and zero gradient."""
+    V, H = weight_VH.shape
+    if hidden_NH.shape[-1] != H:
+        raise ValueError(f"hidden [..., H={H}] must match the head, got {tuple(hidden_NH.shape)}")
+    lead = hidden_NH.shape[:-1]
+    if exclude_ids_NK is not None and exclude_ids_NK.shape[:-1] != lead:
+        raise ValueError(f"exclude_ids [..., K] must share hidden's leading dims, got {tuple(exclude_ids_NK.shape)}")
+    chunk = default_chunk_size(V) if chunk_size is None else int(chunk_size)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    ex = None if exclude_ids_NK is None else exclude_ids_NK.reshape(-1, exclude_ids_NK.shape[-1]).long()
+    lse_N, out_N, nan_N = _LogSumExp.apply(hidden_NH.reshape(-1, H), weight_VH, bias_V, ex, float(temperature), chunk)
+    return lse_N.reshape(lead), None if ex is None else out_N.reshape(lead), nan_N.reshape(lead)

@@ -3,9 +3,11 @@
 ``D_t = D(π_θ(·|c_t) ‖ π_T(·|c_t))`` of :func:`opd.losses.divergence.divergence`, with the
 teacher's log-probs floored (:func:`opd.signals.teacher_logp.floored_logp_V`), per token
 ``[B, T]``. From the student's hidden states and LM head and the teacher's hidden states and
-head (or its logits, for a program teacher) it is computed chunk by chunk
+head (or its logits, for a program teacher; :class:`~opd.losses.teacher_dist.TeacherDist`,
+:func:`teacher_of`) it is computed chunk by chunk
 (:func:`opd.losses.chunked.chunked_divergence`): neither side's ``[B, T, V]`` logits exist at
-once. A student head that is not a plain ``nn.Linear`` (a quantized layer) falls back to the
+once. The per-position statistics of the teacher (its tied top-K support, a statistic at
+given ids) go through the same chunks (:func:`per_position`, :func:`teacher_support_BTK`). A student head that is not a plain ``nn.Linear`` (a quantized layer) falls back to the
 full logits of the micro-batch. Both forms give the same values and gradients up to float
 rounding (``tests/test_full_vocab.py``).
 """
@@ -17,6 +19,7 @@ import torch
 from opd.losses import divergence
 from opd.losses.chunked import chunked_divergence, default_chunk_size
 from opd.losses.selective import logits_at_ids, token_logp_and_stats
+from opd.losses.teacher_dist import TeacherDist
 from opd.models.head import head_params
 from opd.models.hf import completion_hidden
 from opd.methods.base import Signal, StudentView
@@ -24,13 +27,15 @@ from opd.signals.teacher_logp import TEACHER_LOGP_FLOOR, floored_logp_V
 from opd.signals.topk_lsm import teacher_support
 
 
-def teacher_of(signal: Signal, prefix: str = "teacher"):
-    """The teacher (``prefix="ref"``: the reference model) as the chunked functions take it:
-    ``{prefix}_logits_BTV``, or ``({prefix}_hidden_BTH, weight, bias)`` of ``{prefix}_head``."""
+def teacher_of(signal: Signal, prefix: str = "teacher") -> TeacherDist:
+    """The teacher's (``prefix="ref"``: the reference model's) full distribution in a signal
+    as a :class:`TeacherDist`: ``{prefix}_hidden_BTH`` with the head ``{prefix}_head`` (a model),
+    or ``{prefix}_logits_BTV`` (a program teacher). The signal carries the per-row tensor and
+    the head separately so that the loop can cut micro-batches of it."""
     if f"{prefix}_hidden_BTH" in signal:
         head = signal[f"{prefix}_head"]
-        return (signal[f"{prefix}_hidden_BTH"], head.weight_VH, head.bias_V)
-    return signal[f"{prefix}_logits_BTV"]
+        return TeacherDist(hidden=signal[f"{prefix}_hidden_BTH"], weight_VH=head.weight_VH, bias_V=head.bias_V)
+    return TeacherDist(logits=signal[f"{prefix}_logits_BTV"])
 
 
 def teacher_divergence_BT(view: StudentView, signal: Signal, kind: str, *, prefix: str = "teacher",
@@ -42,35 +47,18 @@ def teacher_divergence_BT(view: StudentView, signal: Signal, kind: str, *, prefi
     (no recompute); any other use of ``D_t`` falls back to recomputing."""
     teacher = teacher_of(signal, prefix)
     head = view.linear_head
-    if head is None or view.hidden_BTH is None or view.has_logits:
-        logits_BTV = teacher if isinstance(teacher, torch.Tensor) else torch.nn.functional.linear(*teacher).float()
+    if head is None or view.hidden_BTH is None or view.has_logits:  # a head that is no plain matrix
+        logits_BTV = teacher.full_logits()
         return divergence(view.logits_BTV, logits_BTV if floor is None else floored_logp_V(logits_BTV, floor), kind, **kw)
     return chunked_divergence(view.hidden_BTH, head[0], teacher, kind, bias_V=head[1], chunk_size=view.chunk_size,
                               teacher_floor=floor, expected_grad=signal.get("mask_BT"), **kw)
-
-
-def _vocab(signal: Signal, prefix: str = "teacher") -> int:
-    teacher = teacher_of(signal, prefix)
-    return teacher.shape[-1] if isinstance(teacher, torch.Tensor) else teacher[1].shape[0]
 
 
 def teacher_logit_chunks(signal: Signal, chunk_size: int | None = None):
     """``(lo, hi, logits_CV)``: the teacher's logits (float32; float64 kept) at flat positions ``lo:hi``,
     one chunk of positions at a time (never all ``[B, T, V]`` at once)."""
     teacher = teacher_of(signal)
-    if isinstance(teacher, torch.Tensor):
-        rows_NV = teacher.reshape(-1, teacher.shape[-1])
-        make = lambda lo, hi: rows_NV[lo:hi]  # noqa: E731
-    else:
-        hidden, weight, bias = teacher
-        h_NH = hidden.reshape(-1, hidden.shape[-1])
-        rows_NV = h_NH
-        make = lambda lo, hi: torch.nn.functional.linear(h_NH[lo:hi], weight.to(h_NH.dtype), None if bias is None else bias.to(h_NH.dtype))  # noqa: E731
-    C = chunk_size or default_chunk_size(_vocab(signal))
-    for lo in range(0, rows_NV.shape[0], C):
-        hi = min(lo + C, rows_NV.shape[0])
-        x_CV = make(lo, hi)
-        yield lo, hi, x_CV if x_CV.dtype == torch.float64 else x_CV.float()
+    return teacher.chunks(chunk_size or default_chunk_size(teacher.vocab))
 
 
 def teacher_logp_chunks(signal: Signal, chunk_size: int | None = None):
@@ -86,6 +74,8 @@ def per_position(signal: Signal, fn, *rows: torch.Tensor, floored: bool = True, 
     per-position tensors ``[B, T, ...]`` cut to the same chunk."""
     B, T = rows[0].shape[:2]
     flat = [r.reshape(B * T, *r.shape[2:]) for r in rows]
+    # floored_logp_V and a statistic's masks hold ~6 [C, V] temporaries: a quarter chunk
+    chunk_size = chunk_size or max(1, default_chunk_size(teacher_of(signal).vocab) // 4)
     chunks = teacher_logp_chunks(signal, chunk_size) if floored else teacher_logit_chunks(signal, chunk_size)
     parts = [fn(x_CV, *(r[lo:hi].to(x_CV.device) for r in flat)) for lo, hi, x_CV in chunks]
     out = torch.cat(parts)
@@ -103,7 +93,7 @@ def teacher_support_BTK(signal: Signal, shape_BT: tuple[int, int], k: int, token
     ids_parts, logp_parts = [], []
     tokens_N = None if token_ids_BT is None else token_ids_BT.reshape(-1)
     # floored_logp_V and the tied top-K mask hold ~8 [C, V] temporaries: a quarter chunk
-    chunk_size = chunk_size or max(1, default_chunk_size(_vocab(signal)) // 4)
+    chunk_size = chunk_size or max(1, default_chunk_size(teacher_of(signal).vocab) // 4)
     for lo, hi, logp_CV in teacher_logp_chunks(signal, chunk_size):
         tok_C = None if tokens_N is None else tokens_N[lo:hi].to(logp_CV.device)
         mask_CV = teacher_support(logp_CV, k, tok_C) & (logp_CV > float("-inf"))
@@ -154,6 +144,5 @@ def frozen_student_stats(model, batch, *, topk: int = 0) -> tuple[torch.Tensor, 
         return entropy_BT, logp_BTV.topk(min(topk, logp_BTV.shape[-1]), -1).indices
     weight, bias = head_params(head)
     ids_BT = batch.completion_ids_BT.to(hidden_BTH.device)
-    _, entropy_BT, topk_ids_BTk = token_logp_and_stats(hidden_BTH, weight.to(hidden_BTH.dtype), ids_BT, topk=topk,
-                                                       bias_V=None if bias is None else bias.to(hidden_BTH.dtype))
+    _, entropy_BT, topk_ids_BTk = token_logp_and_stats(hidden_BTH, weight, ids_BT, topk=topk, bias_V=bias)
     return entropy_BT.float(), topk_ids_BTk

@@ -65,8 +65,7 @@ def student_entropy_rkl(exp: Experience, teacher) -> tuple[torch.Tensor, torch.T
     (floored as in the loss), chunk by chunk from its hidden states and head."""
     hidden_BTH, head = exp.extra["student_hidden_BTH"], exp.extra["student_head"]
     ids_BT = exp.batch.completion_ids_BT.to(hidden_BTH.device)
-    _, h_BT, _ = token_logp_and_stats(hidden_BTH, head.weight_VH.to(hidden_BTH.dtype), ids_BT, topk=0,
-                                      bias_V=None if head.bias_V is None else head.bias_V.to(hidden_BTH.dtype))
+    _, h_BT, _ = token_logp_and_stats(hidden_BTH, head.weight_VH, ids_BT, topk=0, bias_V=head.bias_V)
     d_BT = chunked_divergence(hidden_BTH, head.weight_VH, teacher, "rkl", bias_V=head.bias_V, teacher_floor=TEACHER_LOGP_FLOOR)
     return h_BT.float(), d_BT.float()
 

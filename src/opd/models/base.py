@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 
 from opd.batch import SeqBatch
+from opd.losses.teacher_dist import TeacherDist
 
 
 @dataclass
@@ -24,9 +25,9 @@ class Scores:
     entropy_BT: torch.Tensor  # H(pi(. | c_t)) in nats
     topk_ids_BTK: torch.Tensor  # long, the K most likely ids, descending
     topk_logp_BTK: torch.Tensor  # their log-probs
-    logits_BTV: torch.Tensor | None = None  # full next-token logits (full=True, a program teacher)
+    logits_BTV: torch.Tensor | None = None  # full next-token logits (full=True, a program teacher: V small)
     # full=True, a model teacher: its completion hidden states and LM head (weight_VH, bias_V),
-    # from which any consumer makes the logits chunk by chunk (never [B, T, V] at once)
+    # from which any consumer makes the logits chunk by chunk (never [B, T, V] at once): see `dist`
     hidden_BTH: torch.Tensor | None = None
     head: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
@@ -41,12 +42,21 @@ class Scores:
     def has_full(self) -> bool:
         return self.logits_BTV is not None or self.hidden_BTH is not None
 
+    @property
+    def dist(self) -> TeacherDist | None:
+        """The full distribution (``full=True``) as a :class:`TeacherDist`: the hidden states
+        and head of a model teacher, or a program teacher's logits; None without ``full``."""
+        if self.hidden_BTH is not None:
+            return TeacherDist(hidden=self.hidden_BTH, weight_VH=self.head[0], bias_V=self.head[1])
+        return None if self.logits_BTV is None else TeacherDist(logits=self.logits_BTV)
+
     def full_logits_BTV(self) -> torch.Tensor:
         """The full next-token logits (float32), made from the hidden states and the head when
-        the teacher gave those: a ``[B, T, V]`` tensor, for the consumers that still need one."""
+        the teacher gave those: a ``[B, T, V]`` tensor, for tests and the consumers that need
+        a few positions' worth (never a training step's whole batch at a real vocabulary)."""
         if self.logits_BTV is not None or self.hidden_BTH is None:
             return self.logits_BTV
-        return torch.nn.functional.linear(self.hidden_BTH, *self.head).float()
+        return self.dist.full_logits().float()
 
 
 class Teacher(Protocol):

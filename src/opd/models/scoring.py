@@ -43,6 +43,7 @@ from opd.batch import SeqBatch
 from opd.losses.chunked import default_chunk_size
 from opd.models.base import Scores
 from opd.models.fsdp import decoder_of
+from opd.models.head import head_rows
 
 BUCKET_TOKENS = 1 << 14  # most padded cells (rows · width) of one bucketed decoder call
 CALL_COST = 256  # what one extra decoder call is worth, in padded cells
@@ -147,7 +148,7 @@ def lean_scores(
     holding ``[B, T, V]``; ``max_tokens``/``call_cost`` steer the buckets
     (:func:`plan_buckets`), ``chunk_size`` the head's positions per chunk."""
     head = model.get_output_embeddings()
-    V = head.weight.shape[0]
+    V = head_rows(head)  # the ids it scores: a head padded past its tokenizer is cut (opd.models.head)
     k, C = min(topk, V), chunk_size or default_chunk_size(V)
     B, T = batch.completion_mask_BT.shape
     dev = batch.input_ids_BL.device
