@@ -151,3 +151,49 @@ def test_rows_are_spread_over_several_servers_and_fail_over(server, tiny_student
     finally:
         if second.poll() is None:
             stop(second)
+
+
+@pytest.mark.parametrize("add_sampled", [False, True])
+def test_topk_lsm_on_a_server_is_the_sparse_divergence_on_its_top_k(server, tiny_student_dir, add_sampled):
+    """K = 3 < V: the loss on the server's top-K equals the naive ``sparse_divergence`` (both
+    sides renormalized on the returned ids) from the student's full logits; with the sampled
+    token added, the naive divergence on the support mask of those ids and ``y_t``."""
+    from opd.losses import sparse_divergence
+    from opd.methods.topk_lsm import lsm_loss, lsm_signal, support_divergence
+    from opd.models.hf import completion_logits
+    from opd.rollouts.base import Experience
+    from opd.run.loop import student_view
+
+    batch, k = _batch(), 3
+    scores = HTTPTeacher(server).score(batch, topk=k)
+    assert not scores.has_full
+    exp = Experience(batch, [None, None], torch.tensor([0, 1]), extra={"special_BT": torch.zeros_like(batch.completion_mask_BT)})
+    signal = lsm_signal(exp, scores, k=k, add_sampled=add_sampled)
+    student = load_model(tiny_student_dir)  # the served model, moved away from it
+    noise = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in student.parameters():
+            param.add_(0.3 * torch.randn(param.shape, generator=noise))
+    loss_BT, _ = lsm_loss(student_view(student, batch), signal)
+    loss_BT, logits_BTV = loss_BT.detach(), completion_logits(student, batch).detach()
+    if add_sampled:
+        support_BTV = torch.zeros_like(logits_BTV, dtype=torch.bool).scatter(-1, scores.topk_ids_BTK, True)
+        support_BTV.scatter_(-1, batch.completion_ids_BT.unsqueeze(-1), True)
+        local = HFTeacher(load_model(tiny_student_dir), eos_id=2, pad_id=0).score(batch, topk=V)
+        teacher_BTV = torch.full_like(logits_BTV, float("-inf")).scatter(-1, local.topk_ids_BTK, local.topk_logp_BTK)
+        want_BT = support_divergence(logits_BTV, teacher_BTV, support_BTV, "rkl")
+    else:
+        want_BT = sparse_divergence(logits_BTV, scores.topk_ids_BTK, scores.topk_logp_BTK, "rkl", renormalize="both")
+    m = batch.completion_mask_BT
+    assert float(want_BT[m].abs().max()) > 1e-3  # a divergence that is there to match
+    torch.testing.assert_close(loss_BT[m], want_BT[m], rtol=1e-5, atol=1e-6)
+
+
+def test_topk_lsm_runs_on_a_server_and_with_k_equal_v_matches_the_local_teacher(server, tiny_student_dir, tmp_path):
+    args = [*tiny_cli_args(tiny_student_dir, tmp_path / "x"), "method=topk_lsm", f"lsm_k={V}", "steps=2"]
+    assert main(["train", *args, f"teacher={server}", f"run_dir={tmp_path / 'http'}"]) == 0
+    assert main(["train", *args, f"teacher={tiny_student_dir}", f"run_dir={tmp_path / 'local'}"]) == 0
+    remote, local = read_metrics(tmp_path / "http"), read_metrics(tmp_path / "local")
+    for a, b in zip(remote[1:], local[1:]):
+        assert abs(a["loss/rkl_topk"] - b["loss/rkl_topk"]) <= 1e-4 * max(1.0, abs(b["loss/rkl_topk"]))
+        assert a["signal/support_size"] == pytest.approx(V)

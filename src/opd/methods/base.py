@@ -127,7 +127,7 @@ class StudentView:
 @dataclass(frozen=True)
 class TeacherRequest:
     topk: int = 8
-    full: bool = False  # the loss needs the teacher's full next-token logits
+    full: bool = False  # the full next-token logits (a top-K-only teacher gives top-K to a method that takes it)
 
 
 Signal = dict[str, torch.Tensor]

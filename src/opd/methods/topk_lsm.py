@@ -12,7 +12,10 @@ Source: code (hhh675597/revisiting_opd, Fu et al. 2603.25562; METHODS §6).
 Ties are ties: ``TopK_T`` is every id at least as likely as the teacher's K-th
 (:func:`opd.signals.teacher_logp.tied_topk_mask`), so the support never depends on the
 order in which ``topk`` breaks ties. That needs the teacher's log-prob of every id: the
-method asks for the teacher's full logits (``needs`` "full_teacher"). Breaking ties by
+method asks for the teacher's full logits. A teacher that returns top-K log-probs only (a
+server, ``teacher=http://...``) gives its K ids as S, ties broken by the server: then the
+loss is ``sparse_divergence(student, ids, logp, "rkl", renormalize="both")`` on them.
+Breaking ties by
 order instead gave the noise-free testbed oracle (every word but the intended one tied) a
 support of the intended word and whichever 7 tied words came first, the same ones at every
 position; the reverse KL on it pushed those words down and left the 13 others free, and a
@@ -57,10 +60,25 @@ def lsm_rollout(env, problems, generator) -> Experience:
     return exp
 
 
+def returned_support_BTK(scores, k: int, token_ids_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """S from a top-K teacher: its ``k`` returned ids and log-probs, plus ``y_t`` (with its
+    log-prob) when ``token_ids_BT`` is given; a ``y_t`` already among them is a padding
+    entry (``-inf``), as are the returned ids with no mass."""
+    ids_BTK, logp_BTK = scores.topk_ids_BTK[..., :k], scores.topk_logp_BTK[..., :k]
+    if token_ids_BT is None:
+        return ids_BTK, logp_BTK
+    y_BT1 = token_ids_BT.to(ids_BTK.device).unsqueeze(-1)
+    y_logp_BT1 = scores.token_logp_BT.unsqueeze(-1).masked_fill((ids_BTK == y_BT1).any(-1, keepdim=True), float("-inf"))
+    return torch.cat([ids_BTK, y_BT1], -1), torch.cat([logp_BTK, y_logp_BT1.to(logp_BTK.dtype)], -1)
+
+
 def lsm_signal(exp: Experience, scores, *, k: int, add_sampled: bool) -> Signal:
-    full = full_teacher(scores)
     ids_BT = exp.batch.completion_ids_BT
-    ids_BTK, logp_BTK = teacher_support_BTK(full, tuple(ids_BT.shape), k, ids_BT if add_sampled else None)
+    sampled_BT = ids_BT if add_sampled else None
+    if scores.has_full:
+        ids_BTK, logp_BTK = teacher_support_BTK(full_teacher(scores), tuple(ids_BT.shape), k, sampled_BT)
+    else:  # a top-K teacher (a server): its ids, ties as it broke them
+        ids_BTK, logp_BTK = returned_support_BTK(scores, k, sampled_BT)
     valid_BTK = logp_BTK > float("-inf")
     completion_BT = exp.batch.completion_mask_BT
     special_BT = exp.extra["special_BT"] & completion_BT
@@ -123,6 +141,6 @@ def build(
         partial(lsm_signal, k=lsm_k, add_sampled=lsm_add_sampled),
         lsm_loss,
         teacher_request=TeacherRequest(topk=lsm_k, full=True),
-        needs=("teacher", "full_teacher"),
+        needs=("teacher",),  # full logits when the teacher has them (ties counted), else its top-K
         degenerate=partial(lsm_degenerate, k=lsm_k, add_sampled=lsm_add_sampled),
     )

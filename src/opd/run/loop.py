@@ -310,7 +310,8 @@ def train_step(env, method: Method, problems: list, generator: torch.Generator, 
         if method.teacher_request is not None:
             req = method.teacher_request
             teacher, context_batch = method.context(env, exp)
-            scores = teacher.score(context_batch, topk=req.topk, full=req.full, temperature=1.0).to(device)
+            full = req.full and getattr(teacher, "full_logits", True)  # a server: top-K (methods that need more refused at start)
+            scores = teacher.score(context_batch, topk=req.topk, full=full, temperature=1.0).to(device)
             teacher_tokens += context_batch.num_tokens
         retries = {"teacher/retries": float(teacher.take_retries())} if scores is not None and hasattr(teacher, "take_retries") else {}
         t_signal = time.perf_counter()

@@ -171,7 +171,7 @@ def check_needs(method: Method, teacher, train_pool: list[Problem], group_size: 
     if "full_teacher" in method.needs and teacher is not None and not getattr(teacher, "full_logits", True):
         raise UserError(
             f"method {method.name!r} computes a full-vocabulary loss, but the teacher only returns top-K "
-            "log-probs; use a local teacher model, or a method that needs only sampled-token log-probs (opd, trunc, gopd)."
+            "log-probs; use a local teacher model, or a method that works from top-K log-probs (opd, topk_lsm, trunc, gopd)."
         )
     if "teacher_generate" in method.needs and teacher is not None and not hasattr(teacher, "generate"):
         raise UserError(f"method {method.name!r} needs a teacher that can generate text; this teacher only scores.")
