@@ -16,6 +16,7 @@ tens of percent.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -164,3 +165,20 @@ def test_uneven_split_is_refused_and_writes_nothing(student, tmp_path):
     assert done.returncode != 0
     assert "prompts_per_step=3 does not split evenly over 2 ranks; use a multiple of 2" in done.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_ranks_with_different_row_counts_pad_their_micro_batches(student, tmp_path):
+    """GKD's on/off-policy mix gives the ranks different row counts; the ranks with fewer
+    micro-batches run padding ones (loss times 0) so that FSDP2's collectives pair up."""
+    _train(student, tmp_path / "gkd", 3, 2, "method=gkd", "lmbda=0.5", "temperature=1", "micro_batch_size=1")
+    rows = _rows(tmp_path / "gkd")
+    assert sorted(rows) == [0, 1, 2, 3] and all(math.isfinite(rows[s]["optim/grad_norm"]) for s in (1, 2, 3))
+    assert 0.5 in [rows[s]["rollout/on_policy"] for s in (1, 2, 3)]  # a step where one rank sampled, the other not
+
+
+def test_micro_batches_of_one_process_are_the_plain_split():
+    from opd.run.loop import micro_batches
+
+    assert micro_batches(7, 3) == [(slice(0, 3), False), (slice(3, 6), False), (slice(6, 9), False)]
+    assert micro_batches(0, 3) == []

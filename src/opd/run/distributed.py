@@ -76,8 +76,8 @@ def barrier() -> None:
 
 
 def split(items: list, what: str = "prompts_per_step") -> list:
-    """This rank's share ``items[rank::world]``; the shares must be equal (the ranks run the
-    same number of micro-batches, whose collectives must pair up)."""
+    """This rank's share ``items[rank::world]``; the shares must be equal (the same number
+    of prompts, so that no rank waits on padding micro-batches more than needed)."""
     if world() > 1 and len(items) % world():
         raise UserError(f"{what}={len(items)} does not split evenly over {world()} ranks; use a multiple of {world()}")
     return items[rank()::world()]
@@ -103,6 +103,15 @@ def total(value: float | torch.Tensor) -> float:
         return float(value)
     t = torch.tensor([float(value)], dtype=torch.float64)
     dist.all_reduce(t)
+    return float(t)
+
+
+def most(value: float) -> float:
+    """The largest value over ranks (the value itself on one rank)."""
+    if not active():
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
 
 

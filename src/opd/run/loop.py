@@ -194,18 +194,25 @@ def _student_diag(view: StudentView, completion_mask_BT: torch.Tensor, scores) -
         return student_step_stats(view.logits_BTV.detach(), completion_mask_BT, ids_BTK, lp_BTK)
 
 
-def step_normalizer(mask_BT: torch.Tensor, *, micro_batches: int) -> torch.Tensor:
+def step_normalizer(mask_BT: torch.Tensor) -> torch.Tensor:
     """The loss divisor: the step's kept-token count (at least 1). Over ``N`` data-parallel
     ranks, whose gradients are averaged, each rank divides by the global count over ``N``:
-    ``mean_r(Σ_r / (n / N)) = Σ / n``. Every rank must run the same number of micro-batches
-    (their gradient reductions pair up)."""
+    ``mean_r(Σ_r / (n / N)) = Σ / n``."""
     count = mask_BT.sum().clamp(min=1)
     if distributed.world() == 1:
         return count
-    if distributed.total(micro_batches) != micro_batches * distributed.world():
-        raise RuntimeError(f"ranks disagree on the number of micro-batches ({micro_batches} here); "
-                           "every rank must take the same number of rows")
     return count.new_tensor(max(distributed.total(mask_BT.sum()), 1.0) / distributed.world())
+
+
+def micro_batches(rows: int, size: int) -> list[tuple[slice, bool]]:
+    """``(rows, padding)`` of each micro-batch. Over several ranks every rank runs as many
+    as the rank with the most (a sharded student's collectives pair up): the extra ones
+    are ``padding``, the first row again with its loss times 0 (no gradient, no metrics)."""
+    spans = [(slice(s, s + size), False) for s in range(0, rows, size)]
+    most = int(distributed.most(len(spans)))
+    if most > len(spans) and rows == 0:
+        raise RuntimeError("this rank has no rows to train on while another rank has some")
+    return spans + [(slice(0, 1), True)] * (most - len(spans))
 
 
 def update(model, optimizer, exp: Experience, signal: Signal, method: Method, *, micro_batch_size: int, max_grad_norm: float, scores=None, lean: bool = True) -> dict:
@@ -218,24 +225,25 @@ def update(model, optimizer, exp: Experience, signal: Signal, method: Method, *,
     view (:func:`student_view`); False builds the full logits of every micro-batch."""
     signal = loss_inputs(signal)
     mask_BT = signal["mask_BT"]
-    normalizer = step_normalizer(mask_BT, micro_batches=-(-mask_BT.shape[0] // micro_batch_size))
+    normalizer = step_normalizer(mask_BT)
     optimizer.zero_grad(set_to_none=True)
     totals: dict = {}
     diag: dict = {}
     loss_sum = 0.0
     stats_topk = 0 if scores is None else scores.topk_ids_BTK.shape[-1]
-    for start in range(0, mask_BT.shape[0], micro_batch_size):
-        rows = slice(start, start + micro_batch_size)
+    for rows, padding in micro_batches(mask_BT.shape[0], micro_batch_size):
         batch, micro, cols = trimmed(exp.batch.select(rows), _rows(signal, rows))
         micro_scores = None if scores is None else _cols(scores, rows, cols)
         with checkpointing(model):
             view = student_view(model, batch, lean=lean, stats_topk=stats_topk)
             loss_BT, metrics = method.loss(view, micro)
-            loss = masked_token_mean(loss_BT, micro["mask_BT"], normalizer)
+            loss = masked_token_mean(loss_BT, micro["mask_BT"], normalizer) * (0.0 if padding else 1.0)
+            if not padding:  # before backward: a sharded student's head is whole until then (opd.models.fsdp)
+                _accumulate(diag, _student_diag(view, batch.completion_mask_BT, micro_scores), batch.completion_mask_BT)
             loss.backward()
-        loss_sum = loss_sum + loss.detach()
-        _accumulate(totals, metrics, micro["mask_BT"])
-        _accumulate(diag, _student_diag(view, batch.completion_mask_BT, micro_scores), batch.completion_mask_BT)
+        if not padding:
+            loss_sum = loss_sum + loss.detach()
+            _accumulate(totals, metrics, micro["mask_BT"])
         del view, loss_BT, metrics  # a cached [B, T, V] must not outlive its micro-batch
     clip = max_grad_norm if max_grad_norm > 0 else float("inf")
     grad_norm = float(fsdp.full_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
