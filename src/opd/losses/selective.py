@@ -38,6 +38,17 @@ from opd.losses.divergence import compute_dtype
 from opd.losses.teacher_dist import head_in_dtype, logits_into
 
 
+def _add_grads(grad_CV, h_CH, weight_VH, g_h_CH, g_w_VH, g_b_V, dtype) -> None:
+    """One chunk's share of the gradients from ``∂L/∂z`` ``[C, V]``: into ``g_h_CH`` (written),
+    ``g_w_VH`` and ``g_b_V`` (accumulated); each None is skipped."""
+    if g_h_CH is not None:
+        torch.mm(grad_CV.to(weight_VH.dtype), weight_VH, out=g_h_CH)
+    if g_w_VH is not None:
+        g_w_VH.addmm_(grad_CV.t(), h_CH.to(dtype))
+    if g_b_V is not None:
+        g_b_V.add_(grad_CV.sum(0))
+
+
 def _normalize_(z_CV: torch.Tensor, p_CV: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(lse [C], H [C] or None)``. Without ``p``: ``z ← exp(z − max)`` in place. With
     ``p`` (a second buffer): ``z ← log softmax z``, ``p ← softmax z``, and the entropy."""
@@ -92,12 +103,7 @@ def _backward(h_NH, weight_VH, bias_V, ids_N, lse_N, g_N, chunk: int, need):
         z_CV.clamp_min_(torch.finfo(dtype).min)
         grad_CV = z_CV.sub_(lse_N[lo:hi, None]).exp_().mul_(-g_C[:, None])  # −g p
         grad_CV.scatter_add_(-1, ids_N[lo:hi, None], g_C[:, None])  # + g e_y
-        if g_h is not None:
-            torch.mm(grad_CV.to(weight_VH.dtype), weight_VH, out=g_h[lo:hi])
-        if g_w is not None:
-            g_w.addmm_(grad_CV.t(), h_NH[lo:hi].to(dtype))
-        if g_b is not None:
-            g_b.add_(grad_CV.sum(0))
+        _add_grads(grad_CV, h_NH[lo:hi], weight_VH, None if g_h is None else g_h[lo:hi], g_w, g_b, dtype)
     return g_h, g_w, g_b
 
 
@@ -298,12 +304,7 @@ class _LogSumExp(torch.autograd.Function):
                 grad_CV = x.sub_(out_N[lo:hi, None]).exp_().mul_(scale_out_N[lo:hi, None]).add_(p)
             else:
                 grad_CV = x.sub_(lse_N[lo:hi, None]).exp_().mul_(scale_N[lo:hi, None])  # g p / τ
-            if g_h is not None:
-                torch.mm(grad_CV.to(w_mm.dtype), w_mm, out=g_h[lo:hi])
-            if g_w is not None:
-                g_w.addmm_(grad_CV.t(), h_NH[lo:hi].to(dtype))
-            if g_b is not None:
-                g_b.add_(grad_CV.sum(0))
+            _add_grads(grad_CV, h_NH[lo:hi], w_mm, None if g_h is None else g_h[lo:hi], g_w, g_b, dtype)
         inputs = (h_NH, weight_VH, bias_V)
         grads = [None if g is None else g.to(t.dtype) for g, t in zip((g_h, g_w, g_b), inputs)]
         return (*grads, None, None, None)

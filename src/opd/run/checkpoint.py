@@ -249,6 +249,16 @@ def _load_full_optimizer(model, optimizer, saved: dict) -> None:
     set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
 
 
+def _publish(tmp: Path, path: Path) -> None:
+    """The written folder ``tmp`` becomes checkpoint ``path``: its manifest, then one rename
+    (a checkpoint already there is removed first), then an fsync of the parent."""
+    _write_manifest(tmp)
+    if path.exists():
+        _remove(path)
+    os.rename(tmp, path)
+    _fsync_dir(path.parent)
+
+
 def _save_sharded(path: Path, *, model, tokenizer, optimizer, scheduler, counters: dict, config, method_state, keep_last: int) -> Path:
     """The sharded form of :func:`save_checkpoint` (every rank calls it)."""
     import torch.distributed.checkpoint as dcp
@@ -270,11 +280,7 @@ def _save_sharded(path: Path, *, model, tokenizer, optimizer, scheduler, counter
         if main:
             _write_files(tmp, model=None, tokenizer=tokenizer, optimizer=None, scheduler=scheduler,
                          counters=counters, config=config, method_state=method_state)
-            _write_manifest(tmp)
-            if path.exists():
-                _remove(path)
-            os.rename(tmp, path)
-            _fsync_dir(root)
+            _publish(tmp, path)
             prune(path, keep_last)
     except BaseException:
         if main:
@@ -299,11 +305,7 @@ def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, count
         tmp.mkdir()
         _write_files(tmp, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                      counters=counters, config=config, method_state=method_state)
-        _write_manifest(tmp)
-        if path.exists():
-            _remove(path)
-        os.rename(tmp, path)
-        _fsync_dir(root)
+        _publish(tmp, path)
     except BaseException as err:
         full = _out_of_space(err, root)  # asked before the temporary folder frees its space
         shutil.rmtree(tmp, ignore_errors=True)
