@@ -20,7 +20,7 @@ def _write_spec(tmp_path, student, **changes):
         "base": {"student": student, "teacher": "oracle", "prompts_per_step": 4, "group_size": 2, "micro_batch_size": 8,
                  "max_new_tokens": 40, "eval_size": 8, "eval_k": 2},
         "methods": {"opd": {"method": "opd"}, "opd_g1": {"method": "opd", "gamma": 1}},
-        "seeds": [0, 1], "budget_kind": "sequences", "budget": 20, "lr_grid": [1e-3, 3e-3], "eval_every": 2,
+        "seeds": [0, 1], "budget_kind": "sequences", "budget": 20, "lr_grid": [1e-3, 3e-3], "eval_every": 2, "lr_extend": 1,
     }
     spec.update(changes)
     path = tmp_path / "spec.yaml"
@@ -45,10 +45,17 @@ def test_compare_writes_report_and_reruns_give_the_same_numbers(tiny_student_dir
     report = (out / "report.md").read_text()
     for name in ("accuracy_sequences.png", "accuracy_teacher_tokens.png", "accuracy_wall_time.png", "summary.json"):
         assert (out / name).stat().st_size > 0
-    assert "| opd_g1 | opd |" in report and "2 seeds (0, 1)" in report and "| label | lr 0.001 | lr 0.003 | chosen |" in report
+    assert "| opd_g1 | opd |" in report and "2 seeds (0, 1)" in report and "| label | lr " in report
+    assert "| chosen | bracketed |" in report and "## Verdicts" in report and "Rule: A beats B only when" in report
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [0, 1] and results["tuning_seed"] == 2 and results["budget"] == {"kind": "sequences", "value": 20}
+    assert set(results["labels"]) == {"opd", "opd_g1"} and len(results["verdicts"]) == 1
+    assert set(results["labels"]["opd"]["final"]) == {"0", "1"} and results["labels"]["opd"]["final"]["0"]["optimizer_steps"] == 3
+    unmet = " ".join(results["protocol"]["unmet"])
+    assert "2 reported seed(s)" in unmet and "at least 4" in unmet and "8 held-out test prompts" in unmet
     assert "`teacher/entropy`" in report and "`rollout/length`" in report
     for label, entry in first["labels"].items():
-        assert entry["lr"] == first["lr_info"]["chosen"][label] and entry["lr"] in (1e-3, 3e-3)
+        assert entry["lr"] == first["lr_info"]["chosen"][label] and f"{entry['lr']:g}" in first["lr_info"]["grid"][label]
         for seed, run in entry["runs"].items():
             assert run["run_dir"] == str(out / "runs" / label / f"seed{seed}")
             assert [r["usage/sequences"] for r in run["history"]] == [0, 16, 24]  # eval at step 2 and at the stop (3)

@@ -127,3 +127,22 @@ def test_registry():
     assert task.horizon == 6 and all(p.meta["spec"].m == 7 for p in task.problems("train", 10, 0))
     with pytest.raises(KeyError):
         make_task("sorting", 4)
+
+
+@pytest.mark.parametrize("name", ["addition", "modchain"])
+def test_a_pool_drawn_on_demand_is_fixed_and_stays_in_its_split(name):
+    from opd.testbed.steps import split_of
+    from opd.testbed.tasks import make_task
+
+    task = make_task(name, 4)
+    pool = task.pool("train", 1 << 16, seed=3)
+    assert len(pool) == 1 << 16
+    picked = [pool[i] for i in (0, 17, 65535, -1)]
+    assert [p.prompt for p in picked] == [task.pool("train", 1 << 16, seed=3)[i].prompt for i in (0, 17, 65535, -1)]
+    assert picked[2].prompt == picked[3].prompt and pool[0].prompt != pool[1].prompt
+    assert all(split_of(p.prompt) == "train" for p in pool[:200])
+    held_out = {p.prompt for p in task.problems("val", 200, 0) + task.problems("test", 200, 0)}
+    assert not held_out & {p.prompt for p in pool[:2000]}
+    assert pool[5].prompt != task.pool("train", 1 << 16, seed=4)[5].prompt  # the seed matters
+    with pytest.raises(IndexError):
+        pool[1 << 16]

@@ -10,11 +10,18 @@ The spec (YAML)::
       opd: {method: opd}
       opd_g1: {method: opd, gamma: 1}
       grpo: {group_size: 8, prompts_per_step: 4}
-    seeds: [0, 1, 2]          # or a count: 3 -> 0, 1, 2
+    seeds: 5                  # or a list [0, 1, 2, 3, 4]: the reported seeds
     budget_kind: sequences    # steps | sequences | teacher_tokens | wall_s
     budget: 768               # every run stops once its counter reaches this
-    lr_grid: [1e-5, 1e-4]     # optional: each label's lr, by final validation accuracy (seed 0)
+    lr_grid: [1e-4, 3e-4, 1e-3, 3e-3]  # each label's lr, by final validation accuracy
+    tuning_seed: 100          # optional (default: the largest seed + 1); never a reported seed
+    lr_extend: 2              # optional: times a grid is widened past an edge choice (default 2)
+    target: 0.9               # optional: sequences to this fraction of the teacher's test accuracy
     eval_every: 4             # optional
+
+The protocol (:mod:`opd.compare.protocol`) is checked and every rule not met is reported;
+``OUT/results.json`` holds the numbers, and the report's verdicts come from it by the rule
+of :mod:`opd.compare.verdicts`.
 
 Each run's config is: defaults < the method's recipe < ``base`` < command-line ``key=value``
 < the label's overrides < what the comparison sets (seed, lr, run_dir, eval split, budget).
@@ -37,11 +44,12 @@ from pathlib import Path
 
 import yaml
 
+from opd.compare import protocol, verdicts
 from opd.config.loader import ConfigError, config_to_dict
 from opd.errors import UserError
 from opd.config.train import TrainConfig
 
-SPEC_KEYS = ["base", "methods", "seeds", "budget_kind", "budget", "lr_grid", "eval_every"]
+SPEC_KEYS = ["base", "methods", "seeds", "budget_kind", "budget", "lr_grid", "tuning_seed", "lr_extend", "target", "eval_every"]
 BUDGET_KINDS = ("steps", "sequences", "teacher_tokens", "wall_s")
 SET_BY_COMPARE = {
     "seed": "list the seeds under `seeds:`", "run_dir": "runs go under --out", "resume": "a re-run reuses finished runs",
@@ -53,6 +61,9 @@ RUN_DEFAULTS = {"progress": False}
 STEP_CAP = 100_000  # `steps` when a non-step budget is set and no steps are given: the budget stops the run
 NOT_IN_REUSE_KEY = ("progress", "tensorboard", "overwrite", "resume")
 RESULT_FILE = "result.json"
+RESULTS_FILE = "results.json"  # the comparison's numbers, from which its verdicts are made
+FINAL_KEYS = {"accuracy": "eval/accuracy", "sequences": "usage/sequences", "teacher_tokens": "usage/teacher_tokens",
+              "optimizer_steps": "usage/optimizer_steps", "wall_s": "usage/wall_s"}
 _LABEL = re.compile(r"^[A-Za-z0-9_.-]+$")
 EXAMPLE = "methods:\n  opd: {method: opd}\n  opd_g1: {method: opd, gamma: 1}"
 
@@ -68,6 +79,9 @@ class Spec:
     lr_grid: list[float] = field(default_factory=list)
     eval_every: int | None = None
     cli: list[str] = field(default_factory=list)
+    tuning_seed: int | None = None
+    lr_extend: int = 2
+    target: float | None = None
 
 
 def _error(spec_path: str, where: str, msg: str) -> UserError:
@@ -161,6 +175,33 @@ def _lr_grid(path: str, raw) -> list[float]:
     return [_positive_float(path, f"lr_grid[{i}]", v) for i, v in enumerate(raw)]
 
 
+def _tuning_seed(path: str, raw, seeds: list[int], grid: list[float]) -> int | None:
+    if raw is None:
+        return max(seeds) + 1 if grid else None
+    if not isinstance(raw, int) or isinstance(raw, bool):
+        raise _error(path, "tuning_seed", f"must be an int, got {raw!r}")
+    if raw in seeds:
+        raise _error(path, "tuning_seed", f"{raw} is also a reported seed; tune on a seed that is never reported")
+    return raw
+
+
+def _count(path: str, key: str, raw, default: int) -> int:
+    if raw is None:
+        return default
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+        return raw
+    raise _error(path, key, f"must be an int >= 0, got {raw!r}")
+
+
+def _target(path: str, raw) -> float | None:
+    if raw is None:
+        return None
+    value = _positive_float(path, "target", raw)
+    if value > 1:
+        raise _error(path, "target", f"is a fraction of the teacher's accuracy, in (0, 1]; got {raw!r}")
+    return value
+
+
 def _apply_cli(data: dict, overrides: list[str]) -> list[str]:
     """Spec keys given as ``key=value`` replace the spec's; the rest are config keys (returned)."""
     config_overrides = []
@@ -184,9 +225,12 @@ def load_spec(path: str, overrides: list[str] = ()) -> Spec:
     if not isinstance(base, dict):
         raise _error(path, "base", "must map config keys to values (see `opd config`)")
     kind, budget = _budget(path, data)
-    spec = Spec(path=path, base=base, methods=_methods(path, data.get("methods")), seeds=_seeds(path, data.get("seeds", [0])),
-                budget_kind=kind, budget=budget, lr_grid=_lr_grid(path, data.get("lr_grid")),
-                eval_every=_eval_every(path, data.get("eval_every")), cli=cli)
+    seeds, grid = _seeds(path, data.get("seeds", [0])), _lr_grid(path, data.get("lr_grid"))
+    spec = Spec(path=path, base=base, methods=_methods(path, data.get("methods")), seeds=seeds,
+                budget_kind=kind, budget=budget, lr_grid=grid,
+                eval_every=_eval_every(path, data.get("eval_every")), cli=cli,
+                tuning_seed=_tuning_seed(path, data.get("tuning_seed"), seeds, grid),
+                lr_extend=_count(path, "lr_extend", data.get("lr_extend"), 2), target=_target(path, data.get("target")))
     _check_layers(spec)
     return spec
 
@@ -253,7 +297,7 @@ def check_all(spec: Spec, out: Path) -> None:
     """Build every config the comparison will run, so that a bad one fails before any run."""
     for label in spec.methods:
         for lr in spec.lr_grid:
-            run_config(spec, label, spec.seeds[0], lr, tune_dir(out, label, lr), tune=True)
+            run_config(spec, label, spec.tuning_seed, lr, tune_dir(out, label, lr), tune=True)
         for seed in spec.seeds:
             run_config(spec, label, seed, spec.lr_grid[0] if spec.lr_grid else None, run_path(out, label, seed))
 
@@ -304,20 +348,48 @@ def run_degeneracy(runs: dict) -> list[str]:
     return degenerate_knobs([row for run in runs.values() for row in read_metrics(run["run_dir"])])
 
 
+def _tune_label(spec: Spec, out: Path, label: str, force: bool) -> tuple[dict, float, bool]:
+    """``(accuracy by lr, chosen lr, bracketed)`` for one label: the grid, then the value
+    past the chosen edge (:func:`opd.compare.protocol.next_lr`), up to ``lr_extend`` times."""
+    scores: dict[float, float] = {}
+    todo = list(spec.lr_grid)
+    for _ in range(spec.lr_extend + 1):
+        for lr in todo:
+            result = run_or_reuse(run_config(spec, label, spec.tuning_seed, lr, tune_dir(out, label, lr), tune=True), force)
+            _say(f"tune {label} lr {lr:g}", result)
+            scores[lr] = result["history"][-1].get("eval/accuracy", float("nan"))
+        grid = sorted(scores)
+        chosen = max(grid, key=lambda lr: (scores[lr], -grid.index(lr)))  # ties: the smaller lr
+        wider = protocol.next_lr(grid, chosen)
+        if wider is None:
+            return scores, chosen, True
+        todo = [wider]
+    return scores, chosen, False
+
+
 def tune(spec: Spec, out: Path, force: bool) -> dict | None:
-    """Each label's lr from ``lr_grid``: final validation accuracy with the first seed."""
+    """Each label's lr: final validation accuracy on the tuning seed over the grid, widened
+    past an edge choice (see :func:`_tune_label`)."""
     if not spec.lr_grid:
         return None
-    grid, chosen = {}, {}
+    grid, chosen, bracketed = {}, {}, {}
     for label in spec.methods:
-        grid[label] = {}
-        for lr in spec.lr_grid:
-            result = run_or_reuse(run_config(spec, label, spec.seeds[0], lr, tune_dir(out, label, lr), tune=True), force)
-            _say(f"tune {label} lr {lr:g}", result)
-            grid[label][f"{lr:g}"] = result["history"][-1].get("eval/accuracy", float("nan"))
-        scores = grid[label]
-        chosen[label] = spec.lr_grid[max(range(len(spec.lr_grid)), key=lambda i: scores[f"{spec.lr_grid[i]:g}"])]
-    return {"grid": grid, "chosen": chosen, "seed": spec.seeds[0]}
+        scores, chosen[label], bracketed[label] = _tune_label(spec, out, label, force)
+        grid[label] = {f"{lr:g}": acc for lr, acc in sorted(scores.items())}
+    return {"grid": grid, "chosen": chosen, "bracketed": bracketed, "seed": spec.tuning_seed}
+
+
+def teacher_accuracy(cfg: TrainConfig) -> float | None:
+    """The teacher's greedy accuracy on ``cfg``'s evaluation problems, when it can generate
+    and the problems have answers (else None)."""
+    from opd.run.setup import build_setup
+
+    setup = build_setup(cfg)
+    teacher, problems, env = setup.env.teacher, setup.eval_problems, setup.env
+    if teacher is None or not hasattr(teacher, "generate") or not all(p.answer for p in problems):
+        return None
+    completions = teacher.generate([env.encode_prompt(p) for p in problems], max_new_tokens=env.max_new_tokens, temperature=0.0)
+    return sum(env.verify(p, c) for p, c in zip(problems, completions)) / len(problems)
 
 
 def compare(spec_path: str, out_dir: str | None = None, overrides: list[str] = (), force: bool = False) -> dict:
@@ -338,11 +410,49 @@ def compare(spec_path: str, out_dir: str | None = None, overrides: list[str] = (
             _say(f"{label} seed {seed}", result)
             runs[seed] = {"history": result["history"], "run_dir": cfg.run_dir, "reused": result["reused"]}
         labels[label] = {"lr": cfg.lr, "method": cfg.method, "overrides": spec.methods[label], "runs": runs,
-                         "degenerate": run_degeneracy(runs)}
+                         "degenerate": run_degeneracy(runs), "ppo_epochs": cfg.ppo_epochs}
     summary = {"spec": spec_path, "seeds": spec.seeds, "budget_kind": spec.budget_kind, "budget": spec.budget,
                "eval_size": cfg.eval_size, "labels": labels, "lr_info": lr_info}
+    summary["results"] = results_of(spec, summary, teacher_accuracy(cfg) if spec.target else None)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out / RESULTS_FILE).write_text(json.dumps(summary["results"], indent=1))
     path = write_compare_report(out, summary)
     print(f"report: {path}")
     return summary
+
+
+def _final(row: dict) -> dict:
+    out = {name: row.get(key) for name, key in FINAL_KEYS.items()}
+    out.update({k.removeprefix("eval/"): v for k, v in row.items() if k.startswith("eval/pass@")})
+    return out
+
+
+def results_of(spec: Spec, summary: dict, teacher_acc: float | None) -> dict:
+    """``results.json``: the protocol, the budget, each label's per-seed final metrics and
+    accuracy curves (against sequences), sequences to the target, and the verdicts."""
+    info = summary["lr_info"] or {}
+    labels, finals = {}, {}
+    threshold = None if teacher_acc is None or spec.target is None else spec.target * teacher_acc
+    for label, entry in summary["labels"].items():
+        histories = {str(seed): run["history"] for seed, run in entry["runs"].items()}
+        finals[label] = {seed: h[-1].get("eval/accuracy", math.nan) for seed, h in histories.items()}
+        labels[label] = {
+            "method": entry["method"], "overrides": entry["overrides"], "lr": entry["lr"],
+            "ppo_epochs": entry.get("ppo_epochs", 1), "degenerate": entry["degenerate"],
+            "final": {seed: _final(h[-1]) for seed, h in histories.items()},
+            "curves": {seed: [[r.get("usage/sequences"), r.get("eval/accuracy")] for r in h] for seed, h in histories.items()},
+            "sequences_to_target": None if threshold is None else verdicts.target_summary(histories, threshold),
+        }
+    unbracketed = [label for label, ok in info.get("bracketed", {}).items() if not ok]
+    return {
+        "spec": spec.path, "seeds": spec.seeds, "tuning_seed": info.get("seed"),
+        "lr_grid": {label: [float(lr) for lr in grid] for label, grid in info.get("grid", {}).items()},
+        "lr_tuning": info.get("grid", {}), "chosen_lr": info.get("chosen", {}), "bracketed": info.get("bracketed", {}),
+        "budget": {"kind": spec.budget_kind, "value": spec.budget},
+        "test_prompts": summary["eval_size"],
+        "protocol": {"unmet": protocol.unmet(seeds=spec.seeds, tuning_seed=info.get("seed"), grid=spec.lr_grid,
+                                             unbracketed=unbracketed, budget=spec.budget, test_size=summary["eval_size"])},
+        "teacher_accuracy": teacher_acc, "target": spec.target, "target_accuracy": threshold,
+        "labels": labels, "rule": verdicts.RULE, "verdicts": verdicts.all_verdicts(finals),
+    }

@@ -17,7 +17,8 @@ AXES = {  # x key of the evaluation rows -> (file stem, axis label)
 }
 DIAG_PREFIXES = ("diag/", "teacher/")
 DIAG_KEYS = ("rollout/length", "rollout/truncated")
-COLUMNS = ["label", "method", "lr", "final accuracy", "pass@k", "sequences", "teacher tokens", "train wall s", "degenerate"]
+COLUMNS = ["label", "method", "lr", "final accuracy", "pass@k", "sequences", "teacher tokens", "optimizer steps",
+           "train wall s", "degenerate"]
 
 
 def _histories(entry: dict) -> list[list[dict]]:
@@ -74,9 +75,16 @@ def final_rows(summary: dict) -> list[list[str]]:
         rows.append([
             label, entry["method"], f"{entry['lr']:g}", _pm([r.get("eval/accuracy", math.nan) for r in last]),
             _pm([_pass_at_k(r) for r in last]), f"{mean('usage/sequences'):.0f}", f"{mean('usage/teacher_tokens'):.0f}",
-            f"{mean('usage/wall_s'):.1f}", degenerate_cell(entry),
+            _optimizer_steps(last, entry.get("ppo_epochs", 1)), f"{mean('usage/wall_s'):.1f}", degenerate_cell(entry),
         ])
     return rows
+
+
+def _optimizer_steps(last: list[dict], ppo_epochs: int) -> str:
+    """Mean optimizer steps applied, with ``ppo_epochs`` shown when a step is several updates."""
+    steps = [r.get("usage/optimizer_steps", math.nan) for r in last]
+    text = "n/a" if any(math.isnan(x) for x in steps) else f"{sum(steps) / len(steps):.0f}"
+    return text + (f" ({ppo_epochs} per step)" if ppo_epochs > 1 else "")
 
 
 def degenerate_cell(entry: dict) -> str:
@@ -123,10 +131,14 @@ def spread_text(summary: dict) -> str:
 
 
 def grid_table(lr_info: dict) -> str:
+    """Each label's validation accuracy at every lr it was tuned at (``-``: not tried: the
+    grid was widened for another label), its choice, and whether the choice is bracketed."""
     grid = lr_info["grid"]
-    lrs = list(next(iter(grid.values())))
-    rows = [[label] + [f"{grid[label][lr]:.3f}" for lr in lrs] + [f"{lr_info['chosen'][label]:g}"] for label in grid]
-    return markdown_table(["label"] + [f"lr {lr}" for lr in lrs] + ["chosen"], rows)
+    lrs = sorted({lr for scores in grid.values() for lr in scores}, key=float)
+    bracketed = lr_info.get("bracketed", {})
+    rows = [[label] + [f"{grid[label][lr]:.3f}" if lr in grid[label] else "-" for lr in lrs]
+            + [f"{lr_info['chosen'][label]:g}", "yes" if bracketed.get(label, True) else "no (at an edge)"] for label in grid]
+    return markdown_table(["label"] + [f"lr {lr}" for lr in lrs] + ["chosen", "bracketed"], rows)
 
 
 def _budget_text(summary: dict) -> str:
@@ -139,8 +151,31 @@ def _lr_section(summary: dict) -> str:
     info = summary["lr_info"]
     if info is None:
         return "No `lr_grid`: every label ran at the lr of its config (shown in the table)."
-    return (f"Each label's lr was chosen from the same grid by final greedy accuracy on the validation split "
-            f"(seed {info['seed']}, same budget; ties go to the first lr of the grid); the compared runs then used it on the test split.\n\n{grid_table(info)}")
+    return (f"Each label's lr was chosen by final greedy accuracy on the validation split with the tuning seed "
+            f"{info['seed']} (never a reported seed; same budget; ties go to the smaller lr); a choice at an edge of the "
+            "grid widened it past that edge and was tuned again. The compared runs then used it on the test split."
+            f"\n\n{grid_table(info)}")
+
+
+def protocol_text(results: dict) -> str:
+    unmet = results["protocol"]["unmet"]
+    if not unmet:
+        return "Every rule of the protocol (`opd.compare.protocol`) is met."
+    return "Rules of the protocol (`opd.compare.protocol`) this comparison does not meet:\n\n" + "\n".join(f"- {u}" for u in unmet)
+
+
+def verdict_text(results: dict) -> str:
+    lines = [f"Rule: {results['rule']}.", ""] + [f"- {v['sentence']}" for v in results["verdicts"]]
+    target = results.get("target_accuracy")
+    if target is not None:
+        lines += ["", f"Sequences to {results['target']:g} of the teacher's test accuracy "
+                      f"({results['teacher_accuracy']:.3f}, so accuracy >= {target:.3f}):", ""]
+        for label, entry in results["labels"].items():
+            reach = entry["sequences_to_target"]
+            n = len(reach["per_seed"])
+            got = f"{reach['mean']:.0f} (mean over {n} seeds)" if reach["mean"] is not None else f"not reached ({reach['reached']} of {n} seeds did)"
+            lines.append(f"- {label}: {got}")
+    return "\n".join(lines)
 
 
 def write_compare_report(out: Path, summary: dict) -> Path:
@@ -151,6 +186,7 @@ def write_compare_report(out: Path, summary: dict) -> Path:
         spec=summary["spec"], budget=_budget_text(summary), n=len(summary["seeds"]), eval_size=summary["eval_size"],
         table=markdown_table(COLUMNS, final_rows(summary)), spread=spread_text(summary), plots=plots,
         lrs=_lr_section(summary), diagnostics=diagnostics_table(summary),
+        protocol=protocol_text(summary["results"]), verdicts=verdict_text(summary["results"]),
     )
     path = out / "report.md"
     path.write_text(text)
@@ -161,14 +197,21 @@ REPORT = """# opd compare: `{spec}`
 
 Budget: {budget}. Seeds: {n}. Evaluation: {eval_size} held-out test prompts per evaluation.
 
+{protocol}
+
 {table}
 
 Columns: mean ± std over seeds of the final greedy accuracy and pass@k (at the stop); mean
-sequences, teacher tokens and training wall time used (wall time excludes evaluation);
+sequences, teacher tokens, optimizer steps applied and training wall time used (wall time
+excludes evaluation);
 "degenerate": the label's method reduced to another one on its runs (each run's log says
 what it became), so its row does not measure its own objective: change the knob named.
 
 {spread}
+
+## Verdicts
+
+{verdicts}
 
 {plots}
 

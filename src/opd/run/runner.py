@@ -33,7 +33,7 @@ from opd.run.loop import make_optimizer, make_scheduler, pick_problems, set_hype
 from opd.config.train import TrainConfig
 
 PROGRESS_KEYS = ["eval/accuracy", "rollout/reward", "rollout/length"]
-USAGE = ("sequences", "teacher_tokens", "wall_s")  # the counters logged as usage/...
+USAGE = ("sequences", "teacher_tokens", "optimizer_steps", "wall_s")  # the counters logged as usage/...
 
 
 def _say(line: str) -> None:
@@ -128,7 +128,7 @@ class Run:
             fsdp.shard(model)  # before the optimizer: it holds the shards
         self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, schedule=cfg.lr_schedule)
-        self.counters = {"step": 0, "sequences": 0, "teacher_tokens": 0, "wall_s": 0.0, "skipped_nonfinite": 0}
+        self.counters = {"step": 0, "sequences": 0, "teacher_tokens": 0, "optimizer_steps": 0, "wall_s": 0.0, "skipped_nonfinite": 0}
         if self.resume_from:
             saved = load_trainer_state(self.resume_from, optimizer=self.optimizer, scheduler=self.scheduler,
                                        method_state=self.setup.method.state, model=model)
@@ -195,6 +195,7 @@ class Run:
         self.counters["sequences"] += usage["sequences"]
         self.counters["teacher_tokens"] += usage["teacher_tokens"]
         self.counters["wall_s"] += time.perf_counter() - t0
+        self.counters["optimizer_steps"] += self.cfg.ppo_epochs - int(metrics["optim/skipped_nonfinite"])  # updates applied
         self.counters["skipped_nonfinite"] += int(metrics["optim/skipped_nonfinite"] > 0)
         metrics["optim/skipped_nonfinite_total"] = self.counters["skipped_nonfinite"]
         return metrics

@@ -125,6 +125,10 @@ class AdditionTask:
 
         return steps.sample_split(draw, split, n, f"{self.name}:{self.horizon}:{seed}")
 
+    def pool(self, split: str, n: int, seed: int) -> steps.SplitPool:
+        """``n`` problems of ``split`` drawn on demand (a large training pool, :class:`steps.SplitPool`)."""
+        return steps.SplitPool(lambda rng: self.make_problem(random_spec(rng, self.horizon)), split, n, f"{self.name}:{self.horizon}:{seed}")
+
     @property
     def solution_tokens(self) -> int:
         """Length of a reference completion in tokens, ``<eos>`` included."""

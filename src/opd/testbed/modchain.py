@@ -136,6 +136,10 @@ class ModChainTask:
         key = f"{self.name}:{self.horizon}:{','.join(map(str, self.moduli))}:{seed}"
         return steps.sample_split(draw, split, n, key)
 
+    def pool(self, split: str, n: int, seed: int) -> steps.SplitPool:
+        """``n`` problems of ``split`` drawn on demand (a large training pool, :class:`steps.SplitPool`)."""
+        return steps.SplitPool(lambda rng: self.make_problem(random_spec(rng, self.horizon, self.moduli)), split, n, f"{self.name}:{self.horizon}:{','.join(map(str, self.moduli))}:{seed}")
+
     @property
     def solution_tokens(self) -> int:
         """Length of a reference completion in tokens, ``<eos>`` included."""

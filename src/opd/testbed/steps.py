@@ -69,6 +69,33 @@ def sample_split(
     return out
 
 
+class SplitPool(Sequence):
+    """``n`` problems of ``split`` drawn on demand: problem ``i`` is the first draw of its own
+    stream (seeded ``key:split:i``) whose prompt hashes into ``split``. A training pool far
+    larger than a step's draw costs nothing at set-up; the same ``i`` is always the same
+    problem."""
+
+    def __init__(self, draw: Callable[[random.Random], Problem], split: str, n: int, key: str):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.draw, self.split, self.n, self.key = draw, split, n, key
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(f"problem {i} of a pool of {self.n}")
+        rng = random.Random(f"{self.key}:{self.split}:{i % self.n}")
+        for _ in range(1000):
+            p = self.draw(rng)
+            if split_of(p.prompt) == self.split:
+                return p
+        raise RuntimeError(f"could not draw a {self.split} problem ({self.key}, {i})")
+
+
 def extract_answer(completion: str) -> str | None:
     """The digits after the last ``ans`` (up to ``<eos>``), space-separated; else ``None``."""
     words = [w for w in completion.split() if w not in (PAD, BOS)]

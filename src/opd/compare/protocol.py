@@ -1,0 +1,71 @@
+"""The comparison protocol, as code: what a comparison must hold for its numbers to be
+reported, and the learning-rate grid that widens itself until it brackets its choice.
+
+The rules (``opd compare`` checks every spec against them; each rule not met is listed in
+the report and in ``results.json`` under ``protocol.unmet``, never silently passed):
+
+- at least :data:`MIN_SEEDS` reported seeds, and a separate tuning seed (``tuning_seed``)
+  that is never among them (a spec that reuses one is refused);
+- a learning-rate grid of at least :data:`MIN_GRID` values, neighbours at most
+  :data:`MAX_SPACING` times apart (3x, with the half-decade grid 1, 3, 10 allowed: its
+  3 → 10 step is 3.33x); a label whose chosen lr sits at an edge of the grid gets
+  the next value past that edge (the edge's own spacing) and is tuned again, up to
+  ``lr_extend`` times; a choice still at an edge is reported as not bracketed;
+- one budget for every label (``budget``), and every counter shown: sequences, teacher
+  tokens, optimizer steps (``ppo_epochs`` > 1 shows there) and wall time;
+- at least :data:`MIN_TEST` held-out test prompts.
+"""
+
+from __future__ import annotations
+
+MIN_SEEDS = 5
+MIN_GRID = 4
+MAX_SPACING = 10 / 3
+MIN_TEST = 500
+SPACING_SLACK = 1e-9  # float ratios such as 1e-3 / 3e-4 = 3.3333333333333335
+
+
+def grid_problems(grid: list[float]) -> list[str]:
+    """What keeps ``grid`` from the protocol's grid (none: it is one)."""
+    if not grid:
+        return ["no lr_grid: every label ran at its config's lr, untuned"]
+    values = sorted(set(grid))
+    out = []
+    if len(values) < MIN_GRID:
+        out.append(f"lr_grid has {len(values)} distinct value(s); the protocol asks for at least {MIN_GRID}")
+    wide = [(a, b) for a, b in zip(values, values[1:]) if b / a > MAX_SPACING * (1 + SPACING_SLACK)]
+    if wide:
+        gaps = ", ".join(f"{a:g}→{b:g} ({b / a:.3g}x)" for a, b in wide)
+        out.append(f"lr_grid neighbours more than {MAX_SPACING:.3g}x apart: {gaps}")
+    return out
+
+
+def next_lr(grid: list[float], chosen: float) -> float | None:
+    """The value past the edge ``chosen`` sits at (its spacing repeated), or None when
+    ``chosen`` is inside the grid (bracketed) or the grid has one value."""
+    values = sorted(set(grid))
+    if len(values) < 2:
+        return None
+    if chosen == values[0]:
+        return values[0] * values[0] / values[1]
+    if chosen == values[-1]:
+        return values[-1] * values[-1] / values[-2]
+    return None
+
+
+def unmet(*, seeds: list[int], tuning_seed: int | None, grid: list[float], unbracketed: list[str],
+          budget: float | None, test_size: int) -> list[str]:
+    """The protocol's rules this comparison does not meet, one sentence each."""
+    out = []
+    if len(seeds) < MIN_SEEDS:
+        out.append(f"{len(seeds)} reported seed(s); the protocol asks for at least {MIN_SEEDS}")
+    if grid and tuning_seed is None:
+        out.append("no separate tuning seed")
+    out += grid_problems(grid)
+    if unbracketed:
+        out.append("chosen lr at an edge of the grid after widening it (not bracketed): " + ", ".join(unbracketed))
+    if budget is None:
+        out.append("no common budget: each run used its own `steps`")
+    if test_size < MIN_TEST:
+        out.append(f"{test_size} held-out test prompts; the protocol asks for at least {MIN_TEST}")
+    return out

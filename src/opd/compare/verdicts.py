@@ -1,0 +1,74 @@
+"""Verdicts generated from the numbers, by one stated rule.
+
+The rule (:data:`RULE`): for labels A and B run on the same seeds, take the per-seed
+differences ``d_s = a_s − b_s`` of the final test metric. "A beats B" only when the 95%
+percentile bootstrap interval of the mean of ``d`` (:data:`RESAMPLES` resamples of the
+seeds with replacement, a fixed generator) lies above 0; "B beats A" when it lies below 0;
+otherwise "no difference measured". With one seed there is no interval and no verdict.
+
+Sequences to a target: a run's first evaluation whose accuracy reaches ``target`` (a
+fraction of the teacher's measured test accuracy) gives the sequences it used; a label's
+number is the mean over its seeds when every seed reached it, else it did not reach it
+(how many seeds did is shown). A ratio of two labels is given only when both reached it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+RESAMPLES = 10_000
+LEVEL = 0.95
+RULE = (f"A beats B only when the {LEVEL:.0%} percentile bootstrap interval ({RESAMPLES:,} resamples of the "
+        "seeds) of the mean per-seed difference of final test accuracy excludes 0; otherwise no difference measured")
+
+
+def bootstrap_interval(diffs: list[float], *, resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """The percentile interval of the mean of ``diffs`` at :data:`LEVEL`."""
+    d = np.asarray(diffs, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))
+    means = d[idx].mean(1)
+    tail = (1 - LEVEL) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def verdict(a: str, b: str, a_by_seed: dict, b_by_seed: dict) -> dict:
+    """The rule applied to labels ``a`` and ``b`` (final metric per seed, seeds as keys)."""
+    seeds = sorted(set(a_by_seed) & set(b_by_seed), key=str)
+    diffs = [a_by_seed[s] - b_by_seed[s] for s in seeds]
+    out = {"a": a, "b": b, "seeds": seeds, "mean_diff": float(np.mean(diffs)) if diffs else math.nan}
+    if len(diffs) < 2 or any(math.isnan(x) for x in diffs):
+        return {**out, "interval": None, "verdict": "none",
+                "sentence": f"{a} vs {b}: no verdict ({len(diffs)} paired seed(s); the rule needs at least 2)"}
+    lo, hi = bootstrap_interval(diffs)
+    span = f"mean difference {out['mean_diff']:+.3f}, {LEVEL:.0%} interval [{lo:+.3f}, {hi:+.3f}] over {len(diffs)} seeds"
+    if lo > 0:
+        kind, sentence = "a", f"{a} beats {b} ({span})"
+    elif hi < 0:
+        kind, sentence = "b", f"{b} beats {a} ({span})"
+    else:
+        kind, sentence = "none", f"no difference measured between {a} and {b} ({span})"
+    return {**out, "interval": [lo, hi], "verdict": kind, "sentence": sentence}
+
+
+def all_verdicts(finals: dict[str, dict]) -> list[dict]:
+    """The rule for every pair of labels, in the spec's order."""
+    labels = list(finals)
+    return [verdict(a, b, finals[a], finals[b]) for i, a in enumerate(labels) for b in labels[i + 1:]]
+
+
+def sequences_to(history: list[dict], threshold: float) -> float | None:
+    """The sequences used at the first evaluation whose accuracy reaches ``threshold``."""
+    for row in history:
+        if row.get("eval/accuracy", -math.inf) >= threshold:
+            return float(row["usage/sequences"])
+    return None
+
+
+def target_summary(histories: dict, threshold: float) -> dict:
+    """``{"per_seed", "reached", "mean"}``: sequences to ``threshold`` for each seed's run."""
+    per_seed = {seed: sequences_to(h, threshold) for seed, h in histories.items()}
+    reached = sum(v is not None for v in per_seed.values())
+    mean = float(np.mean(list(per_seed.values()))) if reached == len(per_seed) and per_seed else None
+    return {"per_seed": per_seed, "reached": reached, "mean": mean}

@@ -1,0 +1,108 @@
+"""The comparison protocol (grid rules, widening past an edge, the tuning seed) and the
+verdict rule (paired bootstrap over seeds), on known numbers."""
+
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from opd.compare import driver, protocol, verdicts
+from opd.compare.driver import load_spec
+from opd.errors import UserError
+
+
+def test_grid_rules():
+    assert protocol.grid_problems([1e-4, 3e-4, 1e-3, 3e-3]) == []
+    few_wide = protocol.grid_problems([1e-4, 1e-3])
+    assert len(few_wide) == 2 and "2 distinct value(s)" in few_wide[0] and "0.0001→0.001 (10x)" in few_wide[1]
+    assert protocol.grid_problems([]) == ["no lr_grid: every label ran at its config's lr, untuned"]
+    assert protocol.next_lr([1e-4, 3e-4, 1e-3], 1e-3) == pytest.approx(1e-3 / 0.3)  # the edge's own spacing
+    assert protocol.next_lr([1e-4, 3e-4, 1e-3], 1e-4) == pytest.approx(1e-4 / 3)
+    assert protocol.next_lr([1e-4, 3e-4, 1e-3], 3e-4) is None
+
+
+def test_unmet_lists_every_rule_not_met():
+    met = protocol.unmet(seeds=[0, 1, 2, 3, 4], tuning_seed=5, grid=[1e-4, 3e-4, 1e-3, 3e-3], unbracketed=[],
+                         budget=512, test_size=500)
+    assert met == []
+    unmet = protocol.unmet(seeds=[0], tuning_seed=None, grid=[1e-3], unbracketed=["opd"], budget=None, test_size=8)
+    assert len(unmet) == 6 and any("opd" in u for u in unmet)
+
+
+def _fake_runs(monkeypatch, best_lr: float) -> list[float]:
+    """Tuning runs whose validation accuracy peaks at ``best_lr`` (log scale); returns the lrs run."""
+    tried = []
+
+    def fake(cfg, force=False):
+        tried.append(cfg.lr)
+        return {"history": [{"eval/accuracy": 1.0 - abs(math.log10(cfg.lr / best_lr))}], "reused": False}
+
+    monkeypatch.setattr(driver, "run_or_reuse", fake)
+    monkeypatch.setattr(driver, "_say", lambda *a: None)
+    return tried
+
+
+def _spec(tmp_path, **changes):
+    spec = {"base": {"teacher": "oracle"}, "methods": {"opd": {}}, "seeds": [0, 1], "lr_grid": [1e-4, 3e-4, 1e-3, 3e-3],
+            **changes}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return load_spec(str(path))
+
+
+def test_a_choice_at_the_edge_widens_the_grid_until_bracketed(monkeypatch, tmp_path):
+    tried = _fake_runs(monkeypatch, best_lr=1e-2)
+    scores, chosen, bracketed = driver._tune_label(_spec(tmp_path), tmp_path / "out", "opd", force=False)
+    assert tried == pytest.approx([1e-4, 3e-4, 1e-3, 3e-3, 9e-3, 2.7e-2])  # two widenings
+    assert chosen == pytest.approx(9e-3) and bracketed  # 2.7e-2 is worse: 9e-3 is inside
+
+    tried = _fake_runs(monkeypatch, best_lr=1e-2)
+    _, chosen, bracketed = driver._tune_label(_spec(tmp_path, lr_extend=1), tmp_path / "out", "opd", force=False)
+    assert chosen == pytest.approx(9e-3) and not bracketed  # one widening: still at the edge
+
+    tried = _fake_runs(monkeypatch, best_lr=3e-4)
+    _, chosen, bracketed = driver._tune_label(_spec(tmp_path), tmp_path / "out", "opd", force=False)
+    assert tried == pytest.approx([1e-4, 3e-4, 1e-3, 3e-3]) and chosen == pytest.approx(3e-4) and bracketed
+
+
+def test_the_tuning_seed_is_never_a_reported_seed(tmp_path):
+    assert _spec(tmp_path).tuning_seed == 2
+    assert _spec(tmp_path, tuning_seed=100).tuning_seed == 100
+    with pytest.raises(UserError, match="tuning_seed: 1 is also a reported seed"):
+        _spec(tmp_path, tuning_seed=1)
+    with pytest.raises(UserError, match=r"target: is a fraction of the teacher's accuracy, in \(0, 1\]"):
+        _spec(tmp_path, target=1.5)
+
+
+def test_bootstrap_interval_on_known_numbers():
+    assert verdicts.bootstrap_interval([0.1, 0.1, 0.1]) == pytest.approx((0.1, 0.1))
+    # two seeds [0, 1]: resampled means 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4
+    lo, hi = verdicts.bootstrap_interval([0.0, 1.0])
+    assert (lo, hi) == (0.0, 1.0)
+    # against a naive loop over the same resamples
+    d = np.array([0.3, -0.1, 0.2, 0.05, 0.15])
+    idx = np.random.default_rng(0).integers(0, 5, size=(verdicts.RESAMPLES, 5))
+    naive = sorted(sum(d[j] for j in row) / 5 for row in idx)
+    lo, hi = verdicts.bootstrap_interval(list(d))
+    assert lo == pytest.approx(np.percentile(naive, 2.5)) and hi == pytest.approx(np.percentile(naive, 97.5))
+
+
+def test_verdict_sentences_follow_the_rule():
+    a = {"0": 0.8, "1": 0.82, "2": 0.79}
+    b = {"0": 0.6, "1": 0.61, "2": 0.62}
+    assert verdicts.verdict("opd", "grpo", a, b)["sentence"].startswith("opd beats grpo (mean difference +0.193")
+    assert verdicts.verdict("grpo", "opd", b, a)["sentence"].startswith("opd beats grpo")
+    mixed = verdicts.verdict("x", "y", {"0": 0.7, "1": 0.5}, {"0": 0.6, "1": 0.6})
+    assert mixed["verdict"] == "none" and mixed["sentence"].startswith("no difference measured between x and y")
+    one = verdicts.verdict("x", "y", {"0": 0.9}, {"0": 0.1})
+    assert one["verdict"] == "none" and "no verdict (1 paired seed(s)" in one["sentence"]
+
+
+def test_sequences_to_target():
+    h = lambda accs: [{"eval/accuracy": a, "usage/sequences": 64 * i} for i, a in enumerate(accs)]  # noqa: E731
+    assert verdicts.sequences_to(h([0.1, 0.5, 0.9, 0.95]), 0.9) == 128
+    both = verdicts.target_summary({"0": h([0.1, 0.9]), "1": h([0.1, 0.5, 0.92])}, 0.9)
+    assert both == {"per_seed": {"0": 64.0, "1": 128.0}, "reached": 2, "mean": 96.0}
+    one = verdicts.target_summary({"0": h([0.1, 0.9]), "1": h([0.1, 0.5])}, 0.9)
+    assert one["reached"] == 1 and one["mean"] is None
