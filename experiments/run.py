@@ -2,8 +2,10 @@
 
     python experiments/run.py NAME [--out runs/NAME] [--force]
 
-Writes ``docs/results/NAME.md`` (the comparison report: seeds, learning-rate grid, final
-accuracy mean ± std, diagnostics side by side) and ``docs/results/NAME_accuracy.png``.
+Writes ``docs/results/NAME.md`` (the comparison report: the protocol and what of it is not
+met, seeds, learning-rate grid, final accuracy mean ± std, the verdicts by the stated rule,
+diagnostics side by side), ``docs/results/NAME_accuracy.png`` and
+``docs/results/NAME/results.json`` (every number the verdicts come from).
 Re-running reuses finished runs whose config is unchanged, with the same numbers.
 """
 
@@ -27,6 +29,8 @@ def publish(name: str, out: Path) -> Path:
     report = (out / "report.md").read_text().split("\n", 1)[1]
     report = "\n".join(ln for ln in report.splitlines() if not ln.startswith("!["))
     shutil.copy(out / "accuracy_sequences.png", doc.with_name(f"{name}_accuracy.png"))
+    (doc.parent / name).mkdir(exist_ok=True)
+    shutil.copy(out / "results.json", doc.parent / name / "results.json")
     doc.write_text(
         f"# Experiment: {name}\n\n" + "\n".join(intro) + f"\n\nRegenerate: `python experiments/run.py {name}` "
         f"(spec: `experiments/{name}.yaml`).\n\n![accuracy vs training sequences]({name}_accuracy.png)\n" + report + "\n"

@@ -27,12 +27,20 @@ def test_table_rows_report_before_after_and_reach():
     assert rows["grpo"][-1] == "not reached"
 
 
-def test_verdict_states_the_outcome_either_way():
-    text = verdict(SUMMARY)
-    assert "**opd**" in text and "OPD ended above GRPO" in text
-    worse = {**SUMMARY, "results": {**SUMMARY["results"], "opd": {**SUMMARY["results"]["opd"], "history": _history([0.4, 0.4, 0.4])}}}
-    text = verdict(worse)
-    assert "OPD ended not above GRPO" in text and "SFT on the perfect teacher" in text
+def test_the_one_seed_verdict_states_measurements_and_no_ranking():
+    text = verdict({**SUMMARY, "lr_info": {**SUMMARY["lr_info"], "tuning_seed": 1}})
+    assert "Seeds 0 (means below); learning rates tuned on seed 1, never reported" in text and "rank nothing" in text
+    assert "- opd: greedy held-out accuracy 0.400 → 0.950; sequences to reach 90% of the teacher's accuracy" in text
+    for ranking in ("beats", "above", "Highest", "best", "**"):
+        assert ranking not in text
+
+
+def test_several_seeds_give_verdicts_by_the_rule():
+    finals = {"sft": {0: 0.70, 1: 0.72, 2: 0.69}, "grpo": {0: 0.50, 1: 0.52, 2: 0.49}, "opd": {0: 0.71, 1: 0.68, 2: 0.72}}
+    results = {m: {**r, "finals": finals[m]} for m, r in SUMMARY["results"].items()}
+    text = verdict({**SUMMARY, "results": results, "seeds": [0, 1, 2]})
+    assert "- sft beats grpo (mean difference +0.200" in text and "- opd beats grpo" in text
+    assert "- no difference measured between sft and opd" in text and "rank nothing" not in text
 
 
 def test_write_report_makes_markdown_and_png(tmp_path):

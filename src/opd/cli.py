@@ -36,6 +36,10 @@ def cmd_train(args) -> int:
     distributed.finish()
     if main:
         print(f"done: {cfg.run_dir}{_measured(history[-1] if history else {})}")
+    if distributed.launched():  # every file is written and synced; skip the interpreter's teardown, where a
+        sys.stdout.flush()      # rank could abort on a C++ thread left joinable after the process group ended
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
