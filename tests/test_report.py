@@ -37,8 +37,9 @@ def test_the_one_seed_verdict_states_measurements_and_no_ranking():
 
 def test_several_seeds_give_verdicts_by_the_rule():
     finals = {"sft": {0: 0.70, 1: 0.72, 2: 0.69}, "grpo": {0: 0.50, 1: 0.52, 2: 0.49}, "opd": {0: 0.71, 1: 0.68, 2: 0.72}}
-    results = {m: {**r, "finals": finals[m]} for m, r in SUMMARY["results"].items()}
-    text = verdict({**SUMMARY, "results": results, "seeds": [0, 1, 2]})
+    from opd.compare.verdicts import RULE, all_verdicts
+
+    text = verdict({**SUMMARY, "seeds": [0, 1, 2], "rule": RULE, "verdicts": all_verdicts(finals)})
     assert "- sft beats grpo (mean difference +0.200" in text and "- opd beats grpo" in text
     assert "- no difference measured between sft and opd" in text and "rank nothing" not in text
 

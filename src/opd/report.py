@@ -96,9 +96,8 @@ def write_report(out_dir: Path, summary: dict) -> Path:
 
 def verdict(summary: dict) -> str:
     """What the numbers say, and only that: the means over the seeds, and a ranking only
-    where the verdict rule (:data:`opd.compare.verdicts.RULE`) gives one."""
-    from opd.compare.verdicts import RULE, all_verdicts
-
+    where the verdict rule gave one (``summary["verdicts"]`` and ``summary["rule"]``, made
+    by :mod:`opd.compare.verdicts` from the per-seed finals)."""
     res, target = summary["results"], 0.9 * summary["teacher_accuracy"]
     seeds = summary.get("seeds", [0])
     final = {m: r["history"][-1]["eval/accuracy"] for m, r in res.items()}
@@ -110,11 +109,10 @@ def verdict(summary: dict) -> str:
                      f"teacher's accuracy (mean curve): {_reach(res[m]['history'], target)}.")
     if all(final[m] <= start[m] for m in res):
         lines.append("- No method improved on the student base within this budget.")
-    if len(seeds) < 2 or not all("finals" in r for r in res.values()):
+    if len(seeds) < 2 or not summary.get("verdicts"):
         lines.append("- One seed: the verdict rule needs several, so these numbers rank nothing.")
         return "\n".join(lines)
-    lines += ["", f"Verdicts ({RULE}):", ""]
-    lines += [f"- {v['sentence']}" for v in all_verdicts({m: r["finals"] for m, r in res.items()})]
+    lines += ["", f"Verdicts ({summary['rule']}):", ""] + [f"- {v['sentence']}" for v in summary["verdicts"]]
     return "\n".join(lines)
 
 

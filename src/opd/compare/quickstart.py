@@ -15,6 +15,7 @@ import json
 import time
 from pathlib import Path
 
+from opd.compare import verdicts
 from opd.config.loader import with_changes
 from opd.run.runner import train
 from opd.config.train import TrainConfig
@@ -111,7 +112,8 @@ def quickstart(out_dir: str = "runs/quickstart", tune_lrs: bool = False) -> dict
     lr_info = tune(out) if tune_lrs or not LR_FILE.exists() else json.loads(LR_FILE.read_text())
     results = run_all(out, {k: float(v) for k, v in lr_info["chosen"].items()})
     teacher_acc = teacher_accuracy(base_config(out, "opd", 1e-3))
-    summary = {"results": results, "teacher_accuracy": teacher_acc, "lr_info": lr_info, "prep_s": prep_s, "seeds": list(SEEDS)}
+    summary = {"results": results, "teacher_accuracy": teacher_acc, "lr_info": lr_info, "prep_s": prep_s, "seeds": list(SEEDS),
+               "rule": verdicts.RULE, "verdicts": verdicts.all_verdicts({m: r["finals"] for m, r in results.items()})}
     print_table(summary)
     path = write_report(out, summary)
     print(f"report: {path}  (total {time.perf_counter() - t0:.0f} s)")

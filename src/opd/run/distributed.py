@@ -90,11 +90,13 @@ def share(items: list) -> list:
 
 def rank_generator(generator: torch.Generator) -> torch.Generator:
     """This rank's random stream for the step: ``generator`` itself on one rank (a single
-    process is unchanged), else a seed drawn from it (the same on every rank) plus the rank."""
+    process is unchanged), else the rank's own of ``world`` seeds drawn from it (the same
+    draw on every rank). Not ``seed + rank``: the first draws of generators seeded with
+    neighbouring integers are correlated."""
     if world() == 1:
         return generator
-    seed = int(torch.randint(2**62, (1,), generator=generator, device="cpu"))
-    return torch.Generator().manual_seed(seed + rank())
+    seeds = torch.randint(2**62, (world(),), generator=generator, device="cpu")
+    return torch.Generator().manual_seed(int(seeds[rank()]))
 
 
 def total(value: float | torch.Tensor) -> float:
