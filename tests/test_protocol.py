@@ -92,7 +92,8 @@ def test_verdict_sentences_follow_the_rule():
     a = {"0": 0.8, "1": 0.82, "2": 0.79}
     b = {"0": 0.6, "1": 0.61, "2": 0.62}
     assert verdicts.verdict("opd", "grpo", a, b)["sentence"].startswith("opd beats grpo (mean difference +0.193")
-    assert verdicts.verdict("grpo", "opd", b, a)["sentence"].startswith("opd beats grpo")
+    flipped = verdicts.verdict("grpo", "opd", b, a)
+    assert flipped["sentence"].startswith("opd beats grpo (mean difference +0.193") and flipped["mean_diff"] < 0
     mixed = verdicts.verdict("x", "y", {"0": 0.7, "1": 0.5}, {"0": 0.6, "1": 0.6})
     assert mixed["verdict"] == "none" and mixed["sentence"].startswith("no difference measured between x and y")
     one = verdicts.verdict("x", "y", {"0": 0.9}, {"0": 0.1})

@@ -126,8 +126,8 @@ def spread_text(summary: dict) -> str:
         accs = [h[-1].get("eval/accuracy", math.nan) for h in _histories(entry)]
         parts.append(f"{label} {min(accs):.3f}–{max(accs):.3f} (std {_mean_std(accs)[1]:.3f})")
     return (f"{len(seeds)} seeds ({', '.join(map(str, seeds))}) per label; ± is the standard deviation over seeds "
-            f"(ddof=1). Final accuracy ranged over seeds as: {'; '.join(parts)}. A gap between two labels smaller "
-            "than these ranges is within seed noise.")
+            f"(ddof=1). Final accuracy ranged over seeds as: {'; '.join(parts)}. Whether a gap between two labels "
+            "is measured is for the verdict rule below, not for these ranges.")
 
 
 def grid_table(lr_info: dict) -> str:

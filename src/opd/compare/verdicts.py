@@ -1,7 +1,8 @@
 """Verdicts generated from the numbers, by one stated rule.
 
 The rule (:data:`RULE`): for labels A and B run on the same seeds, take the per-seed
-differences ``d_s = a_s − b_s`` of the final test metric. "A beats B" only when the 95%
+differences ``d_s = a_s − b_s`` of the final test metric (a sentence states the winner's
+difference, so it is positive; ``mean_diff`` and ``interval`` in the record are of ``a − b``). "A beats B" only when the 95%
 percentile bootstrap interval of the mean of ``d`` (:data:`RESAMPLES` resamples of the
 seeds with replacement, a fixed generator) lies above 0; "B beats A" when it lies below 0;
 otherwise "no difference measured". With one seed there is no interval and no verdict.
@@ -42,13 +43,13 @@ def verdict(a: str, b: str, a_by_seed: dict, b_by_seed: dict) -> dict:
         return {**out, "interval": None, "verdict": "none",
                 "sentence": f"{a} vs {b}: no verdict ({len(diffs)} paired seed(s); the rule needs at least 2)"}
     lo, hi = bootstrap_interval(diffs)
-    span = f"mean difference {out['mean_diff']:+.3f}, {LEVEL:.0%} interval [{lo:+.3f}, {hi:+.3f}] over {len(diffs)} seeds"
+    span = lambda m, l, h: f"mean difference {m:+.3f}, {LEVEL:.0%} interval [{l:+.3f}, {h:+.3f}] over {len(diffs)} seeds"  # noqa: E731
     if lo > 0:
-        kind, sentence = "a", f"{a} beats {b} ({span})"
-    elif hi < 0:
-        kind, sentence = "b", f"{b} beats {a} ({span})"
+        kind, sentence = "a", f"{a} beats {b} ({span(out['mean_diff'], lo, hi)})"
+    elif hi < 0:  # said of b − a, so that the winner's difference is positive
+        kind, sentence = "b", f"{b} beats {a} ({span(-out['mean_diff'], -hi, -lo)})"
     else:
-        kind, sentence = "none", f"no difference measured between {a} and {b} ({span})"
+        kind, sentence = "none", f"no difference measured between {a} and {b} ({span(out['mean_diff'], lo, hi)})"
     return {**out, "interval": [lo, hi], "verdict": kind, "sentence": sentence}
 
 
