@@ -102,8 +102,23 @@ def test_the_testbed_registers_its_names():
     from opd.run import sources
 
     assert {"addition", "modchain"} <= set(sources.names("task"))
-    assert sources.names("student") == ["testbed"] and {"oracle", "testbed"} <= set(sources.names("teacher"))
+    assert sorted(sources.names("student")) == ["testbed", "testbed-d128", "testbed-d32", "testbed-d64"]
+    assert {"oracle", "testbed"} <= set(sources.names("teacher"))
     assert sources.lookup("teacher", "/some/model/dir") is None
+
+
+def test_the_capacity_students_are_built_from_scratch_at_their_size(monkeypatch, tmp_path):
+    from opd.run import sources
+    from opd.testbed import builder
+
+    made = []
+    monkeypatch.setattr(builder, "_prepare", lambda kind, task, horizon, arch, training, seed, quiet: made.append(
+        (kind, task, horizon, arch["hidden_size"], arch["num_hidden_layers"], training)) or tmp_path)
+    for name in ("testbed-d32", "testbed-d64", "testbed-d128"):
+        assert sources.lookup("student", name)({"task": "modchain", "horizon": 8}) == tmp_path
+    assert [m[:5] for m in made] == [("student-d32", "modchain", 8, 32, 1), ("student-d64", "modchain", 8, 64, 1),
+                                     ("student-d128", "modchain", 8, 128, 2)]
+    assert all(m[5] == builder.CAPACITY_TRAINING for m in made)  # SFT only: no damage step
 
 
 def test_a_registered_teacher_name_is_used_by_the_run(tiny_cfg, monkeypatch):

@@ -4,7 +4,9 @@ the programmable oracle teacher (:mod:`~opd.testbed.oracle`) and the builder of 
 student and teacher models (:mod:`~opd.testbed.builder`).
 
 Importing this package registers its names with the run (:mod:`opd.run.sources`): the
-tasks by name, ``student=testbed`` (the prepared student base), ``teacher=testbed`` (the
+tasks by name, ``student=testbed`` (the prepared student base: converged, then damaged),
+``student=testbed-d32`` / ``-d64`` / ``-d128`` (students of three capacities trained from
+scratch by SFT, not damaged: :data:`opd.testbed.builder.CAPACITY_ARCHS`), ``teacher=testbed`` (the
 learned teacher) and ``teacher=oracle``. The run never imports the testbed; the testbed
 builds its models with the run.
 """
@@ -20,6 +22,15 @@ def _student_base(settings: dict):
     from opd.testbed.builder import prepare_student_base
 
     return prepare_student_base(settings["task"], settings["horizon"])
+
+
+def _capacity_student(capacity: str):
+    def source(settings: dict):
+        from opd.testbed.builder import prepare_capacity_student
+
+        return prepare_capacity_student(capacity, settings["task"], settings["horizon"])
+
+    return source
 
 
 def _learned_teacher(settings: dict, task, tokenizer):
@@ -42,5 +53,7 @@ def _oracle(settings: dict, task, tokenizer):
 for _name in TASKS:
     register("task", _name, lambda horizon, _name=_name: make_task(_name, horizon))
 register("student", "testbed", _student_base)
+for _capacity in ("d32", "d64", "d128"):  # smaller than the learned teacher, from scratch, not damaged
+    register("student", f"testbed-{_capacity}", _capacity_student(_capacity))
 register("teacher", "testbed", _learned_teacher)
 register("teacher", "oracle", _oracle)

@@ -44,6 +44,18 @@ STUDENT_WARMUP = dict(steps=1000, lr=3e-3, prompts_per_step=32, stop_at_accuracy
 STUDENT_TARGET = 0.4
 DAMAGE_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.9, 1.0)
 TEACHER_TRAINING = dict(steps=1200, lr=3e-3, prompts_per_step=32, stop_at_accuracy=0.95)
+# Students smaller than the learned teacher, trained from scratch by SFT and not damaged
+# (``student=testbed-d32`` etc.; the damaged base ``student=testbed`` stays as the control):
+# SFT until greedy validation accuracy reaches 0.5, at most 1,500 steps (48,000 sequences).
+# Addition, horizon 4, seed 0: d128 stops at 420 steps with 0.641 (a knowledge gap; 24 steps
+# of SFT, OPD or GRPO at lr 1e-4 then raise it, 0.675 -> 0.805 / 0.755 / 0.730 on the test
+# split), d64 ends at 0.164 and d32 at 0.020 after 1,500 (capacity gaps).
+CAPACITY_ARCHS = {
+    "d32": dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2),
+    "d64": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4),
+    "d128": STUDENT_ARCH,
+}
+CAPACITY_TRAINING = dict(steps=1500, lr=3e-3, prompts_per_step=32, stop_at_accuracy=0.5)
 
 
 def cache_root() -> Path:
@@ -169,6 +181,13 @@ def prepare_student_base(
     warmup = dict(STUDENT_WARMUP, **({"steps": warmup_steps} if warmup_steps else {}))
     clean = _prepare("student", task, horizon, STUDENT_ARCH, warmup, seed, quiet)
     return clean if target_accuracy is None else _damaged(clean, target_accuracy, seed, quiet)
+
+
+def prepare_capacity_student(capacity: str, task: str = "addition", horizon: int = 4, *, seed: int = 0,
+                             quiet: bool = False) -> Path:
+    """A student of ``capacity`` (a key of ``CAPACITY_ARCHS``) trained from scratch by SFT
+    (``CAPACITY_TRAINING``; cached), not damaged."""
+    return _prepare(f"student-{capacity}", task, horizon, CAPACITY_ARCHS[capacity], CAPACITY_TRAINING, seed, quiet)
 
 
 def prepare_teacher(task: str = "addition", horizon: int = 4, *, seed: int = 0, quiet: bool = False) -> Path:
