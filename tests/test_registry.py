@@ -102,7 +102,7 @@ def test_the_testbed_registers_its_names():
     from opd.run import sources
 
     assert {"addition", "modchain"} <= set(sources.names("task"))
-    assert sorted(sources.names("student")) == ["testbed", "testbed-d128", "testbed-d32", "testbed-d64"]
+    assert sorted(sources.names("student")) == ["testbed", "testbed-d128", "testbed-d32", "testbed-d64", "testbed-wait"]
     assert {"oracle", "testbed"} <= set(sources.names("teacher"))
     assert sources.lookup("teacher", "/some/model/dir") is None
 

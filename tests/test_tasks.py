@@ -146,3 +146,36 @@ def test_a_pool_drawn_on_demand_is_fixed_and_stays_in_its_split(name):
     assert pool[5].prompt != task.pool("train", 1 << 16, seed=4)[5].prompt  # the seed matters
     with pytest.raises(IndexError):
         pool[1 << 16]
+
+
+@pytest.mark.parametrize("name", ["addition", "modchain"])
+def test_corrected_solutions_redo_one_step_and_verify(name):
+    from opd.testbed.tasks import make_task
+
+    task = make_task(name, 3)
+    clean = task.pool("train", 4000, seed=0)
+    mixed = task.pool("train", 4000, seed=0, correction_rate=0.25)
+    corrected = 0
+    for i in range(400):
+        a, b = clean[i], mixed[i]
+        assert a.prompt == b.prompt and a.answer == b.answer  # the same problems
+        if b.solution == a.solution:
+            continue
+        corrected += 1
+        words, ref = b.solution.split(), a.solution.split()
+        w = words.index("wait")
+        assert words.count("wait") == 1 and words[w - 1] != ref[w - 1]  # one wrong word, then wait
+        start = max(i for i, x in enumerate(words[:w]) if x == ";") + 1 if ";" in words[:w] else 0
+        assert words[:start] + words[w + 1:] == ref  # dropping the abandoned part gives the reference
+        assert task.verify(b, b.solution + " <eos>")
+    assert 70 <= corrected <= 130  # ~25% of 400
+
+
+def test_correction_rate_is_refused_for_a_dataset(tiny_cfg, tmp_path):
+    from opd.errors import UserError
+    from opd.run.setup import build_setup
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(f'{{"prompt": "add {i % 10} {i // 10} + 1 1 =", "answer": "1", "solution": "x"}}\n' for i in range(60)))
+    with pytest.raises(UserError, match="correction_rate=0.05 applies to the synthetic testbed tasks only"):
+        build_setup(tiny_cfg(dataset=str(data), correction_rate=0.05, method="sft"))

@@ -31,6 +31,8 @@ class RunConfig(FlatConfig):
     dataset: str | None = _h("JSONL/Parquet with prompt, answer (, solution); unset = the synthetic testbed", None)
     task: str = _h("testbed task family", "addition")
     horizon: int = _h("testbed task horizon (number of chain-of-thought steps)", 4, ge=1)
+    correction_rate: float = _h("testbed: fraction of training solutions (SFT data) with one corrected step "
+                                "(a wrong word, 'wait', the step again)", 0.0, ge=0, le=1)
     verifier: Literal["exact", "math"] = _h("answer check for datasets: exact match or math-verify", "exact")
     eval_fraction: float = _h("share of dataset rows held out for evaluation", 0.1, gt=0, lt=1)
     chat_template: Literal["auto", "on", "off"] = _h("wrap dataset prompts in the tokenizer's chat template", "auto")

@@ -24,6 +24,12 @@ def _student_base(settings: dict):
     return prepare_student_base(settings["task"], settings["horizon"])
 
 
+def _wait_base(settings: dict):
+    from opd.testbed.builder import WAIT_CORRECTIONS, prepare_student_base
+
+    return prepare_student_base(settings["task"], settings["horizon"], correction_rate=WAIT_CORRECTIONS)
+
+
 def _capacity_student(capacity: str):
     def source(settings: dict):
         from opd.testbed.builder import prepare_capacity_student
@@ -53,6 +59,7 @@ def _oracle(settings: dict, task, tokenizer):
 for _name in TASKS:
     register("task", _name, lambda horizon, _name=_name: make_task(_name, horizon))
 register("student", "testbed", _student_base)
+register("student", "testbed-wait", _wait_base)  # the base, its SFT with 5% corrected solutions
 for _capacity in ("d32", "d64", "d128"):  # smaller than the learned teacher, from scratch, not damaged
     register("student", f"testbed-{_capacity}", _capacity_student(_capacity))
 register("teacher", "testbed", _learned_teacher)

@@ -56,6 +56,11 @@ CAPACITY_ARCHS = {
     "d128": STUDENT_ARCH,
 }
 CAPACITY_TRAINING = dict(steps=1500, lr=3e-3, prompts_per_step=32, stop_at_accuracy=0.5)
+# ``student=testbed-wait``: the base with 5% of its SFT solutions holding one corrected step,
+# so that a correction can be sampled. Addition, horizon 4, seed 0: 1.00 validation accuracy
+# after SFT, 0.19 after damage 0.4; `opd diagnose` (64 planted wrong steps per depth) gives
+# P(wait) 0.028 / 0.050 / 0.082 at depths 1 / 2 / 4 (the plain base: 1.4e-6 to 1.8e-6).
+WAIT_CORRECTIONS = 0.05
 
 
 def cache_root() -> Path:
@@ -173,12 +178,16 @@ def _damaged(clean: Path, target: float, seed: int, quiet: bool) -> Path:
 
 def prepare_student_base(
     task: str = "addition", horizon: int = 4, *, seed: int = 0, quiet: bool = False,
-    target_accuracy: float | None = STUDENT_TARGET, warmup_steps: int | None = None,
+    target_accuracy: float | None = STUDENT_TARGET, warmup_steps: int | None = None, correction_rate: float = 0.0,
 ) -> Path:
     """The student base (cached): converged by SFT, then damaged down to ``target_accuracy``
     (greedy, validation); ``target_accuracy=None`` gives the undamaged model.
-    ``warmup_steps`` shortens or lengthens the SFT warm-up (its cosine schedule scales with it)."""
+    ``warmup_steps`` shortens or lengthens the SFT warm-up (its cosine schedule scales with it);
+    ``correction_rate``: the fraction of its SFT solutions with one corrected step (a base
+    that can say ``wait``: ``student=testbed-wait``)."""
     warmup = dict(STUDENT_WARMUP, **({"steps": warmup_steps} if warmup_steps else {}))
+    if correction_rate:
+        warmup["correction_rate"] = correction_rate
     clean = _prepare("student", task, horizon, STUDENT_ARCH, warmup, seed, quiet)
     return clean if target_accuracy is None else _damaged(clean, target_accuracy, seed, quiet)
 

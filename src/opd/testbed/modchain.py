@@ -136,9 +136,12 @@ class ModChainTask:
         key = f"{self.name}:{self.horizon}:{','.join(map(str, self.moduli))}:{seed}"
         return steps.sample_split(draw, split, n, key)
 
-    def pool(self, split: str, n: int, seed: int) -> steps.SplitPool:
-        """``n`` problems of ``split`` drawn on demand (a large training pool, :class:`steps.SplitPool`)."""
-        return steps.SplitPool(lambda rng: self.make_problem(random_spec(rng, self.horizon, self.moduli)), split, n, f"{self.name}:{self.horizon}:{','.join(map(str, self.moduli))}:{seed}")
+    def pool(self, split: str, n: int, seed: int, correction_rate: float = 0.0) -> steps.SplitPool:
+        """``n`` problems of ``split`` drawn on demand (:class:`steps.SplitPool`), ``correction_rate``
+        of them with one corrected step in their solution."""
+        key = f"{self.name}:{self.horizon}:{','.join(map(str, self.moduli))}:{seed}"
+        draw = lambda rng: random_spec(rng, self.horizon, self.moduli)  # noqa: E731
+        return steps.family_pool(draw, self.make_problem, split, n, key, correction_rate, reference_steps, answer_text, next_token)
 
     @property
     def solution_tokens(self) -> int:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from opd.tasks.base import Problem
-from opd.testbed.tokenizer import ANS, BOS, DIGITS, EOS, OPS, PAD
+from opd.testbed.tokenizer import ANS, BOS, DIGITS, EOS, OPS, PAD, SEP, WAIT
 
 SPLITS = ("train", "val", "test")
 NextToken = tuple[str | None, tuple[str, ...]]
@@ -69,16 +69,44 @@ def sample_split(
     return out
 
 
+def corrected_solution(spec, reference: list[list[str]], answer: str, next_token, rng: random.Random) -> str:
+    """A reference solution with one corrected step: in a random step, at a random position
+    where the grammar names plausible wrong words, one of them, then ``wait`` and the whole
+    step again (``... 3 + 4 = 1 wait 3 + 4 = 0 ; ...``). It verifies like the reference
+    (the answer is after the last ``ans``)."""
+    k = rng.randrange(len(reference))
+    committed = [tuple(step) for step in reference[:k]]
+    spots = [(j, wrong) for j in range(len(reference[k])) if (wrong := next_token(spec, committed, reference[k][:j])[1])]
+    j, wrong = rng.choice(spots)
+    words = [w for step in reference[:k] for w in step + [SEP]]
+    words += reference[k][:j] + [rng.choice(wrong), WAIT] + reference[k] + [SEP]
+    words += [w for step in reference[k + 1:] for w in step + [SEP]]
+    return " ".join(words + [ANS, answer])
+
+
+def family_pool(draw_spec: Callable[[random.Random], Any], make_problem: Callable[[Any], Problem], split: str, n: int,
+                key: str, correction_rate: float, reference_steps, answer_text, next_token) -> "SplitPool":
+    """A family's :class:`SplitPool`, ``correction_rate`` of its problems with a corrected
+    solution (:func:`corrected_solution`, from the family's reference steps and grammar)."""
+    def correct(problem: Problem, rng: random.Random) -> str:
+        spec = problem.meta["spec"]
+        return corrected_solution(spec, reference_steps(spec), answer_text(spec), next_token, rng)
+
+    return SplitPool(lambda rng: make_problem(draw_spec(rng)), split, n, key, correct=correct, correction_rate=correction_rate)
+
+
 class SplitPool(Sequence):
     """``n`` problems of ``split`` drawn on demand: problem ``i`` is the first draw of its own
     stream (seeded ``key:split:i``) whose prompt hashes into ``split``. A training pool far
     larger than a step's draw costs nothing at set-up; the same ``i`` is always the same
     problem."""
 
-    def __init__(self, draw: Callable[[random.Random], Problem], split: str, n: int, key: str):
+    def __init__(self, draw: Callable[[random.Random], Problem], split: str, n: int, key: str,
+                 correct: Callable[[Problem, random.Random], str] | None = None, correction_rate: float = 0.0):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.draw, self.split, self.n, self.key = draw, split, n, key
+        self.correct, self.correction_rate = correct, correction_rate
 
     def __len__(self) -> int:
         return self.n
@@ -92,8 +120,19 @@ class SplitPool(Sequence):
         for _ in range(1000):
             p = self.draw(rng)
             if split_of(p.prompt) == self.split:
-                return p
+                return self._maybe_corrected(p, i % self.n)
         raise RuntimeError(f"could not draw a {self.split} problem ({self.key}, {i})")
+
+
+    def _maybe_corrected(self, problem: Problem, i: int) -> Problem:
+        """With probability ``correction_rate`` (its own stream per problem), the problem with
+        a corrected solution (:func:`corrected_solution`)."""
+        if self.correct is None or self.correction_rate <= 0:
+            return problem
+        rng = random.Random(f"{self.key}:{self.split}:{i}:correction")
+        if rng.random() >= self.correction_rate:
+            return problem
+        return Problem(problem.prompt, problem.answer, self.correct(problem, rng), problem.meta)
 
 
 def extract_answer(completion: str) -> str | None:
