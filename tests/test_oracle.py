@@ -300,3 +300,33 @@ def test_score_is_fast():
     start = time.perf_counter()
     o.score(batch, topk=8, full=True)
     assert time.perf_counter() - start < 1.0
+
+
+def test_a_blind_spot_oracle_fails_exactly_on_long_carry_chains():
+    from opd.testbed.addition import in_blind_spot
+    from opd.testbed.tasks import make_task
+    from opd.testbed.tokenizer import build_tokenizer
+
+    task, tok = make_task("addition", 4), build_tokenizer()
+    oracle = OracleTeacher(task, tok, blind_spot=3)
+    problems = task.problems("test", 300, 0)
+    prompts = [tok(p.prompt)["input_ids"] for p in problems]
+    done = oracle.generate(prompts, max_new_tokens=64, temperature=0.0)
+    right = [task.verify(p, tok.decode(c)) for p, c in zip(problems, done)]
+    blind = [in_blind_spot(p, 3) for p in problems]
+    assert 0.1 < sum(blind) / len(blind) < 0.35  # about a fifth of horizon-4 problems
+    assert not any(r for r, b in zip(right, blind) if b) and all(r for r, b in zip(right, blind) if not b)
+    assert set(oracle.eval_subsets) == {"blind_spot", "rest"}
+    plain = OracleTeacher(task, tok)
+    assert plain.eval_subsets == {} and all(task.verify(p, tok.decode(c)) for p, c in
+                                            zip(problems, plain.generate(prompts, max_new_tokens=64, temperature=0.0)))
+
+
+def test_the_run_reports_the_blind_spot_apart(tiny_cfg):
+    from opd.run.runner import train
+    from opd.run.evaluate import subset_accuracy
+
+    assert subset_accuracy([1, 2, 3], [True, False, True], {"odd": lambda p: p % 2 == 1, "none": lambda p: False}) == \
+        {"eval/accuracy_odd": 1.0}
+    row = train(tiny_cfg(oracle_blind_spot=3, steps=1, eval_size=40))[-1]
+    assert {"eval/accuracy_blind_spot", "eval/accuracy_rest"} <= set(row)

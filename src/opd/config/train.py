@@ -65,6 +65,8 @@ class RunConfig(FlatConfig):
     oracle_decay: float = _h("oracle: extra noise per deviation (or per position)", 0.0, ge=0)
     oracle_decay_mode: Literal["deviations", "position"] = _h("oracle: what the decay counts", "deviations")
     oracle_recovers: bool = _h("oracle: correct a wrong prefix with 'wait' (else continue it)", True)
+    oracle_blind_spot: int = _h("oracle: drop the carries of addition problems with at least this many carries in a "
+                                "row, a verifiable blind spot reported apart (eval/accuracy_blind_spot); 0 = none", 0, ge=0)
     # optimisation
     steps: int = _h("optimizer steps", 40, ge=1)
     prompts_per_step: int = _h("prompts per optimizer step", 16, ge=1)

@@ -21,9 +21,22 @@ def _complete(env: RolloutEnv, problems, *, temperature: float, generator, chunk
     return out
 
 
+def subset_accuracy(problems: list[Problem], correct: list[bool], subsets: dict | None) -> dict:
+    """``eval/accuracy_NAME`` over the problems each predicate of ``subsets`` selects (none
+    selected: not reported)."""
+    out = {}
+    for name, selects in (subsets or {}).items():
+        picked = [c for p, c in zip(problems, correct) if selects(p)]
+        if picked:
+            out[f"eval/accuracy_{name}"] = sum(picked) / len(picked)
+    return out
+
+
 @torch.no_grad()
-def evaluate(env: RolloutEnv, problems: list[Problem], *, k: int, temperature: float, seed: int) -> dict:
-    """``eval/accuracy`` (greedy), ``eval/pass@k`` and ``eval/length`` (sampled at ``temperature``).
+def evaluate(env: RolloutEnv, problems: list[Problem], *, k: int, temperature: float, seed: int, subsets: dict | None = None) -> dict:
+    """``eval/accuracy`` (greedy), ``eval/pass@k`` and ``eval/length`` (sampled at ``temperature``);
+    ``subsets`` (name -> predicate on a problem, e.g. a teacher's blind spot): the greedy
+    accuracy on each as ``eval/accuracy_NAME``.
 
     Problems without an answer (a prompt-only distillation set) cannot be verified: then
     only ``eval/length`` is reported, never an accuracy of 0.
@@ -35,7 +48,8 @@ def evaluate(env: RolloutEnv, problems: list[Problem], *, k: int, temperature: f
         env.student.train(was_training)
         return {"eval/length": sum(len(c) for c in sampled) / len(sampled)}
     greedy = _complete(env, problems, temperature=0.0, generator=None)
-    accuracy = sum(env.verify(p, c) for p, c in zip(problems, greedy)) / len(problems)
+    right = [env.verify(p, c) for p, c in zip(problems, greedy)]
+    accuracy = sum(right) / len(problems)
     generator = torch.Generator().manual_seed(seed)
     rows = [p for p in problems for _ in range(k)]
     sampled = _complete(env, rows, temperature=temperature, generator=generator)
@@ -46,4 +60,5 @@ def evaluate(env: RolloutEnv, problems: list[Problem], *, k: int, temperature: f
         f"eval/pass@{k}": correct.any(1).float().mean().item(),
         "eval/sample_accuracy": correct.float().mean().item(),
         "eval/length": sum(len(c) for c in sampled) / len(sampled),
+        **subset_accuracy(problems, right, subsets),
     }

@@ -153,7 +153,8 @@ class Run:
         problems = distributed.share(self.setup.eval_problems)
         seed = c.seed + 1_000_003 * distributed.rank()
         with student_precision(env.student, env.autocast), fsdp.gathered(env.student):
-            row = evaluate(env, problems, k=c.eval_k, temperature=c.eval_temperature, seed=seed)
+            row = evaluate(env, problems, k=c.eval_k, temperature=c.eval_temperature, seed=seed,
+                           subsets=getattr(env.teacher, "eval_subsets", None))
         row = distributed.mean_metrics(row, weight=len(problems))
         row.update(self._usage())
         self.history.append({"step": self.counters["step"], **row})

@@ -53,6 +53,7 @@ def _oracle(settings: dict, task, tokenizer):
     return OracleTeacher(
         task, tokenizer, sharpness=settings["oracle_sharpness"], noise=settings["oracle_noise"],
         decay=settings["oracle_decay"], decay_mode=settings["oracle_decay_mode"], recovers=settings["oracle_recovers"],
+        blind_spot=settings.get("oracle_blind_spot", 0),
     )
 
 

@@ -108,6 +108,34 @@ def next_token(spec: AdditionSpec, committed: Sequence[tuple[str, ...]], cur: Se
 GRAMMAR = steps.Grammar(KEYWORD, parse_prompt, next_token)
 
 
+def carry_chain(spec: AdditionSpec) -> int:
+    """The most carries in a row in the reference solution (steps whose carry out is 1)."""
+    longest = run = 0
+    for step in reference_steps(spec):
+        run = run + 1 if step[4] == "1" else 0
+        longest = max(longest, run)
+    return longest
+
+
+def in_blind_spot(problem: Problem, min_chain: int) -> bool:
+    """Whether ``problem`` is an addition problem with ``min_chain`` or more carries in a row."""
+    spec = problem.meta.get("spec")
+    return isinstance(spec, AdditionSpec) and carry_chain(spec) >= min_chain
+
+
+def blind_spot_grammar(min_chain: int) -> steps.Grammar:
+    """The grammar of a teacher with a verifiable blind spot: on problems with a carry chain
+    of at least ``min_chain`` carries it drops every carry that comes in, intending carry
+    out 0 after carry in 1 (so its answer there is wrong); elsewhere it is :data:`GRAMMAR`."""
+    def blind_next_token(spec: AdditionSpec, committed, cur):
+        word, plausible = next_token(spec, committed, cur)
+        if len(cur) == 4 and len(committed) < spec.horizon and cur[2] == "1" and carry_chain(spec) >= min_chain:
+            return "0", others("0", CARRIES)
+        return word, plausible
+
+    return steps.Grammar(KEYWORD, parse_prompt, blind_next_token)
+
+
 @dataclass
 class AdditionTask:
     """``horizon``-digit addition; problems are seeded and split by a hash of the prompt."""

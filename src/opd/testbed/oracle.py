@@ -124,6 +124,10 @@ class OracleTeacher:
         recovers: correct a wrong prefix with ``wait`` + the redone step (True) or continue
             it as if it were right (False).
         grammars: keyword -> Grammar (default: every testbed family).
+        blind_spot: 0 (off), or ``n``: a verifiable blind spot on addition, where problems
+            with ``n`` or more carries in a row get their carries dropped
+            (:func:`opd.testbed.addition.blind_spot_grammar`); ``eval_subsets`` then names
+            them (``blind_spot``) and the others (``rest``) for the evaluation.
     """
 
     def __init__(
@@ -137,6 +141,7 @@ class OracleTeacher:
         decay_mode: str = "deviations",
         recovers: bool = True,
         grammars: dict[str, Grammar] | None = None,
+        blind_spot: int = 0,
     ):
         if not (0.0 <= noise < 1.0 and 0.0 <= decay < 1.0):
             raise ValueError("noise and decay must lie in [0, 1)")
@@ -148,6 +153,13 @@ class OracleTeacher:
             tokenizer = build_tokenizer()
         if grammars is None:
             from opd.testbed.tasks import GRAMMARS as grammars
+        self.eval_subsets = {}
+        if blind_spot:
+            from opd.testbed import addition
+
+            grammars = {**grammars, addition.KEYWORD: addition.blind_spot_grammar(blind_spot)}
+            self.eval_subsets = {"blind_spot": lambda p: addition.in_blind_spot(p, blind_spot),
+                                 "rest": lambda p: not addition.in_blind_spot(p, blind_spot)}
         if task is not None:
             from opd.testbed.tasks import TASKS
 
