@@ -53,7 +53,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from opd.losses import chunked_sparse_divergence, divergence, sparse_divergence
 from opd.losses.chunked import chunked_divergence, chunked_divergence_loss, default_chunk_size
