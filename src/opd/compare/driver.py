@@ -349,22 +349,13 @@ def run_degeneracy(runs: dict) -> list[str]:
 
 
 def _tune_label(spec: Spec, out: Path, label: str, force: bool) -> tuple[dict, float, bool]:
-    """``(accuracy by lr, chosen lr, bracketed)`` for one label: the grid, then the value
-    past the chosen edge (:func:`opd.compare.protocol.next_lr`), up to ``lr_extend`` times."""
-    scores: dict[float, float] = {}
-    todo = list(spec.lr_grid)
-    for _ in range(spec.lr_extend + 1):
-        for lr in todo:
-            result = run_or_reuse(run_config(spec, label, spec.tuning_seed, lr, tune_dir(out, label, lr), tune=True), force)
-            _say(f"tune {label} lr {lr:g}", result)
-            scores[lr] = result["history"][-1].get("eval/accuracy", float("nan"))
-        grid = sorted(scores)
-        chosen = max(grid, key=lambda lr: (scores[lr], -grid.index(lr)))  # ties: the smaller lr
-        wider = protocol.next_lr(grid, chosen)
-        if wider is None:
-            return scores, chosen, True
-        todo = [wider]
-    return scores, chosen, False
+    """``(accuracy by lr, chosen lr, bracketed)`` for one label (:func:`opd.compare.protocol.tune_lr`)."""
+    def accuracy(lr: float) -> float:
+        result = run_or_reuse(run_config(spec, label, spec.tuning_seed, lr, tune_dir(out, label, lr), tune=True), force)
+        _say(f"tune {label} lr {lr:g}", result)
+        return result["history"][-1].get("eval/accuracy", float("nan"))
+
+    return protocol.tune_lr(spec.lr_grid, accuracy, spec.lr_extend)
 
 
 def tune(spec: Spec, out: Path, force: bool) -> dict | None:

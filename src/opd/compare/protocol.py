@@ -69,3 +69,20 @@ def unmet(*, seeds: list[int], tuning_seed: int | None, grid: list[float], unbra
     if test_size < MIN_TEST:
         out.append(f"{test_size} held-out test prompts; the protocol asks for at least {MIN_TEST}")
     return out
+
+
+def tune_lr(grid: list[float], accuracy, extend: int) -> tuple[dict[float, float], float, bool]:
+    """``(accuracy by lr, chosen lr, bracketed)``: ``accuracy(lr)`` over ``grid``, then the
+    value past an edge choice (:func:`next_lr`), up to ``extend`` times; ties go to the
+    smaller lr."""
+    scores: dict[float, float] = {}
+    todo = list(grid)
+    for _ in range(extend + 1):
+        scores.update({lr: accuracy(lr) for lr in todo})
+        lrs = sorted(scores)
+        chosen = max(lrs, key=lambda lr: (scores[lr], -lrs.index(lr)))
+        wider = next_lr(lrs, chosen)
+        if wider is None:
+            return scores, chosen, True
+        todo = [wider]
+    return scores, chosen, False

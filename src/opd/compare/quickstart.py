@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from opd.compare import verdicts
+from opd.compare.driver import teacher_accuracy
 from opd.config.loader import with_changes
 from opd.run.runner import train
 from opd.config.train import TrainConfig
@@ -52,34 +53,16 @@ def _val_accuracy(out_dir: Path, name: str, lr: float) -> float:
 def tune(out_dir: Path) -> dict:
     """Final validation accuracy (tuning seed) of every method over the grid, widened past
     an edge choice up to ``LR_EXTEND`` times; writes LR_FILE."""
-    from opd.compare.protocol import next_lr
+    from opd.compare.protocol import tune_lr
 
     grid, chosen, bracketed = {}, {}, {}
     for name in RECIPES:
-        scores, todo = {}, list(LR_GRID)
-        for _ in range(LR_EXTEND + 1):
-            scores.update({lr: _val_accuracy(out_dir, name, lr) for lr in todo})
-            lrs = sorted(scores)
-            chosen[name] = max(lrs, key=lambda lr: (scores[lr], -lrs.index(lr)))  # ties: the smaller lr
-            wider = next_lr(lrs, chosen[name])
-            if wider is None:
-                break
-            todo = [wider]
-        bracketed[name] = next_lr(sorted(scores), chosen[name]) is None
+        scores, chosen[name], bracketed[name] = tune_lr(LR_GRID, lambda lr: _val_accuracy(out_dir, name, lr), LR_EXTEND)
         grid[name] = {f"{lr:g}": acc for lr, acc in sorted(scores.items())}
     info = {"grid": grid, "chosen": chosen, "bracketed": bracketed, "tuning_seed": TUNING_SEED,
             "budget_sequences": BUDGET_SEQUENCES}
     LR_FILE.write_text(json.dumps(info, indent=1))
     return json.loads(LR_FILE.read_text())
-
-
-def teacher_accuracy(cfg: TrainConfig) -> float:
-    from opd.run.setup import build_setup
-
-    setup = build_setup(cfg)
-    env, problems = setup.env, setup.eval_problems
-    completions = env.teacher.generate([env.encode_prompt(p) for p in problems], max_new_tokens=cfg.max_new_tokens, temperature=0.0)
-    return sum(env.verify(p, c) for p, c in zip(problems, completions)) / len(problems)
 
 
 def mean_history(histories: list[list[dict]]) -> list[dict]:
