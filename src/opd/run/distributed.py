@@ -99,22 +99,22 @@ def rank_generator(generator: torch.Generator) -> torch.Generator:
     return torch.Generator().manual_seed(int(seeds[rank()]))
 
 
-def total(value: float | torch.Tensor) -> float:
-    """The sum over ranks (the value itself on one rank)."""
+def _reduced(value: float, op) -> float:
     if not active():
         return float(value)
     t = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=op)
     return float(t)
+
+
+def total(value: float | torch.Tensor) -> float:
+    """The sum over ranks (the value itself on one rank)."""
+    return _reduced(value, dist.ReduceOp.SUM)
 
 
 def most(value: float) -> float:
     """The largest value over ranks (the value itself on one rank)."""
-    if not active():
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
+    return _reduced(value, dist.ReduceOp.MAX)
 
 
 def any_rank(flag: bool) -> bool:
