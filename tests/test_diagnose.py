@@ -245,7 +245,29 @@ def test_recovery_rate_and_probe_depth(tiny_student_dir):
     planted = [probe.plant_wrong_step(oracle, x, y, SEP, 2, g) for x, y in zip(prompts, sols)]
     out = probe.probe_depth(load_model(tiny_student_dir), planted, verify, wait_id=WAIT, eos_id=EOS, pad_id=PAD,
                             max_new_tokens=30)
-    assert out["n"] == 3 and all(0.0 <= out[k] <= 1.0 for k in ("p_wait", "onset", "recovery", "clean_recovery"))
+    keys = ("p_wait", "onset", "recovery", "clean_recovery", "wait_redo", "false_wait", "false_onset")
+    assert out["n"] == 3 and all(0.0 <= out[k] <= 1.0 for k in keys)
+
+
+@pytest.mark.parametrize("task", ["addition", "modchain"])
+def test_correction_shares_on_oracle_continuations(task):
+    """The recovering oracle waits and redoes step k exactly, and never waits on a clean
+    prefix; the continuing oracle never waits; a wrong redo counts as an onset only."""
+    recovering, continuing = OracleTeacher(tokenizer=TOK), OracleTeacher(tokenizer=TOK, recovers=False)
+    _, prompts, sols = _problems(task, 4, n=4)
+    g = torch.Generator().manual_seed(1)
+    planted = [probe.plant_wrong_step(recovering, x, y, SEP, 3, g) for x, y in zip(prompts, sols)]
+    go = lambda oracle, prefixes: oracle.generate(prompts, max_new_tokens=60, temperature=0.0, prefix_ids_list=prefixes)  # noqa: E731
+    wrong, clean = [p.prefix for p in planted], [p.clean for p in planted]
+    for p, y in zip(planted, sols):
+        assert p.redo[-1] == SEP and p.redo == y[len(p.clean) - len(p.redo) + 1: len(p.clean) + 1]
+    shares = probe.correction_shares(planted, go(recovering, wrong), go(recovering, clean), WAIT)
+    assert shares == {"onset": 1.0, "wait_redo": 1.0, "redo_given_wait": 1.0, "false_onset": 0.0}
+    none = probe.correction_shares(planted, go(continuing, wrong), go(continuing, clean), WAIT)
+    assert none["onset"] == none["wait_redo"] == 0.0 and math.isnan(none["redo_given_wait"])
+    bad = [[WAIT] + p.prefix[len(p.clean) - len(p.redo) + 1:] + [SEP] for p in planted]  # redoes the wrong result
+    half = probe.correction_shares(planted, bad[:2] + go(recovering, wrong)[2:], go(recovering, clean), WAIT)
+    assert half == {"onset": 1.0, "wait_redo": 0.5, "redo_given_wait": 0.5, "false_onset": 0.0}
 
 
 # ------------------------------------------------------------------ end to end

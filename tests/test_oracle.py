@@ -330,3 +330,54 @@ def test_the_run_reports_the_blind_spot_apart(tiny_cfg):
         {"eval/accuracy_odd": 1.0}
     row = train(tiny_cfg(oracle_blind_spot=3, steps=1, eval_size=40))[-1]
     assert {"eval/accuracy_blind_spot", "eval/accuracy_rest"} <= set(row)
+
+
+def test_recover_prob_mixes_the_recovering_and_continuing_oracles():
+    """p_r = r p_rec + (1 - r) p_cont at every position (each walking the prefix), scoring
+    and next_logprobs agree, and sampling follows the mixture."""
+    from opd.testbed.tasks import make_task
+
+    tok = build_tokenizer()
+    kw = dict(tokenizer=tok, noise=0.2)
+    rec, cont, mix = OracleTeacher(**kw), OracleTeacher(recovers=False, **kw), OracleTeacher(recover_prob=0.3, **kw)
+    problem = make_task("addition", 4).problems("test", 1, seed=0)[0]
+    prompt = tok(problem.prompt, add_special_tokens=False)["input_ids"]
+    sol = tok(problem.solution, add_special_tokens=False)["input_ids"]
+    wrong = list(sol)
+    wrong[4] = (wrong[4] + 1 - 4) % 10 + 4  # a wrong digit (ids 4..13 are the digits)
+    for t in range(len(wrong) + 1):
+        want = torch.logsumexp(torch.stack([math.log(0.3) + rec.next_logprobs(prompt, wrong[:t]).double(),
+                                            math.log(0.7) + cont.next_logprobs(prompt, wrong[:t]).double()]), 0)
+        assert torch.allclose(mix.next_logprobs(prompt, wrong[:t]).double(), want, atol=1e-5)
+    p_wait = mix.next_logprobs(prompt, wrong[:5])[tok.convert_tokens_to_ids("wait")].exp()
+    assert 0.3 * 0.8 * 0.99 < p_wait < 0.3 * 0.8  # the recovering part's intended word (q_i < 1), times 1 - noise
+    batch = make_batch([prompt], [wrong], tok.pad_token_id)
+    scored = mix.score(batch).token_logp_BT[0]
+    assert torch.allclose(scored, torch.stack([mix.next_logprobs(prompt, wrong[:t])[w] for t, w in enumerate(wrong)]), atol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    firsts = [c[0] for c in mix.generate([prompt] * 400, max_new_tokens=1, temperature=1.0, generator=g, prefix_ids_list=[wrong[:5]] * 400)]
+    share = sum(f == tok.convert_tokens_to_ids("wait") for f in firsts) / 400
+    assert abs(share - float(p_wait)) < 0.07  # 400 draws: sd ~0.02
+    with pytest.raises(ValueError, match="recover_prob"):
+        OracleTeacher(recovers=False, recover_prob=0.5, tokenizer=tok)
+
+
+def test_off_by_one_noise_puts_the_noise_on_the_next_digit():
+    tok = build_tokenizer()
+    oracle = OracleTeacher(tokenizer=tok, noise=0.3, noise_kind="off_by_one")
+    from opd.testbed.tasks import make_task
+
+    problem = make_task("addition", 4).problems("test", 1, seed=1)[0]
+    prompt = tok(problem.prompt, add_special_tokens=False)["input_ids"]
+    sol = tok(problem.solution, add_special_tokens=False)["input_ids"]
+    digits, checked = set(range(4, 14)), 0
+    for t, (want, target) in enumerate(zip(sol, oracle.trace(prompt, sol))):
+        probs = oracle.next_logprobs(prompt, sol[:t]).exp()
+        if want in digits:  # W: the other digits at a digit slot, the other carry at a carry slot
+            nxt = min([w for w in target.plausible if w > want] or target.plausible)
+            assert nxt == ((want - 4 + 1) % 10 + 4 if len(target.plausible) == 9 else target.plausible[0])
+            assert probs[nxt] == pytest.approx(0.3, abs=2e-3)  # all of the noise on the next digit of W
+            assert float(probs[[d for d in digits if d not in (want, nxt)]].sum()) < 1e-3
+            checked += 1
+    assert checked == 4 * 5 + 5  # five digits per step (a b carry = carry unit), five in the answer
+    assert oracle._spread_words("6", ("0", "1", "2", "3", "4", "5")) == ("0",)  # cyclic within W (mod 7)

@@ -107,3 +107,17 @@ def test_sequences_to_target():
     assert both == {"per_seed": {"0": 64.0, "1": 128.0}, "reached": 2, "mean": 96.0}
     one = verdicts.target_summary({"0": h([0.1, 0.9]), "1": h([0.1, 0.5])}, 0.9)
     assert one["reached"] == 1 and one["mean"] is None
+
+
+def test_subset_metrics_get_their_own_verdicts():
+    """Evaluation subsets every run logged (a blind-spot teacher's) are judged by the same rule."""
+    final = lambda acc, spot: {"accuracy": acc, "accuracy_blind_spot": spot, "accuracy_rest": acc}  # noqa: E731
+    labels = {"opd": {"final": {"0": final(0.8, 0.1), "1": final(0.8, 0.2), "2": final(0.8, 0.15)}},
+              "grpo": {"final": {"0": final(0.7, 0.5), "1": final(0.7, 0.6), "2": final(0.7, 0.55)}}}
+    per_metric = driver.subset_finals(labels)
+    assert set(per_metric) == {"accuracy_blind_spot", "accuracy_rest"}
+    found = verdicts.metric_verdicts(per_metric)
+    assert found["accuracy_blind_spot"][0]["sentence"].startswith("grpo is above opd (mean difference +0.400")
+    assert found["accuracy_rest"][0]["sentence"].startswith("opd is above grpo (mean difference +0.100")
+    labels["grpo"]["final"]["2"]["accuracy_rest"] = None  # one run did not log it: no verdict on it
+    assert set(driver.subset_finals(labels)) == {"accuracy_blind_spot"}

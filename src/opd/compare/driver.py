@@ -415,8 +415,17 @@ def compare(spec_path: str, out_dir: str | None = None, overrides: list[str] = (
 
 def _final(row: dict) -> dict:
     out = {name: row.get(key) for name, key in FINAL_KEYS.items()}
-    out.update({k.removeprefix("eval/"): v for k, v in row.items() if k.startswith("eval/pass@")})
+    out.update({k.removeprefix("eval/"): v for k, v in row.items() if k.startswith(("eval/pass@", "eval/accuracy_"))})
     return out
+
+
+def subset_finals(labels: dict) -> dict[str, dict[str, dict]]:
+    """``{metric: {label: {seed: value}}}`` of the evaluation subsets (``accuracy_<name>``,
+    e.g. a blind-spot teacher's) that every run of every label logged."""
+    finals = [f for entry in labels.values() for f in entry["final"].values()]
+    names = sorted({k for f in finals for k in f if k.startswith("accuracy_")})
+    names = [k for k in names if all(f.get(k) is not None for f in finals)]
+    return {k: {label: {seed: f[k] for seed, f in entry["final"].items()} for label, entry in labels.items()} for k in names}
 
 
 def results_of(spec: Spec, summary: dict, teacher_acc: float | None) -> dict:
@@ -446,4 +455,5 @@ def results_of(spec: Spec, summary: dict, teacher_acc: float | None) -> dict:
                                              unbracketed=unbracketed, budget=spec.budget, test_size=summary["eval_size"])},
         "teacher_accuracy": teacher_acc, "target": spec.target, "target_accuracy": threshold,
         "labels": labels, "rule": verdicts.RULE, "verdicts": verdicts.all_verdicts(finals),
+        "metric_verdicts": verdicts.metric_verdicts(subset_finals(labels)),
     }

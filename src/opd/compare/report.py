@@ -166,6 +166,10 @@ def protocol_text(results: dict) -> str:
 
 def verdict_text(results: dict) -> str:
     lines = [f"Rule: {results['rule']}.", ""] + [f"- {v['sentence']}" for v in results["verdicts"]]
+    for metric, found in results.get("metric_verdicts", {}).items():
+        levels = "; ".join(f"{label} {_pm([f.get(metric, math.nan) for f in entry['final'].values()])}"
+                           for label, entry in results["labels"].items())
+        lines += ["", f"On `{metric}` (final; mean ± std over seeds: {levels}):", ""] + [f"- {v['sentence']}" for v in found]
     target = results.get("target_accuracy")
     if target is not None:
         lines += ["", f"Sequences to {results['target']:g} of the teacher's test accuracy "

@@ -22,7 +22,8 @@ import numpy as np
 RESAMPLES = 10_000
 LEVEL = 0.95
 RULE = (f"A beats B only when the {LEVEL:.0%} percentile bootstrap interval ({RESAMPLES:,} resamples of the "
-        "seeds) of the mean per-seed difference of final test accuracy excludes 0; otherwise no difference measured")
+        "seeds) of the mean per-seed difference of final test accuracy excludes 0; otherwise no difference measured "
+        "(the same rule for every other metric named, on the metric's own scale)")
 
 
 def bootstrap_interval(diffs: list[float], *, resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float]:
@@ -34,8 +35,9 @@ def bootstrap_interval(diffs: list[float], *, resamples: int = RESAMPLES, seed: 
     return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 
-def verdict(a: str, b: str, a_by_seed: dict, b_by_seed: dict) -> dict:
-    """The rule applied to labels ``a`` and ``b`` (final metric per seed, seeds as keys)."""
+def verdict(a: str, b: str, a_by_seed: dict, b_by_seed: dict, beats: str = "beats") -> dict:
+    """The rule applied to labels ``a`` and ``b`` (final metric per seed, seeds as keys);
+    ``beats`` is the sentence's verb for "higher" (a metric that is not a score says "is above")."""
     seeds = sorted(set(a_by_seed) & set(b_by_seed), key=str)
     diffs = [a_by_seed[s] - b_by_seed[s] for s in seeds]
     out = {"a": a, "b": b, "seeds": seeds, "mean_diff": float(np.mean(diffs)) if diffs else math.nan}
@@ -45,18 +47,25 @@ def verdict(a: str, b: str, a_by_seed: dict, b_by_seed: dict) -> dict:
     lo, hi = bootstrap_interval(diffs)
     span = lambda m, l, h: f"mean difference {m:+.3f}, {LEVEL:.0%} interval [{l:+.3f}, {h:+.3f}] over {len(diffs)} seeds"  # noqa: E731
     if lo > 0:
-        kind, sentence = "a", f"{a} beats {b} ({span(out['mean_diff'], lo, hi)})"
+        kind, sentence = "a", f"{a} {beats} {b} ({span(out['mean_diff'], lo, hi)})"
     elif hi < 0:  # said of b − a, so that the winner's difference is positive
-        kind, sentence = "b", f"{b} beats {a} ({span(-out['mean_diff'], -hi, -lo)})"
+        kind, sentence = "b", f"{b} {beats} {a} ({span(-out['mean_diff'], -hi, -lo)})"
     else:
         kind, sentence = "none", f"no difference measured between {a} and {b} ({span(out['mean_diff'], lo, hi)})"
     return {**out, "interval": [lo, hi], "verdict": kind, "sentence": sentence}
 
 
-def all_verdicts(finals: dict[str, dict]) -> list[dict]:
+def all_verdicts(finals: dict[str, dict], beats: str = "beats") -> list[dict]:
     """The rule for every pair of labels, in the spec's order."""
     labels = list(finals)
-    return [verdict(a, b, finals[a], finals[b]) for i, a in enumerate(labels) for b in labels[i + 1:]]
+    return [verdict(a, b, finals[a], finals[b], beats) for i, a in enumerate(labels) for b in labels[i + 1:]]
+
+
+def metric_verdicts(per_metric: dict[str, dict[str, dict]]) -> dict[str, list[dict]]:
+    """:func:`all_verdicts` for each further metric: ``{metric: {label: {seed: value}}}``.
+    Its sentences say "A is above B", not "beats": for some metrics (a false-alarm rate)
+    lower is better, and the reader is told which."""
+    return {metric: all_verdicts(finals, "is above") for metric, finals in per_metric.items()}
 
 
 def sequences_to(history: list[dict], threshold: float) -> float | None:

@@ -65,6 +65,10 @@ class RunConfig(FlatConfig):
     oracle_decay: float = _h("oracle: extra noise per deviation (or per position)", 0.0, ge=0)
     oracle_decay_mode: Literal["deviations", "position"] = _h("oracle: what the decay counts", "deviations")
     oracle_recovers: bool = _h("oracle: correct a wrong prefix with 'wait' (else continue it)", True)
+    oracle_recover_prob: float = _h("oracle: with oracle_recovers, the probability of recovering from a deviation "
+                                    "(a mixture with the continuing oracle); 1 = always", 1.0, gt=0, le=1)
+    oracle_noise_kind: Literal["uniform", "off_by_one"] = _h("oracle: noise spread over the plausible wrong words, "
+                                                             "or all of it on the next digit (a biased error)", "uniform")
     oracle_blind_spot: int = _h("oracle: drop the carries of addition problems with at least this many carries in a "
                                 "row, a verifiable blind spot reported apart (eval/accuracy_blind_spot); 0 = none", 0, ge=0)
     # optimisation
@@ -105,6 +109,13 @@ class RunConfig(FlatConfig):
     def _budget_needs_a_value(self):
         if self.budget_kind != "steps" and self.budget is None:
             raise ValueError(f"budget_kind={self.budget_kind} needs a budget: set budget=N (or budget_kind=steps)")
+        return self
+
+    @model_validator(mode="after")
+    def _recover_prob_needs_a_recovering_oracle(self):
+        if self.oracle_recover_prob < 1 and not self.oracle_recovers:
+            raise ValueError("oracle_recover_prob < 1 mixes the recovering oracle with the continuing one, so it needs "
+                             "oracle_recovers=true (oracle_recovers=false is the continuing oracle alone)")
         return self
 
 

@@ -18,7 +18,13 @@ The correct continuation is the correction onset ``wait`` (then the redone step,
   continuation) verifies correct. Only the final answer is checked, so a continuation
   that writes the right answer without correcting the step counts (a *silent*
   recovery: ``recovery`` above ``onset``);
-- ``clean_recovery``: the same with the correct result kept (the prefix's baseline).
+- ``clean_recovery``: the same with the correct result kept (the prefix's baseline);
+- ``wait_redo``: the share of greedy continuations that start with ``wait`` and then
+  redo step ``k`` exactly (its reference words and ``;``), and ``redo_given_wait``, that
+  share over ``onset`` (P(correct redo | wait); NaN when no continuation waited);
+- ``false_wait``: ``pi_S(wait | x, clean prefix)``, and ``false_onset``: the share of
+  greedy continuations of the clean prefix that start with ``wait`` (a false alarm: the
+  step was right).
 
 Pure measurement: models, oracles, tokenized inputs and the verifier come in as arguments.
 """
@@ -40,6 +46,7 @@ class Planted:
     prefix: list[int]  # the cut reference with the planted wrong result (last token)
     clean: list[int]  # the same cut with the right result
     position: int  # index of the planted token in ``prefix``
+    redo: list[int]  # step k's reference words and its ``sep``: the right redo after ``wait``
 
 
 def cut_after_step(solution_ids: list[int], sep_id: int, k: int) -> list[int]:
@@ -59,7 +66,8 @@ def plant_wrong_step(oracle, prompt: list[int], solution_ids: list[int], sep_id:
     if not wrong:
         raise ValueError(f"the oracle names no plausible wrong word at step {k}'s result")
     pick = wrong[int(torch.randint(len(wrong), (1,), generator=generator, device="cpu"))]
-    return Planted(list(prompt), clean[:pos] + [pick], clean, pos)
+    step_start = max((i + 1 for i, tok in enumerate(clean) if tok == sep_id), default=0)
+    return Planted(list(prompt), clean[:pos] + [pick], clean, pos, clean[step_start:] + [sep_id])
 
 
 def first_deviation(oracle, prompt: list[int], completion: list[int]) -> int | None:
@@ -100,18 +108,32 @@ def recovery_rate(prefixes: list[list[int]], continuations: list[list[int]], ver
 
 
 def probe_depth(model, planted: list[Planted], verify_fn, *, wait_id: int, eos_id: int, pad_id: int, max_new_tokens: int) -> dict[str, float]:
-    """``p_wait``, ``onset`` (share of greedy continuations that start with ``wait``),
-    ``recovery`` and ``clean_recovery`` (module doc) over the planted prefixes;
-    ``verify_fn(i, completion)`` checks row ``i``'s completion."""
+    """``p_wait``, ``onset``, ``recovery``, ``clean_recovery``, ``wait_redo``,
+    ``redo_given_wait``, ``false_wait`` and ``false_onset`` (module doc) over the planted
+    prefixes; ``verify_fn(i, completion)`` checks row ``i``'s completion."""
     prompts = [p.prompt for p in planted]
     wrong, clean = [p.prefix for p in planted], [p.clean for p in planted]
     kw = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
-    p_wait = next_token_logp(model, prompts, wrong, wait_id, pad_id).exp()
     cont = greedy_continuations(model, prompts, wrong, **kw)
+    clean_cont = greedy_continuations(model, prompts, clean, **kw)
     return {
-        "p_wait": float(p_wait.mean()),
-        "onset": sum(bool(c) and c[0] == wait_id for c in cont) / len(cont),
+        "p_wait": float(next_token_logp(model, prompts, wrong, wait_id, pad_id).exp().mean()),
+        **correction_shares(planted, cont, clean_cont, wait_id),
         "recovery": recovery_rate(wrong, cont, verify_fn),
-        "clean_recovery": recovery_rate(clean, greedy_continuations(model, prompts, clean, **kw), verify_fn),
+        "clean_recovery": recovery_rate(clean, clean_cont, verify_fn),
+        "false_wait": float(next_token_logp(model, prompts, clean, wait_id, pad_id).exp().mean()),
         "n": float(len(planted)),
+    }
+
+
+def correction_shares(planted: list[Planted], cont: list[list[int]], clean_cont: list[list[int]], wait_id: int) -> dict[str, float]:
+    """``onset``, ``wait_redo``, ``redo_given_wait`` and ``false_onset`` (module doc) from the
+    continuations of the wrong prefixes (``cont``) and of the clean ones (``clean_cont``)."""
+    waits = [bool(c) and c[0] == wait_id for c in cont]
+    redone = [w and c[1:1 + len(p.redo)] == p.redo for w, c, p in zip(waits, cont, planted)]
+    return {
+        "onset": sum(waits) / len(cont),
+        "wait_redo": sum(redone) / len(cont),
+        "redo_given_wait": sum(redone) / sum(waits) if any(waits) else float("nan"),
+        "false_onset": sum(bool(c) and c[0] == wait_id for c in clean_cont) / len(clean_cont),
     }

@@ -21,6 +21,11 @@ Intended word:
   ``<eos>`` intended everywhere. A *deviation* is any written word that differs from the
   word this oracle intended at its position.
 
+``recover_prob = r`` in (0, 1) (with ``recovers=True``) makes a teacher that recovers from
+a deviation only sometimes: its distribution is the mixture ``r p_rec + (1 - r) p_cont`` of
+the recovering and the continuing oracle, each walking the prefix on its own (so after a
+deviation it puts mass ``r`` on ``wait`` and ``1 - r`` on the consistent wrong continuation).
+
 Distribution, with ``L`` the live tokens (all but ``<pad>``, ``<bos>``, ``<unk>``), ``D``
 the dead ones, ``s = sharpness``::
 
@@ -32,7 +37,10 @@ the dead ones, ``s = sharpness``::
 number of completion tokens before the position (``decay_mode="position"``). So
 ``sharpness`` is the logit gap of the intended word over every other live word; ``noise``
 is the mass moved onto plausible-but-wrong words (other digits at a digit slot; at a slot
-with no plausible alternative, e.g. ``=`` or ``;``, onto all other live words); ``decay``
+with no plausible alternative, e.g. ``=`` or ``;``, onto all other live words); with
+``noise_kind="off_by_one"`` it all goes to one of them, the next digit of ``W`` after the
+intended one (cyclically: ``i + 1 mod 10`` for addition's digits), a biased rather than a
+uniform error; ``decay``
 makes that mass grow geometrically toward 1 with deviations or position (coverage decay).
 Scoring at temperature ``tau`` uses ``logits = log p / tau``.
 """
@@ -47,10 +55,11 @@ import torch
 from opd.batch import SeqBatch
 from opd.models.base import Scores
 from opd.testbed.steps import Grammar
-from opd.testbed.tokenizer import BOS, EOS, PAD, SEP, UNK, VOCAB, WAIT
+from opd.testbed.tokenizer import BOS, DIGITS, EOS, PAD, SEP, UNK, VOCAB, WAIT
 
 DEAD_LOGIT = -30.0  # <pad>, <bos>, <unk>: finite but never sampled in practice
 DECAY_MODES = ("deviations", "position")
+NOISE_KINDS = ("uniform", "off_by_one")
 
 
 class Target(NamedTuple):
@@ -124,6 +133,9 @@ class OracleTeacher:
         recovers: correct a wrong prefix with ``wait`` + the redone step (True) or continue
             it as if it were right (False).
         grammars: keyword -> Grammar (default: every testbed family).
+        recover_prob: with ``recovers``, the weight ``r`` of the recovering oracle in a
+            mixture with the continuing one (module doc); 1 is the recovering oracle.
+        noise_kind: ``"uniform"`` over ``W`` or ``"off_by_one"`` (module doc).
         blind_spot: 0 (off), or ``n``: a verifiable blind spot on addition, where problems
             with ``n`` or more carries in a row get their carries dropped
             (:func:`opd.testbed.addition.blind_spot_grammar`); ``eval_subsets`` then names
@@ -142,9 +154,16 @@ class OracleTeacher:
         recovers: bool = True,
         grammars: dict[str, Grammar] | None = None,
         blind_spot: int = 0,
+        recover_prob: float = 1.0,
+        noise_kind: str = "uniform",
     ):
         if not (0.0 <= noise < 1.0 and 0.0 <= decay < 1.0):
             raise ValueError("noise and decay must lie in [0, 1)")
+        if not 0.0 < recover_prob <= 1.0 or (recover_prob < 1.0 and not recovers):
+            raise ValueError("recover_prob must lie in (0, 1], and below 1 only with recovers=True "
+                             "(recovers=False is the continuing oracle, recover_prob 0)")
+        if noise_kind not in NOISE_KINDS:
+            raise ValueError(f"noise_kind must be one of {NOISE_KINDS}")
         if decay_mode not in DECAY_MODES:
             raise ValueError(f"decay_mode must be one of {DECAY_MODES}")
         if tokenizer is None:
@@ -167,6 +186,9 @@ class OracleTeacher:
                 raise ValueError(f"the oracle only knows the testbed tasks {sorted(TASKS)}")
         self.sharpness, self.noise, self.decay = float(sharpness), float(noise), float(decay)
         self.decay_mode, self.recovers, self.grammars = decay_mode, recovers, grammars
+        self.noise_kind = noise_kind
+        # mixture components: (recovers, log weight); one component unless 0 < recover_prob < 1
+        self._parts = [(recovers, 0.0)] if recover_prob == 1.0 else [(True, math.log(recover_prob)), (False, math.log1p(-recover_prob))]
         vocab = tokenizer.get_vocab()
         missing = [w for w in VOCAB if w not in vocab]
         if missing:
@@ -190,14 +212,15 @@ class OracleTeacher:
         self._table: tuple[torch.Tensor, ...] | None = None
 
     # ----------------------------------------------------------------- the walk
-    def _start(self, prompt_ids: Sequence[int]) -> _Walk:
+    def _start(self, prompt_ids: Sequence[int]) -> list[_Walk]:
+        """One walk per mixture component (one unless ``recover_prob`` is in (0, 1))."""
         words = [self._word(i) for i in prompt_ids]
         words = [w for w in words if w not in (PAD, BOS)]
         starts = [i for i, w in enumerate(words) if w in self.grammars]
         words = words[starts[-1]:] if starts else words  # a context may put y* or a draft before x
         grammar = self.grammars.get(words[0]) if words else None
         spec = grammar.parse_prompt(words) if grammar is not None else None
-        return _Walk(grammar, spec, self.recovers)
+        return [_Walk(grammar, spec, recovers) for recovers, _ in self._parts]
 
     def _word(self, i: int) -> str:
         return self.words[i] if 0 <= i < self.vocab_size else UNK
@@ -210,7 +233,7 @@ class OracleTeacher:
             row = self._keys[key] = len(self._rows)
             intended = self.ids[key[0]]
             mask = torch.zeros(self.vocab_size, dtype=torch.bool, device="cpu")
-            mask[[self.ids[w] for w in key[1] if w in self.ids]] = True
+            mask[[self.ids[w] for w in self._spread_words(*key) if w in self.ids]] = True
             if not mask.any():
                 mask = self.live_V.clone()
             mask[intended] = False
@@ -222,8 +245,21 @@ class OracleTeacher:
         n = walk.dev if self.decay_mode == "deviations" else walk.pos
         return row, float(n)
 
+    def _spread_words(self, intended: str, plausible: tuple[str, ...]) -> tuple[str, ...]:
+        """The words the noise mass goes to (before the all-live fallback for an empty set)."""
+        if self.noise_kind == "uniform" or intended not in DIGITS or not plausible:
+            return plausible
+        digits = sorted(int(w) for w in plausible if w in DIGITS)
+        after = [d for d in digits if d > int(intended)]
+        return (str((after or digits)[0]),) if digits else plausible
+
     def _advance(self, walk: _Walk, token: int, row: int) -> None:
         walk.push(self._word(token), self.words[self._rows[row][0]])
+
+    def _mixed(self, rows_C: list[list[int]], n_C: list[list[float]]) -> torch.Tensor:
+        """log p [N, V]: the mixture over components of :meth:`_logp` (rows and n per component)."""
+        parts = [w + self._logp(rows, n) for (_, w), rows, n in zip(self._parts, rows_C, n_C)]
+        return parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts), 0)
 
     def _logp(self, rows: list[int], n: list[float]) -> torch.Tensor:
         """log p [N, V] in float64 for table rows ``rows`` and decay counts ``n``."""
@@ -240,8 +276,9 @@ class OracleTeacher:
 
     # ----------------------------------------------------------------- public API
     def trace(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[Target]:
-        """The oracle's target at each completion position (intended id, W, n counts)."""
-        walk, out = self._start(prompt_ids), []
+        """The oracle's target at each completion position (intended id, W, n counts); of the
+        first mixture component (the recovering oracle) when there are two."""
+        walk, out = self._start(prompt_ids)[0], []
         for tok in completion_ids:
             word, plausible = walk.target()
             ids = tuple(self.ids[w] for w in plausible)
@@ -253,11 +290,13 @@ class OracleTeacher:
         self, prompt_ids: Sequence[int], prefix_ids: Sequence[int], temperature: float = 1.0
     ) -> torch.Tensor:
         """``log softmax(log p / temperature)`` [V] (float32) of the next token after the prefix."""
-        walk = self._start(prompt_ids)
+        walks = self._start(prompt_ids)
         for tok in prefix_ids:
-            self._advance(walk, tok, self._row(walk)[0])
-        row, n = self._row(walk)
-        return torch.log_softmax(self._logp([row], [n])[0] / temperature, -1).float()
+            for walk in walks:
+                self._advance(walk, tok, self._row(walk)[0])
+        rows = [self._row(walk) for walk in walks]
+        logp_V = self._mixed([[r] for r, _ in rows], [[n] for _, n in rows])[0]
+        return torch.log_softmax(logp_V / temperature, -1).float()
 
     def score(
         self, batch: SeqBatch, *, topk: int = 8, full: bool = False, temperature: float = 1.0
@@ -265,15 +304,15 @@ class OracleTeacher:
         """Scores of every completion column of ``batch`` (one O(T) walk per row)."""
         comp_BT = batch.completion_ids_BT
         B, T = comp_BT.shape
-        rows, ns = [], []
+        rows_C, n_C = [[] for _ in self._parts], [[] for _ in self._parts]
         for prompt, tokens in zip(batch.prompts(), comp_BT.tolist()):
-            walk = self._start(prompt)
-            for tok in tokens:
-                row, n = self._row(walk)
-                rows.append(row)
-                ns.append(n)
-                self._advance(walk, tok, row)
-        logits_BTV = (self._logp(rows, ns) / temperature).view(B, T, self.vocab_size)
+            for c, walk in enumerate(self._start(prompt)):
+                for tok in tokens:
+                    row, n = self._row(walk)
+                    rows_C[c].append(row)
+                    n_C[c].append(n)
+                    self._advance(walk, tok, row)
+        logits_BTV = (self._mixed(rows_C, n_C) / temperature).view(B, T, self.vocab_size)
         logq_BTV = torch.log_softmax(logits_BTV, -1)
         token_logp_BT = logq_BTV.gather(-1, comp_BT.cpu()[..., None]).squeeze(-1)
         entropy_BT = -(logq_BTV.exp() * logq_BTV).sum(-1)
@@ -303,20 +342,22 @@ class OracleTeacher:
         already written (e.g. a student's prefix); only the new tokens are returned. The
         returned lists include the final ``<eos>`` when one was generated.
         """
-        walks = [self._start(p) for p in prompt_ids_list]
-        for walk, prefix in zip(walks, prefix_ids_list or [[]] * len(walks)):
+        walks = [self._start(p) for p in prompt_ids_list]  # [B][component]
+        for parts, prefix in zip(walks, prefix_ids_list or [[]] * len(walks)):
             for tok in prefix:
-                self._advance(walk, tok, self._row(walk)[0])
+                for walk in parts:
+                    self._advance(walk, tok, self._row(walk)[0])
         out: list[list[int]] = [[] for _ in walks]
-        active = [b for b, w in enumerate(walks) if not w.done]
+        active = [b for b, parts in enumerate(walks) if not parts[0].done]
         for _ in range(max_new_tokens):
             if not active:
                 break
-            targets = [self._row(walks[b]) for b in active]
-            logp_AV = self._logp([r for r, _ in targets], [n for _, n in targets])
+            targets = [[self._row(walks[b][c]) for b in active] for c in range(len(self._parts))]
+            logp_AV = self._mixed([[r for r, _ in t] for t in targets], [[n for _, n in t] for t in targets])
             tokens = _sample(logp_AV, temperature, top_p, generator).tolist()
-            for b, (row, _), tok in zip(active, targets, tokens):
-                self._advance(walks[b], tok, row)
+            for a, (b, tok) in enumerate(zip(active, tokens)):
+                for c, walk in enumerate(walks[b]):
+                    self._advance(walk, tok, targets[c][a][0])
                 out[b].append(tok)
             active = [b for b, tok in zip(active, tokens) if tok != self.eos_token_id]
         return out
