@@ -121,3 +121,11 @@ def test_subset_metrics_get_their_own_verdicts():
     assert found["accuracy_rest"][0]["sentence"].startswith("opd is above grpo (mean difference +0.100")
     labels["grpo"]["final"]["2"]["accuracy_rest"] = None  # one run did not log it: no verdict on it
     assert set(driver.subset_finals(labels)) == {"accuracy_blind_spot"}
+
+
+def test_at_budget_reads_each_curve_at_exactly_that_budget():
+    labels = {"opd": {"curves": {"0": [[0, 0.1], [256, 0.4], [512, 0.6]], "1": [[0, 0.2], [256, 0.5], [512, 0.7]]}},
+              "grpo": {"curves": {"0": [[0, 0.1], [320, 0.3]], "1": [[0, 0.2], [256, 0.35]]}}}
+    assert verdicts.at_budget(labels, 256) == {"opd": {"0": 0.4, "1": 0.5}}  # grpo seed 0 has no point at 256
+    assert verdicts.at_budget(labels, 512) == {"opd": {"0": 0.6, "1": 0.7}}
+    assert verdicts.at_budget(labels, 0) == {"opd": {"0": 0.1, "1": 0.2}, "grpo": {"0": 0.1, "1": 0.2}}

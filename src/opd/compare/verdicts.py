@@ -68,6 +68,21 @@ def metric_verdicts(per_metric: dict[str, dict[str, dict]]) -> dict[str, list[di
     return {metric: all_verdicts(finals, "is above") for metric, finals in per_metric.items()}
 
 
+def at_budget(labels: dict, budget: float) -> dict[str, dict]:
+    """``{label: {seed: accuracy}}`` read off each run's curve (``results.json``'s
+    ``labels[*]["curves"]``: ``[sequences, accuracy]`` pairs) at the evaluation that used
+    exactly ``budget`` sequences; a run without one is left out (so its label gets no
+    verdict at that budget). With a constant learning rate a run's state at ``budget`` is
+    that of a run stopped there, so these are the finals of a run at that budget, with the
+    learning rate tuned at the full one."""
+    out = {}
+    for label, entry in labels.items():
+        at = {seed: acc for seed, curve in entry["curves"].items() for seqs, acc in curve if seqs == budget}
+        if len(at) == len(entry["curves"]):
+            out[label] = at
+    return out
+
+
 def sequences_to(history: list[dict], threshold: float) -> float | None:
     """The sequences used at the first evaluation whose accuracy reaches ``threshold``."""
     for row in history:
