@@ -244,6 +244,8 @@ def test_model_validator_error_is_config_error_a_user_error():
         "invalid config: warmup=200 exceeds steps=100"
     msg = "invalid config: budget_kind=wall_s needs a budget: set budget=N"
     fails(msg, overrides=["budget_kind=wall_s"], cls=TrainConfig)
+    fails("invalid config: oracle_recover_prob < 1 mixes the recovering oracle with the continuing one, so it needs "
+          "oracle_recovers=true", overrides=["oracle_recover_prob=0.5", "oracle_recovers=false"], cls=TrainConfig)
     assert issubclass(ConfigError, UserError) and issubclass(ConfigError, ValueError)
 
 

@@ -381,3 +381,11 @@ def test_off_by_one_noise_puts_the_noise_on_the_next_digit():
             checked += 1
     assert checked == 4 * 5 + 5  # five digits per step (a b carry = carry unit), five in the answer
     assert oracle._spread_words("6", ("0", "1", "2", "3", "4", "5")) == ("0",)  # cyclic within W (mod 7)
+
+
+def test_config_keys_reach_the_oracle(tiny_cfg):
+    from opd.run.setup import build_setup
+
+    teacher = build_setup(tiny_cfg(oracle_recover_prob=0.4, oracle_noise_kind="off_by_one", oracle_noise=0.2)).env.teacher
+    assert teacher.noise_kind == "off_by_one"
+    assert [(r, round(math.exp(w), 6)) for r, w in teacher._parts] == [(True, 0.4), (False, 0.6)]
