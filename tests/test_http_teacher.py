@@ -197,3 +197,56 @@ def test_topk_lsm_runs_on_a_server_and_with_k_equal_v_matches_the_local_teacher(
     for a, b in zip(remote[1:], local[1:]):
         assert abs(a["loss/rkl_topk"] - b["loss/rkl_topk"]) <= 1e-4 * max(1.0, abs(b["loss/rkl_topk"]))
         assert a["signal/support_size"] == pytest.approx(V)
+
+
+def test_a_response_cut_off_mid_body_is_retried(server):
+    """A server that dies while it sends a response body (IncompleteRead) is a transport
+    failure like a refused connection: retried, counted, and the answer is the real one."""
+    import http.server
+    import threading
+
+    cuts = []
+
+    class CutOnce(http.server.BaseHTTPRequestHandler):
+        def _forward(self, body=None):
+            with urllib.request.urlopen(urllib.request.Request(server + self.path.removeprefix("/v1"), data=body,
+                                                               headers={"Content-Type": "application/json"})) as resp:
+                return resp.read()
+
+        def do_GET(self):
+            self._reply(self._forward())
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if not cuts:
+                cuts.append(1)  # the first answer: headers promise 1,000 bytes, 10 arrive, the socket closes
+                self.send_response(200)
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.write(b'{"choices"')
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            self._reply(self._forward(body))
+
+        def _reply(self, data):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutOnce)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        batch = _batch()
+        cut = HTTPTeacher(f"http://127.0.0.1:{proxy.server_address[1]}/v1", backoff_s=0.01, concurrency=1)
+        got = cut.score(batch, topk=3)
+        assert cuts == [1] and cut.take_retries() == 1
+        want = HTTPTeacher(server).score(batch, topk=3)
+        m = batch.completion_mask_BT
+        torch.testing.assert_close(got.token_logp_BT[m], want.token_logp_BT[m])
+    finally:
+        proxy.shutdown()

@@ -24,6 +24,7 @@ the timeout (else one error naming the URL) and, when the server reports
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import json
 import math
@@ -93,7 +94,8 @@ class HTTPTeacher:
                 if err.code < 500 or attempt == self.retries:
                     detail = err.read().decode(errors="replace")[:300]
                     raise UserError(f"the teacher server at {url} refused a request ({err.code}: {detail})") from None
-            except (urllib.error.URLError, OSError, TimeoutError) as err:
+            except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as err:
+                # HTTPException: e.g. IncompleteRead, a server killed while it sent the body
                 if attempt == self.retries:
                     raise UserError(f"the teacher server at {url} failed {self.retries + 1} times in a row "
                                     f"({getattr(err, 'reason', err)}); check it and resume the run") from None
