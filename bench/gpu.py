@@ -4,7 +4,8 @@
     python bench/gpu.py --size gpu --out results.json    # the same, by hand (needs CUDA)
     python bench/gpu.py --size cpu --out results.json    # tiny sizes, any machine (make bench-gpu)
 
-Not a test. Four sections (``loss``, ``mfu``, ``rollout``, ``train``) in one process; a failing one records
+Not a test. Four sections (``loss``, ``mfu``, ``rollout``, ``train``: the last in ``gpu_train.py``; what
+they share in ``gpu_common.py``) in one process; a failing one records
 ``error`` and ``traceback`` beside what it had filled, and the others still run; each keeps to its
 budget (``BUDGET_S``; parts that would overrun are skipped, saying so), so the GPU run stays under
 8 minutes on one H100/H200. The JSON is rewritten after each section and on SIGTERM.
@@ -62,8 +63,6 @@ tokens per step; lean loss <= 1.2x Liger's time and <= 2x its memory; sampler >=
 from __future__ import annotations
 
 import argparse
-import functools
-import gc
 import inspect
 import json
 import math
@@ -81,146 +80,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from opd.batch import make_batch
 from opd.losses.chunked import chunked_divergence, chunked_divergence_loss
 from opd.models.hf import completion_hidden
 from opd.models.sampler import sample
 
-QWEN_05B = dict(vocab=151_936, hidden=896, inter=4864, layers=24, heads=14, kv_heads=2)
-QWEN_15B = dict(vocab=151_936, hidden=1536, inter=8960, layers=28, heads=12, kv_heads=2)
-SIZES = {
-    "gpu": dict(
-        model=QWEN_05B,
-        mfu=dict(batch=4, seq=4096, prompt=256, warmup=2, reps=5),
-        loss=dict(n=16_384, hidden=896, vocab=151_936, warmup=1, reps=3),
-        rollout=dict(batch=64, prompt=128, new=256, warmup=1, reps=2, static=True),
-        qwen_15b=QWEN_15B,
-        train=dict(student="model", teacher="qwen_15b", tokenizer_ids=151_665, batch=16, prompt=128, new=512,
-                   micro_batch=8, steps=20, methods=("opd", "gkd")),
-    ),
-    "cpu": dict(
-        model=dict(vocab=512, hidden=64, inter=128, layers=2, heads=4, kv_heads=2),
-        mfu=dict(batch=2, seq=64, prompt=16, warmup=1, reps=2),
-        loss=dict(n=64, hidden=32, vocab=512, warmup=1, reps=2),
-        rollout=dict(batch=4, prompt=8, new=8, warmup=1, reps=2, static=False),
-        teacher=dict(vocab=512, hidden=96, inter=192, layers=2, heads=4, kv_heads=2),
-        train=dict(student="model", teacher="teacher", tokenizer_ids=500, batch=4, prompt=8, new=8,
-                   micro_batch=2, steps=3, methods=("opd", "gkd")),
-    ),
-}
-BUDGET_S = {"loss": 60.0, "mfu": 45.0, "rollout": 85.0, "train": 150.0, "total": 340.0}
-PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12),
-             ("H800", 989.4e12), ("A100", 312e12))  # dense bf16 FLOP/s by device-name substring
-NAIVE_BYTES_PER_LOGIT = 48  # ~12 float32 [N, V] tensors live at the naive JSD's peak
-PAD, EOS, BETA, GIB = 0, 1, 0.5, 2**30
-log = functools.partial(print, flush=True)
-
-
-class Budget:
-    def __init__(self, seconds: float):
-        self.end = time.perf_counter() + seconds
-
-    def left(self) -> float:  # seconds
-        return self.end - time.perf_counter()
-
-
-def elapsed_s(fn, device: torch.device) -> float:
-    """Seconds of one ``fn()``: CUDA events on the GPU, the host clock on the CPU."""
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
-
-
-def timed(fn, device, warmup: int, reps: int, budget: Budget) -> list[float]:
-    """Seconds of each timed ``fn()`` after ``warmup`` calls; stops early when out of budget."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    out: list[float] = []
-    for _ in range(reps):
-        if out and budget.left() < 1.5 * out[-1]:
-            break
-        out.append(elapsed_s(fn, device))
-    return out
-
-
-def peak_extra_bytes(fn, device: torch.device):
-    """Peak allocated memory during ``fn()`` above what was allocated before (None on CPU)."""
-    if device.type != "cuda":
-        return fn()  # None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
-def free_memory() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()  # a no-op where CUDA was never initialized
-
-
-def attempt(name: str, fn) -> dict:
-    """``fn()``, or ``{"error", "traceback"}`` (one case failing, e.g. OOM, must not hide the others)."""
-    try:
-        r = fn()
-    except Exception as e:  # noqa: BLE001
-        r = {"error": f"{type(e).__name__}: {e}"[:1000], "traceback": traceback.format_exc()[-1500:]}
-    log(f"  {name}: { {k: v for k, v in r.items() if k != 'traceback'} }")
-    return r
-
-
-def build_model(arch: dict, dtype: torch.dtype, device: torch.device, family: str = "qwen2"):
-    """A randomly initialized Qwen2 causal LM of the given shape, made on ``device``; with
-    ``family="llama"``, the Llama architecture at the same shape with q/k/v/o biases."""
-    if family == "llama":
-        cfg = LlamaConfig(
-            vocab_size=arch["vocab"], hidden_size=arch["hidden"], intermediate_size=arch["inter"],
-            num_hidden_layers=arch["layers"], num_attention_heads=arch["heads"], num_key_value_heads=arch["kv_heads"],
-            tie_word_embeddings=True, max_position_embeddings=32_768, attention_bias=True, rope_theta=1e6,
-            pad_token_id=PAD, eos_token_id=EOS,
-        )  # fmt: skip
-        torch.manual_seed(0)
-        with device:
-            return LlamaForCausalLM(cfg).to(dtype)
-    cfg = Qwen2Config(
-        vocab_size=arch["vocab"], hidden_size=arch["hidden"], intermediate_size=arch["inter"],
-        num_hidden_layers=arch["layers"], num_attention_heads=arch["heads"],
-        num_key_value_heads=arch["kv_heads"], tie_word_embeddings=True, max_position_embeddings=32_768,
-        pad_token_id=PAD, eos_token_id=EOS,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    with device:
-        model = Qwen2ForCausalLM(cfg)
-    return model.to(dtype)
-
+from gpu_common import (  # bench/ is the script's directory
+    BETA, BUDGET_S, GIB, NAIVE_BYTES_PER_LOGIT, PAD, SIZES, Budget, attempt, build_model, elapsed_s, free_memory, log,
+    peak_extra_bytes, peak_flops, step_flops, timed,
+)
+from gpu_train import section_train
 
 # ---------------------------------------------------------------- 1. student update MFU
-
-
-def step_flops(n_nonembed: int, arch: dict, batch: int, seq: int, completion: int) -> dict:
-    """Model FLOPs of one forward+backward (module doc): dense, attention, head, total."""
-    d, L, V = arch["hidden"], arch["layers"], arch["vocab"]
-    dense, attention, head = 6 * n_nonembed * batch * seq, 6 * L * d * seq**2 * batch, 6 * batch * completion * V * d
-    return {"dense": dense, "attention": attention, "head": head, "total": dense + attention + head}
-
-
-def peak_flops(device: torch.device):
-    if device.type != "cuda":
-        return None, "cpu"
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16 if key in name), None), name
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, budget: Budget):
@@ -453,121 +325,6 @@ def section_rollout(size: dict, device, dtype, budget: Budget, out: dict) -> Non
     for key in ("generate_default", "generate_static", "opd_sampler_dynamic"):
         if "tokens_per_s" in out["opd_sampler"] and "tokens_per_s" in out.get(key, {}):
             out[f"ratio_sampler_vs_{key}"] = out["opd_sampler"]["tokens_per_s"] / out[key]["tokens_per_s"]
-
-
-# ---------------------------------------------------------------- 4. training steps through `opd train`
-
-
-def save_tokenizer(path: Path, n_ids: int) -> None:
-    """A word-level tokenizer of ``n_ids`` ids (``<pad>``, ``<eos>``, ``<unk>``, ``t3`` ...)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<eos>", "<unk>"] + [f"t{i}" for i in range(3, n_ids)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                            unk_token="<unk>").save_pretrained(path)  # fmt: skip
-
-
-def train_files(root: Path, size: dict, device, dtype) -> dict:
-    """Student and teacher saved with ``save_pretrained`` (random weights, the tokenizer cut
-    below the padded head as Qwen2.5's 151,665 ids under 151,936 rows), and a JSONL dataset
-    of prompts of exactly ``prompt`` words. The models are Llama-architecture at Qwen2.5's
-    shapes (with its q/k/v biases, plus an o bias): transformers 5 loads a ``qwen2``
-    checkpoint's tokenizer as ``Qwen2Tokenizer``, which a word-level tokenizer.json does not
-    survive (every word encodes to nothing)."""
-    cfg = size["train"]
-    paths = {"student": root / "student", "teacher": root / "teacher", "dataset": root / "data.jsonl"}
-    for side in ("student", "teacher"):
-        model = build_model(size[cfg[side]], dtype, device, family="llama")
-        model.save_pretrained(paths[side])
-        save_tokenizer(paths[side], cfg["tokenizer_ids"])
-        del model
-        free_memory()
-    g = torch.Generator().manual_seed(2)
-    rows = torch.randint(3, cfg["tokenizer_ids"], (64, cfg["prompt"]), generator=g).tolist()
-    paths["dataset"].write_text("".join(json.dumps({"prompt": " ".join(f"t{i}" for i in r), "answer": "t3"}) + "\n" for r in rows))
-    return paths
-
-
-def train_args(paths: dict, cfg: dict, method: str, run_dir: Path, device, dtype) -> list[str]:
-    return [
-        f"method={method}", f"student={paths['student']}", f"teacher={paths['teacher']}", f"dataset={paths['dataset']}",
-        f"steps={cfg['steps']}", f"prompts_per_step={cfg['batch']}", "group_size=1", f"max_new_tokens={cfg['new']}",
-        f"max_prompt_tokens={cfg['prompt']}", f"micro_batch_size={cfg['micro_batch']}", f"device={device.type}",
-        f"dtype={str(dtype).removeprefix('torch.')}", "eval_size=1", "eval_k=1", "eval_every=0", "progress=false",
-        "lr=1e-6", f"run_dir={run_dir}", "chat_template=off", *(["lmbda=1"] if method == "gkd" else []),
-    ]  # fmt: skip
-
-
-def run_train(paths: dict, cfg: dict, method: str, run_dir: Path, device, dtype, seconds: float) -> dict:
-    """``python -m opd train`` in a subprocess, SIGTERM at ``seconds`` (the run checkpoints and
-    stops); the per-step rows of its metrics.jsonl after the first (warm-up) step."""
-    import subprocess
-
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "opd", "train", *train_args(paths, cfg, method, run_dir, device, dtype)]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        text, _ = proc.communicate(timeout=max(seconds, 1.0))
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)
-        text, _ = proc.communicate(timeout=120)
-    wall = time.perf_counter() - t0
-    metrics = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    steps = [r for r in rows if "time/update_s" in r]
-    return {"returncode": proc.returncode, "wall_s": wall, "steps": steps, "log_tail": text[-1500:]}
-
-
-def train_summary(run: dict, size: dict, cfg: dict, device) -> dict:
-    """Per-step medians after the first step: the split, tokens/s, the update's MFU, peak memory."""
-    steps = run["steps"][1:] or run["steps"]
-    if not steps:
-        return {"error": f"no step finished (exit {run['returncode']})", "log_tail": run["log_tail"]}
-    med = lambda key: statistics.median(r[key] for r in steps) if all(key in r for r in steps) else None  # noqa: E731
-    rollout, score, update = (med(f"time/{k}_s") for k in ("rollout", "score", "update"))
-    # time/rollout_s runs from sampling to the signal (teacher scoring included); score apart
-    split = {"sample": None if rollout is None or score is None else rollout - score, "score": score, "update": update}
-    length = med("rollout/length") or cfg["new"]
-    arch = size[cfg["student"]]
-    n_nonembed = non_embedding_params(arch)
-    flops = step_flops(n_nonembed, arch, cfg["batch"], int(cfg["prompt"] + length), int(length))["total"]
-    step_s = (rollout or 0.0) + (update or 0.0)
-    peak, _ = peak_flops(device)
-    return {
-        "steps_done": len(run["steps"]), "steps_timed": len(steps), "wall_s": run["wall_s"], "returncode": run["returncode"],
-        "split_s": split, "step_s": step_s, "completion_tokens_per_step": cfg["batch"] * length,
-        "tokens_per_s": cfg["batch"] * length / step_s if step_s else None,
-        "update_flops": flops, "update_mfu": None if peak is None or not split["update"] else flops / split["update"] / peak,
-        "peak_memory_gib": med("memory/peak_gib"), "loss": [next((v for k, v in sorted(r.items()) if k.startswith("loss/")), None) for r in run["steps"]],
-    }  # fmt: skip
-
-
-def non_embedding_params(arch: dict, o_bias: bool = True) -> int:
-    """Parameters outside the (tied) embedding of the train section's models (Qwen2's shape
-    and q/k/v biases, plus an o bias unless ``o_bias=False``: Qwen2 itself), from the shape."""
-    d, f, L = arch["hidden"], arch["inter"], arch["layers"]
-    kv = d // arch["heads"] * arch["kv_heads"]
-    attn = d * d + d + 2 * (d * kv + kv) + d * d + (d if o_bias else 0)  # q, k, v (+biases), o
-    return L * (attn + 3 * d * f + 2 * d) + d
-
-
-def section_train(size: dict, device, dtype, budget: Budget, out: dict) -> None:
-    import tempfile
-
-    cfg = size["train"]
-    out.update(student=size[cfg["student"]], teacher=size[cfg["teacher"]], batch=cfg["batch"], prompt=cfg["prompt"],
-               new_tokens=cfg["new"], steps=cfg["steps"], micro_batch=cfg["micro_batch"], dtype=str(dtype))  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="opd-bench-") as tmp:
-        paths = train_files(Path(tmp), size, device, dtype)
-        methods = cfg["methods"]
-        for i, method in enumerate(methods):
-            seconds = budget.left() / (len(methods) - i) - 15  # room for the SIGTERM checkpoint
-            run = run_train(paths, cfg, method, Path(tmp) / f"run_{method}", device, dtype, seconds)
-            out[method] = attempt(f"train {method}", lambda: train_summary(run, size, cfg, device))
 
 
 # ---------------------------------------------------------------- driver

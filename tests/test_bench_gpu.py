@@ -66,7 +66,7 @@ def test_non_embedding_parameter_formula_matches_the_model():
     sys.path.insert(0, str(ROOT / "bench"))
     import torch
 
-    import gpu
+    import gpu_common as gpu  # the models and their shapes (bench/gpu.py imports them)
 
     arch = gpu.SIZES["cpu"]["teacher"]
     for family, o_bias in (("llama", True), ("qwen2", False)):
