@@ -2,11 +2,12 @@ import random
 
 import pytest
 
-from opd.testbed import addition, modchain
+from opd.testbed import addition, modchain, ring
 from opd.testbed.tasks import GRAMMARS, TASKS, make_task
 from opd.testbed.steps import extract_answer, split_of
 
-NAMES = ("addition", "modchain")
+NAMES = ("addition", "modchain", "ring")
+KEYWORDS = {"addition": "add", "modchain": "mod", "ring": "ring"}
 
 
 def test_examples_at_horizon_4():
@@ -25,7 +26,7 @@ def test_examples_at_horizon_4():
 @pytest.mark.parametrize("horizon", [1, 2, 4, 8])
 def test_reference_solutions_verify_and_parse(name, horizon):
     task = make_task(name, horizon)
-    grammar = GRAMMARS[{"addition": "add", "modchain": "mod"}[name]]
+    grammar = GRAMMARS[KEYWORDS[name]]
     for p in task.problems("train", 50, seed=horizon):
         assert task.verify(p, p.solution)
         assert task.verify(p, p.solution + " <eos> <pad> <pad>")
@@ -41,9 +42,11 @@ def test_token_budget():
     assert make_task("addition", 8).solution_tokens == 67
     assert make_task("modchain", 4).solution_tokens == 27
     assert make_task("modchain", 8).solution_tokens == 51
+    assert make_task("ring", 8).solution_tokens == 36
 
 
-BAD_PROMPTS = ["", "add", "add 1 + =", "add 1 2 + 3 =", "add 1 + x =", "mod 7 3 + 4 ="]
+BAD_PROMPTS = ["", "add", "add 1 + =", "add 1 2 + 3 =", "add 1 + x =", "mod 7 3 + 4 =", "ring 3 1 start 3 2 ; 0 1 =",
+               "ring 3 1 start 0 2 0 1 =", "ring 3 1 start 0 2 ; 0 1"]
 
 
 @pytest.mark.parametrize("bad", BAD_PROMPTS)
@@ -51,6 +54,7 @@ def test_parse_rejects_malformed_prompts(bad):
     words = bad.split()
     assert addition.parse_prompt(words) is None
     assert modchain.parse_prompt(words) is None
+    assert ring.parse_prompt(words) is None
 
 
 def test_extract_answer_takes_the_last_answer():
@@ -129,7 +133,7 @@ def test_registry():
         make_task("sorting", 4)
 
 
-@pytest.mark.parametrize("name", ["addition", "modchain"])
+@pytest.mark.parametrize("name", NAMES)
 def test_a_pool_drawn_on_demand_is_fixed_and_stays_in_its_split(name):
     from opd.testbed.steps import split_of
     from opd.testbed.tasks import make_task

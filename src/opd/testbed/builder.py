@@ -91,10 +91,11 @@ def init_model(tokenizer, arch: dict, seed: int, max_positions: int = 512) -> Ll
     return LlamaForCausalLM(config)
 
 
-def save_initial(path: Path, arch: dict, seed: int) -> Path:
+def save_initial(path: Path, arch: dict, seed: int, extra_words: tuple[str, ...] = ()) -> Path:
+    """A randomly initialized model and its tokenizer (with a task family's ``extra_words``)."""
     from opd.testbed.tokenizer import build_tokenizer
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(extra_words)
     init_model(tokenizer, arch, seed).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -136,7 +137,7 @@ def _val_accuracy(path: Path, task: str, horizon: int, seed: int) -> dict:
 
 def _prepare(kind: str, task: str, horizon: int, arch: dict, training: dict, seed: int, quiet: bool) -> Path:
     settings = {"kind": kind, "task": task, "horizon": horizon, "arch": arch, "training": training, "seed": seed}
-    make_task(task, horizon)  # an unknown task fails here, before anything is written
+    words = getattr(make_task(task, horizon), "words", ())  # an unknown task fails here, before anything is written
     path = cache_root() / "testbed" / f"{kind}-{task}-h{horizon}-{_key(settings)}"
     if (path / "READY.json").exists():
         return path
@@ -144,7 +145,7 @@ def _prepare(kind: str, task: str, horizon: int, arch: dict, training: dict, see
     shutil.rmtree(work, ignore_errors=True)
     if not quiet:
         print(f"preparing the testbed {kind} ({task}, horizon {horizon}) once; cached at {path}")
-    history = _sft(save_initial(work / "init", arch, seed), work / "sft", task, horizon, seed, training, quiet)
+    history = _sft(save_initial(work / "init", arch, seed, words), work / "sft", task, horizon, seed, training, quiet)
     final = sorted((work / "sft" / "checkpoints").glob("step_*"))[-1]
     shutil.rmtree(path, ignore_errors=True)
     final.rename(path)

@@ -11,7 +11,9 @@ Intended word:
   first wrong word of a step on (a *deviation*), ``wait``, until a ``wait`` is written;
   then the first word of the step that held the earliest uncorrected deviation, and the
   rest of that step and the solution (see the correction grammar in
-  :mod:`opd.testbed.steps`). At a ``wait`` slot ``W`` = {the word that would continue the
+  :mod:`opd.testbed.steps`). A word the family calls a legal action (the ring walk's other
+  move, :attr:`~opd.testbed.steps.Grammar.legal`) is not a mistake: the walk goes on from
+  it, as DAgger's expert does from any state (it still counts as a deviation for ``decay``). At a ``wait`` slot ``W`` = {the word that would continue the
   wrong prefix}.
 - ``recovers=False``: the word that continues the written prefix as if it were right
   (the grammar's ``next_token`` trusting what was written: the next step copies the
@@ -95,11 +97,15 @@ class _Walk:
             return WAIT, ()
         return word, tuple(w for w in plausible if w != word)
 
+    def _legal(self, word: str) -> bool:
+        legal = self.grammar.legal if self.grammar is not None else None
+        return legal is not None and self.spec is not None and legal(self.spec, self.committed, self.cur, word)
+
     def push(self, word: str, intended: str) -> None:
         self.pos += 1
         if word != intended:
             self.dev += 1
-            if self.recovers and self.err is None and word != WAIT:
+            if self.recovers and self.err is None and word != WAIT and not self._legal(word):
                 self.err = len(self.committed)
         if self.done:
             return

@@ -8,6 +8,9 @@ Solution grammar (every family)::
     correction: "wait" may follow any token; it discards the step in progress and the
                 step is then written again from its first token (the *redone step*).
                 A "wait" right after ";" redoes the step that ";" just closed.
+    legal action: a family may name written words that differ from the intended one but
+                are not mistakes (:attr:`Grammar.legal`; the ring walk's other move):
+                the solution goes on from them.
 
 The oracle that recovers emits ``wait`` immediately after the first wrong token of a step
 (the correction onset), then the step in full. Reference solutions never contain ``wait``.
@@ -42,6 +45,10 @@ class Grammar:
     keyword: str  # the prompt's first word, which tells the family
     parse_prompt: Callable[[Sequence[str]], Any]
     next_token: Callable[[Any, Sequence[tuple[str, ...]], Sequence[str]], NextToken]
+    # ``legal(spec, committed, cur, word)``: whether ``word``, written where another was
+    # intended, is a legal action the solution goes on from (the ring walk's other move),
+    # not a mistake; the recovering oracle then continues from it instead of saying ``wait``.
+    legal: Callable[[Any, Sequence[tuple[str, ...]], Sequence[str], str], bool] | None = None
 
 
 def split_of(prompt: str) -> str:

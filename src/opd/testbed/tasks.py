@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from opd.testbed import addition, modchain
+from opd.testbed import addition, modchain, ring
 from opd.testbed.steps import Grammar
 
 TASKS = {
     "addition": addition.AdditionTask,
     "modchain": modchain.ModChainTask,
+    "ring": ring.RingTask,
 }
 
-GRAMMARS: dict[str, Grammar] = {g.keyword: g for g in (addition.GRAMMAR, modchain.GRAMMAR)}
+GRAMMARS: dict[str, Grammar] = {g.keyword: g for g in (addition.GRAMMAR, modchain.GRAMMAR, ring.GRAMMAR)}
 
 
 def make_task(name: str, horizon: int = 4, **kw):

@@ -1,6 +1,6 @@
 """The testbed's one shared tokenizer: word-level over space-separated tokens.
 
-Every testbed task (addition, modchain) writes its prompts and solutions as words from
+Every testbed task (addition, modchain, ring) writes its prompts and solutions as words from
 :data:`VOCAB`, separated by single spaces, so one model can be trained on any of them.
 The tokenizer is a real ``transformers.PreTrainedTokenizerFast`` built locally (no hub),
 saved and loaded with ``save_pretrained`` / ``from_pretrained`` like any other.
@@ -29,12 +29,17 @@ WORDS = ["add", "mod", "start", *OPS, EQ, SEP, ANS, WAIT]
 VOCAB = SPECIALS + DIGITS + WORDS  # id = index; 24 tokens
 
 
-def build_tokenizer():
-    """A fresh ``PreTrainedTokenizerFast`` over :data:`VOCAB` (word level, whitespace split)."""
+def build_tokenizer(extra_words: tuple[str, ...] = ()):
+    """A fresh ``PreTrainedTokenizerFast`` over :data:`VOCAB` (word level, whitespace split).
+
+    ``extra_words`` extend it for a task family that needs words of its own (the ring walk's
+    ``ring``): they get the ids after :data:`VOCAB`, so every shared word keeps its id, and the
+    models of the other families (and their cached bases) keep their vocabulary of 24."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token=UNK))
+    words = VOCAB + [w for w in extra_words if w not in VOCAB]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
