@@ -141,3 +141,15 @@ def test_example_spec_builds_every_config(tmp_path):
     assert (cfg.method, cfg.group_size, cfg.prompts_per_step, cfg.seed, cfg.lr) == ("grpo", 8, 4, 2, 1e-5)
     assert (cfg.budget_kind, cfg.budget, cfg.eval_split, cfg.eval_every) == ("sequences", 768, "test", 6)
     assert run_config(spec, "opd_g1", 0, 1e-5, tmp_path / "t", tune=True).eval_split == "val"
+
+
+def test_a_moved_output_folder_is_still_reused(tiny_student_dir, tmp_path):
+    """The run folder is not part of what a run is: a comparison moved (or named by another
+    relative path) reuses its finished runs, with the same numbers."""
+    import shutil
+
+    spec, out = _write_spec(tmp_path, tiny_student_dir, seeds=1, lr_grid=None, budget=8, methods={"opd": {}}), tmp_path / "o"
+    first = compare(spec, str(out))
+    shutil.move(str(out), str(tmp_path / "moved"))
+    again = compare(spec, str(tmp_path / "moved"))
+    assert again["labels"]["opd"]["runs"][0]["reused"] and _numbers(again) == _numbers(first)

@@ -109,3 +109,48 @@ def test_a_corrected_pool_solution_verifies():
     pool = task.pool("train", 256, seed=0, correction_rate=1.0)
     for p in pool[:50]:
         assert "wait" in p.solution.split() and task.verify(p, p.solution)
+
+
+def _detour_rows(task, k, n=12):
+    from opd.diagnostics.detour import planted_ids
+
+    problems = task.problems("val", n, seed=0)
+    return problems, [TOK(p.prompt).input_ids for p in problems], planted_ids(TOK, problems, k)
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_the_detour_probe_on_the_oracle_and_on_a_habit(k):
+    """DAgger's expert turns back at every planted detour and recovers; a student with the
+    habit "repeat the last move" never turns back and never recovers."""
+    from opd.diagnostics.detour import detour_shares
+
+    task = make_task("ring", 8)
+    problems, prompts, rows = _detour_rows(task, k)
+    oracle = OracleTeacher(task, TOK)
+    go = lambda prefixes: oracle.generate(prompts, max_new_tokens=60, temperature=0.0, prefix_ids_list=prefixes)  # noqa: E731
+    verify = lambda i, c: task.verify(problems[i], TOK.decode(c))  # noqa: E731
+    expert = detour_shares(rows, go([r[0] for r in rows]), go([r[1] for r in rows]), verify)
+    assert expert == {"back": 1.0, "recovery": 1.0, "clean_recovery": 1.0, "n": 12.0}
+    habit = []
+    for p, (detour, _, _) in zip(problems, rows):
+        spec, words = p.meta["spec"], TOK.convert_ids_to_tokens(detour)
+        v, move = ring._number(words[-3:-1]), words[-4]
+        tail = []
+        for _ in range(8 - k + 2):
+            v = ring.step_to(v, move, spec.m)
+            tail += [move, *ring.two(v), ";"]
+        habit.append(TOK(" ".join(tail + ["ans", *ring.two(spec.target), "<eos>"])).input_ids)
+    shares = detour_shares(rows, habit, go([r[1] for r in rows]), verify)
+    assert shares["back"] == 0.0 and shares["recovery"] == 0.0 and shares["clean_recovery"] == 1.0
+
+
+def test_the_detour_probe_runs_a_model():
+    from opd.diagnostics.detour import detour_depth
+    from opd.testbed.builder import init_model
+
+    task = make_task("ring", 4)
+    model = init_model(TOK, dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2), seed=0)
+    problems = task.problems("val", 4, seed=0)
+    out = detour_depth(model.eval(), TOK, problems, 2, lambda p, c: task.verify(p, TOK.decode(c)), eos_id=TOK.eos_token_id,
+                       pad_id=TOK.pad_token_id, max_new_tokens=12, encode_prompt=lambda p: TOK(p.prompt).input_ids)
+    assert out["n"] == 4 and all(0.0 <= out[key] <= 1.0 for key in ("back", "recovery", "clean_recovery"))

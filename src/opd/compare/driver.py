@@ -59,7 +59,7 @@ SET_BY_COMPARE = {
 }
 RUN_DEFAULTS = {"progress": False}
 STEP_CAP = 100_000  # `steps` when a non-step budget is set and no steps are given: the budget stops the run
-NOT_IN_REUSE_KEY = ("progress", "tensorboard", "overwrite", "resume")
+NOT_IN_REUSE_KEY = ("progress", "tensorboard", "overwrite", "resume", "run_dir")  # run_dir: a moved --out still reuses
 RESULT_FILE = "result.json"
 RESULTS_FILE = "results.json"  # the comparison's numbers, from which its verdicts are made
 FINAL_KEYS = {"accuracy": "eval/accuracy", "sequences": "usage/sequences", "teacher_tokens": "usage/teacher_tokens",
@@ -326,7 +326,7 @@ def run_or_reuse(cfg: TrainConfig, force: bool = False) -> dict:
     path, key = Path(cfg.run_dir) / RESULT_FILE, _reuse_key(cfg)
     if not force and path.exists():
         saved = json.loads(path.read_text())
-        if saved.get("config") == key:
+        if {k: v for k, v in (saved.get("config") or {}).items() if k not in NOT_IN_REUSE_KEY} == key:
             return {**saved, "reused": True}
     path.unlink(missing_ok=True)
     result = {"config": key, "history": train(cfg)}

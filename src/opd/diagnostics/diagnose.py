@@ -137,6 +137,16 @@ def probe_section(cfg, env, tokenizer, problems, generator) -> dict:
     return {"depths": depths}
 
 
+def detour_section(cfg, env, tokenizer, problems) -> dict:
+    """The detour probe (:mod:`opd.diagnostics.detour`) at the probe depths; ring walks only."""
+    if cfg.dataset or cfg.task != "ring":
+        return {"skipped": "skipped: the detour probe is for the ring walk (task=ring), where a wrong move is legal."}
+    from opd.diagnostics.detour import detour_depth
+
+    kw = dict(eos_id=env.eos_id, pad_id=env.pad_id, max_new_tokens=env.max_new_tokens, encode_prompt=env.encode_prompt)
+    return {"depths": {k: detour_depth(env.student, tokenizer, problems, k, env.verify, **kw) for k in probe_depths(cfg.horizon)}}
+
+
 def _timed(times: dict, name: str, fn, *args):
     t0 = time.perf_counter()
     out = fn(*args)
@@ -179,6 +189,7 @@ def measure(cfg, setup, prompts: int, seed: int, horizons, repeats: int, varianc
         "noise": _timed(times, "noise", noise_section, env, tok, x, student_ids, not cfg.dataset),
         "variance": _timed(times, "variance", variance_section, cfg, env, tok, horizons, repeats, variance_prompts, generator),
         "probe": _timed(times, "probe", probe_section, cfg, env, tok, problems, generator),
+        "detour": _timed(times, "detour", detour_section, cfg, env, tok, problems),
     }
     results["seconds"] = times
     return results

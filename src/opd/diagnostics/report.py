@@ -168,6 +168,19 @@ def probe_md(pr: dict, out_dir: Path) -> str:
     )
 
 
+def detour_md(dt: dict) -> str:
+    if "skipped" in dt:
+        return dt["skipped"]
+    rows = [[str(k), *(_fmt(v[c]) for c in ("back", "recovery", "clean_recovery")), str(int(v["n"]))]
+            for k, v in dt["depths"].items()]
+    table = markdown_table(["depth k", "turns back", "recovery rate", "clean-prefix accuracy", "prefixes"], rows)
+    return (
+        "Held-out ring walks cut after move k - 1, then the other move (legal, written right): the best walk turns "
+        "back. Turns back: the greedy continuation's first move is the best one; recovery: the whole walk verifies "
+        f"(h + 2 moves are allowed).\n\n{table}"
+    )
+
+
 def write_report(out_dir: str | Path, results: dict) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -178,6 +191,7 @@ def write_report(out_dir: str | Path, results: dict) -> Path:
         ("Local noise", noise_md(results["noise"], out_dir)),
         ("Gradient variance vs horizon", variance_md(results["variance"], out_dir)),
         ("Correction path probe", probe_md(results["probe"], out_dir)),
+        ("Detour probe", detour_md(results.get("detour", {"skipped": "not measured"}))),
     ]
     head = (
         f"# opd diagnose: {results['checkpoint']}\n\nMethod `{results['method']}`, task {results['task']}, "

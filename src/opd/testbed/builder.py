@@ -71,6 +71,12 @@ CAPACITY_TRAINING = dict(steps=1500, lr=3e-3, prompts_per_step=32, stop_at_accur
 WAIT_CORRECTIONS = 0.05
 
 
+def eval_tokens(horizon: int) -> int:
+    """The completion budget of a warm-up's evaluations: 16 per step, at most 256 (the
+    models have 512 positions; a ring walk of horizon 32 needs 140)."""
+    return min(16 * horizon, 256)
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("OPD_CACHE", Path.home() / ".cache" / "opd"))
 
@@ -109,7 +115,7 @@ def _sft(init_dir: Path, run_dir: Path, task: str, horizon: int, seed: int, trai
     target = training.pop("stop_at_accuracy")
     cfg = TrainConfig(
         method="sft", student=str(init_dir), teacher=None, task=task, horizon=horizon, seed=seed,
-        eval_every=20 if target else 0, eval_size=256, eval_k=1, eval_split="val", max_new_tokens=16 * horizon, run_dir=str(run_dir),
+        eval_every=20 if target else 0, eval_size=256, eval_k=1, eval_split="val", max_new_tokens=eval_tokens(horizon), run_dir=str(run_dir),
         overwrite=True, progress=not quiet, lr_schedule="cosine", warmup_steps=10, **training,
     )
     return Run(cfg).fit(stop_when=(lambda row: row["eval/accuracy"] >= target) if target else None)
@@ -130,7 +136,7 @@ def _val_accuracy(path: Path, task: str, horizon: int, seed: int) -> dict:
     from opd.config.train import TrainConfig
 
     cfg = TrainConfig(method="sft", student=str(path), teacher=None, task=task, horizon=horizon, seed=seed,
-                      eval_size=256, eval_split="val", max_new_tokens=16 * horizon)
+                      eval_size=256, eval_split="val", max_new_tokens=eval_tokens(horizon))
     setup = build_setup(cfg)
     return evaluate(setup.env, setup.eval_problems, k=1, temperature=1.0, seed=seed)
 
