@@ -153,3 +153,17 @@ def test_a_moved_output_folder_is_still_reused(tiny_student_dir, tmp_path):
     shutil.move(str(out), str(tmp_path / "moved"))
     again = compare(spec, str(tmp_path / "moved"))
     assert again["labels"]["opd"]["runs"][0]["reused"] and _numbers(again) == _numbers(first)
+
+
+def test_a_run_from_before_a_new_config_key_is_reused_at_its_default(tiny_student_dir, tmp_path):
+    """A key added to the config after a run finished is absent from its result.json: the
+    run is reused while the spec leaves the key at its default, and rerun when it does not."""
+    spec, out = _write_spec(tmp_path, tiny_student_dir, seeds=1, lr_grid=None, budget=8, methods={"opd": {}}), tmp_path / "o"
+    compare(spec, str(out))
+    path = out / "runs/opd/seed0/result.json"
+    saved = json.loads(path.read_text())
+    assert saved["config"].pop("oracle_noise_kind") == "uniform"
+    path.write_text(json.dumps(saved))
+    assert compare(spec, str(out))["labels"]["opd"]["runs"][0]["reused"]
+    path.write_text(json.dumps(saved))
+    assert not compare(spec, str(out), overrides=["oracle_noise_kind=off_by_one"])["labels"]["opd"]["runs"][0]["reused"]

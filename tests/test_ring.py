@@ -55,6 +55,10 @@ def test_the_verifier_checks_the_walk_not_only_the_answer():
     assert ok(p, "+ 3 0 ; + 0 0 ; + 0 2 ; wait + 0 1 ; ans 0 1")  # corrected right after ";"
     assert ok(p, "+ 3 0 ; + 0 0 ; + 0 2 ; wait wait + 0 1 ; ans 0 1")  # a second wait drops nothing more
     assert ring.replay("+ 3 0 ; wait wait + 0 0 ;".split()) == [["+", "0", "0"], []]
+    assert ring.walk(p.meta["spec"], "+ 3 0 ; + 0 0 ; ans 0 1") == (2, 0, True)
+    assert ring.stops_short(p.meta["spec"], "+ 3 0 ; + 0 0 ; ans 0 1")  # answers one move early
+    assert not ring.stops_short(p.meta["spec"], "+ 3 0 ; + 0 2 ; ans 0 1")  # a wrong state: not "short"
+    assert not ring.stops_short(p.meta["spec"], "+ 3 0 ; + 0 0 ; + 0 1 ; ans 0 1")
 
 
 def test_the_continuing_oracle_names_the_best_move_from_any_state():
@@ -129,19 +133,24 @@ def test_the_detour_probe_on_the_oracle_and_on_a_habit(k):
     oracle = OracleTeacher(task, TOK)
     go = lambda prefixes: oracle.generate(prompts, max_new_tokens=60, temperature=0.0, prefix_ids_list=prefixes)  # noqa: E731
     verify = lambda i, c: task.verify(problems[i], TOK.decode(c))  # noqa: E731
-    expert = detour_shares(rows, go([r[0] for r in rows]), go([r[1] for r in rows]), verify)
-    assert expert == {"back": 1.0, "recovery": 1.0, "clean_recovery": 1.0, "n": 12.0}
-    habit = []
-    for p, (detour, _, _) in zip(problems, rows):
-        spec, words = p.meta["spec"], TOK.convert_ids_to_tokens(detour)
-        v, move = ring._number(words[-3:-1]), words[-4]
-        tail = []
-        for _ in range(8 - k + 2):
-            v = ring.step_to(v, move, spec.m)
-            tail += [move, *ring.two(v), ";"]
-        habit.append(TOK(" ".join(tail + ["ans", *ring.two(spec.target), "<eos>"])).input_ids)
-    shares = detour_shares(rows, habit, go([r[1] for r in rows]), verify)
+    short = lambda i, c: ring.stops_short(problems[i].meta["spec"], TOK.decode(c))  # noqa: E731
+    expert = detour_shares(rows, go([r[0] for r in rows]), go([r[1] for r in rows]), verify, short)
+    assert expert == {"back": 1.0, "recovery": 1.0, "stops_short": 0.0, "clean_recovery": 1.0, "n": 12.0}
+    def habit(moves_in_all):  # repeat the planted move, stop after ``moves_in_all`` moves
+        out = []
+        for p, (detour, _, _) in zip(problems, rows):
+            spec, words = p.meta["spec"], TOK.convert_ids_to_tokens(detour)
+            v, move, tail = ring._number(words[-3:-1]), words[-4], []
+            for _ in range(moves_in_all - k):
+                v = ring.step_to(v, move, spec.m)
+                tail += [move, *ring.two(v), ";"]
+            out.append(TOK(" ".join(tail + ["ans", *ring.two(spec.target), "<eos>"])).input_ids)
+        return out
+
+    shares = detour_shares(rows, habit(8 + 2), go([r[1] for r in rows]), verify, short)
     assert shares["back"] == 0.0 and shares["recovery"] == 0.0 and shares["clean_recovery"] == 1.0
+    counted = detour_shares(rows, habit(8), go([r[1] for r in rows]), verify, short)
+    assert counted["stops_short"] == 1.0 and counted["recovery"] == 0.0
 
 
 def test_the_detour_probe_runs_a_model():
@@ -153,4 +162,4 @@ def test_the_detour_probe_runs_a_model():
     problems = task.problems("val", 4, seed=0)
     out = detour_depth(model.eval(), TOK, problems, 2, lambda p, c: task.verify(p, TOK.decode(c)), eos_id=TOK.eos_token_id,
                        pad_id=TOK.pad_token_id, max_new_tokens=12, encode_prompt=lambda p: TOK(p.prompt).input_ids)
-    assert out["n"] == 4 and all(0.0 <= out[key] <= 1.0 for key in ("back", "recovery", "clean_recovery"))
+    assert out["n"] == 4 and all(0.0 <= out[key] <= 1.0 for key in ("back", "recovery", "stops_short", "clean_recovery"))

@@ -318,6 +318,13 @@ def _reuse_key(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(key))
 
 
+def _saved_key(saved: dict) -> dict:
+    """A finished run's reuse key, read today: a config key added since it ran (absent from
+    its file) takes its default, which by this project's rule is the behaviour before the key."""
+    defaults = _reuse_key(TrainConfig(method=saved.get("method", "opd")))
+    return {**{k: v for k, v in defaults.items() if k not in saved}, **{k: v for k, v in saved.items() if k not in NOT_IN_REUSE_KEY}}
+
+
 def run_or_reuse(cfg: TrainConfig, force: bool = False) -> dict:
     """``{"config", "history", "reused"}``: the finished run in ``cfg.run_dir`` if its config is
     ``cfg`` (and not ``force``), else a fresh run."""
@@ -326,7 +333,7 @@ def run_or_reuse(cfg: TrainConfig, force: bool = False) -> dict:
     path, key = Path(cfg.run_dir) / RESULT_FILE, _reuse_key(cfg)
     if not force and path.exists():
         saved = json.loads(path.read_text())
-        if {k: v for k, v in (saved.get("config") or {}).items() if k not in NOT_IN_REUSE_KEY} == key:
+        if _saved_key(saved.get("config") or {}) == key:
             return {**saved, "reused": True}
     path.unlink(missing_ok=True)
     result = {"config": key, "history": train(cfg)}

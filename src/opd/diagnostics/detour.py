@@ -14,8 +14,11 @@ habit (repeat the last move). Measured on greedy continuations:
 
 - ``back``: the share whose first word is the best move from the planted state;
 - ``recovery``: the share whose completion (prefix + continuation) verifies;
-- ``clean_recovery``: the same from the reference's first ``k`` steps (no detour), the
-  baseline the detour is read against.
+- ``stops_short``: the share whose walk, every state written right, answers before it
+  reaches the target (the habit of counting ``horizon`` moves, which every shortest walk
+  in training allows);
+- ``clean_recovery``: the same as ``recovery`` from the reference's first ``k`` steps (no
+  detour), the baseline the detour is read against.
 
 Pure measurement: the model, the tokenizer and the verifier come in as arguments.
 """
@@ -48,7 +51,8 @@ def detour_depth(model, tokenizer, problems, k: int, verify_fn, *, eos_id: int, 
     kw = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
     cont = greedy_continuations(model, prompts, [r[0] for r in rows], **kw)
     clean_cont = greedy_continuations(model, prompts, [r[1] for r in rows], **kw)
-    return detour_shares(rows, cont, clean_cont, lambda i, c: verify_fn(problems[i], c))
+    short = lambda i, c: ring.stops_short(problems[i].meta["spec"], tokenizer.decode(c))  # noqa: E731
+    return detour_shares(rows, cont, clean_cont, lambda i, c: verify_fn(problems[i], c), short)
 
 
 def planted_ids(tokenizer, problems, k: int) -> list[tuple[list[int], list[int], int]]:
@@ -57,12 +61,14 @@ def planted_ids(tokenizer, problems, k: int) -> list[tuple[list[int], list[int],
     return [(ids(d), ids(c), ids([b])[0]) for d, c, b in (plant_detour(p.meta["spec"], k) for p in problems)]
 
 
-def detour_shares(rows, cont: list[list[int]], clean_cont: list[list[int]], verify) -> dict[str, float]:
+def detour_shares(rows, cont: list[list[int]], clean_cont: list[list[int]], verify, short) -> dict[str, float]:
     """The shares of the module doc from the continuations of the detours (``cont``) and of
-    the clean prefixes (``clean_cont``); ``verify(i, completion_ids)`` checks row ``i``."""
+    the clean prefixes (``clean_cont``); ``verify(i, completion_ids)`` checks row ``i``,
+    ``short(i, completion_ids)`` says whether its walk stops short of the target."""
     return {
         "back": sum(bool(c) and c[0] == r[2] for c, r in zip(cont, rows)) / len(cont),
         "recovery": recovery_rate([r[0] for r in rows], cont, verify),
+        "stops_short": recovery_rate([r[0] for r in rows], cont, short),
         "clean_recovery": recovery_rate([r[1] for r in rows], clean_cont, verify),
         "n": float(len(rows)),
     }

@@ -171,13 +171,14 @@ def probe_md(pr: dict, out_dir: Path) -> str:
 def detour_md(dt: dict) -> str:
     if "skipped" in dt:
         return dt["skipped"]
-    rows = [[str(k), *(_fmt(v[c]) for c in ("back", "recovery", "clean_recovery")), str(int(v["n"]))]
+    rows = [[str(k), *(_fmt(v[c]) for c in ("back", "recovery", "stops_short", "clean_recovery")), str(int(v["n"]))]
             for k, v in dt["depths"].items()]
-    table = markdown_table(["depth k", "turns back", "recovery rate", "clean-prefix accuracy", "prefixes"], rows)
+    table = markdown_table(["depth k", "turns back", "recovery rate", "stops short", "clean-prefix accuracy", "prefixes"], rows)
     return (
         "Held-out ring walks cut after move k - 1, then the other move (legal, written right): the best walk turns "
         "back. Turns back: the greedy continuation's first move is the best one; recovery: the whole walk verifies "
-        f"(h + 2 moves are allowed).\n\n{table}"
+        "(h + 2 moves are allowed); stops short: it answers before it reaches the target, every state written right "
+        f"(counting moves).\n\n{table}"
     )
 
 

@@ -191,22 +191,35 @@ def replay(words: Sequence[str]) -> list[list[str]]:
     return closed + [cur]
 
 
-def walk_ok(spec: RingSpec, completion: str, slack: int = SLACK) -> bool:
-    """Whether the completion's walk writes every state right, reaches the target within
-    ``horizon + slack`` moves, and then answers (the answer itself is checked apart)."""
+def walk(spec: RingSpec, completion: str) -> tuple[int, int | None, bool]:
+    """``(moves, state, answered)`` of a completion under the correction grammar: how many
+    moves it made, the state they reached (``None`` once a move or a written state is
+    wrong), and whether it then answered."""
     words = [w for w in completion.split() if w not in ("<pad>", "<bos>")]
     words = words[: words.index(EOS)] if EOS in words else words
     *moves, tail = replay(words)
-    if not tail or tail[0] != ANS or len(moves) > spec.horizon + slack:
-        return False
-    v = spec.start
+    v: int | None = spec.start
     for step in moves:
-        if len(step) != 3 or step[0] not in MOVES:
-            return False
+        if v is None or len(step) != 3 or step[0] not in MOVES:
+            v = None
+            break
         v = step_to(v, step[0], spec.m)
-        if step[1:] != two(v):
-            return False
-    return v == spec.target
+        v = v if step[1:] == two(v) else None
+    return len(moves), v, bool(tail) and tail[0] == ANS
+
+
+def walk_ok(spec: RingSpec, completion: str, slack: int = SLACK) -> bool:
+    """Whether the completion's walk writes every state right, reaches the target within
+    ``horizon + slack`` moves, and then answers (the answer itself is checked apart)."""
+    moves, state, answered = walk(spec, completion)
+    return answered and moves <= spec.horizon + slack and state == spec.target
+
+
+def stops_short(spec: RingSpec, completion: str) -> bool:
+    """Whether a walk with every state written right answers before it reaches the target
+    (a student that counts ``horizon`` moves instead of looking at the state)."""
+    _, state, answered = walk(spec, completion)
+    return answered and state is not None and state != spec.target
 
 
 @dataclass
