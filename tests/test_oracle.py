@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from opd.batch import make_batch
+from opd.testbed import addition
 from opd.testbed.oracle import DEAD_LOGIT, OracleTeacher
 from opd.testbed.tasks import make_task
 from opd.testbed.tokenizer import DIGITS, build_tokenizer
@@ -386,6 +387,31 @@ def test_off_by_one_noise_puts_the_noise_on_the_next_digit():
 def test_config_keys_reach_the_oracle(tiny_cfg):
     from opd.run.setup import build_setup
 
-    teacher = build_setup(tiny_cfg(oracle_recover_prob=0.4, oracle_noise_kind="off_by_one", oracle_noise=0.2)).env.teacher
-    assert teacher.noise_kind == "off_by_one"
+    teacher = build_setup(tiny_cfg(oracle_recover_prob=0.4, oracle_noise_kind="off_by_one", oracle_noise=0.2,
+                                   oracle_two_orders=True)).env.teacher
+    assert teacher.noise_kind == "off_by_one" and teacher.grammars["add"].next_token.__name__ == "two_orders_next_token"
     assert [(r, round(math.exp(w), 6)) for r, w in teacher._parts] == [(True, 0.4), (False, 0.6)]
+
+
+def test_two_orders_puts_half_the_mass_on_each_operand_and_both_verify():
+    """Where a step's operand digits differ, the teacher's first slot is the mixture of the
+    two orders (entropy about log 2, against about 0.01 for one order); either order is no
+    deviation, the second slot follows the first, and greedy and sampled solutions verify."""
+    task, one = make_task("addition", 4), OracleTeacher(tokenizer=TOK)
+    two = OracleTeacher(tokenizer=TOK, two_orders=True)
+    spec = addition.AdditionSpec((2, 7, 4, 5), (5, 1, 9, 8))
+    prompt = TOK(addition.prompt_text(spec)).input_ids
+    p2 = two.next_logprobs(prompt, []).exp()
+    assert float(p2[TOK.convert_tokens_to_ids("2")]) == pytest.approx(float(p2[TOK.convert_tokens_to_ids("5")]), abs=1e-6)
+    entropy = lambda p: float(-(p * p.clamp_min(1e-30).log()).sum())  # noqa: E731
+    assert entropy(p2) == pytest.approx(math.log(2), abs=0.02) and entropy(one.next_logprobs(prompt, []).exp()) < 0.02
+    swapped = TOK("5 2 0 = 0 7 ; 1 7 0 = 0 8 ; 4 9 0 = 1 3 ; 5 8 1 = 1 4 ; ans 7 8 3 4 1 <eos>").input_ids
+    targets = two.trace(prompt, swapped)
+    assert [t.deviations for t in targets][-1] == 0  # both swaps are right
+    assert TOK.convert_ids_to_tokens([targets[1].intended])[0] == "2"  # after 5, the other operand
+    assert max(float(two.next_logprobs(prompt, swapped[:k]).max()) for k in range(len(swapped))) > -1e-3
+    assert task.verify(task.make_problem(spec), TOK.decode(swapped))
+    drawn = two.generate([prompt] * 200, max_new_tokens=40, generator=torch.Generator().manual_seed(0))
+    firsts = [TOK.convert_ids_to_tokens(d[:1])[0] for d in drawn]
+    assert 80 <= firsts.count("5") <= 120 and firsts.count("2") + firsts.count("5") >= 198
+    assert sum(task.verify(task.make_problem(spec), TOK.decode(d)) for d in drawn) >= 196

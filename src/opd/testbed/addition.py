@@ -136,6 +136,26 @@ def blind_spot_grammar(min_chain: int) -> steps.Grammar:
     return steps.Grammar(KEYWORD, parse_prompt, blind_next_token)
 
 
+def two_orders_grammar(base: steps.Grammar = GRAMMAR) -> steps.Grammar:
+    """The grammar of a teacher for which a step may write its two operand digits in either
+    order (``a b c = t u`` or ``b a c = t u``: a + b = b + a, and the sum is checked, not the
+    order). At a step's first slot both digits are intended, so the teacher's entropy there is
+    legitimately about log 2 (where a != b); the second slot is then the other one. Reference
+    solutions keep the order ``a b``; elsewhere it is ``base``."""
+    def two_orders_next_token(spec: AdditionSpec, committed, cur):
+        word, plausible = base.next_token(spec, committed, cur)
+        k, j = len(committed), len(cur)
+        if k < spec.horizon and j < 2 and fits(cur, STEP) and spec.a[k] != spec.b[k]:
+            a, b = str(spec.a[k]), str(spec.b[k])
+            if j == 0:
+                return (a, b), others(a, DIGITS)
+            if cur[0] == b:
+                return a, others(a, DIGITS)
+        return word, plausible
+
+    return steps.Grammar(KEYWORD, parse_prompt, two_orders_next_token)
+
+
 @dataclass
 class AdditionTask:
     """``horizon``-digit addition; problems are seeded and split by a hash of the prompt."""

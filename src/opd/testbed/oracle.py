@@ -4,7 +4,9 @@ The oracle reads the problem from the prompt ids alone (its first word picks the
 :class:`~opd.testbed.steps.Grammar`), then walks the completion once, left to right, keeping
 the state of the solution grammar (closed steps, the step in progress, deviations so far).
 At every position the walk names an *intended* word ``i`` and a set ``W`` of
-plausible-but-wrong words; the knobs turn that into a distribution.
+plausible-but-wrong words; the knobs turn that into a distribution. Where a family allows
+several equally right words (``two_orders``: a step's operands in either order) the walk
+names a set ``I`` of them, each with the logit ``s`` below, and any of them is no deviation.
 
 Intended word:
 - ``recovers=True`` (default): on a correct prefix, the reference's next word. From the
@@ -32,6 +34,7 @@ Distribution, with ``L`` the live tokens (all but ``<pad>``, ``<bos>``, ``<unk>`
 the dead ones, ``s = sharpness``::
 
     q_v = exp(s [v = i] + DEAD_LOGIT [v in D]) / Z,  Z = e^s + (|L| - 1) + |D| e^DEAD_LOGIT
+    (with a set I: s [v in I], Z = |I| e^s + (|L| - |I|) + |D| e^DEAD_LOGIT)
     p_v = (1 - eps) q_v + eps [v in W'] / |W'|,      W' = W if W else L \\ {i}
     eps = 1 - (1 - noise) (1 - decay)^n
 
@@ -92,18 +95,20 @@ class _Walk:
             return EOS, ()
         word, plausible = self.grammar.next_token(self.spec, self.committed, self.cur)
         if self.recovers and self.err is not None:
-            return WAIT, ((word,) if word not in (None, WAIT) else ())
+            intended = word if isinstance(word, tuple) else (word,) if word not in (None, WAIT) else ()
+            return WAIT, intended
         if word is None:
             return WAIT, ()
-        return word, tuple(w for w in plausible if w != word)
+        intended = word if isinstance(word, tuple) else (word,)
+        return word, tuple(w for w in plausible if w not in intended)
 
     def _legal(self, word: str) -> bool:
         legal = self.grammar.legal if self.grammar is not None else None
         return legal is not None and self.spec is not None and legal(self.spec, self.committed, self.cur, word)
 
-    def push(self, word: str, intended: str) -> None:
+    def push(self, word: str, intended: tuple[str, ...]) -> None:
         self.pos += 1
-        if word != intended:
+        if word not in intended:
             self.dev += 1
             if self.recovers and self.err is None and word != WAIT and not self._legal(word):
                 self.err = len(self.committed)
@@ -142,6 +147,9 @@ class OracleTeacher:
         recover_prob: with ``recovers``, the weight ``r`` of the recovering oracle in a
             mixture with the continuing one (module doc); 1 is the recovering oracle.
         noise_kind: ``"uniform"`` over ``W`` or ``"off_by_one"`` (module doc).
+        two_orders: on addition, a step's two operand digits may come in either order
+            (:func:`opd.testbed.addition.two_orders_grammar`): both are intended at the
+            step's first slot, a legitimately uncertain position.
         blind_spot: 0 (off), or ``n``: a verifiable blind spot on addition, where problems
             with ``n`` or more carries in a row get their carries dropped
             (:func:`opd.testbed.addition.blind_spot_grammar`); ``eval_subsets`` then names
@@ -162,6 +170,7 @@ class OracleTeacher:
         blind_spot: int = 0,
         recover_prob: float = 1.0,
         noise_kind: str = "uniform",
+        two_orders: bool = False,
     ):
         if not (0.0 <= noise < 1.0 and 0.0 <= decay < 1.0):
             raise ValueError("noise and decay must lie in [0, 1)")
@@ -179,10 +188,12 @@ class OracleTeacher:
         if grammars is None:
             from opd.testbed.tasks import GRAMMARS as grammars
         self.eval_subsets = {}
-        if blind_spot:
+        if blind_spot or two_orders:
             from opd.testbed import addition
 
-            grammars = {**grammars, addition.KEYWORD: addition.blind_spot_grammar(blind_spot)}
+            add = addition.blind_spot_grammar(blind_spot) if blind_spot else grammars[addition.KEYWORD]
+            grammars = {**grammars, addition.KEYWORD: addition.two_orders_grammar(add) if two_orders else add}
+        if blind_spot:
             self.eval_subsets = {"blind_spot": lambda p: addition.in_blind_spot(p, blind_spot),
                                  "rest": lambda p: not addition.in_blind_spot(p, blind_spot)}
         if task is not None:
@@ -214,7 +225,8 @@ class OracleTeacher:
         log_z = math.log(math.exp(self.sharpness) + (n_live - 1) + n_dead * math.exp(DEAD_LOGIT))
         self._base_V = torch.where(dead, DEAD_LOGIT, 0.0).double() - log_z
         self._keys: dict[tuple[str, tuple[str, ...]], int] = {}
-        self._rows: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (i, log q, log U(W'))
+        self._rows: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (first i, log q, log U(W'))
+        self._words_of_row: list[tuple[str, ...]] = []  # the intended words of each row
         self._table: tuple[torch.Tensor, ...] | None = None
 
     # ----------------------------------------------------------------- the walk
@@ -237,19 +249,28 @@ class OracleTeacher:
         row = self._keys.get(key)
         if row is None:
             row = self._keys[key] = len(self._rows)
-            intended = self.ids[key[0]]
+            words = key[0] if isinstance(key[0], tuple) else (key[0],)
+            intended = [self.ids[w] for w in words]
             mask = torch.zeros(self.vocab_size, dtype=torch.bool, device="cpu")
-            mask[[self.ids[w] for w in self._spread_words(*key) if w in self.ids]] = True
+            mask[[self.ids[w] for w in self._spread_words(words[0], key[1]) if w in self.ids]] = True
             if not mask.any():
                 mask = self.live_V.clone()
             mask[intended] = False
-            base_V = self._base_V.clone()
-            base_V[intended] += self.sharpness  # log q
-            spread_V = torch.full_like(base_V, -math.inf).masked_fill(mask, -math.log(mask.sum()))
-            self._rows.append((intended, base_V, spread_V))
+            spread_V = torch.full_like(self._base_V, -math.inf).masked_fill(mask, -math.log(mask.sum()))
+            self._rows.append((intended[0], self._log_q(intended), spread_V))
+            self._words_of_row.append(words)
             self._table = None
         n = walk.dev if self.decay_mode == "deviations" else walk.pos
         return row, float(n)
+
+    def _log_q(self, intended: list[int]) -> torch.Tensor:
+        """log q [V]: the logit ``sharpness`` on each intended id (module doc), normalized."""
+        base_V = self._base_V.clone()
+        if len(intended) == 1:
+            base_V[intended[0]] += self.sharpness
+            return base_V
+        base_V[intended] += self.sharpness
+        return base_V - torch.logsumexp(base_V, 0)
 
     def _spread_words(self, intended: str, plausible: tuple[str, ...]) -> tuple[str, ...]:
         """The words the noise mass goes to (before the all-live fallback for an empty set)."""
@@ -260,7 +281,7 @@ class OracleTeacher:
         return (str((after or digits)[0]),) if digits else plausible
 
     def _advance(self, walk: _Walk, token: int, row: int) -> None:
-        walk.push(self._word(token), self.words[self._rows[row][0]])
+        walk.push(self._word(token), self._words_of_row[row])
 
     def _mixed(self, rows_C: list[list[int]], n_C: list[list[float]]) -> torch.Tensor:
         """log p [N, V]: the mixture over components of :meth:`_logp` (rows and n per component)."""
@@ -287,9 +308,10 @@ class OracleTeacher:
         walk, out = self._start(prompt_ids)[0], []
         for tok in completion_ids:
             word, plausible = walk.target()
+            words = word if isinstance(word, tuple) else (word,)
             ids = tuple(self.ids[w] for w in plausible)
-            out.append(Target(self.ids[word], ids, walk.dev, walk.pos))
-            walk.push(self._word(tok), word)
+            out.append(Target(self.ids[words[0]], ids, walk.dev, walk.pos))
+            walk.push(self._word(tok), words)
         return out
 
     def next_logprobs(
