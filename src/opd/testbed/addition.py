@@ -20,6 +20,7 @@ Horizon 4 (5472 + 8915 = 14387)::
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -157,36 +158,14 @@ def two_orders_grammar(base: steps.Grammar = GRAMMAR) -> steps.Grammar:
 
 
 @dataclass
-class AdditionTask:
+class AdditionTask(steps.FamilyTask):
     """``horizon``-digit addition; problems are seeded and split by a hash of the prompt."""
 
     horizon: int = 4
     name: str = "addition"
-
-    def make_problem(self, spec: AdditionSpec) -> Problem:
-        meta = {"task": self.name, "horizon": spec.horizon, "spec": spec}
-        return Problem(prompt_text(spec), answer_text(spec), solution_text(spec), meta)
-
-    def problems(self, split: str, n: int, seed: int) -> list[Problem]:
-        def draw(rng: random.Random) -> Problem:
-            return self.make_problem(random_spec(rng, self.horizon))
-
-        return steps.sample_split(draw, split, n, f"{self.name}:{self.horizon}:{seed}")
-
-    def pool(self, split: str, n: int, seed: int, correction_rate: float = 0.0) -> steps.SplitPool:
-        """``n`` problems of ``split`` drawn on demand (:class:`steps.SplitPool`), ``correction_rate``
-        of them with one corrected step in their solution."""
-        key = f"{self.name}:{self.horizon}:{seed}"
-        draw = lambda rng: random_spec(rng, self.horizon)  # noqa: E731
-        return steps.family_pool(draw, self.make_problem, split, n, key, correction_rate, reference_steps, answer_text, next_token)
+    family = sys.modules[__name__]
 
     @property
     def solution_tokens(self) -> int:
         """Length of a reference completion in tokens, ``<eos>`` included."""
         return 8 * self.horizon + 3
-
-    def extract_answer(self, completion: str) -> str | None:
-        return steps.extract_answer(completion)
-
-    def verify(self, problem: Problem, completion: str) -> bool:
-        return steps.verify(problem, completion)

@@ -21,6 +21,7 @@ Horizon 4::
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -118,38 +119,21 @@ GRAMMAR = steps.Grammar(KEYWORD, parse_prompt, next_token)
 
 
 @dataclass
-class ModChainTask:
+class ModChainTask(steps.FamilyTask):
     """``horizon`` chained operations modulo a prime from ``moduli``; seeded, hash-split."""
 
     horizon: int = 4
     moduli: tuple[int, ...] = (5, 7)
     name: str = "modchain"
+    family = sys.modules[__name__]
 
-    def make_problem(self, spec: ModChainSpec) -> Problem:
-        meta = {"task": self.name, "horizon": spec.horizon, "spec": spec}
-        return Problem(prompt_text(spec), answer_text(spec), solution_text(spec), meta)
+    def draw_spec(self, rng: random.Random) -> ModChainSpec:
+        return random_spec(rng, self.horizon, self.moduli)
 
-    def problems(self, split: str, n: int, seed: int) -> list[Problem]:
-        def draw(rng: random.Random) -> Problem:
-            return self.make_problem(random_spec(rng, self.horizon, self.moduli))
-
-        key = f"{self.name}:{self.horizon}:{','.join(map(str, self.moduli))}:{seed}"
-        return steps.sample_split(draw, split, n, key)
-
-    def pool(self, split: str, n: int, seed: int, correction_rate: float = 0.0) -> steps.SplitPool:
-        """``n`` problems of ``split`` drawn on demand (:class:`steps.SplitPool`), ``correction_rate``
-        of them with one corrected step in their solution."""
-        key = f"{self.name}:{self.horizon}:{','.join(map(str, self.moduli))}:{seed}"
-        draw = lambda rng: random_spec(rng, self.horizon, self.moduli)  # noqa: E731
-        return steps.family_pool(draw, self.make_problem, split, n, key, correction_rate, reference_steps, answer_text, next_token)
+    def split_key(self, seed: int) -> str:
+        return f"{self.name}:{self.horizon}:{','.join(map(str, self.moduli))}:{seed}"
 
     @property
     def solution_tokens(self) -> int:
         """Length of a reference completion in tokens, ``<eos>`` included."""
         return 6 * self.horizon + 3
-
-    def extract_answer(self, completion: str) -> str | None:
-        return steps.extract_answer(completion)
-
-    def verify(self, problem: Problem, completion: str) -> bool:
-        return steps.verify(problem, completion)

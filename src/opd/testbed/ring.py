@@ -34,6 +34,7 @@ Only the *answer* copies the prompt, so the answer alone proves nothing: the wal
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -223,7 +224,7 @@ def stops_short(spec: RingSpec, completion: str) -> bool:
 
 
 @dataclass
-class RingTask:
+class RingTask(steps.FamilyTask):
     """A walk of ``horizon`` moves on a ring; seeded, hash-split. Its models need the extra
     word ``ring`` (``words``): the testbed builder gives them the extended tokenizer."""
 
@@ -231,34 +232,15 @@ class RingTask:
     slack: int = SLACK
     name: str = "ring"
     words: tuple[str, ...] = WORDS
+    family = sys.modules[__name__]
 
     def __post_init__(self):
         moduli(self.horizon)
-
-    def make_problem(self, spec: RingSpec) -> Problem:
-        meta = {"task": self.name, "horizon": spec.horizon, "spec": spec}
-        return Problem(prompt_text(spec), answer_text(spec), solution_text(spec), meta)
-
-    def problems(self, split: str, n: int, seed: int) -> list[Problem]:
-        def draw(rng: random.Random) -> Problem:
-            return self.make_problem(random_spec(rng, self.horizon))
-
-        return steps.sample_split(draw, split, n, f"{self.name}:{self.horizon}:{seed}")
-
-    def pool(self, split: str, n: int, seed: int, correction_rate: float = 0.0) -> steps.SplitPool:
-        """``n`` problems of ``split`` drawn on demand (:class:`steps.SplitPool`), ``correction_rate``
-        of them with one corrected step in their solution."""
-        key = f"{self.name}:{self.horizon}:{seed}"
-        draw = lambda rng: random_spec(rng, self.horizon)  # noqa: E731
-        return steps.family_pool(draw, self.make_problem, split, n, key, correction_rate, reference_steps, answer_text, next_token)
 
     @property
     def solution_tokens(self) -> int:
         """Length of a reference completion in tokens, ``<eos>`` included."""
         return 4 * self.horizon + 4
-
-    def extract_answer(self, completion: str) -> str | None:
-        return steps.extract_answer(completion)
 
     def verify(self, problem: Problem, completion: str) -> bool:
         spec = problem.meta.get("spec") or parse_prompt(problem.prompt.split())

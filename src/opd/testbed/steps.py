@@ -102,6 +102,42 @@ def family_pool(draw_spec: Callable[[random.Random], Any], make_problem: Callabl
     return SplitPool(lambda rng: make_problem(draw_spec(rng)), split, n, key, correct=correct, correction_rate=correction_rate)
 
 
+class FamilyTask:
+    """What the testbed's task classes share. A subclass (a dataclass with ``horizon`` and
+    ``name``) sets ``family`` to its module, whose ``random_spec``, ``prompt_text``,
+    ``answer_text``, ``solution_text``, ``reference_steps`` and ``next_token`` it uses; it may
+    override :meth:`draw_spec` and :meth:`split_key` (the seed of its problem streams)."""
+
+    family: Any
+
+    def draw_spec(self, rng: random.Random):
+        return self.family.random_spec(rng, self.horizon)
+
+    def split_key(self, seed: int) -> str:
+        return f"{self.name}:{self.horizon}:{seed}"
+
+    def make_problem(self, spec) -> Problem:
+        meta = {"task": self.name, "horizon": spec.horizon, "spec": spec}
+        f = self.family
+        return Problem(f.prompt_text(spec), f.answer_text(spec), f.solution_text(spec), meta)
+
+    def problems(self, split: str, n: int, seed: int) -> list[Problem]:
+        return sample_split(lambda rng: self.make_problem(self.draw_spec(rng)), split, n, self.split_key(seed))
+
+    def pool(self, split: str, n: int, seed: int, correction_rate: float = 0.0) -> "SplitPool":
+        """``n`` problems of ``split`` drawn on demand (:class:`SplitPool`), ``correction_rate``
+        of them with one corrected step in their solution."""
+        f = self.family
+        return family_pool(self.draw_spec, self.make_problem, split, n, self.split_key(seed), correction_rate,
+                           f.reference_steps, f.answer_text, f.next_token)
+
+    def extract_answer(self, completion: str) -> str | None:
+        return extract_answer(completion)
+
+    def verify(self, problem: Problem, completion: str) -> bool:
+        return verify(problem, completion)
+
+
 class SplitPool(Sequence):
     """``n`` problems of ``split`` drawn on demand: problem ``i`` is the first draw of its own
     stream (seeded ``key:split:i``) whose prompt hashes into ``split``. A training pool far
