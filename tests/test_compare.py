@@ -40,7 +40,7 @@ def _losses(out):
 
 
 def test_compare_writes_report_and_reruns_give_the_same_numbers(tiny_student_dir, tmp_path):
-    spec, out = _write_spec(tmp_path, tiny_student_dir), tmp_path / "out"
+    spec, out = _write_spec(tmp_path, tiny_student_dir, judge=["pass@2"]), tmp_path / "out"
     first = compare(spec, str(out))
     report = (out / "report.md").read_text()
     for name in ("accuracy_sequences.png", "accuracy_teacher_tokens.png", "accuracy_wall_time.png", "summary.json"):
@@ -48,6 +48,7 @@ def test_compare_writes_report_and_reruns_give_the_same_numbers(tiny_student_dir
     assert "| opd_g1 | opd |" in report and "2 seeds (0, 1)" in report and "| label | lr " in report
     assert "| chosen | bracketed |" in report and "## Verdicts" in report and "Rule: A beats B only when" in report
     results = json.loads((out / "results.json").read_text())
+    assert set(results["metric_verdicts"]) == {"pass@2"}  # the spec's judge
     assert results["seeds"] == [0, 1] and results["tuning_seed"] == 2 and results["budget"] == {"kind": "sequences", "value": 20}
     assert set(results["labels"]) == {"opd", "opd_g1"} and len(results["verdicts"]) == 1
     assert set(results["labels"]["opd"]["final"]) == {"0", "1"} and results["labels"]["opd"]["final"]["0"]["optimizer_steps"] == 3
@@ -114,6 +115,8 @@ def test_budget_config_errors():
     ({"methods": {"opd": {"lr": 1e-3}}}, r"'lr' is chosen from lr_grid"),
     ({"budget_kind": "tokens"}, r"budget_kind: must be one of"),
     ({"seeds": []}, r"seeds: must be a count"),
+    ({"judge": ["accuracy"]}, r"judge: lists further final metrics to judge, pass@k"),
+    ({"judge": ["pass@8"]}, r"judge: pass@8 is not measured: the runs evaluate pass@2 \(set `eval_k: 8`"),
 ])
 def test_spec_errors_name_the_problem_before_any_run(tiny_student_dir, tmp_path, changes, match):
     spec = _write_spec(tmp_path, tiny_student_dir, **changes)

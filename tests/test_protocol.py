@@ -111,11 +111,13 @@ def test_sequences_to_target():
 
 def test_subset_metrics_get_their_own_verdicts():
     """Evaluation subsets every run logged (a blind-spot teacher's) are judged by the same rule."""
-    final = lambda acc, spot: {"accuracy": acc, "accuracy_blind_spot": spot, "accuracy_rest": acc}  # noqa: E731
+    final = lambda acc, spot: {"accuracy": acc, "accuracy_blind_spot": spot, "accuracy_rest": acc, "pass@1": acc,  # noqa: E731
+                               "pass@8": acc + 0.1}
     labels = {"opd": {"final": {"0": final(0.8, 0.1), "1": final(0.8, 0.2), "2": final(0.8, 0.15)}},
               "grpo": {"final": {"0": final(0.7, 0.5), "1": final(0.7, 0.6), "2": final(0.7, 0.55)}}}
     per_metric = driver.subset_finals(labels)
-    assert set(per_metric) == {"accuracy_blind_spot", "accuracy_rest"}
+    assert set(per_metric) == {"accuracy_blind_spot", "accuracy_rest"}  # pass@k only when the spec says so
+    assert set(driver.subset_finals(labels, ["pass@8"])) == {"accuracy_blind_spot", "accuracy_rest", "pass@8"}
     found = verdicts.metric_verdicts(per_metric)
     assert found["accuracy_blind_spot"][0]["sentence"].startswith("grpo is above opd (mean difference +0.400")
     assert found["accuracy_rest"][0]["sentence"].startswith("opd is above grpo (mean difference +0.100")

@@ -49,7 +49,9 @@ from opd.config.loader import ConfigError, config_to_dict
 from opd.errors import UserError
 from opd.config.train import TrainConfig
 
-SPEC_KEYS = ["base", "methods", "seeds", "budget_kind", "budget", "lr_grid", "tuning_seed", "lr_extend", "target", "eval_every"]
+SPEC_KEYS = ["base", "methods", "seeds", "budget_kind", "budget", "lr_grid", "tuning_seed", "lr_extend", "target", "eval_every",
+             "judge"]
+JUDGEABLE = re.compile(r"^pass@([2-9]|[1-9]\d+)$")  # further final metrics a spec may ask verdicts on
 BUDGET_KINDS = ("steps", "sequences", "teacher_tokens", "wall_s")
 SET_BY_COMPARE = {
     "seed": "list the seeds under `seeds:`", "run_dir": "runs go under --out", "resume": "a re-run reuses finished runs",
@@ -82,6 +84,7 @@ class Spec:
     tuning_seed: int | None = None
     lr_extend: int = 2
     target: float | None = None
+    judge: list[str] = field(default_factory=list)  # further final metrics judged by the rule (pass@k)
 
 
 def _error(spec_path: str, where: str, msg: str) -> UserError:
@@ -202,6 +205,20 @@ def _target(path: str, raw) -> float | None:
     return value
 
 
+def _judge(path: str, raw, base: dict) -> list[str]:
+    if raw is None:
+        return []
+    eval_k = int(base.get("eval_k", TrainConfig.model_fields["eval_k"].default))
+    names = raw if isinstance(raw, list) else [raw]
+    for name in names:
+        if not isinstance(name, str) or not JUDGEABLE.match(name):
+            raise _error(path, "judge", f"lists further final metrics to judge, pass@k with k >= 2 (e.g. [pass@8]); got {name!r}")
+        if int(name[5:]) != eval_k:
+            raise _error(path, "judge", f"{name} is not measured: the runs evaluate pass@{eval_k} "
+                         f"(set `eval_k: {name[5:]}` under `base:`)")
+    return list(names)
+
+
 def _apply_cli(data: dict, overrides: list[str]) -> list[str]:
     """Spec keys given as ``key=value`` replace the spec's; the rest are config keys (returned)."""
     config_overrides = []
@@ -230,7 +247,8 @@ def load_spec(path: str, overrides: list[str] = ()) -> Spec:
                 budget_kind=kind, budget=budget, lr_grid=grid,
                 eval_every=_eval_every(path, data.get("eval_every")), cli=cli,
                 tuning_seed=_tuning_seed(path, data.get("tuning_seed"), seeds, grid),
-                lr_extend=_count(path, "lr_extend", data.get("lr_extend"), 2), target=_target(path, data.get("target")))
+                lr_extend=_count(path, "lr_extend", data.get("lr_extend"), 2), target=_target(path, data.get("target")),
+                judge=_judge(path, data.get("judge"), base))
     _check_layers(spec)
     return spec
 
@@ -426,11 +444,12 @@ def _final(row: dict) -> dict:
     return out
 
 
-def subset_finals(labels: dict) -> dict[str, dict[str, dict]]:
-    """``{metric: {label: {seed: value}}}`` of the evaluation subsets (``accuracy_<name>``,
-    e.g. a blind-spot teacher's) that every run of every label logged."""
+def subset_finals(labels: dict, judge: list[str] = ()) -> dict[str, dict[str, dict]]:
+    """``{metric: {label: {seed: value}}}`` of the further metrics that every run of every
+    label logged: the evaluation subsets (``accuracy_<name>``, e.g. a blind-spot teacher's)
+    and those the spec names under ``judge`` (pass@8 for EOPD's claim)."""
     finals = [f for entry in labels.values() for f in entry["final"].values()]
-    names = sorted({k for f in finals for k in f if k.startswith("accuracy_")})
+    names = sorted({k for f in finals for k in f if k.startswith("accuracy_") or k in judge})
     names = [k for k in names if all(f.get(k) is not None for f in finals)]
     return {k: {label: {seed: f[k] for seed, f in entry["final"].items()} for label, entry in labels.items()} for k in names}
 
@@ -462,5 +481,5 @@ def results_of(spec: Spec, summary: dict, teacher_acc: float | None) -> dict:
                                              unbracketed=unbracketed, budget=spec.budget, test_size=summary["eval_size"])},
         "teacher_accuracy": teacher_acc, "target": spec.target, "target_accuracy": threshold,
         "labels": labels, "rule": verdicts.RULE, "verdicts": verdicts.all_verdicts(finals),
-        "metric_verdicts": verdicts.metric_verdicts(subset_finals(labels)),
+        "metric_verdicts": verdicts.metric_verdicts(subset_finals(labels, spec.judge)),
     }
