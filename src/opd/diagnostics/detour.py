@@ -44,8 +44,8 @@ def plant_detour(spec: ring.RingSpec, k: int) -> tuple[list[str], list[str], str
 
 def detour_depth(model, tokenizer, problems, k: int, verify_fn, *, eos_id: int, pad_id: int, max_new_tokens: int,
                  encode_prompt) -> dict[str, float]:
-    """``back``, ``recovery`` and ``clean_recovery`` (module doc) at depth ``k`` from the
-    model's greedy continuations; ``verify_fn(problem, completion_ids)`` checks a completion."""
+    """``back``, ``recovery``, ``stops_short`` and ``clean_recovery`` (module doc) at depth
+    ``k`` from the model's greedy continuations; ``verify_fn(problem, completion_ids)`` checks a completion."""
     rows = planted_ids(tokenizer, problems, k)
     prompts = [encode_prompt(p) for p in problems]
     kw = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
