@@ -15,8 +15,6 @@ three, each the mean over depths, get verdicts by the same rule as accuracy. Wri
 
 from __future__ import annotations
 
-import sys
-
 from opd.diagnostics.diagnose import detour_section
 
 import probed  # experiments/probed.py
@@ -40,5 +38,4 @@ PROBE = probed.Probe(
 )
 
 if __name__ == "__main__":
-    name = sys.argv.pop(1) if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else "ring"
-    probed.main(name, PROBE, __doc__)
+    probed.main(None, PROBE, __doc__)

@@ -98,16 +98,20 @@ def probe_table(probe: Probe, probes: dict) -> list[str]:
     return lines
 
 
-def main(name: str, probe: Probe, doc: str) -> None:
-    """The command line of a probed experiment ``name`` (``experiments/NAME.yaml``)."""
+def main(name: str | None, probe: Probe, doc: str) -> None:
+    """The command line of a probed experiment ``name`` (``experiments/NAME.yaml``; None: the
+    command line names it)."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
-    ap.add_argument("--out", default=f"runs/{name}")
+    if name is None:
+        ap.add_argument("name", help="the spec: experiments/NAME.yaml")
+    ap.add_argument("--out", default=None, help="default: runs/NAME")
     ap.add_argument("--probe-prompts", type=int, default=128)
     ap.add_argument("--set", nargs="*", default=[], help="spec or config overrides, as for opd compare (a smoke test)")
     ap.add_argument("--no-publish", action="store_true", help="leave docs/results alone")
     args = ap.parse_args()
+    name = name or args.name
     torch.set_num_threads(1)
-    out = Path(args.out)
+    out = Path(args.out or f"runs/{name}")
     summary = compare(str(ROOT / "experiments" / f"{name}.yaml"), str(out), overrides=args.set)
     probes = probe_all(probe, summary, out, args.probe_prompts)
     per_metric = {f"probe/{key}": {label: {seed: depth_mean(d, key) for seed, d in by_seed.items()}
