@@ -3,6 +3,7 @@
 import random
 
 import pytest
+import torch
 
 from opd.testbed import ring
 from opd.testbed.oracle import OracleTeacher
@@ -163,3 +164,25 @@ def test_the_detour_probe_runs_a_model():
     out = detour_depth(model.eval(), TOK, problems, 2, lambda p, c: task.verify(p, TOK.decode(c)), eos_id=TOK.eos_token_id,
                        pad_id=TOK.pad_token_id, max_new_tokens=12, encode_prompt=lambda p: TOK(p.prompt).input_ids)
     assert out["n"] == 4 and all(0.0 <= out[key] <= 1.0 for key in ("back", "recovery", "stops_short", "clean_recovery"))
+
+
+def test_noise_on_legal_moves_only_gives_detours_that_walk_back():
+    """``noise_legal_only``: the noise mass sits on the other move and nowhere else (every
+    digit slot is the noise-free oracle's), so samples take detours, walk back, never slip."""
+    task = make_task("ring", 8)
+    clean, noisy = OracleTeacher(task, TOK), OracleTeacher(task, TOK, noise=0.1, noise_legal_only=True)
+    spec = ring.RingSpec(31, 29, 6)
+    prompt, done = TOK(ring.prompt_text(spec)).input_ids, TOK("+ 3 0 ; + 0 0").input_ids
+    move = noisy.next_logprobs(prompt, done + TOK(";").input_ids).exp()
+    assert float(move[TOK.convert_tokens_to_ids("-")]) == pytest.approx(0.1, abs=1e-3)
+    assert float(move[TOK.convert_tokens_to_ids("ans")]) < 1e-4  # not a legal alternative
+    for k in (1, 2, 3, 5, 6):  # the digit and ";" slots of "+ 3 0 ; + 0 0" (0 and 4 are moves)
+        assert torch.allclose(noisy.next_logprobs(prompt, done[:k]), clean.next_logprobs(prompt, done[:k]))
+    problems = task.problems("train", 100, seed=0)
+    drawn = noisy.generate([TOK(p.prompt).input_ids for p in problems], max_new_tokens=120,
+                           generator=torch.Generator().manual_seed(0))
+    texts = [TOK.decode(d) for d in drawn]
+    assert sum("wait" in t for t in texts) <= 10  # only the sharpness's e^-10 slips, as without noise
+    walks = [ring.walk(p.meta["spec"], t) for p, t in zip(problems, texts)]
+    assert sum(state == p.meta["spec"].target and answered for p, (_, state, answered) in zip(problems, walks)) >= 90
+    assert sum(moves > 8 for moves, _, _ in walks) >= 40  # about 1 - 0.9^8 = 57% of them take a detour

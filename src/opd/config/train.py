@@ -69,6 +69,8 @@ class RunConfig(FlatConfig):
                                     "(a mixture with the continuing oracle); 1 = always", 1.0, gt=0, le=1)
     oracle_noise_kind: Literal["uniform", "off_by_one"] = _h("oracle: noise spread over the plausible wrong words, "
                                                              "or all of it on the next digit (a biased error)", "uniform")
+    oracle_noise_legal_only: bool = _h("oracle: the noise only on legal alternatives (the ring walk's other move), "
+                                       "none elsewhere: samples that take detours and walk back", False)
     oracle_two_orders: bool = _h("oracle: on addition, a step's two operand digits may come in either order "
                                  "(its entropy at a step's first slot is then legitimately log 2)", False)
     oracle_blind_spot: int = _h("oracle: drop the carries of addition problems with at least this many carries in a "

@@ -55,6 +55,7 @@ def _oracle(settings: dict, task, tokenizer):
         decay=settings["oracle_decay"], decay_mode=settings["oracle_decay_mode"], recovers=settings["oracle_recovers"],
         blind_spot=settings.get("oracle_blind_spot", 0), recover_prob=settings.get("oracle_recover_prob", 1.0),
         noise_kind=settings.get("oracle_noise_kind", "uniform"), two_orders=settings.get("oracle_two_orders", False),
+        noise_legal_only=settings.get("oracle_noise_legal_only", False),
     )
 
 

@@ -47,6 +47,9 @@ with no plausible alternative, e.g. ``=`` or ``;``, onto all other live words); 
 intended one (cyclically: ``i + 1 mod 10`` for addition's digits), a biased rather than a
 uniform error; ``decay``
 makes that mass grow geometrically toward 1 with deviations or position (coverage decay).
+With ``noise_legal_only`` the noise goes to the legal alternatives alone (``W`` = the ring
+walk's other move) and positions without one get none: samples that take detours and walk
+back, never slip.
 Scoring at temperature ``tau`` uses ``logits = log p / tau``.
 """
 
@@ -102,7 +105,7 @@ class _Walk:
         intended = word if isinstance(word, tuple) else (word,)
         return word, tuple(w for w in plausible if w not in intended)
 
-    def _legal(self, word: str) -> bool:
+    def legal(self, word: str) -> bool:
         legal = self.grammar.legal if self.grammar is not None else None
         return legal is not None and self.spec is not None and legal(self.spec, self.committed, self.cur, word)
 
@@ -110,7 +113,7 @@ class _Walk:
         self.pos += 1
         if word not in intended:
             self.dev += 1
-            if self.recovers and self.err is None and word != WAIT and not self._legal(word):
+            if self.recovers and self.err is None and word != WAIT and not self.legal(word):
                 self.err = len(self.committed)
         if self.done:
             return
@@ -147,6 +150,9 @@ class OracleTeacher:
         recover_prob: with ``recovers``, the weight ``r`` of the recovering oracle in a
             mixture with the continuing one (module doc); 1 is the recovering oracle.
         noise_kind: ``"uniform"`` over ``W`` or ``"off_by_one"`` (module doc).
+        noise_legal_only: the noise goes only to legal alternatives (the ring walk's other
+            move) and there is none elsewhere: a teacher whose samples take detours and walk
+            back, never slip (DART's noise injection).
         two_orders: on addition, a step's two operand digits may come in either order
             (:func:`opd.testbed.addition.two_orders_grammar`): both are intended at the
             step's first slot, a legitimately uncertain position.
@@ -171,6 +177,7 @@ class OracleTeacher:
         recover_prob: float = 1.0,
         noise_kind: str = "uniform",
         two_orders: bool = False,
+        noise_legal_only: bool = False,
     ):
         if not (0.0 <= noise < 1.0 and 0.0 <= decay < 1.0):
             raise ValueError("noise and decay must lie in [0, 1)")
@@ -203,7 +210,7 @@ class OracleTeacher:
                 raise ValueError(f"the oracle only knows the testbed tasks {sorted(TASKS)}")
         self.sharpness, self.noise, self.decay = float(sharpness), float(noise), float(decay)
         self.decay_mode, self.recovers, self.grammars = decay_mode, recovers, grammars
-        self.noise_kind = noise_kind
+        self.noise_kind, self.noise_legal_only = noise_kind, noise_legal_only
         # mixture components: (recovers, log weight); one component unless 0 < recover_prob < 1
         self._parts = [(recovers, 0.0)] if recover_prob == 1.0 else [(True, math.log(recover_prob)), (False, math.log1p(-recover_prob))]
         vocab = tokenizer.get_vocab()
@@ -246,6 +253,8 @@ class OracleTeacher:
     def _row(self, walk: _Walk) -> tuple[int, float]:
         """Push-independent part of a position: (row in the target table, n for the decay)."""
         key = walk.target()
+        if self.noise_legal_only:  # W: the legal alternatives only; none: no noise at this position
+            key = (key[0], tuple(w for w in key[1] if walk.legal(w)), "legal")
         row = self._keys.get(key)
         if row is None:
             row = self._keys[key] = len(self._rows)
@@ -253,11 +262,12 @@ class OracleTeacher:
             intended = [self.ids[w] for w in words]
             mask = torch.zeros(self.vocab_size, dtype=torch.bool, device="cpu")
             mask[[self.ids[w] for w in self._spread_words(words[0], key[1]) if w in self.ids]] = True
-            if not mask.any():
+            if not mask.any() and not self.noise_legal_only:
                 mask = self.live_V.clone()
             mask[intended] = False
-            spread_V = torch.full_like(self._base_V, -math.inf).masked_fill(mask, -math.log(mask.sum()))
-            self._rows.append((intended[0], self._log_q(intended), spread_V))
+            log_q = self._log_q(intended)
+            spread_V = torch.full_like(self._base_V, -math.inf).masked_fill(mask, -math.log(mask.sum())) if mask.any() else log_q
+            self._rows.append((intended[0], log_q, spread_V))
             self._words_of_row.append(words)
             self._table = None
         n = walk.dev if self.decay_mode == "deviations" else walk.pos
