@@ -101,8 +101,9 @@ def test_unknown_task_is_refused_with_the_known_ones(tiny_cfg):
 def test_the_testbed_registers_its_names():
     from opd.run import sources
 
-    assert {"addition", "modchain"} <= set(sources.names("task"))
-    assert sorted(sources.names("student")) == ["testbed", "testbed-d128", "testbed-d32", "testbed-d64", "testbed-wait"]
+    assert {"addition", "modchain", "ring"} <= set(sources.names("task"))
+    assert sorted(sources.names("student")) == ["testbed", "testbed-d128", "testbed-d128x4", "testbed-d32", "testbed-d64",
+                                                "testbed-wait"]
     assert {"oracle", "testbed"} <= set(sources.names("teacher"))
     assert sources.lookup("teacher", "/some/model/dir") is None
 
@@ -114,10 +115,10 @@ def test_the_capacity_students_are_built_from_scratch_at_their_size(monkeypatch,
     made = []
     monkeypatch.setattr(builder, "_prepare", lambda kind, task, horizon, arch, training, seed, quiet: made.append(
         (kind, task, horizon, arch["hidden_size"], arch["num_hidden_layers"], training)) or tmp_path)
-    for name in ("testbed-d32", "testbed-d64", "testbed-d128"):
+    for name in ("testbed-d32", "testbed-d64", "testbed-d128", "testbed-d128x4"):
         assert sources.lookup("student", name)({"task": "modchain", "horizon": 8}) == tmp_path
     assert [m[:5] for m in made] == [("student-d32", "modchain", 8, 32, 1), ("student-d64", "modchain", 8, 64, 1),
-                                     ("student-d128", "modchain", 8, 128, 2)]
+                                     ("student-d128", "modchain", 8, 128, 2), ("student-d128x4", "modchain", 8, 128, 4)]
     assert all(m[5] == builder.CAPACITY_TRAINING for m in made)  # SFT only: no damage step
 
 

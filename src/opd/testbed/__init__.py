@@ -5,7 +5,7 @@ student and teacher models (:mod:`~opd.testbed.builder`).
 
 Importing this package registers its names with the run (:mod:`opd.run.sources`): the
 tasks by name, ``student=testbed`` (the prepared student base: converged, then damaged),
-``student=testbed-d32`` / ``-d64`` / ``-d128`` (students of three capacities trained from
+``student=testbed-d32`` / ``-d64`` / ``-d128`` / ``-d128x4`` (students of four capacities trained from
 scratch by SFT, not damaged: :data:`opd.testbed.builder.CAPACITY_ARCHS`), ``teacher=testbed`` (the
 learned teacher) and ``teacher=oracle``. The run never imports the testbed; the testbed
 builds its models with the run.
@@ -63,7 +63,7 @@ for _name in TASKS:
     register("task", _name, lambda horizon, _name=_name: make_task(_name, horizon))
 register("student", "testbed", _student_base)
 register("student", "testbed-wait", _wait_base)  # the base, its SFT with 5% corrected solutions
-for _capacity in ("d32", "d64", "d128"):  # smaller than the learned teacher, from scratch, not damaged
+for _capacity in ("d32", "d64", "d128", "d128x4"):  # from scratch, not damaged (d32-d128: smaller than the teacher)
     register("student", f"testbed-{_capacity}", _capacity_student(_capacity))
 register("teacher", "testbed", _learned_teacher)
 register("teacher", "oracle", _oracle)

@@ -62,6 +62,9 @@ CAPACITY_ARCHS = {
     "d32": dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2),
     "d64": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4),
     "d128": STUDENT_ARCH,
+    # 4 layers: on the ring walk a 4-layer model learns to turn back after a wrong move from
+    # demonstrations (one exploratory run), which d64 and d128 did not (docs/results, finding 6)
+    "d128x4": dict(STUDENT_ARCH, num_hidden_layers=4),
 }
 CAPACITY_TRAINING = dict(steps=1500, lr=3e-3, prompts_per_step=32, stop_at_accuracy=0.5)
 # ``student=testbed-wait``: the base with 5% of its SFT solutions holding one corrected step,
