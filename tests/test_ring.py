@@ -141,7 +141,7 @@ def test_the_detour_probe_on_the_oracle_and_on_a_habit(k):
         out = []
         for p, (detour, _, _) in zip(problems, rows):
             spec, words = p.meta["spec"], TOK.convert_ids_to_tokens(detour)
-            v, move, tail = ring._number(words[-3:-1]), words[-4], []
+            v, move, tail = ring.number(words[-3:-1]), words[-4], []
             for _ in range(moves_in_all - k):
                 v = ring.step_to(v, move, spec.m)
                 tail += [move, *ring.two(v), ";"]

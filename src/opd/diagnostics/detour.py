@@ -35,7 +35,7 @@ def plant_detour(spec: ring.RingSpec, k: int) -> tuple[list[str], list[str], str
     if not 1 <= k <= len(steps):
         raise ValueError(f"depth k={k} outside 1..{len(steps)} (the walk's moves)")
     words = lambda rows: [w for row in rows for w in row + [ring.SEP]]  # noqa: E731
-    v = spec.start if k == 1 else 10 * int(steps[k - 2][1]) + int(steps[k - 2][2])  # the state before move k
+    v = spec.start if k == 1 else ring.number(steps[k - 2][1:])  # the state before move k
     other = "-" if steps[k - 1][0] == "+" else "+"
     off = ring.step_to(v, other, spec.m)
     back = ring.best_move(off, spec.target, spec.m)

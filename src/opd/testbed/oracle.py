@@ -13,10 +13,10 @@ Intended word:
   first wrong word of a step on (a *deviation*), ``wait``, until a ``wait`` is written;
   then the first word of the step that held the earliest uncorrected deviation, and the
   rest of that step and the solution (see the correction grammar in
-  :mod:`opd.testbed.steps`). A word the family calls a legal action (the ring walk's other
-  move, :attr:`~opd.testbed.steps.Grammar.legal`) is not a mistake: the walk goes on from
-  it, as DAgger's expert does from any state (it still counts as a deviation for ``decay``). At a ``wait`` slot ``W`` = {the word that would continue the
-  wrong prefix}.
+  :mod:`opd.testbed.steps`). At a ``wait`` slot ``W`` = {the word that would continue the
+  wrong prefix}. A word the family calls a legal action (the ring walk's other move,
+  :attr:`~opd.testbed.steps.Grammar.legal`) is not a mistake: the walk goes on from it, as
+  DAgger's expert does from any state (it still counts as a deviation for ``decay``).
 - ``recovers=False``: the word that continues the written prefix as if it were right
   (the grammar's ``next_token`` trusting what was written: the next step copies the
   written carry/value, the answer copies the written results).
@@ -231,7 +231,7 @@ class OracleTeacher:
         n_live, n_dead = int(self.live_V.sum()), int(dead.sum())
         log_z = math.log(math.exp(self.sharpness) + (n_live - 1) + n_dead * math.exp(DEAD_LOGIT))
         self._base_V = torch.where(dead, DEAD_LOGIT, 0.0).double() - log_z
-        self._keys: dict[tuple[str, tuple[str, ...]], int] = {}
+        self._keys: dict[tuple, int] = {}  # walk.target() (+ "legal" with noise_legal_only) -> row
         self._rows: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (first i, log q, log U(W'))
         self._words_of_row: list[tuple[str, ...]] = []  # the intended words of each row
         self._table: tuple[torch.Tensor, ...] | None = None

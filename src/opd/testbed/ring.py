@@ -96,7 +96,8 @@ def prompt_text(spec: RingSpec) -> str:
     return " ".join([KEYWORD, *two(spec.m), "start", *two(spec.start), SEP, *two(spec.target), "="])
 
 
-def _number(words: Sequence[str]) -> int | None:
+def number(words: Sequence[str]) -> int | None:
+    """The value of a two-digit state word pair (``["0", "7"]`` -> 7), else ``None``."""
     if len(words) != 2 or any(w not in DIGITS for w in words):
         return None
     return 10 * int(words[0]) + int(words[1])
@@ -105,7 +106,7 @@ def _number(words: Sequence[str]) -> int | None:
 def parse_prompt(words: Sequence[str]) -> RingSpec | None:
     if len(words) != 10 or words[0] != KEYWORD or words[3] != "start" or words[6] != SEP or words[9] != "=":
         return None
-    m, start, target = _number(words[1:3]), _number(words[4:6]), _number(words[7:9])
+    m, start, target = number(words[1:3]), number(words[4:6]), number(words[7:9])
     if m is None or m < 3 or start is None or target is None or max(start, target) >= m:
         return None
     return RingSpec(m, start, target)
@@ -133,7 +134,7 @@ def _state(spec: RingSpec, committed: Sequence[tuple[str, ...]]) -> int | None:
     if not committed:
         return spec.start
     last = committed[-1]
-    v = _number(last[1:]) if len(last) == 3 and last[0] in MOVES else None
+    v = number(last[1:]) if len(last) == 3 and last[0] in MOVES else None
     return v if v is not None and v < spec.m else None
 
 

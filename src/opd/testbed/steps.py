@@ -91,17 +91,6 @@ def corrected_solution(spec, reference: list[list[str]], answer: str, next_token
     return " ".join(words + [ANS, answer])
 
 
-def family_pool(draw_spec: Callable[[random.Random], Any], make_problem: Callable[[Any], Problem], split: str, n: int,
-                key: str, correction_rate: float, reference_steps, answer_text, next_token) -> "SplitPool":
-    """A family's :class:`SplitPool`, ``correction_rate`` of its problems with a corrected
-    solution (:func:`corrected_solution`, from the family's reference steps and grammar)."""
-    def correct(problem: Problem, rng: random.Random) -> str:
-        spec = problem.meta["spec"]
-        return corrected_solution(spec, reference_steps(spec), answer_text(spec), next_token, rng)
-
-    return SplitPool(lambda rng: make_problem(draw_spec(rng)), split, n, key, correct=correct, correction_rate=correction_rate)
-
-
 class FamilyTask:
     """What the testbed's task classes share. A subclass (a dataclass with ``horizon`` and
     ``name``) sets ``family`` to its module, whose ``random_spec``, ``prompt_text``,
@@ -128,8 +117,13 @@ class FamilyTask:
         """``n`` problems of ``split`` drawn on demand (:class:`SplitPool`), ``correction_rate``
         of them with one corrected step in their solution."""
         f = self.family
-        return family_pool(self.draw_spec, self.make_problem, split, n, self.split_key(seed), correction_rate,
-                           f.reference_steps, f.answer_text, f.next_token)
+
+        def correct(problem: Problem, rng: random.Random) -> str:
+            spec = problem.meta["spec"]
+            return corrected_solution(spec, f.reference_steps(spec), f.answer_text(spec), f.next_token, rng)
+
+        return SplitPool(lambda rng: self.make_problem(self.draw_spec(rng)), split, n, self.split_key(seed),
+                         correct=correct, correction_rate=correction_rate)
 
     def extract_answer(self, completion: str) -> str | None:
         return extract_answer(completion)
