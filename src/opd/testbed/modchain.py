@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from opd.testbed import steps
-from opd.tasks.base import Problem
 from opd.testbed.steps import at, digit, fits, others
 from opd.testbed.tokenizer import DIGITS, EQ, OPS, SEP
 

@@ -40,7 +40,7 @@ from typing import Sequence
 
 from opd.testbed import steps
 from opd.tasks.base import Problem
-from opd.testbed.steps import digit, fits, others
+from opd.testbed.steps import fits, others
 from opd.testbed.tokenizer import ANS, DIGITS, EOS, SEP, WAIT
 
 KEYWORD = "ring"  # not in the shared vocabulary: this family's models get it as an extra word
