@@ -270,6 +270,28 @@ def test_correction_shares_on_oracle_continuations(task):
     assert half == {"onset": 1.0, "wait_redo": 0.5, "redo_given_wait": 0.5, "false_onset": 0.0}
 
 
+def test_first_mistake_step_counts_the_steps_before_the_first_deviation():
+    from opd.diagnostics.mistakes import first_mistake_shares, first_mistake_step
+
+    probs, prompts, sols = _problems("modchain", 4, n=4)
+    oracle = OracleTeacher(tokenizer=TOK, recovers=False)
+    m = probs[0].meta["spec"].m
+
+    def wrong_at(ids, k):  # step k's result (its 5th word) replaced by another value mod m
+        words = TOK.convert_ids_to_tokens(ids)
+        i = 6 * k + 4
+        words[i] = str((int(words[i]) + 1) % m)
+        return TOK.convert_tokens_to_ids(words)
+
+    wrong_answer = sols[3][:-1] + [TOK.convert_tokens_to_ids(str((int(probs[3].answer) + 1) % 5))]
+    comps = [sols[0], wrong_at(sols[1], 2), wrong_at(sols[2], 0), wrong_answer]
+    assert [first_mistake_step(oracle, x, y, SEP) for x, y in zip(prompts, comps)] == [None, 2, 0, 4]
+    shares = first_mistake_shares(oracle, prompts, comps, SEP, horizon=4)
+    assert shares["by_step"] == [0.25, 0.0, 0.25, 0.0]
+    assert (shares["answer"], shares["none"], shares["n"]) == (0.25, 0.25, 4)
+    assert shares["mode_step"] == 0 and shares["mode_share"] == pytest.approx(1 / 3)
+
+
 # ------------------------------------------------------------------ end to end
 def test_dataset_runs_skip_testbed_sections():
     from opd.diagnostics.diagnose import probe_section, variance_section
@@ -290,7 +312,7 @@ def test_opd_diagnose_end_to_end(tiny_cfg, tmp_path, capsys):
     out = tmp_path / "run" / "diagnose"
     assert f"report: {out / 'report.md'}" in capsys.readouterr().out
     text = (out / "report.md").read_text()
-    for title in ("Coverage decay", "Local noise", "Gradient variance", "Correction path probe", "growth exponent"):
+    for title in ("First mistakes", "Coverage decay", "Local noise", "Gradient variance", "Correction path probe", "growth exponent"):
         assert title in text
     for png in ("coverage.png", "noise.png", "variance.png", "probe.png"):
         assert (out / png).stat().st_size > 1000 and f"({png})" in text
@@ -329,5 +351,6 @@ def test_opd_diagnose_on_a_dataset_run_skips_testbed_sections(tmp_path):
                  "progress=false", f"run_dir={run}"]) == 0
     assert main(["diagnose", str(run), "--prompts", "3"]) == 0
     text = (run / "diagnose" / "report.md").read_text()
-    assert text.count("testbed runs only") == 3 and (run / "diagnose" / "coverage.png").exists()
+    assert text.count("testbed runs only") == 4 and (run / "diagnose" / "coverage.png").exists()
     assert "![teacher entropy](noise.png)" in text and "variance.png" not in text and "probe.png" not in text
+

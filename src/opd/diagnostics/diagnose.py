@@ -1,8 +1,8 @@
 """``opd diagnose RUN_OR_CHECKPOINT``: measure the pitfalls on a trained student.
 
 Loads the checkpoint (a run's latest, or the one given) and its run config, rebuilds the
-run's teacher and held-out problems with :func:`opd.run.setup.build_setup`, runs the four
-measurements of :mod:`opd.diagnostics` (coverage, noise, variance, probe) and writes
+run's teacher and held-out problems with :func:`opd.run.setup.build_setup`, runs the
+measurements of :mod:`opd.diagnostics` (first mistakes, coverage, noise, variance, the probes) and writes
 ``report.md``, ``results.json`` and the PNG plots (:mod:`opd.diagnostics.report`).
 Student and teacher rollouts use the run's sampling settings (temperature, top-p,
 ``max_new_tokens``); on the testbed torch runs on one thread while measuring (the tiny
@@ -147,6 +147,17 @@ def detour_section(cfg, env, tokenizer, problems) -> dict:
     return {"depths": {k: detour_depth(env.student, tokenizer, problems, k, env.verify, **kw) for k in probe_depths(cfg.horizon)}}
 
 
+def mistakes_section(cfg, env, tokenizer, prompts, student_ids) -> dict:
+    """The step of each rollout's first mistake (:mod:`opd.diagnostics.mistakes`)."""
+    if cfg.dataset:
+        return {"skipped": NOT_TESTBED}
+    from opd.diagnostics.mistakes import first_mistake_shares
+    from opd.testbed.oracle import OracleTeacher
+
+    oracle = OracleTeacher(tokenizer=tokenizer, recovers=False)
+    return first_mistake_shares(oracle, prompts, student_ids, tokenizer.convert_tokens_to_ids(";"), cfg.horizon)
+
+
 def _timed(times: dict, name: str, fn, *args):
     t0 = time.perf_counter()
     out = fn(*args)
@@ -185,6 +196,7 @@ def measure(cfg, setup, prompts: int, seed: int, horizons, repeats: int, varianc
     results = {
         "checkpoint": cfg.student, "method": cfg.method, "task": cfg.dataset or f"{cfg.task} (horizon {cfg.horizon})",
         "teacher": cfg.teacher, "prompts": len(problems), "seed": seed,
+        "mistakes": _timed(times, "mistakes", mistakes_section, cfg, env, tok, x, student_ids),
         "coverage": _timed(times, "coverage", coverage_section, env, x, student_ids, generator),
         "noise": _timed(times, "noise", noise_section, env, tok, x, student_ids, not cfg.dataset),
         "variance": _timed(times, "variance", variance_section, cfg, env, tok, horizons, repeats, variance_prompts, generator),

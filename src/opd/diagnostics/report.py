@@ -182,12 +182,26 @@ def detour_md(dt: dict) -> str:
     )
 
 
+def mistakes_md(mk: dict) -> str:
+    if "skipped" in mk:
+        return mk["skipped"]
+    steps = [str(k) for k in range(len(mk["by_step"]))]
+    table = markdown_table(["", *steps, "answer", "none"], [["share of rollouts", *map(_fmt, mk["by_step"]),
+                                                             _fmt(mk["answer"]), _fmt(mk["none"])]])
+    return (
+        "The step (0-based) of each student rollout's first deviation from the oracle, as shares of the "
+        f"{mk['n']} rollouts (none: no deviation). Step {mk['mode_step']} holds {_fmt(mk['mode_share'])} of the "
+        f"first mistakes; with the same error rate at every step the shares would fall geometrically.\n\n{table}"
+    )
+
+
 def write_report(out_dir: str | Path, results: dict) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
     secs = ", ".join(f"{k} {v:.1f}" for k, v in results.get("seconds", {}).items())
     sections = [
+        ("First mistakes", mistakes_md(results.get("mistakes", {"skipped": "not measured"}))),
         ("Coverage decay", coverage_md(results["coverage"], out_dir)),
         ("Local noise", noise_md(results["noise"], out_dir)),
         ("Gradient variance vs horizon", variance_md(results["variance"], out_dir)),

@@ -1,0 +1,84 @@
+"""Where the testbed's student bases make their first mistake (the instrument check for E3).
+
+    python experiments/first_mistakes.py [--prompts 256]
+
+For each student base below, greedy rollouts on held-out test prompts, and the step of
+each rollout's first deviation from the oracle (:mod:`opd.diagnostics.mistakes`; the same
+numbers as the "First mistakes" section of ``opd diagnose``, which uses the run's sampling
+temperature instead of greedy decoding). Horizon decay needs mistakes spread along the
+rollout; a base whose first mistakes pile up in one step cannot show it. Writes
+``docs/results/first_mistakes.md`` and ``docs/results/first_mistakes/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from opd.config.train import TrainConfig
+from opd.diagnostics.mistakes import first_mistake_shares
+from opd.models.sampler import sample
+from opd.report import markdown_table
+from opd.run.setup import build_setup
+from opd.testbed.builder import eval_tokens
+from opd.testbed.oracle import OracleTeacher
+
+ROOT = Path(__file__).resolve().parents[1]
+# (student, task, horizon): the bases of the published comparisons
+BASES = [
+    ("testbed", "addition", 4), ("testbed-d128", "addition", 4),
+    ("testbed", "modchain", 4), ("testbed-d128", "modchain", 4),
+    ("testbed", "modchain", 8), ("testbed-d128", "modchain", 8), ("testbed-d128", "modchain", 16),
+    ("testbed-d64", "ring", 8), ("testbed-d128x4", "ring", 8), ("testbed-d64", "ring", 16), ("testbed-d64", "ring", 32),
+]
+
+
+def measure(student: str, task: str, horizon: int, prompts: int) -> dict:
+    cfg = TrainConfig(method="sft", student=student, teacher=None, task=task, horizon=horizon, seed=0, eval_size=prompts,
+                      eval_split="test", max_new_tokens=eval_tokens(horizon) + 8, progress=False)
+    setup = build_setup(cfg)
+    env, tok = setup.env, setup.tokenizer
+    x = [env.encode_prompt(p) for p in setup.eval_problems]
+    out = sample(env.student, x, max_new_tokens=cfg.max_new_tokens, eos_id=env.eos_id, pad_id=env.pad_id,
+                 temperature=0.0, top_p=1.0)
+    ys = out.batch.completions()
+    oracle = OracleTeacher(tokenizer=tok, recovers=False)
+    shares = first_mistake_shares(oracle, x, ys, tok.convert_tokens_to_ids(";"), horizon)
+    shares["accuracy"] = sum(env.verify(p, y) for p, y in zip(setup.eval_problems, ys)) / len(ys)
+    return shares
+
+
+def row(key: str, m: dict) -> list[str]:
+    h = len(m["by_step"])
+    head = ", ".join(f"{v:.2f}" for v in m["by_step"][:8]) + (", ..." if h > 8 else "")
+    return [key, f"{m['accuracy']:.3f}", f"{1 - m['none']:.3f}", str(m["mode_step"]), f"{m['mode_share']:.2f}",
+            f"{1 / h:.2f}", head, f"{m['answer']:.3f}"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=256)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    results = {f"{s} {t} h{h}": measure(s, t, h, args.prompts) for s, t, h in BASES}
+    out = ROOT / "docs" / "results"
+    (out / "first_mistakes").mkdir(exist_ok=True)
+    (out / "first_mistakes" / "results.json").write_text(json.dumps({"prompts": args.prompts, "bases": results}, indent=1))
+    table = markdown_table(["base", "greedy accuracy", "rollouts with a mistake", "modal step", "its share of first mistakes",
+                            "1/h", "share of rollouts by first-mistake step (0, 1, ...)", "answer only"],
+                           [row(k, m) for k, m in results.items()])
+    doc = [f"# First mistakes of the student bases", "", (__doc__.split("\n\n")[2]).replace("\n", " "), "",
+           f"Regenerate: `python experiments/first_mistakes.py --prompts {args.prompts}`; numbers in "
+           "[first_mistakes/results.json](first_mistakes/results.json). Greedy rollouts on "
+           f"{args.prompts} test prompts per base; step 0 is the first. With one error rate e at every step the "
+           "shares would fall geometrically, e(1 - e)^k, so the modal step would be step 0 with a share of first "
+           "mistakes of about 1/h or more.", "", table, ""]
+    (out / "first_mistakes.md").write_text("\n".join(doc))
+    print("\n".join(doc))
+
+
+if __name__ == "__main__":
+    main()
