@@ -70,7 +70,7 @@ def main() -> None:
     table = markdown_table(["base", "greedy accuracy", "rollouts with a mistake", "modal step", "its share of first mistakes",
                             "1/h", "share of rollouts by first-mistake step (0, 1, ...)", "answer only"],
                            [row(k, m) for k, m in results.items()])
-    doc = [f"# First mistakes of the student bases", "", (__doc__.split("\n\n")[2]).replace("\n", " "), "",
+    doc = ["# First mistakes of the student bases", "", (__doc__.split("\n\n")[2]).replace("\n", " "), "",
            f"Regenerate: `python experiments/first_mistakes.py --prompts {args.prompts}`; numbers in "
            "[first_mistakes/results.json](first_mistakes/results.json). Greedy rollouts on "
            f"{args.prompts} test prompts per base; step 0 is the first. With one error rate e at every step the "
