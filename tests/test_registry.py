@@ -94,17 +94,17 @@ def test_builders_validate_their_knobs_when_called_from_code():
 def test_unknown_task_is_refused_with_the_known_ones(tiny_cfg):
     from opd.run.setup import build_setup
 
-    with pytest.raises(UserError, match=r"unknown task 'addtion'; known tasks: addition, modchain"):
+    with pytest.raises(UserError, match=r"unknown task 'addtion'; known tasks: addition, addition_swapped, modchain"):
         build_setup(tiny_cfg(task="addtion"))
 
 
 def test_the_testbed_registers_its_names():
     from opd.run import sources
 
-    assert {"addition", "modchain", "ring"} <= set(sources.names("task"))
+    assert {"addition", "addition_swapped", "modchain", "ring"} <= set(sources.names("task"))
     assert sorted(sources.names("student")) == ["testbed", "testbed-d128", "testbed-d128x4", "testbed-d32", "testbed-d64",
                                                 "testbed-wait"]
-    assert {"oracle", "testbed"} <= set(sources.names("teacher"))
+    assert {"oracle", "testbed", "testbed-swapped"} <= set(sources.names("teacher"))
     assert sources.lookup("teacher", "/some/model/dir") is None
 
 

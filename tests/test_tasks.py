@@ -126,7 +126,7 @@ def test_modchain_one_wrong_value_spoils_the_answer():
 
 
 def test_registry():
-    assert set(TASKS) == set(NAMES)
+    assert set(TASKS) == set(NAMES) | {"addition_swapped"}
     task = make_task("modchain", 6, moduli=(7,))
     assert task.horizon == 6 and all(p.meta["spec"].m == 7 for p in task.problems("train", 10, 0))
     with pytest.raises(KeyError):
@@ -183,3 +183,37 @@ def test_correction_rate_is_refused_for_a_dataset(tiny_cfg, tmp_path):
     data.write_text("".join(f'{{"prompt": "add {i % 10} {i // 10} + 1 1 =", "answer": "1", "solution": "x"}}\n' for i in range(60)))
     with pytest.raises(UserError, match="correction_rate=0.05 applies to the synthetic testbed tasks only"):
         build_setup(tiny_cfg(dataset=str(data), correction_rate=0.05, method="sft"))
+
+
+def test_the_swapped_style_writes_the_same_problems_b_first():
+    from opd.testbed.oracle import OracleTeacher
+    from opd.testbed.tokenizer import build_tokenizer
+
+    plain, swapped = make_task("addition", 4), make_task("addition_swapped", 4)
+    for split in ("train", "test"):
+        a, b = plain.problems(split, 40, 0), swapped.problems(split, 40, 0)
+        assert [(p.prompt, p.answer) for p in a] == [(p.prompt, p.answer) for p in b]
+        for p, q in zip(a, b):
+            *steps_p, tail_p = p.solution.split(" ; ")
+            *steps_q, tail_q = q.solution.split(" ; ")
+            assert [[s.split()[1], s.split()[0], *s.split()[2:]] for s in steps_p] == [s.split() for s in steps_q]
+            assert tail_p == tail_q and len(steps_q) == 4
+            assert plain.verify(p, q.solution) and swapped.verify(q, q.solution)
+    spec = addition.AdditionSpec((2, 7, 4, 5), (5, 1, 9, 8))
+    assert addition.swapped_solution_text(spec) == "5 2 0 = 0 7 ; 1 7 0 = 0 8 ; 9 4 0 = 1 3 ; 8 5 1 = 1 4 ; ans 7 8 3 4 1"
+    # both styles are right for the two-order oracle: no deviation in either
+    tok = build_tokenizer()
+    oracle = OracleTeacher(tokenizer=tok, two_orders=True)
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]
+    p = b[0]
+    for text in (a[0].solution, p.solution):
+        assert [target.deviations for target in oracle.trace(ids(p.prompt), ids(text))][-1] == 0
+
+
+def test_the_swapped_teacher_exists_for_addition_only():
+    from opd.errors import UserError
+    from opd.testbed.builder import prepare_teacher
+
+    with pytest.raises(UserError, match="exists for task addition, not 'modchain'.*teacher=testbed"):
+        prepare_teacher("modchain", 4, style="swapped")
+

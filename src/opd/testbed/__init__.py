@@ -7,8 +7,9 @@ Importing this package registers its names with the run (:mod:`opd.run.sources`)
 tasks by name, ``student=testbed`` (the prepared student base: converged, then damaged),
 ``student=testbed-d32`` / ``-d64`` / ``-d128`` / ``-d128x4`` (students of four capacities trained from
 scratch by SFT, not damaged: :data:`opd.testbed.builder.CAPACITY_ARCHS`), ``teacher=testbed`` (the
-learned teacher) and ``teacher=oracle``. The run never imports the testbed; the testbed
-builds its models with the run.
+learned teacher; ``teacher=testbed-swapped``: the same, trained on solutions written in another
+style) and ``teacher=oracle``. The run never imports the testbed; the testbed builds its models
+with the run.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def _learned_teacher(settings: dict, task, tokenizer):
     return prepare_teacher(settings["task"], settings["horizon"])
 
 
+def _swapped_teacher(settings: dict, task, tokenizer):
+    from opd.testbed.builder import prepare_teacher
+
+    return prepare_teacher(settings["task"], settings["horizon"], style="swapped")
+
+
 def _oracle(settings: dict, task, tokenizer):
     if settings.get("dataset"):
         raise UserError("teacher=oracle only knows the synthetic testbed tasks; with dataset=... give a model path.")
@@ -66,4 +73,5 @@ register("student", "testbed-wait", _wait_base)  # the base, its SFT with 5% cor
 for _capacity in ("d32", "d64", "d128", "d128x4"):  # from scratch, not damaged (d32-d128: smaller than the teacher)
     register("student", f"testbed-{_capacity}", _capacity_student(_capacity))
 register("teacher", "testbed", _learned_teacher)
+register("teacher", "testbed-swapped", _swapped_teacher)  # the learned teacher, writing each step's operands b a
 register("teacher", "oracle", _oracle)

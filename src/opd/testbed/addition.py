@@ -169,3 +169,27 @@ class AdditionTask(steps.FamilyTask):
     def solution_tokens(self) -> int:
         """Length of a reference completion in tokens, ``<eos>`` included."""
         return 8 * self.horizon + 3
+
+
+def swapped_solution_text(spec: AdditionSpec) -> str:
+    """The reference solution in the other style: each step writes its operands ``b a``."""
+    body = " ".join(" ".join([s[1], s[0], *s[2:], SEP]) for s in reference_steps(spec))
+    return f"{body} ans {answer_text(spec)}"
+
+
+@dataclass
+class SwappedAdditionTask(AdditionTask):
+    """``task=addition_swapped``: the problems of ``addition`` (same splits), with reference
+    solutions in another style, each step's operand digits written ``b a`` (the answer and
+    its verification are unchanged). The style of the learned teacher
+    ``teacher=testbed-swapped``, a teacher that writes differently from the student."""
+
+    name: str = "addition_swapped"
+
+    def split_key(self, seed: int) -> str:
+        return f"addition:{self.horizon}:{seed}"
+
+    def make_problem(self, spec) -> Problem:
+        problem = super().make_problem(spec)
+        return Problem(problem.prompt, problem.answer, swapped_solution_text(spec), {**problem.meta, "task": self.name})
+

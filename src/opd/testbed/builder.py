@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from opd.testbed.tasks import make_task
+from opd.errors import UserError
+from opd.testbed.tasks import TASKS, make_task
 
 CACHE_VERSION = 2  # 2: the training pool drawn on demand (65,536 problems; 4,096 left SFT at 0.33)
 STUDENT_ARCH = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)
@@ -217,8 +218,18 @@ def prepare_capacity_student(capacity: str, task: str = "addition", horizon: int
     return _prepare(f"student-{capacity}", task, horizon, CAPACITY_ARCHS[capacity], CAPACITY_TRAINING, seed, quiet)
 
 
-def prepare_teacher(task: str = "addition", horizon: int = 4, *, seed: int = 0, quiet: bool = False) -> Path:
-    """The learned teacher: a larger tiny model trained by SFT on oracle solutions (cached)."""
+def prepare_teacher(task: str = "addition", horizon: int = 4, *, seed: int = 0, quiet: bool = False,
+                    style: str = "") -> Path:
+    """The learned teacher: a larger tiny model trained by SFT on oracle solutions (cached).
+    ``style="swapped"``: trained on ``{task}_swapped``, the same problems written in another
+    style (``teacher=testbed-swapped``; addition only)."""
+    if style:
+        styled = f"{task}_{style}"
+        if styled not in TASKS:
+            known = sorted(t.rsplit("_", 1)[0] for t in TASKS if t.endswith(f"_{style}"))
+            raise UserError(f"the learned teacher of style {style!r} exists for task {', '.join(known)}, not {task!r}; "
+                            "use teacher=testbed for this task")
+        task = styled
     return _prepare("teacher", task, horizon, TEACHER_ARCH, TEACHER_TRAINING, seed, quiet)
 
 

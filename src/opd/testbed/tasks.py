@@ -7,6 +7,7 @@ from opd.testbed.steps import Grammar
 
 TASKS = {
     "addition": addition.AdditionTask,
+    "addition_swapped": addition.SwappedAdditionTask,
     "modchain": modchain.ModChainTask,
     "ring": ring.RingTask,
 }
