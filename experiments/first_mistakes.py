@@ -3,9 +3,9 @@
     python experiments/first_mistakes.py [--prompts 256]
 
 For each student base below, greedy rollouts on held-out test prompts, and the step of
-each rollout's first deviation from the oracle (:mod:`opd.diagnostics.mistakes`; the same
-numbers as the "First mistakes" section of ``opd diagnose``, which uses the run's sampling
-temperature instead of greedy decoding). Horizon decay needs mistakes spread along the
+each rollout's first deviation from the oracle (:mod:`opd.diagnostics.mistakes`; the
+measure of the "First mistakes" section of ``opd diagnose``, which samples at the run's
+temperature instead). Horizon decay needs mistakes spread along the
 rollout; a base whose first mistakes pile up in one step cannot show it. Writes
 ``docs/results/first_mistakes.md`` and ``docs/results/first_mistakes/results.json``.
 """
@@ -70,7 +70,11 @@ def main() -> None:
     table = markdown_table(["base", "greedy accuracy", "rollouts with a mistake", "modal step", "its share of first mistakes",
                             "1/h", "share of rollouts by first-mistake step (0, 1, ...)", "answer only"],
                            [row(k, m) for k, m in results.items()])
-    doc = ["# First mistakes of the student bases", "", (__doc__.split("\n\n")[2]).replace("\n", " "), "",
+    intro = ("For each student base, greedy rollouts on held-out test prompts, and the step of each rollout's first "
+             "deviation from the oracle (`opd.diagnostics.mistakes`; the measure of the \"First mistakes\" section of "
+             "`opd diagnose`, which samples at the run's temperature instead). Horizon decay needs mistakes spread along "
+             "the rollout; a base whose first mistakes pile up in one step cannot show it.")
+    doc = ["# First mistakes of the student bases", "", intro, "",
            f"Regenerate: `python experiments/first_mistakes.py --prompts {args.prompts}`; numbers in "
            "[first_mistakes/results.json](first_mistakes/results.json). Greedy rollouts on "
            f"{args.prompts} test prompts per base; step 0 is the first. With one error rate e at every step the "
