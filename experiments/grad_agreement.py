@@ -38,9 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SEED = 1000  # the batches' seed: none of the runs' seeds (0-5)
 
 
-def gradients(cfg, batches: int) -> list[torch.Tensor]:
-    """The flattened gradient of ``batches`` independent steps at the student base."""
-    setup = build_setup(cfg)
+def gradients(setup, cfg, batches: int) -> list[torch.Tensor]:
+    """The flattened gradient of ``batches`` independent steps at the student of ``setup``
+    (its weights are left as they were)."""
     model = setup.env.student
     params = [p for p in model.parameters() if p.requires_grad]
     frozen = torch.optim.SGD(params, lr=0.0)  # update() computes the gradient; this step changes nothing
@@ -68,7 +68,7 @@ def measure(name: str, batches: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for label in spec.methods:
             cfg = run_config(spec, label, SEED, results["chosen_lr"][label], Path(tmp) / label, tune=True)
-            grads = gradients(cfg, batches)
+            grads = gradients(build_setup(cfg), cfg, batches)
             means[label] = torch.stack(grads).mean(0)
             out[label] = {**agreement(grads), "chosen_lr": results["chosen_lr"][label],
                           "lr_tuning": results["lr_tuning"][label], "sequences_per_step": cfg.prompts_per_step * cfg.group_size}

@@ -49,3 +49,53 @@ def test_the_myopic_script_still_probes_corrections(tiny_student_dir, tmp_path):
     results = _run("myopic.py", ["--set", *SMOKE, f"student={tiny_student_dir}"], tmp_path)
     assert set(results["probe"]["base"]) == {"1", "2", "4"}
     assert {"probe/onset", "probe/wait_redo", "probe/recovery", "probe/false_onset"} <= set(results["metric_verdicts"])
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grad_agreement_takes_the_loss_gradient_and_leaves_the_student_as_it_was(tiny_cfg):
+    """The SFT gradient it captures equals a naive one: the token-mean NLL of the same
+    problems' reference solutions, each sequence run alone, by autograd."""
+    import torch
+
+    from opd.run.loop import pick_problems, step_generator
+    from opd.run.setup import build_setup
+
+    ga = _script("grad_agreement")
+    cfg = tiny_cfg(method="sft")
+    setup = build_setup(cfg)
+    model = setup.env.student
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = ga.gradients(setup, cfg, 2)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert not torch.allclose(grads[0], grads[1])
+
+    problems = pick_problems(setup.train_pool, cfg.prompts_per_step, step_generator(ga.SEED, 0))
+    model.zero_grad()
+    nll, count = 0.0, 0
+    for p in problems:
+        x, y = setup.env.encode_prompt(p), setup.env.encode_solution(p)
+        logp = torch.log_softmax(model(torch.tensor([x + y])).logits[0, len(x) - 1 : -1].float(), -1)
+        nll = nll - logp[torch.arange(len(y)), torch.tensor(y)].sum()
+        count += len(y)
+    (nll / count).backward()
+    naive = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(grads[0], naive, rtol=1e-4, atol=1e-6)
+
+
+def test_agreement_is_the_mean_pairwise_cosine():
+    import torch
+
+    ga = _script("grad_agreement")
+    g = torch.tensor([1.0, 2.0, 2.0])
+    same = ga.agreement([g, 2 * g, 3 * g])
+    assert same["agreement"] == pytest.approx(1.0) and same["pairs"] == 3 and same["grad_norm"] == pytest.approx(6.0)
+    mixed = ga.agreement([g, -g, torch.tensor([2.0, -1.0, 0.0])])  # cosines -1, 0, 0
+    assert mixed["agreement"] == pytest.approx(-1 / 3)
