@@ -51,7 +51,7 @@ def test_prepared_base_is_damaged_cached_and_reports_both_accuracies(tmp_path, m
 
 def test_unknown_task_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.setenv("OPD_CACHE", str(tmp_path))
-    with pytest.raises(KeyError, match="unknown task 'no-such-task'; known: \\['addition', 'modchain', 'ring'\\]"):
+    with pytest.raises(KeyError, match="unknown task 'no-such-task'; known: \\['addition', 'addition_swapped', 'modchain', 'ring'\\]"):
         testbed.prepare_student_base("no-such-task", 2, quiet=True)
     assert not any(tmp_path.rglob("*"))
 
