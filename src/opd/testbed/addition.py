@@ -182,7 +182,8 @@ class SwappedAdditionTask(AdditionTask):
     """``task=addition_swapped``: the problems of ``addition`` (same splits), with reference
     solutions in another style, each step's operand digits written ``b a`` (the answer and
     its verification are unchanged). The style of the learned teacher
-    ``teacher=testbed-swapped``, a teacher that writes differently from the student."""
+    ``teacher=testbed-swapped``, a teacher that writes differently from the student.
+    Corrected solutions (``correction_rate``) keep the ``a b`` order."""
 
     name: str = "addition_swapped"
 
@@ -192,4 +193,3 @@ class SwappedAdditionTask(AdditionTask):
     def make_problem(self, spec) -> Problem:
         problem = super().make_problem(spec)
         return Problem(problem.prompt, problem.answer, swapped_solution_text(spec), {**problem.meta, "task": self.name})
-
