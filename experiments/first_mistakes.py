@@ -19,12 +19,11 @@ from pathlib import Path
 import torch
 
 from opd.config.train import TrainConfig
-from opd.diagnostics.mistakes import first_mistake_shares
+from opd.diagnostics.diagnose import mistakes_section
 from opd.models.sampler import sample
 from opd.report import markdown_table
 from opd.run.setup import build_setup
 from opd.testbed.builder import eval_tokens
-from opd.testbed.oracle import OracleTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
 # (student, task, horizon): the bases of the published comparisons
@@ -45,8 +44,7 @@ def measure(student: str, task: str, horizon: int, prompts: int) -> dict:
     out = sample(env.student, x, max_new_tokens=cfg.max_new_tokens, eos_id=env.eos_id, pad_id=env.pad_id,
                  temperature=0.0, top_p=1.0)
     ys = out.batch.completions()
-    oracle = OracleTeacher(tokenizer=tok, recovers=False)
-    shares = first_mistake_shares(oracle, x, ys, tok.convert_tokens_to_ids(";"), horizon)
+    shares = mistakes_section(cfg, env, tok, x, ys)
     shares["accuracy"] = sum(env.verify(p, y) for p, y in zip(setup.eval_problems, ys)) / len(ys)
     return shares
 
