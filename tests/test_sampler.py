@@ -1,6 +1,7 @@
 """The student sampler: same tokens as `generate` when greedy, exact log-probs, layout;
 the direct Llama-family decoder against the generic HF one; the inverse-CDF draw."""
 
+import inspect
 import math
 
 import pytest
@@ -122,7 +123,26 @@ def test_fallback_for_unsupported_configs(tmp_path):
         assert dec.path == "hf" and dec.fallback
         out = sample(net, PROMPTS, max_new_tokens=6, eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(0))
         assert out.batch.completion_mask_BT.any(1).all()
+        greedy = sample(net, PROMPTS, max_new_tokens=6, eos_id=EOS, pad_id=PAD, temperature=0.0)
+        for prompt, completion in zip(PROMPTS, greedy.batch.completions()):
+            ref = net.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=EOS, pad_token_id=PAD)
+            assert completion == ref[0, len(prompt):].tolist()[: len(completion)]
     assert Decoder(window, PROMPTS, PAD, max_new_tokens=3).path == "fast"  # 5 + 3 tokens fit the window
+
+
+def test_cache_argument_follows_the_decoders_signature(family_model):
+    """transformers renamed the decoder's ``past_key_values`` to ``cache``; the generic decoder
+    passes its cache under the name the installed version takes (a wrong name is silently ignored)."""
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs): ...
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, use_cache=None, **kwargs): ...
+
+    assert sampler.cache_argument(Old()) == "past_key_values" and sampler.cache_argument(New()) == "cache"
+    decoder = family_model.get_decoder()
+    assert sampler.cache_argument(decoder) in inspect.signature(decoder.forward).parameters
 
 
 def test_scaled_rope_takes_the_fast_path(tmp_path):

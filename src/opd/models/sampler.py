@@ -28,6 +28,7 @@ torch's CPU build), which dominated the step of small models on CPU.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -124,6 +125,13 @@ def host_uniforms(shape: tuple[int, ...], generator: torch.Generator | None) -> 
     return torch.rand(shape, generator=generator, dtype=torch.float64, device="cpu")
 
 
+def cache_argument(decoder: torch.nn.Module) -> str:
+    """The decoder's keyword for its KV cache: ``cache`` in newer transformers, ``past_key_values``
+    before. Passing the wrong one is silent: the decoder makes a fresh cache per call and each step
+    sees one token, so the tokens are wrong."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
 class HFDecoder:
     """Generic incremental decoding through the Hugging Face model (any causal LM).
 
@@ -138,13 +146,14 @@ class HFDecoder:
         self.attn_BL[:, :P] = prompt_batch.attention_mask_BL[:, :P]
         pos_BL = (self.attn_BL[:, :P].cumsum(-1) - 1).clamp(min=0)
         self.cache = DynamicCache(config=model.config)
+        self.cache_arg = cache_argument(decoder_of(model))
         self.logits_BV = self._step(prompt_batch.input_ids_BL[:, :P], pos_BL)
         self.next_pos_B = pos_BL[:, -1] + 1
 
     def _step(self, ids_BS: torch.Tensor, pos_BS: torch.Tensor) -> torch.Tensor:
         out = decoder_of(self.model)(
             input_ids=ids_BS, attention_mask=self.attn_BL[:, : self.length], position_ids=pos_BS,
-            cache=self.cache, use_cache=True,
+            use_cache=True, **{self.cache_arg: self.cache},
         )
         return self.model.get_output_embeddings()(out.last_hidden_state[:, -1]).float()
 
