@@ -1,24 +1,21 @@
-"""Where the lean JSD loss spends its time on a GPU, and what its chunk size and the
-precision of its ``dW`` matmul cost (one process, every side printed, ratios against
-Liger-Kernel's fused linear JSD and against the current default).
+"""Where the lean JSD loss spends its time on a GPU: the precision of its ``dW`` product and
+its chunk size, against Liger-Kernel's fused linear JSD (one process, every side printed).
 
     PYTHONPATH=src python bench/gpu_loss_probe.py [--size gpu|cpu] [--out FILE]
 
-bench/gpu.sh measured the lean fused loss at 2.1x Liger's time (N=16,384, H=896, V=151,936,
-bf16) and the student update at 12% MFU. Three candidate causes, each measured here:
+The first H200 run of bench/gpu.sh measured the lean fused loss at 2.1x Liger's time (N=16,384,
+H=896, V=151,936, bf16) and the student update at 12% MFU. The first run of this probe (commit
+cec9b72, docs/performance/gpu_loss_probe_h200.json) found a third of the loss's time in one
+float32 matmul: ``g_W += G^T h`` with ``h`` cast up (no tensor cores). The library now makes that
+product from bf16 inputs in float32 (``out_dtype``) on a GPU, in chunks of 2**26 logits.
 
-- ``dW`` in float32: ``_accumulate`` computes ``g_W += G^T h`` with ``h`` cast to float32, a
-  float32 matmul of ``2·N·V·H`` FLOPs (no tensor cores). Variants: ``bf16`` (the product in
-  bf16, float32 accumulation inside the GEMM, each chunk's partial rounded to bf16 and added to
-  the float32 accumulator: what Liger does) and ``mm_f32`` (``torch.mm(..., out_dtype=float32)``:
-  bf16 inputs, a float32 partial; CUDA only).
-- the chunk size: the default holds ``2**24`` logits (110 rows at V=151,936); 4x and 16x.
-- the per-chunk elementwise math: the profiler's top kernels for the default.
-
-Then the MFU section's step (the 0.5B model, 4 x 4,096 tokens) with the default and the best
-variant, and without the head and loss (``decoder_only``: the decoder's share; its MFU counts
-the head's FLOPs too, so it is an upper bound, not a comparable MFU). Writes JSON (``--out``); the error of each variant's ``h`` and ``W`` gradients
-against the current code is in it.
+Cases: ``f32`` (the old product, re-implemented here) and ``library`` (the code as it is), each
+at chunks of 1, 4 and 16 times the CPU default (110 positions at V=151,936), with the error of
+their ``h`` and ``W`` gradients against the first case; Liger; the profiler's top kernels of the
+library at its default chunk on this device. Then the MFU section's step (the 0.5B model, 4 x 4,096 tokens):
+before (``f32``, 110), now (``library``, the GPU default), the fastest case, and without head and
+loss (``decoder_only``: the decoder's share; its "MFU" still counts the head's FLOPs, so it is an
+upper bound, not a comparable MFU). Writes JSON (``--out``).
 """
 
 from __future__ import annotations
@@ -39,34 +36,21 @@ from gpu import loss_methods, mfu_batch  # noqa: E402
 from gpu_common import BETA, GIB, SIZES, Budget, build_model, log, peak_extra_bytes, peak_flops, step_flops, timed  # noqa: E402
 from opd.models.hf import completion_hidden  # noqa: E402
 
-CURRENT = chunked._accumulate
+LIBRARY = chunked._accumulate
 
 
-def accumulate_bf16(grad_CV, h_CH, w_VH, grads, lo, hi):
-    """``g_W += G^T h`` as a product in the hidden's dtype, rounded, added in float32."""
+def accumulate_f32(grad_CV, h_CH, w_VH, grads, lo, hi):
+    """What ``_accumulate`` did before: ``g_W += G^T h`` with ``h`` cast up to a float32 matmul."""
     g_h, g_w, g_b = grads
-    g_lp = grad_CV.to(w_VH.dtype)
     if g_h is not None:
-        torch.mm(g_lp, w_VH, out=g_h[lo:hi])
+        torch.mm(grad_CV.to(w_VH.dtype), w_VH, out=g_h[lo:hi])
     if g_w is not None:
-        g_w.add_(torch.mm(g_lp.t(), h_CH.to(w_VH.dtype)))
+        g_w.addmm_(grad_CV.t(), h_CH.to(g_w.dtype))
     if g_b is not None:
         g_b.add_(grad_CV.sum(0))
 
 
-def accumulate_mm_f32(grad_CV, h_CH, w_VH, grads, lo, hi):
-    """``g_W += G^T h`` from bf16 inputs with a float32 product (``out_dtype``)."""
-    g_h, g_w, g_b = grads
-    g_lp = grad_CV.to(w_VH.dtype)
-    if g_h is not None:
-        torch.mm(g_lp, w_VH, out=g_h[lo:hi])
-    if g_w is not None:
-        g_w.add_(torch.mm(g_lp.t(), h_CH.to(w_VH.dtype), out_dtype=g_w.dtype))
-    if g_b is not None:
-        g_b.add_(grad_CV.sum(0))
-
-
-VARIANTS = {"current": CURRENT, "bf16": accumulate_bf16, "mm_f32": accumulate_mm_f32}
+VARIANTS = {"f32": accumulate_f32, "library": LIBRARY}
 
 
 def loss_inputs(cfg: dict, device, dtype):
@@ -101,7 +85,7 @@ def rel(a, b) -> float:
 
 def sweep(cfg: dict, device, dtype, budget: Budget) -> dict:
     inputs = loss_inputs(cfg, device, dtype)
-    default = chunked.default_chunk_size(cfg["vocab"])
+    default = chunked.default_chunk_size(cfg["vocab"])  # the CPU default: 110 at V=151,936
     rows, ref = {}, None
     for name, fn in VARIANTS.items():
         for mult in (1, 4, 16):
@@ -114,7 +98,7 @@ def sweep(cfg: dict, device, dtype, budget: Budget) -> dict:
                 log(f"  {key}: {rows[key]['error']}")
                 continue
             finally:
-                chunked._accumulate = CURRENT
+                chunked._accumulate = LIBRARY
             ref = ref or r["grads"]
             gh, gw = r.pop("grads")
             rows[key] = r | {"grad_h_rel_err": rel(gh, ref[0]), "grad_W_rel_err": rel(gw, ref[1])}
@@ -131,11 +115,12 @@ def sweep(cfg: dict, device, dtype, budget: Budget) -> dict:
         rows["liger"] = {"ms": statistics.median(timed(liger_step, device, cfg["warmup"], cfg["reps"], budget)) * 1e3,
                          "peak_extra_gib": (peak_extra_bytes(liger_step, device) or 0) / GIB}  # fmt: skip
         log(f"  liger: {rows['liger']}")
-    return {"default_chunk": default, "cases": rows}
+    return {"cpu_default_chunk": default, "device_default_chunk": chunked.default_chunk_size(cfg["vocab"], device),
+            "cases": rows}
 
 
 def profile_default(cfg: dict, device, dtype) -> list:
-    """The profiler's top 15 kernels (CUDA time) of one default lean-fused call."""
+    """The profiler's top 15 kernels (CUDA time) of one lean-fused call at the default chunk."""
     if device.type != "cuda":
         return []
     from torch.profiler import ProfilerActivity, profile
@@ -163,7 +148,7 @@ def mfu_steps(size: dict, device, dtype, budget: Budget, variants: list) -> dict
     peak, _ = peak_flops(device)
     out = {"flops": flops, "dtype": str(dtype)}
     for name, chunk in variants:
-        chunked._accumulate = VARIANTS.get(name, CURRENT)
+        chunked._accumulate = VARIANTS.get(name, LIBRARY)
 
         def fwd_bwd():
             model.zero_grad(set_to_none=True)
@@ -180,7 +165,7 @@ def mfu_steps(size: dict, device, dtype, budget: Budget, variants: list) -> dict
         except Exception as e:  # noqa: BLE001
             out[f"{name}/chunk{chunk}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
         finally:
-            chunked._accumulate = CURRENT
+            chunked._accumulate = LIBRARY
         log(f"  mfu {name}/chunk{chunk}: {out[f'{name}/chunk{chunk}']}")
     return out
 
@@ -208,9 +193,9 @@ def main() -> None:
     for row in res["profile_default"]:
         log(f"  {row}")
     best = best_variant(res["loss"]["cases"])
-    default = res["loss"]["default_chunk"]
-    log(f"== mfu step: current/chunk{default} against {best[0]}/chunk{best[1]}")
-    res["mfu"] = mfu_steps(size, device, dtype, budget, [("current", default), best, ("decoder_only", 0)])
+    old, new = res["loss"]["cpu_default_chunk"], res["loss"]["device_default_chunk"]
+    log(f"== mfu step: f32/chunk{old} (before) against library/chunk{new} (now) and {best[0]}/chunk{best[1]}")
+    res["mfu"] = mfu_steps(size, device, dtype, budget, [("f32", old), ("library", new), best, ("decoder_only", 0)])
     res["total_s"] = time.perf_counter() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))

@@ -153,7 +153,8 @@ def test_no_tokens():
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(151_936) == 110
+    assert default_chunk_size(151_936) == 110 == default_chunk_size(151_936, "cpu")
+    assert default_chunk_size(151_936, "cuda") == default_chunk_size(151_936, torch.device("cuda", 1)) == 441
     assert default_chunk_size(13) > N
 
 

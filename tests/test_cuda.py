@@ -3,7 +3,8 @@
 Every method trains on ``device=cuda`` and its first step's loss equals the CPU run's (the
 same rollout: the uniforms are drawn on the host from the same seed); a bf16 run of OPD and
 GKD stays finite; the sampler's CUDA graph samples what its eager step samples; the chunked
-loss on CUDA with bf16 hidden states and a float32 head matches the float32 reference.
+loss on CUDA with bf16 hidden states and a float32 head matches the float32 reference, its
+gradients too (the head's through the tensor cores' float32 product).
 """
 
 import math
@@ -11,6 +12,7 @@ import math
 import pytest
 import torch
 
+from opd.losses import chunked
 from opd.losses.chunked import chunked_divergence_loss
 from opd.losses.divergence import divergence
 from opd.methods import METHODS
@@ -69,5 +71,10 @@ def test_chunked_loss_on_cuda_with_bf16_hidden_and_float32_head():
     teacher = torch.randn(n, v, device="cuda", generator=g)
     w = torch.full((n,), 1.0 / n, device="cuda")
     loss, _ = chunked_divergence_loss(hidden.bfloat16(), weight, teacher, "jsd", w, beta=0.5, chunk_size=128)
+    (g_h, g_w) = torch.autograd.grad(loss, (hidden, weight))
     ref = (divergence(hidden @ weight.T, teacher, "jsd", beta=0.5) * w).sum()
-    assert abs(float(loss) - float(ref)) <= 2e-2 * abs(float(ref))
+    (r_h, r_w) = torch.autograd.grad(ref, (hidden, weight))
+    assert abs(loss.item() - ref.item()) <= 2e-2 * abs(ref.item())
+    assert float((g_h - r_h).norm() / r_h.norm()) <= 2e-2 and float((g_w - r_w).norm() / r_w.norm()) <= 2e-2
+    if "dtype" in torch.ops.aten.addmm.overloads():  # this torch makes dW's product in float32 from bf16
+        assert chunked._MIXED_MM["ok"]

@@ -58,9 +58,49 @@ Teacher = Union[TeacherDist, torch.Tensor, tuple]
 CHUNK_ELEMENTS = 2**24  # default chunk: about this many logits (64 MiB in float32)
 
 
-def default_chunk_size(vocab: int) -> int:
-    """Tokens per chunk so that one ``[chunk, V]`` buffer holds about ``CHUNK_ELEMENTS``."""
-    return max(1, CHUNK_ELEMENTS // vocab)
+CHUNK_ELEMENTS_CUDA = 2**26  # on a GPU, 4x: 440 positions at V=151,936 (bench/gpu_loss_probe.py)
+
+
+def default_chunk_size(vocab: int, device: torch.device | str | None = None) -> int:
+    """Tokens per chunk so that one ``[chunk, V]`` buffer holds about ``CHUNK_ELEMENTS``
+    (``CHUNK_ELEMENTS_CUDA`` on a GPU, where small chunks leave the matmuls and the per-chunk
+    kernel launches slow: 1.7x the time at 110 positions than at 440 on an H200)."""
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    return max(1, (CHUNK_ELEMENTS_CUDA if on_gpu else CHUNK_ELEMENTS) // vocab)
+
+
+def add_chunk_grads(grad_CV, h_CH, w_VH, g_h_CH, g_w_VH, g_b_V) -> None:
+    """One chunk's share of the gradients from ``G = ∂L/∂z`` ``[C, V]``: ``g_h ← G W``
+    (written), ``g_W += G^T h``, ``g_b += Σ_c G`` (accumulated, float32+); each None is skipped.
+
+    ``G`` enters the matmuls in the head's dtype ``w_VH`` (bf16 under autocast). On a GPU the
+    ``G^T h`` product of 16-bit inputs is made in float32 by the tensor cores (``out_dtype``),
+    not by casting ``h`` up to a float32 matmul (which took a third of the JSD's time at
+    V=151,936 on an H200); elsewhere, or on a torch without ``out_dtype``, ``h`` is cast up."""
+    g_lp = grad_CV.to(w_VH.dtype)
+    if g_h_CH is not None:
+        torch.mm(g_lp, w_VH, out=g_h_CH)
+    if g_w_VH is not None and not _add_mixed_product(g_w_VH, g_lp.t(), h_CH):
+        g_w_VH.addmm_(grad_CV.t(), h_CH.to(g_w_VH.dtype))
+    if g_b_V is not None:
+        g_b_V.add_(grad_CV.sum(0))
+
+
+_MIXED_MM = {"ok": True}  # False once this torch has refused out_dtype
+
+
+def _add_mixed_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``acc += a @ b`` for 16-bit ``a``, ``b`` and a float32 ``acc`` on CUDA, the product in
+    float32; False (nothing done) where that does not apply."""
+    if not (_MIXED_MM["ok"] and acc.is_cuda and acc.dtype == torch.float32 and a.dtype == b.dtype
+            and a.dtype in (torch.bfloat16, torch.float16)):  # fmt: skip
+        return False
+    try:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    except (RuntimeError, TypeError, NotImplementedError):
+        _MIXED_MM["ok"] = False
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -219,15 +259,9 @@ def _floored_logp(t_CV: torch.Tensor, floor: float) -> torch.Tensor:
 
 
 def _accumulate(grad_CV, h_CH, w_VH, grads, lo, hi):
-    """``g_h[chunk] = G W``, ``g_W += G^T h``, ``g_b += Σ G`` (``W`` in the hidden's dtype;
-    the accumulators of ``W`` and ``b`` in float32+)."""
+    """:func:`add_chunk_grads` into rows ``lo:hi`` of ``g_h`` (``W`` in the hidden's dtype)."""
     g_h, g_w, g_b = grads
-    if g_h is not None:
-        torch.mm(grad_CV.to(w_VH.dtype), w_VH, out=g_h[lo:hi])
-    if g_w is not None:
-        g_w.addmm_(grad_CV.t(), h_CH.to(g_w.dtype))
-    if g_b is not None:
-        g_b.add_(grad_CV.sum(0))
+    add_chunk_grads(grad_CV, h_CH, w_VH, None if g_h is None else g_h[lo:hi], g_w, g_b)
 
 
 def _sweep(hidden, weight, bias, teacher: TeacherDist, spec: _Spec, scale_N, need):
@@ -371,7 +405,7 @@ def _prepare(hidden, weight, bias, teacher, spec: _Spec):
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}")
     check_support(spec.support, spec.k, weight.shape[0])
-    chunk = default_chunk_size(weight.shape[0]) if spec.chunk_size is None else spec.chunk_size
+    chunk = default_chunk_size(weight.shape[0], weight.device) if spec.chunk_size is None else spec.chunk_size
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {spec.chunk_size}")
     h_NH = hidden.reshape(-1, hidden.shape[-1])
@@ -403,7 +437,7 @@ def chunked_divergence(
     holding ``[N, V]``. ``hidden_NH`` may have leading dims ``[..., H]``; the result then
     has shape ``[...]``. ``teacher`` is the teacher's logits ``[..., V]`` or
     ``(hidden, weight[, bias])`` of its LM head (made chunk by chunk too); it gets no
-    gradient. ``chunk_size`` tokens per chunk (default ``default_chunk_size(V)``).
+    gradient. ``chunk_size`` tokens per chunk (default ``default_chunk_size(V, device)``).
 
     Differentiable w.r.t. ``hidden_NH``, ``lm_head_weight_VH`` and ``bias_V`` for any
     upstream gradient ``g_N`` (mask/weights applied by the caller afterwards); backward

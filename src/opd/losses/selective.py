@@ -33,20 +33,9 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from opd.losses.chunked import default_chunk_size
+from opd.losses.chunked import add_chunk_grads, default_chunk_size
 from opd.losses.divergence import compute_dtype
 from opd.losses.teacher_dist import head_in_dtype, logits_into
-
-
-def _add_grads(grad_CV, h_CH, weight_VH, g_h_CH, g_w_VH, g_b_V, dtype) -> None:
-    """One chunk's share of the gradients from ``∂L/∂z`` ``[C, V]``: into ``g_h_CH`` (written),
-    ``g_w_VH`` and ``g_b_V`` (accumulated); each None is skipped."""
-    if g_h_CH is not None:
-        torch.mm(grad_CV.to(weight_VH.dtype), weight_VH, out=g_h_CH)
-    if g_w_VH is not None:
-        g_w_VH.addmm_(grad_CV.t(), h_CH.to(dtype))
-    if g_b_V is not None:
-        g_b_V.add_(grad_CV.sum(0))
 
 
 def _normalize_(z_CV: torch.Tensor, p_CV: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -103,7 +92,7 @@ def _backward(h_NH, weight_VH, bias_V, ids_N, lse_N, g_N, chunk: int, need):
         z_CV.clamp_min_(torch.finfo(dtype).min)
         grad_CV = z_CV.sub_(lse_N[lo:hi, None]).exp_().mul_(-g_C[:, None])  # −g p
         grad_CV.scatter_add_(-1, ids_N[lo:hi, None], g_C[:, None])  # + g e_y
-        _add_grads(grad_CV, h_NH[lo:hi], weight_VH, None if g_h is None else g_h[lo:hi], g_w, g_b, dtype)
+        add_chunk_grads(grad_CV, h_NH[lo:hi], weight_VH, None if g_h is None else g_h[lo:hi], g_w, g_b)
     return g_h, g_w, g_b
 
 
@@ -139,7 +128,7 @@ def _apply(hidden_NH, weight_VH, ids_N, bias_V, chunk_size, k):
         )
     if bias_V is not None and bias_V.shape != (V,):
         raise ValueError(f"bias must be [V={V}], got {tuple(bias_V.shape)}")
-    chunk = default_chunk_size(V) if chunk_size is None else int(chunk_size)
+    chunk = default_chunk_size(V, weight_VH.device) if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     h_NH = hidden_NH.reshape(-1, H)
@@ -161,7 +150,7 @@ def token_logp(
     ``hidden_NH [..., H]`` and ``ids_N [...]`` (long, in ``[0, V)``) share leading dims;
     the result has them too, float32 (float64 for float64 inputs). Differentiable w.r.t.
     ``hidden_NH``, ``lm_head_weight_VH`` and ``bias_V``; backward recomputes the logits.
-    ``chunk_size`` tokens per chunk (default ``default_chunk_size(V)``, about 64 MiB).
+    ``chunk_size`` tokens per chunk (default ``default_chunk_size(V, device)``, about 64 MiB of logits, 256 MiB on a GPU).
     """
     return _apply(hidden_NH, lm_head_weight_VH, ids_N, bias_V, chunk_size, -1)[0]
 
@@ -304,7 +293,7 @@ class _LogSumExp(torch.autograd.Function):
                 grad_CV = x.sub_(out_N[lo:hi, None]).exp_().mul_(scale_out_N[lo:hi, None]).add_(p)
             else:
                 grad_CV = x.sub_(lse_N[lo:hi, None]).exp_().mul_(scale_N[lo:hi, None])  # g p / τ
-            _add_grads(grad_CV, h_NH[lo:hi], w_mm, None if g_h is None else g_h[lo:hi], g_w, g_b, dtype)
+            add_chunk_grads(grad_CV, h_NH[lo:hi], w_mm, None if g_h is None else g_h[lo:hi], g_w, g_b)
         inputs = (h_NH, weight_VH, bias_V)
         grads = [None if g is None else g.to(t.dtype) for g, t in zip((g_h, g_w, g_b), inputs)]
         return (*grads, None, None, None)
@@ -336,7 +325,7 @@ def chunked_logsumexp(
     lead = hidden_NH.shape[:-1]
     if exclude_ids_NK is not None and exclude_ids_NK.shape[:-1] != lead:
         raise ValueError(f"exclude_ids [..., K] must share hidden's leading dims, got {tuple(exclude_ids_NK.shape)}")
-    chunk = default_chunk_size(V) if chunk_size is None else int(chunk_size)
+    chunk = default_chunk_size(V, weight_VH.device) if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     ex = None if exclude_ids_NK is None else exclude_ids_NK.reshape(-1, exclude_ids_NK.shape[-1]).long()
