@@ -66,6 +66,24 @@ def test_a_choice_at_the_edge_widens_the_grid_until_bracketed(monkeypatch, tmp_p
     assert tried == pytest.approx([1e-4, 3e-4, 1e-3, 3e-3]) and chosen == pytest.approx(3e-4) and bracketed
 
 
+def test_tuning_margin_against_a_naive_noise_on_known_numbers():
+    """The margin of the chosen lr over the runner-up, and the 95% interval of a difference of
+    two accuracies on n prompts each, written out by hand."""
+    scores = {"3e-05": 0.164, "0.0001": 0.154, "0.0003": 0.168, "0.001": 0.182, "0.00333333": 0.0}
+    m = protocol.tuning_margin(scores, 1e-3, 500)
+    naive = 1.96 * math.sqrt(0.182 * 0.818 / 500 + 0.168 * 0.832 / 500)
+    assert m["runner_up_lr"] == pytest.approx(3e-4) and m["margin"] == pytest.approx(0.014)
+    assert m["noise"] == pytest.approx(naive) and not m["decided"]
+    clear = protocol.tuning_margin({1e-4: 0.5, 3e-4: 0.9, 1e-3: 0.2}, 3e-4, 500)
+    assert clear["decided"] and clear["margin"] == pytest.approx(0.4)
+    assert protocol.tuning_margin({1e-3 / 0.3: 0.6, 1e-3: 0.1}, 1e-3 / 0.3, 500)["decided"]  # %g keys match floats
+    assert protocol.tuning_margin({1e-4: 0.5}, 1e-4, 500) is None
+    tied = protocol.tuning_margin({1e-4: 0.5, 3e-4: 0.5, 1e-3: 0.5}, 1e-4, 500)
+    assert tied["runner_up_lr"] == pytest.approx(3e-4) and tied["margin"] == 0 and not tied["decided"]
+    sentences = protocol.undecided({"grpo": m, "opd": clear, "sft": None})
+    assert len(sentences) == 1 and sentences[0].startswith("grpo: 0.182 against 0.168 at lr 0.0003")
+
+
 def test_the_tuning_seed_is_never_a_reported_seed(tmp_path):
     assert _spec(tmp_path).tuning_seed == 2
     assert _spec(tmp_path, tuning_seed=100).tuning_seed == 100

@@ -471,6 +471,8 @@ def results_of(spec: Spec, summary: dict, teacher_acc: float | None) -> dict:
             "sequences_to_target": None if threshold is None else verdicts.target_summary(histories, threshold),
         }
     unbracketed = [label for label, ok in info.get("bracketed", {}).items() if not ok]
+    margins = {label: protocol.tuning_margin(scores, info["chosen"][label], summary["eval_size"])
+               for label, scores in info.get("grid", {}).items()}
     return {
         "spec": spec.path, "seeds": spec.seeds, "tuning_seed": info.get("seed"),
         "lr_grid": {label: [float(lr) for lr in grid] for label, grid in info.get("grid", {}).items()},
@@ -478,7 +480,9 @@ def results_of(spec: Spec, summary: dict, teacher_acc: float | None) -> dict:
         "budget": {"kind": spec.budget_kind, "value": spec.budget},
         "test_prompts": summary["eval_size"],
         "protocol": {"unmet": protocol.unmet(seeds=spec.seeds, tuning_seed=info.get("seed"), grid=spec.lr_grid,
-                                             unbracketed=unbracketed, budget=spec.budget, test_size=summary["eval_size"])},
+                                             unbracketed=unbracketed, budget=spec.budget, test_size=summary["eval_size"]),
+                     "undecided_lr": protocol.undecided(margins)},
+        "lr_margin": margins,
         "teacher_accuracy": teacher_acc, "target": spec.target, "target_accuracy": threshold,
         "labels": labels, "rule": verdicts.RULE, "verdicts": verdicts.all_verdicts(finals),
         "metric_verdicts": verdicts.metric_verdicts(subset_finals(labels, spec.judge)),

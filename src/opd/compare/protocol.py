@@ -18,6 +18,8 @@ the report and in ``results.json`` under ``protocol.unmet``, never silently pass
 
 from __future__ import annotations
 
+import math
+
 MIN_SEEDS = 5
 MIN_GRID = 4
 MAX_SPACING = 10 / 3
@@ -86,3 +88,37 @@ def tune_lr(grid: list[float], accuracy, extend: int) -> tuple[dict[float, float
             return scores, chosen, True
         todo = [wider]
     return scores, chosen, False
+
+
+def tuning_margin(scores: dict, chosen: float, n: int) -> dict | None:
+    """How clearly the tuning chose: the chosen lr's validation accuracy ``a1`` over the best
+    other lr's ``a2``, against the noise of that difference on ``n`` prompts,
+
+        margin = a1 - a2,    noise = 1.96 * sqrt((a1 (1 - a1) + a2 (1 - a2)) / n)
+
+    (a 95% normal interval of a difference of two independent accuracies). ``decided`` is
+    False when ``margin <= noise``: another tuning seed could have chosen another lr. The
+    protocol still uses the best lr (a rule that preferred, say, the smaller lr inside the
+    noise would change every choice made so far); this flags such choices. None with fewer
+    than two lrs. ``scores`` maps lr (a float, or its ``%g`` string) to accuracy."""
+    by_lr = {f"{float(lr):g}": (float(lr), acc) for lr, acc in scores.items()}  # %g: as results.json keys them
+    mine = by_lr.pop(f"{chosen:g}", None)
+    if mine is None or not by_lr or n < 1:
+        return None
+    runner_up, a2 = max(sorted(by_lr.values()), key=lambda pair: pair[1])
+    a1 = mine[1]
+    noise = difference_noise(a1, a2, n)
+    return {"accuracy": a1, "runner_up_lr": runner_up, "runner_up": a2, "margin": a1 - a2, "noise": noise,
+            "decided": a1 - a2 > noise}
+
+
+def difference_noise(a1: float, a2: float, n: int) -> float:
+    """Half-width of a 95% normal interval of ``a1 - a2``, two independent accuracies on ``n`` prompts."""
+    return 1.96 * math.sqrt(max(a1 * (1 - a1) + a2 * (1 - a2), 0.0) / n)
+
+
+def undecided(margins: dict) -> list[str]:
+    """One sentence per label whose lr choice is inside the tuning noise (:func:`tuning_margin`)."""
+    return [f"{label}: {m['accuracy']:.3f} against {m['runner_up']:.3f} at lr {m['runner_up_lr']:g} "
+            f"(margin {m['margin']:+.3f}, noise ±{m['noise']:.3f})"
+            for label, m in margins.items() if m is not None and not m["decided"]]

@@ -160,8 +160,19 @@ def _lr_section(summary: dict) -> str:
 def protocol_text(results: dict) -> str:
     unmet = results["protocol"]["unmet"]
     if not unmet:
-        return "Every rule of the protocol (`opd.compare.protocol`) is met."
-    return "Rules of the protocol (`opd.compare.protocol`) this comparison does not meet:\n\n" + "\n".join(f"- {u}" for u in unmet)
+        text = "Every rule of the protocol (`opd.compare.protocol`) is met."
+    else:
+        text = "Rules of the protocol (`opd.compare.protocol`) this comparison does not meet:\n\n" + "\n".join(f"- {u}" for u in unmet)
+    return text + undecided_text(results["protocol"].get("undecided_lr", []))
+
+
+def undecided_text(undecided: list[str]) -> str:
+    """The labels whose lr the tuning chose inside its noise (``protocol.tuning_margin``)."""
+    if not undecided:
+        return ""
+    return ("\n\nLearning rates chosen inside the tuning noise (the chosen lr's validation accuracy over the "
+            "runner-up's is within a 95% interval of their difference; another tuning seed could have chosen "
+            "another lr; flagged, not a rule):\n\n" + "\n".join(f"- {u}" for u in undecided))
 
 
 def verdict_text(results: dict) -> str:
