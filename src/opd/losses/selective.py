@@ -150,7 +150,8 @@ def token_logp(
     ``hidden_NH [..., H]`` and ``ids_N [...]`` (long, in ``[0, V)``) share leading dims;
     the result has them too, float32 (float64 for float64 inputs). Differentiable w.r.t.
     ``hidden_NH``, ``lm_head_weight_VH`` and ``bias_V``; backward recomputes the logits.
-    ``chunk_size`` tokens per chunk (default ``default_chunk_size(V, device)``, about 64 MiB of logits, 256 MiB on a GPU).
+    ``chunk_size`` tokens per chunk (default ``default_chunk_size(V, device)``: about 64 MiB of
+    logits, 256 MiB on a GPU).
     """
     return _apply(hidden_NH, lm_head_weight_VH, ids_N, bias_V, chunk_size, -1)[0]
 
