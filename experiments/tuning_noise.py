@@ -40,7 +40,7 @@ def experiment_rows(name: str, results: dict) -> list[dict]:
         finals = [f.get("accuracy") for f in results["labels"][label]["final"].values()]
         reported = sum(finals) / len(finals) if finals and None not in finals else None
         if m is not None:
-            rows.append({"experiment": name, "label": label, "chosen_lr": chosen, "prompts": n, **m, "reported_mean": reported,
+            rows.append({"experiment": name, "label": label, "prompts": n, **m, "reported_mean": reported,
                          "smallest_within_noise": smallest_within_noise(scores, m["accuracy"], n)})
     return rows
 

@@ -81,7 +81,7 @@ def test_tuning_margin_against_a_naive_noise_on_known_numbers():
     tied = protocol.tuning_margin({1e-4: 0.5, 3e-4: 0.5, 1e-3: 0.5}, 1e-4, 500)
     assert tied["runner_up_lr"] == pytest.approx(3e-4) and tied["margin"] == 0 and not tied["decided"]
     sentences = protocol.undecided({"grpo": m, "opd": clear, "sft": None})
-    assert len(sentences) == 1 and sentences[0].startswith("grpo: 0.182 against 0.168 at lr 0.0003")
+    assert len(sentences) == 1 and sentences[0].startswith("grpo: 0.182 at lr 0.001 against 0.168 at lr 0.0003")
 
 
 def test_the_tuning_seed_is_never_a_reported_seed(tmp_path):

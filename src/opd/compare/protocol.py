@@ -108,8 +108,8 @@ def tuning_margin(scores: dict, chosen: float, n: int) -> dict | None:
     runner_up, a2 = max(sorted(by_lr.values()), key=lambda pair: pair[1])
     a1 = mine[1]
     noise = difference_noise(a1, a2, n)
-    return {"accuracy": a1, "runner_up_lr": runner_up, "runner_up": a2, "margin": a1 - a2, "noise": noise,
-            "decided": a1 - a2 > noise}
+    return {"chosen_lr": mine[0], "accuracy": a1, "runner_up_lr": runner_up, "runner_up": a2, "margin": a1 - a2,
+            "noise": noise, "decided": a1 - a2 > noise}
 
 
 def difference_noise(a1: float, a2: float, n: int) -> float:
@@ -119,6 +119,6 @@ def difference_noise(a1: float, a2: float, n: int) -> float:
 
 def undecided(margins: dict) -> list[str]:
     """One sentence per label whose lr choice is inside the tuning noise (:func:`tuning_margin`)."""
-    return [f"{label}: {m['accuracy']:.3f} against {m['runner_up']:.3f} at lr {m['runner_up_lr']:g} "
-            f"(margin {m['margin']:+.3f}, noise ±{m['noise']:.3f})"
+    return [f"{label}: {m['accuracy']:.3f} at lr {m['chosen_lr']:g} against {m['runner_up']:.3f} at lr "
+            f"{m['runner_up_lr']:g} (margin {m['margin']:+.3f}, noise ±{m['noise']:.3f})"
             for label, m in margins.items() if m is not None and not m["decided"]]
