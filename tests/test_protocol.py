@@ -2,6 +2,7 @@
 verdict rule (paired bootstrap over seeds), on known numbers."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,6 +83,30 @@ def test_tuning_margin_against_a_naive_noise_on_known_numbers():
     assert tied["runner_up_lr"] == pytest.approx(3e-4) and tied["margin"] == 0 and not tied["decided"]
     sentences = protocol.undecided({"grpo": m, "opd": clear, "sft": None})
     assert len(sentences) == 1 and sentences[0].startswith("grpo: 0.182 at lr 0.001 against 0.168 at lr 0.0003")
+
+
+def test_two_tuning_seeds_choose_by_their_mean(monkeypatch, tmp_path):
+    """Seed 2 alone prefers 1e-3, seed 3 alone 3e-4; their mean (by hand: 3e-4 gives
+    (0.50 + 0.70) / 2 = 0.60, 1e-3 gives (0.55 + 0.40) / 2 = 0.475) picks 3e-4. The first
+    seed's runs keep their folders (a spec that adds a seed reuses them)."""
+    acc = {(2, 1e-4): 0.40, (2, 3e-4): 0.50, (2, 1e-3): 0.55, (2, 3e-3): 0.10,
+           (3, 1e-4): 0.45, (3, 3e-4): 0.70, (3, 1e-3): 0.40, (3, 3e-3): 0.10}
+    dirs = []
+
+    def fake(cfg, force=False):
+        dirs.append(Path(cfg.run_dir).name)
+        return {"history": [{"eval/accuracy": acc[(cfg.seed, round(cfg.lr, 10))]}], "reused": False}
+
+    monkeypatch.setattr(driver, "run_or_reuse", fake)
+    monkeypatch.setattr(driver, "_say", lambda *a: None)
+    spec = _spec(tmp_path, tuning_seed=[2, 3])
+    assert spec.tuning_seed == 2 and spec.tuning_seeds == [2, 3]
+    scores, chosen, bracketed = driver._tune_label(spec, tmp_path / "out", "opd", force=False)
+    assert chosen == pytest.approx(3e-4) and bracketed and scores[1e-3] == pytest.approx(0.475)
+    assert dirs[:2] == ["lr0.0001", "lr0.0001-seed3"]
+    for bad, why in (([2, 2], "distinct"), ([2, "x"], "distinct"), ([], "distinct"), ([2, 1], "1 is also a reported seed")):
+        with pytest.raises(UserError, match=why):
+            _spec(tmp_path, tuning_seed=bad)
 
 
 def test_the_tuning_seed_is_never_a_reported_seed(tmp_path):

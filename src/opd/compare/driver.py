@@ -14,7 +14,8 @@ The spec (YAML)::
     budget_kind: sequences    # steps | sequences | teacher_tokens | wall_s
     budget: 768               # every run stops once its counter reaches this
     lr_grid: [1e-4, 3e-4, 1e-3, 3e-3]  # each label's lr, by final validation accuracy
-    tuning_seed: 100          # optional (default: the largest seed + 1); never a reported seed
+    tuning_seed: 100          # optional (default: the largest seed + 1); never a reported seed;
+                              # a list [5, 6] tunes on the mean over those seeds
     lr_extend: 2              # optional: times a grid is widened past an edge choice (default 2)
     target: 0.9               # optional: sequences to this fraction of the teacher's test accuracy
     eval_every: 4             # optional
@@ -81,7 +82,8 @@ class Spec:
     lr_grid: list[float] = field(default_factory=list)
     eval_every: int | None = None
     cli: list[str] = field(default_factory=list)
-    tuning_seed: int | None = None
+    tuning_seed: int | None = None  # the first tuning seed (None: untuned)
+    tuning_seeds: list[int] = field(default_factory=list)  # all of them, the first included
     lr_extend: int = 2
     target: float | None = None
     judge: list[str] = field(default_factory=list)  # further final metrics judged by the rule (pass@k)
@@ -178,14 +180,18 @@ def _lr_grid(path: str, raw) -> list[float]:
     return [_positive_float(path, f"lr_grid[{i}]", v) for i, v in enumerate(raw)]
 
 
-def _tuning_seed(path: str, raw, seeds: list[int], grid: list[float]) -> int | None:
+def _tuning_seeds(path: str, raw, seeds: list[int], grid: list[float]) -> list[int]:
+    """The tuning seeds: ``tuning_seed`` as an int or a list of distinct ints (default: the
+    largest reported seed + 1; none without a grid), none of them a reported seed."""
     if raw is None:
-        return max(seeds) + 1 if grid else None
-    if not isinstance(raw, int) or isinstance(raw, bool):
-        raise _error(path, "tuning_seed", f"must be an int, got {raw!r}")
-    if raw in seeds:
-        raise _error(path, "tuning_seed", f"{raw} is also a reported seed; tune on a seed that is never reported")
-    return raw
+        return [max(seeds) + 1] if grid else []
+    values = raw if isinstance(raw, list) else [raw]
+    if not values or any(not isinstance(v, int) or isinstance(v, bool) for v in values) or len(set(values)) < len(values):
+        raise _error(path, "tuning_seed", f"must be an int or a list of distinct ints, got {raw!r}")
+    for v in values:
+        if v in seeds:
+            raise _error(path, "tuning_seed", f"{v} is also a reported seed; tune on a seed that is never reported")
+    return values
 
 
 def _count(path: str, key: str, raw, default: int) -> int:
@@ -243,10 +249,11 @@ def load_spec(path: str, overrides: list[str] = ()) -> Spec:
         raise _error(path, "base", "must map config keys to values (see `opd config`)")
     kind, budget = _budget(path, data)
     seeds, grid = _seeds(path, data.get("seeds", [0])), _lr_grid(path, data.get("lr_grid"))
+    tuning = _tuning_seeds(path, data.get("tuning_seed"), seeds, grid)
     spec = Spec(path=path, base=base, methods=_methods(path, data.get("methods")), seeds=seeds,
                 budget_kind=kind, budget=budget, lr_grid=grid,
                 eval_every=_eval_every(path, data.get("eval_every")), cli=cli,
-                tuning_seed=_tuning_seed(path, data.get("tuning_seed"), seeds, grid),
+                tuning_seed=tuning[0] if tuning else None, tuning_seeds=tuning,
                 lr_extend=_count(path, "lr_extend", data.get("lr_extend"), 2), target=_target(path, data.get("target")),
                 judge=_judge(path, data.get("judge"), base))
     _check_layers(spec)
@@ -315,7 +322,8 @@ def check_all(spec: Spec, out: Path) -> None:
     """Build every config the comparison will run, so that a bad one fails before any run."""
     for label in spec.methods:
         for lr in spec.lr_grid:
-            run_config(spec, label, spec.tuning_seed, lr, tune_dir(out, label, lr), tune=True)
+            for seed in spec.tuning_seeds:
+                run_config(spec, label, seed, lr, tune_dir(out, label, lr, seed if seed != spec.tuning_seed else None), tune=True)
         for seed in spec.seeds:
             run_config(spec, label, seed, spec.lr_grid[0] if spec.lr_grid else None, run_path(out, label, seed))
 
@@ -324,8 +332,9 @@ def run_path(out: Path, label: str, seed: int) -> Path:
     return out / "runs" / label / f"seed{seed}"
 
 
-def tune_dir(out: Path, label: str, lr: float) -> Path:
-    return out / "tune" / label / f"lr{lr:g}"
+def tune_dir(out: Path, label: str, lr: float, seed: int | None = None) -> Path:
+    """A tuning run's folder; ``seed`` for every tuning seed after the first."""
+    return out / "tune" / label / (f"lr{lr:g}" if seed is None else f"lr{lr:g}-seed{seed}")
 
 
 # ---------------------------------------------------------------- runs
@@ -376,9 +385,14 @@ def run_degeneracy(runs: dict) -> list[str]:
 def _tune_label(spec: Spec, out: Path, label: str, force: bool) -> tuple[dict, float, bool]:
     """``(accuracy by lr, chosen lr, bracketed)`` for one label (:func:`opd.compare.protocol.tune_lr`)."""
     def accuracy(lr: float) -> float:
-        result = run_or_reuse(run_config(spec, label, spec.tuning_seed, lr, tune_dir(out, label, lr), tune=True), force)
-        _say(f"tune {label} lr {lr:g}", result)
-        return result["history"][-1].get("eval/accuracy", float("nan"))
+        """Final validation accuracy at ``lr``, the mean over the tuning seeds."""
+        accs = []
+        for seed in spec.tuning_seeds:
+            where = tune_dir(out, label, lr, seed if seed != spec.tuning_seed else None)
+            result = run_or_reuse(run_config(spec, label, seed, lr, where, tune=True), force)
+            _say(f"tune {label} lr {lr:g}" + (f" seed {seed}" if len(spec.tuning_seeds) > 1 else ""), result)
+            accs.append(result["history"][-1].get("eval/accuracy", float("nan")))
+        return sum(accs) / len(accs)
 
     return protocol.tune_lr(spec.lr_grid, accuracy, spec.lr_extend)
 
@@ -392,7 +406,7 @@ def tune(spec: Spec, out: Path, force: bool) -> dict | None:
     for label in spec.methods:
         scores, chosen[label], bracketed[label] = _tune_label(spec, out, label, force)
         grid[label] = {f"{lr:g}": acc for lr, acc in sorted(scores.items())}
-    return {"grid": grid, "chosen": chosen, "bracketed": bracketed, "seed": spec.tuning_seed}
+    return {"grid": grid, "chosen": chosen, "bracketed": bracketed, "seed": spec.tuning_seed, "seeds": spec.tuning_seeds}
 
 
 def teacher_accuracy(cfg: TrainConfig) -> float | None:
@@ -471,10 +485,11 @@ def results_of(spec: Spec, summary: dict, teacher_acc: float | None) -> dict:
             "sequences_to_target": None if threshold is None else verdicts.target_summary(histories, threshold),
         }
     unbracketed = [label for label, ok in info.get("bracketed", {}).items() if not ok]
-    margins = {label: protocol.tuning_margin(scores, info["chosen"][label], summary["eval_size"])
+    n_tuning = summary["eval_size"] * len(info.get("seeds") or [info.get("seed")])  # prompts x tuning seeds
+    margins = {label: protocol.tuning_margin(scores, info["chosen"][label], n_tuning)
                for label, scores in info.get("grid", {}).items()}
     return {
-        "spec": spec.path, "seeds": spec.seeds, "tuning_seed": info.get("seed"),
+        "spec": spec.path, "seeds": spec.seeds, "tuning_seed": info.get("seed"), "tuning_seeds": info.get("seeds"),
         "lr_grid": {label: [float(lr) for lr in grid] for label, grid in info.get("grid", {}).items()},
         "lr_tuning": info.get("grid", {}), "chosen_lr": info.get("chosen", {}), "bracketed": info.get("bracketed", {}),
         "budget": {"kind": spec.budget_kind, "value": spec.budget},

@@ -151,8 +151,11 @@ def _lr_section(summary: dict) -> str:
     info = summary["lr_info"]
     if info is None:
         return "No `lr_grid`: every label ran at the lr of its config (shown in the table)."
-    return (f"Each label's lr was chosen by final greedy accuracy on the validation split with the tuning seed "
-            f"{info['seed']} (never a reported seed; same budget; ties go to the smaller lr); a choice at an edge of the "
+    seeds = info.get("seeds") or [info["seed"]]
+    which = (f"the tuning seed {seeds[0]}" if len(seeds) == 1
+             else f"the mean over the tuning seeds {', '.join(map(str, seeds))}")
+    return (f"Each label's lr was chosen by final greedy accuracy on the validation split with {which} "
+            f"(never a reported seed; same budget; ties go to the smaller lr); a choice at an edge of the "
             "grid widened it past that edge and was tuned again. The compared runs then used it on the test split."
             f"\n\n{grid_table(info)}")
 
