@@ -32,7 +32,7 @@ def smallest_within_noise(scores: dict, best: float, n: int) -> float:
 
 
 def experiment_rows(name: str, results: dict) -> list[dict]:
-    n = results["test_prompts"]
+    n = results["test_prompts"] * len(results.get("tuning_seeds") or [1])  # prompts x tuning seeds
     rows = []
     for label, scores in results.get("lr_tuning", {}).items():
         chosen = results["chosen_lr"][label]
@@ -66,8 +66,8 @@ def report(rows: list[dict]) -> str:
 `python experiments/tuning_noise.py` (reads the committed `docs/results/*/results.json`; runs
 nothing). For each label of each published comparison: the chosen lr's final validation
 accuracy on the tuning seed against the best other lr's, and the noise of that difference,
-`1.96·sqrt((a1(1−a1) + a2(1−a2))/n)` on the `n` validation prompts
-(`opd.compare.protocol.tuning_margin`). "decided: no" means the margin is inside the noise:
+`1.96·sqrt((a1(1−a1) + a2(1−a2))/n)` on the `n` validation prompts (times the tuning
+seeds, for a comparison tuned on the mean over several; `opd.compare.protocol.tuning_margin`). "decided: no" means the margin is inside the noise:
 another tuning seed could have chosen another lr. The protocol still uses the best lr; the
 last column is the smallest lr that a rule preferring smaller lrs inside the noise would
 have taken instead (empty: the same lr); the last, the label's mean final test accuracy over
