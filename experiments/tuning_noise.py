@@ -9,8 +9,9 @@ between them exceeds the noise of a difference of two accuracies on the evaluati
 prompts (:func:`opd.compare.protocol.tuning_margin`; ``opd compare`` now writes the same
 under ``lr_margin`` and flags such labels in its report). A choice inside the noise could
 have gone another way on another tuning seed. Also shown: the lr a rule that prefers the
-smaller lr inside the noise would have chosen (the alternative the protocol does not use).
-Reads committed files only; runs nothing. Writes ``docs/results/tuning_noise.md`` and
+smaller lr inside the noise would have chosen (the alternative the protocol does not use),
+and, for each comparison rerun with two tuning seeds (``NAME_tune2``), which of its lrs and
+"beats" verdicts changed. Reads committed files only; runs nothing. Writes ``docs/results/tuning_noise.md`` and
 ``docs/results/tuning_noise/results.json``.
 """
 
@@ -45,7 +46,37 @@ def experiment_rows(name: str, results: dict) -> list[dict]:
     return rows
 
 
-def report(rows: list[dict]) -> str:
+def beats(results: dict) -> set[str]:
+    """The "A beats B" verdicts of a comparison, as "A beats B"."""
+    return {v["sentence"].split(" (")[0] for v in results["verdicts"] if " beats " in v["sentence"]}
+
+
+def two_seed_check(one: dict, two: dict, name: str) -> dict:
+    """A comparison against its rerun tuned on two seeds (``NAME_tune2``): the labels whose lr
+    changed, and which "beats" verdicts stay, go or appear."""
+    changed = [label for label, lr in one["chosen_lr"].items() if abs(lr - two["chosen_lr"][label]) > 1e-12 * lr]
+    b1, b2 = beats(one), beats(two)
+    return {"experiment": name, "labels": len(one["chosen_lr"]), "lr_changed": changed, "beats_one_seed": sorted(b1),
+            "kept": sorted(b1 & b2), "lost": sorted(b1 - b2), "new": sorted(b2 - b1)}
+
+
+def two_seed_table(checks: list[dict]) -> str:
+    if not checks:
+        return "No comparison has been rerun on two tuning seeds."
+    kept, total = sum(len(c["kept"]) for c in checks), sum(len(c["beats_one_seed"]) for c in checks)
+    changed, labels = sum(len(c["lr_changed"]) for c in checks), sum(c["labels"] for c in checks)
+    table = markdown_table(
+        ["experiment", "labels whose lr changed", "\"beats\" kept", "lost", "new"],
+        [[c["experiment"], f"{len(c['lr_changed'])} of {c['labels']}" + (f" ({', '.join(c['lr_changed'])})" if c["lr_changed"] else ""),
+          f"{len(c['kept'])} of {len(c['beats_one_seed'])}", "; ".join(c["lost"]) or "-", "; ".join(c["new"]) or "-"]
+         for c in checks],
+    )
+    return (f"`NAME_tune2` reruns `NAME` with each lr tuned on the mean over seeds 5 and 6. Over {len(checks)} "
+            f"comparisons, {changed} of {labels} labels changed their lr and **{kept} of {total} \"beats\" verdicts "
+            f"stay**.\n\n{table}")
+
+
+def report(rows: list[dict], checks: list[dict]) -> str:
     undecided = [r for r in rows if not r["decided"]]
     moved = [r for r in undecided if r["smallest_within_noise"] != r["chosen_lr"]]
     fell = [r for r in rows if r["reported_mean"] is not None
@@ -87,19 +118,25 @@ task, so part of each gap is expected; a collapse such as modchain_promise's GRP
 {fell_list}
 
 {table}
+
+## Tuned again on two seeds
+
+{two_seed_table(checks)}
 """
 
 
 def main() -> None:
-    rows = []
+    rows, found = [], {}
     for path in sorted(RESULTS.glob("*/results.json")):
         results = json.loads(path.read_text())
         if "lr_tuning" in results and "chosen_lr" in results:
             rows += experiment_rows(path.parent.name, results)
+            found[path.parent.name] = results
+    checks = [two_seed_check(found[name], found[f"{name}_tune2"], name) for name in sorted(found) if f"{name}_tune2" in found]
     out = RESULTS / "tuning_noise"
     out.mkdir(exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (RESULTS / "tuning_noise.md").write_text(report(rows))
+    (out / "results.json").write_text(json.dumps({"choices": rows, "two_seed_checks": checks}, indent=1) + "\n")
+    (RESULTS / "tuning_noise.md").write_text(report(rows, checks))
     undecided = sum(not r["decided"] for r in rows)
     print(f"{undecided} of {len(rows)} lr choices inside the tuning noise; wrote {RESULTS / 'tuning_noise.md'}")
 

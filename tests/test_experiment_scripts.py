@@ -106,7 +106,7 @@ def test_tuning_noise_reads_margins_and_falls_from_results_files(tmp_path, monke
     label whose reported mean fell below its tuning value (by hand: noise of 0.5 vs 0.4 on 100
     prompts is 1.96*sqrt((0.25+0.24)/100) = 0.137 > 0.1, so 5e-4 is inside; 0.5 vs 0.2 is not)."""
     tn = _script("tuning_noise")
-    results = {"test_prompts": 100, "lr_tuning": {"a": {"0.0001": 0.2, "0.0005": 0.4, "0.001": 0.5}, "b": {"0.0001": 0.9, "0.001": 0.1}},
+    results = {"test_prompts": 100, "verdicts": [{"sentence": "b beats a (mean difference +0.8)"}], "lr_tuning": {"a": {"0.0001": 0.2, "0.0005": 0.4, "0.001": 0.5}, "b": {"0.0001": 0.9, "0.001": 0.1}},
                "chosen_lr": {"a": 1e-3, "b": 1e-4},
                "labels": {"a": {"final": {"0": {"accuracy": 0.1}, "1": {"accuracy": 0.1}}},
                           "b": {"final": {"0": {"accuracy": 0.9}, "1": {"accuracy": 0.88}}}}}
@@ -114,10 +114,20 @@ def test_tuning_noise_reads_margins_and_falls_from_results_files(tmp_path, monke
     (tmp_path / "x" / "results.json").write_text(json.dumps(results))
     monkeypatch.setattr(tn, "RESULTS", tmp_path)
     tn.main()
-    rows = {r["label"]: r for r in json.loads((tmp_path / "tuning_noise" / "results.json").read_text())}
+    rows = {r["label"]: r for r in json.loads((tmp_path / "tuning_noise" / "results.json").read_text())["choices"]}
     assert rows["a"]["runner_up_lr"] == pytest.approx(5e-4) and not rows["a"]["decided"]
     assert rows["a"]["smallest_within_noise"] == pytest.approx(5e-4) and rows["a"]["reported_mean"] == pytest.approx(0.1)
     assert rows["b"]["decided"] and rows["b"]["smallest_within_noise"] == pytest.approx(1e-4)
     text = (tmp_path / "tuning_noise.md").read_text()
     assert "**1 of 2 choices are inside the noise**" in text and "**1 of 2 labels report a mean below" in text
     assert "- x a: 0.500 on the tuning seed (validation), 0.100 reported (test), lr 0.001; chosen inside the noise" in text
+    assert "No comparison has been rerun on two tuning seeds." in text
+    two = {**results, "tuning_seeds": [5, 6], "chosen_lr": {"a": 5e-4, "b": 1e-4},
+           "verdicts": [{"sentence": "a beats b (mean difference +0.1)"}]}
+    (tmp_path / "x_tune2").mkdir()
+    (tmp_path / "x_tune2" / "results.json").write_text(json.dumps(two))
+    tn.main()
+    check = json.loads((tmp_path / "tuning_noise" / "results.json").read_text())["two_seed_checks"]
+    assert check == [{"experiment": "x", "labels": 2, "lr_changed": ["a"], "beats_one_seed": ["b beats a"], "kept": [],
+                      "lost": ["b beats a"], "new": ["a beats b"]}]
+    assert "**0 of 1 \"beats\" verdicts stay**" in (tmp_path / "tuning_noise.md").read_text()
