@@ -45,7 +45,8 @@ from pathlib import Path
 
 import yaml
 
-from opd.compare import protocol, verdicts
+from opd.compare import protocol
+from opd.compare.results import results_of, subset_finals  # noqa: F401 (subset_finals: part of this module's API)
 from opd.config.loader import ConfigError, config_to_dict
 from opd.errors import UserError
 from opd.config.train import TrainConfig
@@ -65,8 +66,6 @@ STEP_CAP = 100_000  # `steps` when a non-step budget is set and no steps are giv
 NOT_IN_REUSE_KEY = ("progress", "tensorboard", "overwrite", "resume", "run_dir")  # run_dir: a moved --out still reuses
 RESULT_FILE = "result.json"
 RESULTS_FILE = "results.json"  # the comparison's numbers, from which its verdicts are made
-FINAL_KEYS = {"accuracy": "eval/accuracy", "sequences": "usage/sequences", "teacher_tokens": "usage/teacher_tokens",
-              "optimizer_steps": "usage/optimizer_steps", "wall_s": "usage/wall_s"}
 _LABEL = re.compile(r"^[A-Za-z0-9_.-]+$")
 EXAMPLE = "methods:\n  opd: {method: opd}\n  opd_g1: {method: opd, gamma: 1}"
 
@@ -450,55 +449,3 @@ def compare(spec_path: str, out_dir: str | None = None, overrides: list[str] = (
     path = write_compare_report(out, summary)
     print(f"report: {path}")
     return summary
-
-
-def _final(row: dict) -> dict:
-    out = {name: row.get(key) for name, key in FINAL_KEYS.items()}
-    out.update({k.removeprefix("eval/"): v for k, v in row.items() if k.startswith(("eval/pass@", "eval/accuracy_"))})
-    return out
-
-
-def subset_finals(labels: dict, judge: list[str] = ()) -> dict[str, dict[str, dict]]:
-    """``{metric: {label: {seed: value}}}`` of the further metrics that every run of every
-    label logged: the evaluation subsets (``accuracy_<name>``, e.g. a blind-spot teacher's)
-    and those the spec names under ``judge`` (pass@8 for EOPD's claim)."""
-    finals = [f for entry in labels.values() for f in entry["final"].values()]
-    names = sorted({k for f in finals for k in f if k.startswith("accuracy_") or k in judge})
-    names = [k for k in names if all(f.get(k) is not None for f in finals)]
-    return {k: {label: {seed: f[k] for seed, f in entry["final"].items()} for label, entry in labels.items()} for k in names}
-
-
-def results_of(spec: Spec, summary: dict, teacher_acc: float | None) -> dict:
-    """``results.json``: the protocol, the budget, each label's per-seed final metrics and
-    accuracy curves (against sequences), sequences to the target, and the verdicts."""
-    info = summary["lr_info"] or {}
-    labels, finals = {}, {}
-    threshold = None if teacher_acc is None or spec.target is None else spec.target * teacher_acc
-    for label, entry in summary["labels"].items():
-        histories = {str(seed): run["history"] for seed, run in entry["runs"].items()}
-        finals[label] = {seed: h[-1].get("eval/accuracy", math.nan) for seed, h in histories.items()}
-        labels[label] = {
-            "method": entry["method"], "overrides": entry["overrides"], "lr": entry["lr"],
-            "ppo_epochs": entry.get("ppo_epochs", 1), "degenerate": entry["degenerate"],
-            "final": {seed: _final(h[-1]) for seed, h in histories.items()},
-            "curves": {seed: [[r.get("usage/sequences"), r.get("eval/accuracy")] for r in h] for seed, h in histories.items()},
-            "sequences_to_target": None if threshold is None else verdicts.target_summary(histories, threshold),
-        }
-    unbracketed = [label for label, ok in info.get("bracketed", {}).items() if not ok]
-    n_tuning = summary["eval_size"] * len(info.get("seeds") or [info.get("seed")])  # prompts x tuning seeds
-    margins = {label: protocol.tuning_margin(scores, info["chosen"][label], n_tuning)
-               for label, scores in info.get("grid", {}).items()}
-    return {
-        "spec": spec.path, "seeds": spec.seeds, "tuning_seed": info.get("seed"), "tuning_seeds": info.get("seeds"),
-        "lr_grid": {label: [float(lr) for lr in grid] for label, grid in info.get("grid", {}).items()},
-        "lr_tuning": info.get("grid", {}), "chosen_lr": info.get("chosen", {}), "bracketed": info.get("bracketed", {}),
-        "budget": {"kind": spec.budget_kind, "value": spec.budget},
-        "test_prompts": summary["eval_size"],
-        "protocol": {"unmet": protocol.unmet(seeds=spec.seeds, tuning_seed=info.get("seed"), grid=spec.lr_grid,
-                                             unbracketed=unbracketed, budget=spec.budget, test_size=summary["eval_size"]),
-                     "undecided_lr": protocol.undecided(margins)},
-        "lr_margin": margins,
-        "teacher_accuracy": teacher_acc, "target": spec.target, "target_accuracy": threshold,
-        "labels": labels, "rule": verdicts.RULE, "verdicts": verdicts.all_verdicts(finals),
-        "metric_verdicts": verdicts.metric_verdicts(subset_finals(labels, spec.judge)),
-    }

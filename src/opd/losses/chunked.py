@@ -50,14 +50,13 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from opd.losses.divergence import check_args, check_support, compute_dtype, divergence
+from opd.losses.head_grads import _MIXED_MM, add_chunk_grads  # noqa: F401 (_MIXED_MM: tests read it here)
 from opd.losses.teacher_dist import TeacherDist, head_in_dtype, logits_into
 
 #: a :class:`TeacherDist`, logits ``[N, V]``, or ``(hidden_NH, weight_VH)`` / ``(hidden_NH, weight_VH, bias_V)``.
 Teacher = Union[TeacherDist, torch.Tensor, tuple]
 
 CHUNK_ELEMENTS = 2**24  # default chunk: about this many logits (64 MiB in float32)
-
-
 CHUNK_ELEMENTS_CUDA = 2**26  # on a GPU, 4x: 441 positions at V=151,936 (bench/gpu_loss_probe.py)
 
 
@@ -68,40 +67,6 @@ def default_chunk_size(vocab: int, device: torch.device | str | None = None) -> 
     as at 441)."""
     on_gpu = device is not None and torch.device(device).type == "cuda"
     return max(1, (CHUNK_ELEMENTS_CUDA if on_gpu else CHUNK_ELEMENTS) // vocab)
-
-
-def add_chunk_grads(grad_CV, h_CH, w_VH, g_h_CH, g_w_VH, g_b_V) -> None:
-    """One chunk's share of the gradients from ``G = ∂L/∂z`` ``[C, V]``: ``g_h ← G W``
-    (written), ``g_W += G^T h``, ``g_b += Σ_c G`` (accumulated, float32+); each None is skipped.
-
-    ``G`` enters the matmuls in the head's dtype ``w_VH`` (bf16 under autocast). On a GPU the
-    ``G^T h`` product of 16-bit inputs is made in float32 by the tensor cores (``out_dtype``),
-    not by casting ``h`` up to a float32 matmul (which took a third of the JSD's time at
-    V=151,936 on an H200); elsewhere, or on a torch without ``out_dtype``, ``h`` is cast up."""
-    g_lp = grad_CV.to(w_VH.dtype)
-    if g_h_CH is not None:
-        torch.mm(g_lp, w_VH, out=g_h_CH)
-    if g_w_VH is not None and not _add_mixed_product(g_w_VH, g_lp.t(), h_CH):
-        g_w_VH.addmm_(grad_CV.t(), h_CH.to(g_w_VH.dtype))
-    if g_b_V is not None:
-        g_b_V.add_(grad_CV.sum(0))
-
-
-_MIXED_MM = {"ok": True}  # False once this torch has refused out_dtype
-
-
-def _add_mixed_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``acc += a @ b`` for 16-bit ``a``, ``b`` and a float32 ``acc`` on CUDA, the product in
-    float32; False (nothing done) where that does not apply."""
-    if not (_MIXED_MM["ok"] and acc.is_cuda and acc.dtype == torch.float32 and a.dtype == b.dtype
-            and a.dtype in (torch.bfloat16, torch.float16)):  # fmt: skip
-        return False
-    try:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    except (RuntimeError, TypeError, NotImplementedError):
-        _MIXED_MM["ok"] = False
-        return False
-    return True
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from opd.losses.chunked import add_chunk_grads, default_chunk_size
+from opd.losses.chunked import default_chunk_size
+from opd.losses.head_grads import add_chunk_grads
 from opd.losses.divergence import compute_dtype
 from opd.losses.teacher_dist import head_in_dtype, logits_into
 
