@@ -322,7 +322,7 @@ def check_all(spec: Spec, out: Path) -> None:
     for label in spec.methods:
         for lr in spec.lr_grid:
             for seed in spec.tuning_seeds:
-                run_config(spec, label, seed, lr, tune_dir(out, label, lr, seed if seed != spec.tuning_seed else None), tune=True)
+                run_config(spec, label, seed, lr, _tune_path(spec, out, label, lr, seed), tune=True)
         for seed in spec.seeds:
             run_config(spec, label, seed, spec.lr_grid[0] if spec.lr_grid else None, run_path(out, label, seed))
 
@@ -334,6 +334,11 @@ def run_path(out: Path, label: str, seed: int) -> Path:
 def tune_dir(out: Path, label: str, lr: float, seed: int | None = None) -> Path:
     """A tuning run's folder; ``seed`` for every tuning seed after the first."""
     return out / "tune" / label / (f"lr{lr:g}" if seed is None else f"lr{lr:g}-seed{seed}")
+
+
+def _tune_path(spec: Spec, out: Path, label: str, lr: float, seed: int) -> Path:
+    """The first tuning seed keeps the one-seed folder, so a spec that adds a seed reuses its runs."""
+    return tune_dir(out, label, lr, None if seed == spec.tuning_seed else seed)
 
 
 # ---------------------------------------------------------------- runs
@@ -387,8 +392,7 @@ def _tune_label(spec: Spec, out: Path, label: str, force: bool) -> tuple[dict, f
         """Final validation accuracy at ``lr``, the mean over the tuning seeds."""
         accs = []
         for seed in spec.tuning_seeds:
-            where = tune_dir(out, label, lr, seed if seed != spec.tuning_seed else None)
-            result = run_or_reuse(run_config(spec, label, seed, lr, where, tune=True), force)
+            result = run_or_reuse(run_config(spec, label, seed, lr, _tune_path(spec, out, label, lr, seed), tune=True), force)
             _say(f"tune {label} lr {lr:g}" + (f" seed {seed}" if len(spec.tuning_seeds) > 1 else ""), result)
             accs.append(result["history"][-1].get("eval/accuracy", float("nan")))
         return sum(accs) / len(accs)
