@@ -4,12 +4,7 @@ metrics and accuracy curves, sequences to the target, the tuning margins and the
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 from opd.compare import protocol, verdicts
-
-if TYPE_CHECKING:
-    from opd.compare.driver import Spec
 
 FINAL_KEYS = {"accuracy": "eval/accuracy", "sequences": "usage/sequences", "teacher_tokens": "usage/teacher_tokens",
               "optimizer_steps": "usage/optimizer_steps", "wall_s": "usage/wall_s"}
@@ -31,9 +26,9 @@ def subset_finals(labels: dict, judge: list[str] = ()) -> dict[str, dict[str, di
     return {k: {label: {seed: f[k] for seed, f in entry["final"].items()} for label, entry in labels.items()} for k in names}
 
 
-def results_of(spec: Spec, summary: dict, teacher_acc: float | None) -> dict:
+def results_of(spec, summary: dict, teacher_acc: float | None) -> dict:
     """``results.json``: the protocol, the budget, each label's per-seed final metrics and
-    accuracy curves (against sequences), sequences to the target, and the verdicts."""
+    accuracy curves (against sequences), sequences to the target, and the verdicts. ``spec`` is the comparison's :class:`opd.compare.driver.Spec`."""
     info = summary["lr_info"] or {}
     labels, finals = {}, {}
     threshold = None if teacher_acc is None or spec.target is None else spec.target * teacher_acc
