@@ -28,7 +28,8 @@ def subset_finals(labels: dict, judge: list[str] = ()) -> dict[str, dict[str, di
 
 def results_of(spec, summary: dict, teacher_acc: float | None) -> dict:
     """``results.json``: the protocol, the budget, each label's per-seed final metrics and
-    accuracy curves (against sequences), sequences to the target, and the verdicts. ``spec`` is the comparison's :class:`opd.compare.driver.Spec`."""
+    accuracy curves (against sequences), sequences to the target, and the verdicts.
+    ``spec`` is the comparison's :class:`opd.compare.driver.Spec`."""
     info = summary["lr_info"] or {}
     labels, finals = {}, {}
     threshold = None if teacher_acc is None or spec.target is None else spec.target * teacher_acc
