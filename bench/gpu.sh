@@ -4,8 +4,8 @@
 #   bash bench/gpu.sh [extra bench/gpu.py arguments, e.g. --sections loss mfu]
 #
 # Writes $OUT/gpu_results.json (and the log, $OUT/gpu_log.txt) when $OUT is set, else
-# bench/results/gpu_results.json. Finishes in under 8 minutes on one H100 or H200: bench/gpu.py
-# runs the CUDA tests (90 s at most), then keeps each section within its budget (340 s in all);
+# bench/results/gpu_results.json. Finishes in under 10 minutes on one H100 or H200: bench/gpu.py
+# runs the CUDA tests (180 s at most: the compiled loss kernel compiles there), then keeps each section within its budget (340 s in all);
 # `timeout` stops it at 360 s in any case;
 # the JSON is rewritten after each section, so what finished is kept.
 #
@@ -24,7 +24,7 @@
 # `cache` argument that opd's HF fallback decoder passes (see the JSON's meta.warning), carry the
 # transformers wheel this repo is tested with the same way.
 #
-# First, the CUDA tests (tests/test_cuda.py, skipped where there is no GPU), time-boxed to 90 s;
+# First, the CUDA tests (tests/test_cuda.py, skipped where there is no GPU), time-boxed to 180 s;
 # their log goes beside the JSON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,7 +55,7 @@ else
     out="bench/results/gpu_results.json" logfile="bench/results/gpu_log.txt"
 fi
 mkdir -p "$(dirname "$out")"
-timeout -k 5 90 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$(dirname "$out")/cuda_tests.txt"
+timeout -k 5 180 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$(dirname "$out")/cuda_tests.txt"
 timeout -k 10 360 "$py" bench/gpu.py --out "$out" "$@" 2>&1 | tee "$logfile"
 rc=$?
 echo "bench/gpu.sh: exit $rc, results in $out"

@@ -36,3 +36,19 @@ def tiny_cfg(tiny_student_dir, tmp_path):
         return TrainConfig(**base)
 
     return make
+
+
+@pytest.fixture(params=["eager", "closed_form"])
+def loss_kernel(request, monkeypatch):
+    """Runs a lean-loss test under each chunk kernel: the eager in-place passes, and the pure
+    closed form that ``kernel="compiled"`` hands to ``torch.compile`` (called uncompiled here,
+    for speed; tests/test_fused_chunk.py compiles it)."""
+    import opd.losses.chunked as chunked
+    from opd.losses.fused_chunk import closed_form
+
+    if request.param == "closed_form":
+        monkeypatch.setenv("OPD_LOSS_KERNEL", "compiled")
+        monkeypatch.setattr(chunked, "compiled_closed_form", closed_form)
+    else:
+        monkeypatch.setenv("OPD_LOSS_KERNEL", "eager")
+    return request.param

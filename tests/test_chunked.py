@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from opd.losses.chunked import chunked_divergence, chunked_divergence_loss, default_chunk_size
 from opd.losses.divergence import divergence
 
+pytestmark = pytest.mark.usefixtures("loss_kernel")  # each test under both chunk kernels (conftest)
+
 N, H, V = 7, 5, 13
 CHUNKS = [1, 3, 7, 10, None]  # 3 does not divide N=7; 10 > N; None is the default
 CASES = [  # (kind, beta, entry_clip)

@@ -10,6 +10,8 @@ from opd.losses.chunked import chunked_divergence, chunked_divergence_loss
 from opd.losses.selective import chunked_logsumexp, logits_at_ids, token_logp, token_logp_and_stats
 from opd.losses.sparse import chunked_sparse_divergence
 
+pytestmark = pytest.mark.usefixtures("loss_kernel")  # each test under both chunk kernels (conftest)
+
 N, H, V = 24, 16, 300
 REL, GRAD_REL = 3e-2, 5e-2  # bf16 has 8 significant bits: logits to ~0.4%, a few of them summed
 

@@ -8,6 +8,8 @@ from opd.losses.chunked import chunked_divergence, chunked_divergence_loss
 from opd.losses.divergence import divergence
 from opd.signals.teacher_logp import TEACHER_LOGP_FLOOR, floored_logp_V
 
+pytestmark = pytest.mark.usefixtures("loss_kernel")  # each test under both chunk kernels (conftest)
+
 CASES = [
     dict(kind="fkl"), dict(kind="rkl"), dict(kind="jsd", beta=0.5), dict(kind="jsd", beta=0.9),
     dict(kind="rkl", entry_clip=0.05), dict(kind="jsd", beta=0.5, temperature=2.0),

@@ -4,7 +4,8 @@ Every method trains on ``device=cuda`` and its first step's loss equals the CPU 
 same rollout: the uniforms are drawn on the host from the same seed); a bf16 run of OPD and
 GKD stays finite; the sampler's CUDA graph samples what its eager step samples; the chunked
 loss on CUDA with bf16 hidden states and a float32 head matches the float32 reference, its
-gradients too (the head's through the tensor cores' float32 product).
+gradients too (the head's through the tensor cores' float32 product), under both chunk kernels
+(``kernel="compiled"``: Triton kernels from ``torch.compile``, for each divergence).
 """
 
 import math
@@ -63,16 +64,17 @@ def test_sampler_graph_samples_what_the_eager_step_samples(tiny_student_dir):
     assert (runs[0].sampler_logp_BT - runs[1].sampler_logp_BT).abs().max() <= 1e-4
 
 
-def test_chunked_loss_on_cuda_with_bf16_hidden_and_float32_head():
+@pytest.mark.parametrize("kernel, kind", [("eager", "jsd"), ("compiled", "jsd"), ("compiled", "rkl"), ("compiled", "fkl")])
+def test_chunked_loss_on_cuda_with_bf16_hidden_and_float32_head(kernel, kind):
     g = torch.Generator(device="cuda").manual_seed(0)
-    n, h, v = 300, 64, 5000
+    n, h, v = 300, 64, 5000  # 300 = 2 x 128 + 44: a ragged last chunk
     hidden = torch.randn(n, h, device="cuda", generator=g).requires_grad_()
     weight = (torch.randn(v, h, device="cuda", generator=g) / h**0.5).requires_grad_()
     teacher = torch.randn(n, v, device="cuda", generator=g)
     w = torch.full((n,), 1.0 / n, device="cuda")
-    loss, _ = chunked_divergence_loss(hidden.bfloat16(), weight, teacher, "jsd", w, beta=0.5, chunk_size=128)
+    loss, _ = chunked_divergence_loss(hidden.bfloat16(), weight, teacher, kind, w, beta=0.5, chunk_size=128, kernel=kernel)
     (g_h, g_w) = torch.autograd.grad(loss, (hidden, weight))
-    ref = (divergence(hidden @ weight.T, teacher, "jsd", beta=0.5) * w).sum()
+    ref = (divergence(hidden @ weight.T, teacher, kind, beta=0.5) * w).sum()
     (r_h, r_w) = torch.autograd.grad(ref, (hidden, weight))
     assert abs(loss.item() - ref.item()) <= 2e-2 * abs(ref.item())
     assert float((g_h - r_h).norm() / r_h.norm()) <= 2e-2 and float((g_w - r_w).norm() / r_w.norm()) <= 2e-2

@@ -50,6 +50,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from opd.losses.divergence import check_args, check_support, compute_dtype, divergence
+from opd.losses.fused_chunk import compiled_closed_form, kernel_choice
 from opd.losses.head_grads import _MIXED_MM, add_chunk_grads  # noqa: F401 (_MIXED_MM: tests read it here)
 from opd.losses.teacher_dist import TeacherDist, head_in_dtype, logits_into
 
@@ -80,6 +81,7 @@ class _Spec:
     renormalize: str
     chunk_size: Optional[int]
     teacher_floor: Optional[float] = None
+    kernel: Optional[str] = None  # "eager" | "compiled" (None: kernel_choice's default)
 
 
 # ---------------------------------------------------------------- per-chunk kernels
@@ -241,7 +243,8 @@ def _sweep(hidden, weight, bias, teacher: TeacherDist, spec: _Spec, scale_N, nee
     closed = spec.support is None
     # the autograd path holds ~8 [C, V] temporaries of divergence(), against 3-4 buffers here
     c = max(1, min(spec.chunk_size if closed else spec.chunk_size // 4, n))
-    bufs = [hidden.new_empty(c, vocab, dtype=dtype) for _ in range(_n_buffers(spec))]
+    compiled = closed and spec.kernel == "compiled"
+    bufs = [] if compiled else [hidden.new_empty(c, vocab, dtype=dtype) for _ in range(_n_buffers(spec))]
     values = hidden.new_empty(n, dtype=dtype)
     grads = (
         hidden.new_empty(hidden.shape) if need[0] else None,
@@ -250,17 +253,29 @@ def _sweep(hidden, weight, bias, teacher: TeacherDist, spec: _Spec, scale_N, nee
     )
     for lo in range(0, n, c):
         hi = min(lo + c, n)
-        s, t, *scratch = (buf[: hi - lo] for buf in bufs)
-        logits_into(hidden[lo:hi], w_mm, b_mm, s)
-        teacher.logits_into(lo, hi, t)
         scale_C = None if scale_N is None else scale_N[lo:hi].to(dtype)
-        if closed:
-            values[lo:hi], grad = _closed_form(s, t, scratch, spec, scale_C)
+        if compiled:
+            grad_dtype = w_mm.dtype if grads[2] is None else dtype  # a bias sums G in float32
+            s_CV = torch.nn.functional.linear(hidden[lo:hi], w_mm, b_mm)
+            values[lo:hi], grad = compiled_closed_form(
+                s_CV, teacher.raw_logits(lo, hi), scale_C, _base_kind(spec), spec.beta, spec.temperature,
+                spec.entry_clip, spec.teacher_floor, grad_dtype,
+            )  # fmt: skip
         else:
-            values[lo:hi], grad = _with_autograd(s, t, spec, scale_C)
+            values[lo:hi], grad = _eager_chunk(hidden[lo:hi], w_mm, b_mm, teacher, lo, bufs, spec, scale_C)
         if grad is not None:
             _accumulate(grad, hidden[lo:hi], w_mm, grads, lo, hi)
     return values, grads
+
+
+def _eager_chunk(h_CH, w_mm, b_mm, teacher: TeacherDist, lo: int, bufs, spec: _Spec, scale_C):
+    """One chunk's values and ``scale·∂D/∂z`` in the ``[C, V]`` buffers ``bufs`` (in place)."""
+    s, t, *scratch = (buf[: h_CH.shape[0]] for buf in bufs)
+    logits_into(h_CH, w_mm, b_mm, s)
+    teacher.logits_into(lo, lo + h_CH.shape[0], t)
+    if spec.support is None:
+        return _closed_form(s, t, scratch, spec, scale_C)
+    return _with_autograd(s, t, spec, scale_C)
 
 
 def _dtypes(*inputs) -> list:
@@ -376,7 +391,7 @@ def _prepare(hidden, weight, bias, teacher, spec: _Spec):
         raise ValueError(f"chunk_size must be >= 1, got {spec.chunk_size}")
     h_NH = hidden.reshape(-1, hidden.shape[-1])
     teacher = _split_teacher(teacher, h_NH.shape[0], weight.shape[0])
-    return h_NH, teacher, replace(spec, chunk_size=int(chunk))
+    return h_NH, teacher, replace(spec, chunk_size=int(chunk), kernel=kernel_choice(spec.kernel))
 
 
 def chunked_divergence(
@@ -395,6 +410,7 @@ def chunked_divergence(
     renormalize: str = "both",
     teacher_floor: float | None = None,
     expected_grad: torch.Tensor | None = None,
+    kernel: str | None = None,
 ) -> torch.Tensor:
     """Per-token divergence ``D_n`` of the student ``z = h W^T + b`` vs the teacher -> ``[N]``.
 
@@ -415,13 +431,15 @@ def chunked_divergence(
     an upstream gradient of another shape falls back to the recompute.
     ``teacher_floor``: the teacher's log-probs are ``max(log softmax(z_t), floor)`` before the
     divergence (as :func:`opd.signals.teacher_logp.floored_logp_V` gives them to the full
-    form), applied per chunk. Hidden states in another dtype than the head's weight
+    form), applied per chunk. ``kernel``: ``"eager"`` (in-place passes) or ``"compiled"`` (each
+    chunk's math through ``torch.compile``, :mod:`opd.losses.fused_chunk`; not for ``support``);
+    default ``$OPD_LOSS_KERNEL``, else eager. Hidden states in another dtype than the head's weight
     (bf16 autocast over float32 master weights): the matmul runs in the hidden's dtype, the
     weight's gradient comes back in its own dtype (module doc).
     Source: see the module doc. Deviations: none (values and gradients equal the
     unchunked form up to float rounding).
     """
-    spec = _Spec(kind, beta, temperature, entry_clip, support, k, renormalize, chunk_size, teacher_floor)
+    spec = _Spec(kind, beta, temperature, entry_clip, support, k, renormalize, chunk_size, teacher_floor, kernel)
     h_NH, teacher, spec = _prepare(hidden_NH, lm_head_weight_VH, bias_V, teacher, spec)
     if expected_grad is not None and torch.is_grad_enabled():
         values = _ValuesWithExpectedGrad.apply(h_NH, lm_head_weight_VH, bias_V, expected_grad.reshape(-1), teacher, spec)
@@ -446,6 +464,7 @@ def chunked_divergence_loss(
     k: int | None = None,
     renormalize: str = "both",
     teacher_floor: float | None = None,
+    kernel: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Σ_n w_n D_n, D_N)``: the weighted divergence sum and the detached per-token values.
 
@@ -459,9 +478,10 @@ def chunked_divergence_loss(
     A 0 weight masks its token: the token's value is selected away (``torch.where``), so a
     NaN there (e.g. a NaN teacher logit on padding) reaches neither the loss nor a gradient;
     a NaN at a weighted token makes the loss NaN, with zero gradient from that token.
+    ``kernel`` as :func:`chunked_divergence`.
     Source: Liger-Kernel fused linear JSD (third-party code), generalized.
     """
-    spec = _Spec(kind, beta, temperature, entry_clip, support, k, renormalize, chunk_size, teacher_floor)
+    spec = _Spec(kind, beta, temperature, entry_clip, support, k, renormalize, chunk_size, teacher_floor, kernel)
     h_NH, teacher, spec = _prepare(hidden_NH, lm_head_weight_VH, bias_V, teacher, spec)
     w_N = weights_N.reshape(-1)
     if w_N.shape != h_NH.shape[:1]:

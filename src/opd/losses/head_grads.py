@@ -10,6 +10,8 @@ import torch
 def add_chunk_grads(grad_CV, h_CH, w_VH, g_h_CH, g_w_VH, g_b_V) -> None:
     """One chunk's share of the gradients from ``G = ∂L/∂z`` ``[C, V]``: ``g_h ← G W``
     (written), ``g_W += G^T h``, ``g_b += Σ_c G`` (accumulated, float32+); each None is skipped.
+    ``G`` may come in float32 (the eager passes) or already in the head's dtype (the compiled
+    chunk, :mod:`opd.losses.fused_chunk`).
 
     ``G`` enters the matmuls in the head's dtype ``w_VH`` (bf16 under autocast). On a GPU the
     ``G^T h`` product of 16-bit inputs is made in float32 by the tensor cores (``out_dtype``),
@@ -19,9 +21,9 @@ def add_chunk_grads(grad_CV, h_CH, w_VH, g_h_CH, g_w_VH, g_b_V) -> None:
     if g_h_CH is not None:
         torch.mm(g_lp, w_VH, out=g_h_CH)
     if g_w_VH is not None and not _add_mixed_product(g_w_VH, g_lp.t(), h_CH):
-        g_w_VH.addmm_(grad_CV.t(), h_CH.to(g_w_VH.dtype))
+        g_w_VH.addmm_(grad_CV.t().to(g_w_VH.dtype), h_CH.to(g_w_VH.dtype))
     if g_b_V is not None:
-        g_b_V.add_(grad_CV.sum(0))
+        g_b_V.add_(grad_CV.sum(0, dtype=g_b_V.dtype))
 
 
 _MIXED_MM = {"ok": True}  # False once this torch has refused out_dtype

@@ -118,6 +118,13 @@ class TeacherDist:
             return out_CV.copy_(self.logits[lo:hi])
         return logits_into(self.hidden[lo:hi], self.weight_VH, self.bias_V, out_CV)
 
+    def raw_logits(self, lo: int, hi: int) -> torch.Tensor:
+        """The logits of flat positions ``lo:hi`` in their own dtype (the matmul's: bf16 under
+        autocast): a view of given logits, else one new ``[hi - lo, V]`` tensor."""
+        if self.logits is not None:
+            return self.logits[lo:hi]
+        return torch.nn.functional.linear(self.hidden[lo:hi], self.weight_VH, self.bias_V)
+
     def chunk_logits(self, lo: int, hi: int) -> torch.Tensor:
         """The logits ``[hi - lo, V]`` of flat positions ``lo:hi`` (of a :meth:`flat` dist),
         float32 (float64 kept)."""
