@@ -77,3 +77,26 @@ def test_kernel_choice(monkeypatch):
     monkeypatch.setenv("OPD_LOSS_KERNEL", "triton")
     with pytest.raises(ValueError, match="OPD_LOSS_KERNEL"):
         kernel_choice(None)
+
+
+def test_default_kernel_by_device(monkeypatch):
+    monkeypatch.delenv("OPD_LOSS_KERNEL", raising=False)
+    assert kernel_choice(None, "cuda") == "compiled" and kernel_choice(None, torch.device("cpu")) == "eager"
+    monkeypatch.setenv("OPD_LOSS_KERNEL", "eager")
+    assert kernel_choice(None, "cuda") == "eager"
+
+
+def test_a_failing_compiler_falls_back_to_the_same_numbers(monkeypatch):
+    import torch._dynamo.exc
+
+    from opd.losses import fused_chunk
+
+    def refuse(*args, **kwargs):
+        raise torch._dynamo.exc.FailOnRecompileLimitHit("recompile limit")
+
+    monkeypatch.setitem(fused_chunk._COMPILED, "fn", refuse)
+    with pytest.warns(UserWarning, match="compiled loss kernel failed"):
+        got = _loss_and_grads("compiled", "jsd")
+    assert fused_chunk._COMPILED["fn"] is fused_chunk.closed_form  # later chunks skip the compiler
+    for a, b in zip(got, _loss_and_grads("eager", "jsd")):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)

@@ -391,7 +391,7 @@ def _prepare(hidden, weight, bias, teacher, spec: _Spec):
         raise ValueError(f"chunk_size must be >= 1, got {spec.chunk_size}")
     h_NH = hidden.reshape(-1, hidden.shape[-1])
     teacher = _split_teacher(teacher, h_NH.shape[0], weight.shape[0])
-    return h_NH, teacher, replace(spec, chunk_size=int(chunk), kernel=kernel_choice(spec.kernel))
+    return h_NH, teacher, replace(spec, chunk_size=int(chunk), kernel=kernel_choice(spec.kernel, weight.device))
 
 
 def chunked_divergence(
@@ -433,7 +433,7 @@ def chunked_divergence(
     divergence (as :func:`opd.signals.teacher_logp.floored_logp_V` gives them to the full
     form), applied per chunk. ``kernel``: ``"eager"`` (in-place passes) or ``"compiled"`` (each
     chunk's math through ``torch.compile``, :mod:`opd.losses.fused_chunk`; not for ``support``);
-    default ``$OPD_LOSS_KERNEL``, else eager. Hidden states in another dtype than the head's weight
+    default ``$OPD_LOSS_KERNEL``, else compiled on a GPU and eager elsewhere. Hidden states in another dtype than the head's weight
     (bf16 autocast over float32 master weights): the matmul runs in the hidden's dtype, the
     weight's gradient comes back in its own dtype (module doc).
     Source: see the module doc. Deviations: none (values and gradients equal the

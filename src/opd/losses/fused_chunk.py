@@ -10,8 +10,8 @@ that a compiler can make it a few kernels, each reading ``[C, V]`` once; the gra
 in the dtype the head's matmuls take.
 
 ``kernel="compiled"`` in :func:`opd.losses.chunked.chunked_divergence` (or the environment's
-``OPD_LOSS_KERNEL=compiled``) runs :func:`compiled_closed_form`; ``"eager"`` the in-place
-passes. Both give the same values and gradients up to float rounding (tests/test_fused_chunk.py
+``OPD_LOSS_KERNEL=compiled``; the default on a GPU) runs :func:`compiled_closed_form`;
+``"eager"`` (the default elsewhere) the in-place passes. Both give the same values and gradients up to float rounding (tests/test_fused_chunk.py
 on the CPU, tests/test_cuda.py on a GPU). The closed forms, with ``x = z/τ``, ``S = softmax x``,
 ``T`` the teacher's, ``c_v = 1[ℓ_v ≤ clip]``, ``u_v = c_v S_v ∂ℓ_v/∂S_v``, ``∂D/∂x = u − S·Σu``:
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -35,9 +36,12 @@ import torch
 KERNELS = ("eager", "compiled")
 
 
-def kernel_choice(kernel: Optional[str]) -> str:
-    """``kernel``, or ``$OPD_LOSS_KERNEL``, or ``"eager"``; an unknown name is an error."""
-    choice = kernel or os.environ.get("OPD_LOSS_KERNEL") or "eager"
+def kernel_choice(kernel: Optional[str], device: torch.device | str | None = None) -> str:
+    """``kernel``, else ``$OPD_LOSS_KERNEL``, else ``"compiled"`` on a GPU and ``"eager"``
+    elsewhere (on the CPU a compile costs seconds per variant and gains little); an unknown
+    name is an error."""
+    default = "compiled" if device is not None and torch.device(device).type == "cuda" else "eager"
+    choice = kernel or os.environ.get("OPD_LOSS_KERNEL") or default
     if choice not in KERNELS:
         raise ValueError(f"loss kernel must be one of {KERNELS}, got {choice!r} (argument kernel= or OPD_LOSS_KERNEL)")
     return choice
@@ -116,12 +120,21 @@ _COMPILED: dict = {}
 
 
 def compiled_closed_form(*args, **kwargs):
-    """:func:`closed_form` through ``torch.compile`` (made once per process; the chunk's row
-    count is dynamic, so a run's ragged last chunk does not recompile)."""
+    """:func:`closed_form` through ``torch.compile`` (made once per process). The chunk's row
+    count is dynamic, so chunks of other sizes (a ragged last chunk, another chunk size) share
+    one compiled graph per divergence and setting. Where the compiler fails (no backend, or
+    dynamo's recompile limit), it warns once and runs :func:`closed_form` uncompiled: the same
+    numbers, slower."""
     if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(closed_form, fullgraph=True, dynamic=False)
+        _COMPILED["fn"] = torch.compile(closed_form, fullgraph=True)
     s_CV, t_CV = args[0], args[1]
     if s_CV.shape[0] > 1:
         torch._dynamo.maybe_mark_dynamic(s_CV, 0)
         torch._dynamo.maybe_mark_dynamic(t_CV, 0)
-    return _COMPILED["fn"](*args, **kwargs)
+    try:
+        return _COMPILED["fn"](*args, **kwargs)
+    except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.FailOnRecompileLimitHit) as e:
+        warnings.warn(f"opd: the compiled loss kernel failed ({type(e).__name__}); running it uncompiled "
+                      f"(same values, slower; OPD_LOSS_KERNEL=eager chooses the in-place kernel)", stacklevel=2)  # fmt: skip
+        _COMPILED["fn"] = closed_form
+        return closed_form(*args, **kwargs)
