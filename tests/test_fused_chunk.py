@@ -100,3 +100,15 @@ def test_a_failing_compiler_falls_back_to_the_same_numbers(monkeypatch):
     assert fused_chunk._COMPILED["fn"] is fused_chunk.closed_form  # later chunks skip the compiler
     for a, b in zip(got, _loss_and_grads("eager", "jsd")):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+def test_chunks_of_any_size_share_one_compiled_graph():
+    from torch._dynamo.utils import counters
+
+    from opd.losses.fused_chunk import compiled_closed_form
+
+    before = counters["stats"]["unique_graphs"]
+    for rows in (9, 7, 3, 9):  # a setting no other test compiles (beta 0.25)
+        s, t = torch.randn(rows, 20), torch.randn(rows, 20)
+        compiled_closed_form(s, t, torch.ones(rows), "jsd", 0.25, 1.0, None, None, torch.float32)
+    assert counters["stats"]["unique_graphs"] - before == 1

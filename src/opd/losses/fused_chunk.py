@@ -117,22 +117,26 @@ def closed_form(s_CV, t_CV, scale_C, kind: str, beta: float, temperature: float,
 
 
 _COMPILED: dict = {}
+RECOMPILE_LIMIT = 64
 
 
 def compiled_closed_form(*args, **kwargs):
     """:func:`closed_form` through ``torch.compile`` (made once per process). The chunk's row
     count is dynamic, so chunks of other sizes (a ragged last chunk, another chunk size) share
-    one compiled graph per divergence and setting. Where the compiler fails (no backend, or
-    dynamo's recompile limit), it warns once and runs :func:`closed_form` uncompiled: the same
-    numbers, slower."""
+    one compiled graph per divergence and setting (a one-row chunk gets its own); up to
+    ``RECOMPILE_LIMIT`` graphs (dynamo's default of 8 is reached by a process that trains
+    several methods). Where the compiler fails (no backend, or that limit), it warns once and
+    runs :func:`closed_form` uncompiled: the same numbers, slower."""
     if "fn" not in _COMPILED:
         _COMPILED["fn"] = torch.compile(closed_form, fullgraph=True)
-    s_CV, t_CV = args[0], args[1]
+    s_CV, t_CV, scale_C = args[:3]
     if s_CV.shape[0] > 1:
-        torch._dynamo.maybe_mark_dynamic(s_CV, 0)
-        torch._dynamo.maybe_mark_dynamic(t_CV, 0)
+        for x in (s_CV, t_CV, scale_C):
+            if x is not None:
+                torch._dynamo.mark_dynamic(x, 0)
     try:
-        return _COMPILED["fn"](*args, **kwargs)
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return _COMPILED["fn"](*args, **kwargs)
     except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.FailOnRecompileLimitHit) as e:
         warnings.warn(f"opd: the compiled loss kernel failed ({type(e).__name__}); running it uncompiled "
                       f"(same values, slower; OPD_LOSS_KERNEL=eager chooses the in-place kernel)", stacklevel=2)  # fmt: skip
