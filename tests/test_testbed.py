@@ -66,3 +66,34 @@ def test_damage_search_stops_at_the_first_level_reaching_the_target(tmp_path, mo
     path = testbed.prepare_student_base("addition", 2, quiet=True, target_accuracy=0.5)
     info = json.loads((path / "READY.json").read_text())
     assert info["damage"] == 0.2 and [r["damage"] for r in info["damage_search"]] == [0.1, 0.2]
+
+
+def test_two_processes_preparing_one_base_build_it_once(tmp_path, monkeypatch):
+    """Two experiments started together on a fresh cache: one builds, the other waits for it
+    (before the lock, both wrote the same ``.work`` folder and one failed). Threads here: each
+    opens the lock file itself, so they contend as two processes do."""
+    import threading
+    import time
+
+    from opd.testbed import builder
+
+    monkeypatch.setenv("OPD_CACHE", str(tmp_path))
+    builds = []
+
+    def fake_sft(init, run_dir, task, horizon, seed, training, quiet):
+        builds.append(run_dir)
+        time.sleep(0.3)  # long enough for the other thread to arrive meanwhile
+        (run_dir / "checkpoints" / "step_000001").mkdir(parents=True)
+        return [{"eval/accuracy": 1.0}]
+
+    monkeypatch.setattr(builder, "_sft", fake_sft)
+    monkeypatch.setattr(builder, "save_initial", lambda path, *a: path)
+    paths = []
+    args = ("student", "addition", 4, {"hidden_size": 8}, {"steps": 1}, 0, True)
+    threads = [threading.Thread(target=lambda: paths.append(builder._prepare(*args))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(builds) == 1 and len(paths) == 2 and paths[0] == paths[1]
+    assert (paths[0] / "READY.json").exists() and not paths[0].with_name(paths[0].name + ".work").exists()

@@ -17,11 +17,17 @@ Cache root: ``$OPD_CACHE`` or ``~/.cache/opd``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (start one experiment first on a fresh cache)
+    fcntl = None
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -147,12 +153,34 @@ def _val_accuracy(path: Path, task: str, horizon: int, seed: int) -> dict:
     return evaluate(setup.env, setup.eval_problems, k=1, temperature=1.0, seed=seed)
 
 
+@contextlib.contextmanager
+def _one_builder(path: Path):
+    """An exclusive lock on ``<path>.lock`` while ``path`` is built: two processes preparing the
+    same model (two experiments started together on a fresh cache) build it once; the second
+    waits, then finds it READY. Without this, both wrote the same ``.work`` folder and one
+    failed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def _prepare(kind: str, task: str, horizon: int, arch: dict, training: dict, seed: int, quiet: bool) -> Path:
     settings = {"kind": kind, "task": task, "horizon": horizon, "arch": arch, "training": training, "seed": seed}
     words = getattr(make_task(task, horizon), "words", ())  # an unknown task fails here, before anything is written
     path = cache_root() / "testbed" / f"{kind}-{task}-h{horizon}-{_key(settings)}"
     if (path / "READY.json").exists():
         return path
+    with _one_builder(path):
+        if not (path / "READY.json").exists():
+            _build(path, settings, words, quiet)
+    return path
+
+
+def _build(path: Path, settings: dict, words, quiet: bool) -> None:
+    kind, task, horizon, seed = settings["kind"], settings["task"], settings["horizon"], settings["seed"]
+    arch, training = settings["arch"], settings["training"]
     work = path.with_name(path.name + ".work")
     shutil.rmtree(work, ignore_errors=True)
     if not quiet:
@@ -164,7 +192,6 @@ def _prepare(kind: str, task: str, horizon: int, arch: dict, training: dict, see
     info = {**settings, "warmup_eval_val": history[-1], "eval_val": history[-1]}
     (path / "READY.json").write_text(json.dumps(info, indent=1))
     shutil.rmtree(work, ignore_errors=True)
-    return path
 
 
 def _damaged(clean: Path, target: float, seed: int, quiet: bool) -> Path:
@@ -173,6 +200,13 @@ def _damaged(clean: Path, target: float, seed: int, quiet: bool) -> Path:
     path = clean.with_name(f"{clean.name}-target{target:g}")
     if (path / "READY.json").exists():
         return path
+    with _one_builder(path):
+        if not (path / "READY.json").exists():
+            _build_damaged(clean, path, target, seed, quiet)
+    return path
+
+
+def _build_damaged(clean: Path, path: Path, target: float, seed: int, quiet: bool) -> None:
     info = prepared_info(clean)
     task, horizon = info["task"], info["horizon"]
     work = path.with_name(path.name + ".work")
@@ -194,7 +228,6 @@ def _damaged(clean: Path, target: float, seed: int, quiet: bool) -> Path:
     work.rename(path)
     info.update(damage=sigma, target_accuracy=target, eval_val=row, damage_search=searched)
     (path / "READY.json").write_text(json.dumps(info, indent=1))
-    return path
 
 
 def prepare_student_base(
