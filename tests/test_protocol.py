@@ -143,6 +143,48 @@ def test_verdict_sentences_follow_the_rule():
     assert one["verdict"] == "none" and "no verdict (1 paired seed(s)" in one["sentence"]
 
 
+def test_bootstrap_p_value_against_a_naive_count():
+    d = [0.3, -0.1, 0.2, 0.05, 0.15]
+    idx = np.random.default_rng(0).integers(0, 5, size=(verdicts.RESAMPLES, 5))
+    means = [sum(d[j] for j in row) / 5 for row in idx]
+    below, above = sum(m <= 0 for m in means) / len(means), sum(m >= 0 for m in means) / len(means)
+    assert verdicts.bootstrap_p(d) == pytest.approx(min(1.0, 2 * min(below, above)))
+    assert verdicts.bootstrap_p([0.1, 0.2, 0.3]) == 0.0 and verdicts.bootstrap_p([0.0, 0.0]) == 1.0
+
+
+def test_holm_on_known_numbers():
+    # m = 4: 0.01 <= 0.05/4 rejected; the next, 0.03 > 0.05/3, stops it (0.04 is not reached)
+    assert verdicts.holm([0.01, 0.04, 0.03, 0.2]) == [True, False, False, False]
+    assert verdicts.holm([0.01, 0.012, 0.02, 0.04]) == [True, True, True, True]  # 0.0125, 0.0167, 0.025, 0.05
+    assert verdicts.holm([0.02, 0.02]) == [True, True] and verdicts.holm([0.03, 0.03]) == [False, False]
+    assert verdicts.holm([]) == []
+
+
+def test_sign_flip_p_by_enumeration():
+    assert verdicts.sign_flip_p([1, 2, 3, 4, 5]) == pytest.approx(2 / 32)  # the floor at 5 seeds
+    # [1, -2, 3, 4, 5]: |sum| = 11; patterns with |Σ ±d| >= 11 counted by hand: 6 of 32
+    assert verdicts.sign_flip_p([1, -2, 3, 4, 5]) == pytest.approx(6 / 32)
+    assert verdicts.sign_flip_p([1, -1]) == 1.0
+
+
+def test_all_verdicts_mark_what_holm_keeps():
+    base = {str(s): 0.6 for s in range(5)}
+    strong = {str(s): 0.9 for s in range(5)}
+    found = verdicts.all_verdicts({"strong": strong, "base": base})
+    assert found[0]["verdict"] == "a" and found[0]["p"] == 0.0 and found[0]["holm"] is True
+    # two labels each just above base (one seed below it: p about 0.04), not told apart
+    diffs = [0.03, -0.018, 0.04, 0.02, 0.03]
+    a = {str(s): 0.6 + d for s, d in enumerate(diffs)}
+    b = {str(s): 0.6 + d for s, d in enumerate(diffs[2:] + diffs[:2])}
+    found = verdicts.all_verdicts({"a": a, "b": b, "base": base})
+    by = {(v["a"], v["b"]): v for v in found}
+    for pair in (("a", "base"), ("b", "base")):  # each passes the rule alone, but 0.05/3 < p: Holm drops both
+        assert by[pair]["verdict"] == "a" and 0.05 / 3 < by[pair]["p"] < 0.05 and by[pair]["holm"] is False
+    assert by[("a", "b")]["verdict"] == "none" and by[("a", "b")]["holm"] is None
+    summary = verdicts.holm_summary(found)
+    assert (summary["pairs"], summary["beats"], summary["stay"], len(summary["go"])) == (3, 2, 0, 2)
+
+
 def test_sequences_to_target():
     h = lambda accs: [{"eval/accuracy": a, "usage/sequences": 64 * i} for i, a in enumerate(accs)]  # noqa: E731
     assert verdicts.sequences_to(h([0.1, 0.5, 0.9, 0.95]), 0.9) == 128
@@ -174,3 +216,18 @@ def test_at_budget_reads_each_curve_at_exactly_that_budget():
     assert verdicts.at_budget(labels, 256) == {"opd": {"0": 0.4, "1": 0.5}}  # grpo seed 0 has no point at 256
     assert verdicts.at_budget(labels, 512) == {"opd": {"0": 0.6, "1": 0.7}}
     assert verdicts.at_budget(labels, 0) == {"opd": {"0": 0.1, "1": 0.2}, "grpo": {"0": 0.1, "1": 0.2}}
+
+
+def test_the_report_states_what_holm_keeps():
+    from opd.compare.report import holm_text
+
+    base = {str(s): 0.6 for s in range(5)}
+    diffs = [0.03, -0.018, 0.04, 0.02, 0.03]
+    a = {str(s): 0.6 + d for s, d in enumerate(diffs)}
+    # with a strong pair beside it, a's weak verdict stays (Holm compares it last, with 0.05/1)
+    found = verdicts.all_verdicts({"a": a, "strong": {str(s): 0.9 for s in range(5)}, "base": base})
+    assert holm_text(found) == "Under Holm's correction over these 3 pairs (bootstrap p-values, the same level): 3 of 3 verdicts stay."
+    b = {str(s): 0.6 + d for s, d in enumerate(diffs[2:] + diffs[:2])}
+    text = holm_text(verdicts.all_verdicts({"a": a, "b": b, "base": base}))
+    assert "0 of 2 verdicts stay; these go: a beats base; b beats base." in text
+    assert holm_text(verdicts.all_verdicts({"x": base, "y": dict(base)})) == ""  # nothing decided: no line

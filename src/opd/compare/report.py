@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from opd.compare import verdicts
 from opd.run.metrics_log import read_metrics
 from opd.report import accuracy_axes, markdown_table, save_accuracy_plot
 
@@ -178,8 +179,20 @@ def undecided_text(undecided: list[str]) -> str:
             "another lr; flagged, not a rule):\n\n" + "\n".join(f"- {u}" for u in undecided))
 
 
+def holm_text(found: list[dict]) -> str:
+    """One line: the "beats" verdicts that Holm's correction over the comparison's pairs keeps."""
+    h = verdicts.holm_summary(found)
+    if not h["beats"]:
+        return ""
+    text = (f"Under Holm's correction over these {h['pairs']} pairs (bootstrap p-values, the same level): "
+            f"{h['stay']} of {h['beats']} verdicts stay")
+    return text + ("." if not h["go"] else "; these go: " + "; ".join(s.split(" (")[0] for s in h["go"]) + ".")
+
+
 def verdict_text(results: dict) -> str:
     lines = [f"Rule: {results['rule']}.", ""] + [f"- {v['sentence']}" for v in results["verdicts"]]
+    holm_line = holm_text(results["verdicts"]) if all("p" in v or v["interval"] is None for v in results["verdicts"]) else ""
+    lines += ["", holm_line] if holm_line else []
     for metric, found in results.get("metric_verdicts", {}).items():
         levels = "; ".join(f"{label} {_pm([f.get(metric, math.nan) for f in entry['final'].values()])}"
                            for label, entry in results["labels"].items())
