@@ -131,3 +131,24 @@ def test_tuning_noise_reads_margins_and_falls_from_results_files(tmp_path, monke
     assert check == [{"experiment": "x", "labels": 2, "lr_changed": ["a"], "beats_one_seed": ["b beats a"], "kept": [],
                       "lost": ["b beats a"], "new": ["a beats b"]}]
     assert "**0 of 1 \"beats\" verdicts stay**" in (tmp_path / "tuning_noise.md").read_text()
+
+
+def test_multiple_comparisons_recomputes_verdicts_and_applies_holm(tmp_path, monkeypatch):
+    """On a hand-made results.json: two labels each just above a base (one seed below it: bootstrap
+    p about 0.04, each a "beats" alone), three pairs, so Holm (0.05/3 first) keeps neither."""
+    mc = _script("multiple_comparisons")
+    diffs = [0.03, -0.018, 0.04, 0.02, 0.03]
+    acc = {"base": [0.6] * 5, "a": [0.6 + d for d in diffs], "b": [0.6 + d for d in diffs[2:] + diffs[:2]]}
+    labels = {k: {"final": {str(s): {"accuracy": v} for s, v in enumerate(vals)}} for k, vals in acc.items()}
+    committed = [{"a": "base", "b": "a", "verdict": "b", "interval": [-0.03, -0.001]},
+                 {"a": "base", "b": "b", "verdict": "b", "interval": [-0.03, -0.001]},
+                 {"a": "a", "b": "b", "verdict": "none", "interval": [-0.02, 0.02]}]
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "results.json").write_text(json.dumps({"seeds": list(range(5)), "labels": labels, "verdicts": committed}))
+    monkeypatch.setattr(mc, "RESULTS", tmp_path)
+    mc.main()
+    row = json.loads((tmp_path / "multiple_comparisons" / "results.json").read_text())["comparisons"][0]
+    assert (row["pairs"], row["beats"], row["holm_stay"], row["mismatched"]) == (3, 2, 0, [])
+    # a vs base: |Σ±d| >= 0.102 only for the observed signs, the one with -0.018 flipped, and their negations
+    assert row["min_sign_flip_p"] == pytest.approx(4 / 32) and row["same_sign_all_seeds"] == 0
+    assert "**0 of the 2 \"beats\" verdicts over 1 comparisons stay under Holm's" in (tmp_path / "multiple_comparisons.md").read_text()
