@@ -26,6 +26,7 @@ row whose logits are all ``-inf`` (no mass) has value 0 and gradient 0.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -34,14 +35,28 @@ from typing import Optional
 import torch
 
 KERNELS = ("eager", "compiled")
+_RUN_KERNEL: dict = {"kernel": None}  # set by default_kernel (a run's loss_kernel)
+
+
+@contextlib.contextmanager
+def default_kernel(kernel: str):
+    """Inside, every lean loss that names no kernel uses ``kernel`` (a run's ``loss_kernel``;
+    ``"auto"``: as outside). ``opd train`` wraps each step in it."""
+    if kernel != "auto":
+        kernel_choice(kernel)
+    previous, _RUN_KERNEL["kernel"] = _RUN_KERNEL["kernel"], None if kernel == "auto" else kernel
+    try:
+        yield
+    finally:
+        _RUN_KERNEL["kernel"] = previous
 
 
 def kernel_choice(kernel: Optional[str], device: torch.device | str | None = None) -> str:
-    """``kernel``, else ``$OPD_LOSS_KERNEL``, else ``"compiled"`` on a GPU and ``"eager"``
-    elsewhere (on the CPU a compile costs seconds per variant and gains little); an unknown
-    name is an error."""
+    """``kernel``, else the run's (:func:`default_kernel`), else ``$OPD_LOSS_KERNEL``, else
+    ``"compiled"`` on a GPU and ``"eager"`` elsewhere (on the CPU a compile costs seconds per
+    variant and gains little); an unknown name is an error."""
     default = "compiled" if device is not None and torch.device(device).type == "cuda" else "eager"
-    choice = kernel or os.environ.get("OPD_LOSS_KERNEL") or default
+    choice = kernel or _RUN_KERNEL["kernel"] or os.environ.get("OPD_LOSS_KERNEL") or default
     if choice not in KERNELS:
         raise ValueError(f"loss kernel must be one of {KERNELS}, got {choice!r} (argument kernel= or OPD_LOSS_KERNEL)")
     return choice

@@ -25,6 +25,7 @@ from opd.run.guards import RunStopped, StopSignals, finite_params
 from opd.run.lock import acquire_run_lock, release_run_lock
 from opd.run.metrics_log import METRICS_FILE, MetricLogger
 from opd.models import fsdp
+from opd.losses.fused_chunk import default_kernel
 from opd.models.device import student_precision
 from opd.run import distributed
 from opd.run.resume import changes_row, describe_changes, resumed_config
@@ -183,7 +184,7 @@ class Run:
         self.setup.env.step = step
         t0 = time.perf_counter()
         env = self.setup.env
-        with student_precision(env.student, env.autocast):
+        with student_precision(env.student, env.autocast), default_kernel(c.loss_kernel):
             metrics, usage = train_step(
                 env, self.setup.method, problems, generator, self.optimizer,
                 micro_batch_size=c.micro_batch_size, max_grad_norm=c.max_grad_norm, ppo_epochs=c.ppo_epochs,
