@@ -79,8 +79,9 @@ def _clipped_sum(ell_CV, clip):
 
 
 def _value_and_u(kind, lpS, lpT, beta, clip):
-    """``(D [C], u [C, V] or None, S)``; with no clip, ``u`` is None and the caller uses the
-    shortcut forms (``∂D/∂x`` of the module doc)."""
+    """``(D [C], u [C, V] or None, S, extra)``. For rkl and fkl without a clip ``u`` is None
+    and the caller uses the shortcut forms (``∂D/∂x`` of the module doc), with ``extra`` =
+    ``ℓ`` (rkl) or ``T`` (fkl); jsd always gives ``u``."""
     S = lpS.exp()
     if kind == "rkl":
         ell = S * (lpS - lpT)
