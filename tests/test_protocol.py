@@ -24,10 +24,13 @@ def test_grid_rules():
 
 
 def test_unmet_lists_every_rule_not_met():
-    met = protocol.unmet(seeds=[0, 1, 2, 3, 4], tuning_seed=5, grid=[1e-4, 3e-4, 1e-3, 3e-3], unbracketed=[],
+    met = protocol.unmet(seeds=[0, 1, 2, 3, 4], tuning_seeds=[5, 6], grid=[1e-4, 3e-4, 1e-3, 3e-3], unbracketed=[],
                          budget=512, test_size=500)
     assert met == []
-    unmet = protocol.unmet(seeds=[0], tuning_seed=None, grid=[1e-3], unbracketed=["opd"], budget=None, test_size=8)
+    one = protocol.unmet(seeds=[0, 1, 2, 3, 4], tuning_seeds=[5], grid=[1e-4, 3e-4, 1e-3, 3e-3], unbracketed=[],
+                         budget=512, test_size=500)
+    assert one == ["1 tuning seed; the protocol asks for at least 2 (each lr judged by the mean over them)"]
+    unmet = protocol.unmet(seeds=[0], tuning_seeds=[], grid=[1e-3], unbracketed=["opd"], budget=None, test_size=8)
     assert len(unmet) == 6 and any("opd" in u for u in unmet)
 
 
@@ -54,16 +57,16 @@ def _spec(tmp_path, **changes):
 
 def test_a_choice_at_the_edge_widens_the_grid_until_bracketed(monkeypatch, tmp_path):
     tried = _fake_runs(monkeypatch, best_lr=1e-2)
-    scores, chosen, bracketed = driver._tune_label(_spec(tmp_path), tmp_path / "out", "opd", force=False)
+    scores, chosen, bracketed = driver._tune_label(_spec(tmp_path, tuning_seed=2), tmp_path / "out", "opd", force=False)
     assert tried == pytest.approx([1e-4, 3e-4, 1e-3, 3e-3, 9e-3, 2.7e-2])  # two widenings
     assert chosen == pytest.approx(9e-3) and bracketed  # 2.7e-2 is worse: 9e-3 is inside
 
     tried = _fake_runs(monkeypatch, best_lr=1e-2)
-    _, chosen, bracketed = driver._tune_label(_spec(tmp_path, lr_extend=1), tmp_path / "out", "opd", force=False)
+    _, chosen, bracketed = driver._tune_label(_spec(tmp_path, lr_extend=1, tuning_seed=2), tmp_path / "out", "opd", force=False)
     assert chosen == pytest.approx(9e-3) and not bracketed  # one widening: still at the edge
 
     tried = _fake_runs(monkeypatch, best_lr=3e-4)
-    _, chosen, bracketed = driver._tune_label(_spec(tmp_path), tmp_path / "out", "opd", force=False)
+    _, chosen, bracketed = driver._tune_label(_spec(tmp_path, tuning_seed=2), tmp_path / "out", "opd", force=False)
     assert tried == pytest.approx([1e-4, 3e-4, 1e-3, 3e-3]) and chosen == pytest.approx(3e-4) and bracketed
 
 
@@ -110,7 +113,7 @@ def test_two_tuning_seeds_choose_by_their_mean(monkeypatch, tmp_path):
 
 
 def test_the_tuning_seed_is_never_a_reported_seed(tmp_path):
-    assert _spec(tmp_path).tuning_seed == 2
+    assert _spec(tmp_path).tuning_seed == 2 and _spec(tmp_path).tuning_seeds == [2, 3]  # the default: two
     assert _spec(tmp_path, tuning_seed=100).tuning_seed == 100
     with pytest.raises(UserError, match="tuning_seed: 1 is also a reported seed"):
         _spec(tmp_path, tuning_seed=1)

@@ -181,9 +181,10 @@ def _lr_grid(path: str, raw) -> list[float]:
 
 def _tuning_seeds(path: str, raw, seeds: list[int], grid: list[float]) -> list[int]:
     """The tuning seeds: ``tuning_seed`` as an int or a list of distinct ints (default: the
-    largest reported seed + 1; none without a grid), none of them a reported seed."""
+    next :data:`protocol.MIN_TUNING_SEEDS` seeds after the largest reported one; none without a
+    grid), none of them a reported seed."""
     if raw is None:
-        return [max(seeds) + 1] if grid else []
+        return [max(seeds) + 1 + i for i in range(protocol.MIN_TUNING_SEEDS)] if grid else []
     values = raw if isinstance(raw, list) else [raw]
     if not values or any(not isinstance(v, int) or isinstance(v, bool) for v in values) or len(set(values)) < len(values):
         raise _error(path, "tuning_seed", f"must be an int or a list of distinct ints, got {raw!r}")

@@ -26,6 +26,11 @@ def subset_finals(labels: dict, judge: list[str] = ()) -> dict[str, dict[str, di
     return {k: {label: {seed: f[k] for seed, f in entry["final"].items()} for label, entry in labels.items()} for k in names}
 
 
+def _tuning_seeds(info: dict) -> list:
+    """The tuning seeds of ``summary["lr_info"]`` (``seeds``; an older one names ``seed`` only)."""
+    return info.get("seeds") or ([] if info.get("seed") is None else [info["seed"]])
+
+
 def results_of(spec, summary: dict, teacher_acc: float | None) -> dict:
     """``results.json``: the protocol, the budget, each label's per-seed final metrics and
     accuracy curves (against sequences), sequences to the target, and the verdicts.
@@ -53,7 +58,7 @@ def results_of(spec, summary: dict, teacher_acc: float | None) -> dict:
         "lr_tuning": info.get("grid", {}), "chosen_lr": info.get("chosen", {}), "bracketed": info.get("bracketed", {}),
         "budget": {"kind": spec.budget_kind, "value": spec.budget},
         "test_prompts": summary["eval_size"],
-        "protocol": {"unmet": protocol.unmet(seeds=spec.seeds, tuning_seed=info.get("seed"), grid=spec.lr_grid,
+        "protocol": {"unmet": protocol.unmet(seeds=spec.seeds, tuning_seeds=_tuning_seeds(info), grid=spec.lr_grid,
                                              unbracketed=unbracketed, budget=spec.budget, test_size=summary["eval_size"]),
                      "undecided_lr": protocol.undecided(margins)},
         "lr_margin": margins,
