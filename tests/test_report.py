@@ -29,7 +29,7 @@ def test_table_rows_report_before_after_and_reach():
 
 def test_the_one_seed_verdict_states_measurements_and_no_ranking():
     text = verdict({**SUMMARY, "lr_info": {**SUMMARY["lr_info"], "tuning_seed": 1}})
-    assert "Seeds 0 (means below); learning rates tuned on seed 1, never reported" in text and "rank nothing" in text
+    assert "Seeds 0 (means below); learning rates tuned on the mean over seed(s) 1, never reported" in text and "rank nothing" in text
     assert "- opd: greedy held-out accuracy 0.400 → 0.950; sequences to reach 90% of the teacher's accuracy" in text
     for ranking in ("beats", "above", "Highest", "best", "**"):
         assert ranking not in text

@@ -102,8 +102,10 @@ def verdict(summary: dict) -> str:
     seeds = summary.get("seeds", [0])
     final = {m: r["history"][-1]["eval/accuracy"] for m, r in res.items()}
     start = {m: r["history"][0]["eval/accuracy"] for m, r in res.items()}
-    lines = [f"- Seeds {', '.join(map(str, seeds))} (means below); learning rates tuned on seed "
-             f"{summary['lr_info'].get('tuning_seed', 'n/a')}, never reported."]
+    info = summary["lr_info"]
+    tuning = info.get("tuning_seeds") or [info.get("tuning_seed", "n/a")]
+    lines = [f"- Seeds {', '.join(map(str, seeds))} (means below); learning rates tuned on the mean over seed(s) "
+             f"{', '.join(map(str, tuning))}, never reported."]
     for m in res:
         lines.append(f"- {m}: greedy held-out accuracy {start[m]:.3f} → {final[m]:.3f}; sequences to reach 90% of the "
                      f"teacher's accuracy (mean curve): {_reach(res[m]['history'], target)}.")
@@ -137,7 +139,7 @@ seeds; the verdicts below compare the seeds' final accuracies pair by pair.
 ## Learning rates
 
 Each method ran at its own learning rate, chosen once by final accuracy on the validation
-split with a tuning seed that is not the reported one, from a grid widened past a choice at
+split (the mean over the tuning seeds, never reported ones), from a grid widened past a choice at
 its edge (`opd quickstart --tune` re-runs it; the choice is stored in
 `src/opd/compare/quickstart_lrs.json`; "-": not tried for that method):
 
