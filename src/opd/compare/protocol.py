@@ -7,7 +7,7 @@ the report and in ``results.json`` under ``protocol.unmet``, never silently pass
 - at least :data:`MIN_SEEDS` reported seeds, and at least :data:`MIN_TUNING_SEEDS` separate
   tuning seeds (``tuning_seed``: an int or a list; each lr judged by the mean over them) that
   are never among them (a spec that reuses one is refused). Two, since one seed's choice
-  flipped 10 of 61 "beats" verdicts when the same comparisons were tuned on seeds 5 and 6
+  flipped 11 of 81 "beats" verdicts when the same comparisons were tuned on seeds 5 and 6
   (docs/results/tuning_noise.md); a spec without ``tuning_seed`` tunes on two;
 - a learning-rate grid of at least :data:`MIN_GRID` values, neighbours at most
   :data:`MAX_SPACING` times apart (3x, with the half-decade grid 1, 3, 10 allowed: its
