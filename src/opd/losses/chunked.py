@@ -433,7 +433,9 @@ def chunked_divergence(
     divergence (as :func:`opd.signals.teacher_logp.floored_logp_V` gives them to the full
     form), applied per chunk. ``kernel``: ``"eager"`` (in-place passes) or ``"compiled"`` (each
     chunk's math through ``torch.compile``, :mod:`opd.losses.fused_chunk`; not for ``support``);
-    default ``$OPD_LOSS_KERNEL``, else compiled on a GPU and eager elsewhere. Hidden states in another dtype than the head's weight
+    default: the run's ``loss_kernel``, else ``$OPD_LOSS_KERNEL``, else compiled on a GPU and
+    eager elsewhere (:func:`~opd.losses.fused_chunk.kernel_choice`). Hidden states in another
+    dtype than the head's weight
     (bf16 autocast over float32 master weights): the matmul runs in the hidden's dtype, the
     weight's gradient comes back in its own dtype (module doc).
     Source: see the module doc. Deviations: none (values and gradients equal the
