@@ -14,8 +14,8 @@ The spec (YAML)::
     budget_kind: sequences    # steps | sequences | teacher_tokens | wall_s
     budget: 768               # every run stops once its counter reaches this
     lr_grid: [1e-4, 3e-4, 1e-3, 3e-3]  # each label's lr, by final validation accuracy
-    tuning_seed: 100          # optional (default: the largest seed + 1); never a reported seed;
-                              # a list [5, 6] tunes on the mean over those seeds
+    tuning_seed: [100, 101]   # optional (default: the two seeds after the largest reported one);
+                              # never a reported seed; each lr judged by the mean over them
     lr_extend: 2              # optional: times a grid is widened past an edge choice (default 2)
     target: 0.9               # optional: sequences to this fraction of the teacher's test accuracy
     eval_every: 4             # optional

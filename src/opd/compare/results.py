@@ -49,7 +49,7 @@ def results_of(spec, summary: dict, teacher_acc: float | None) -> dict:
             "sequences_to_target": None if threshold is None else verdicts.target_summary(histories, threshold),
         }
     unbracketed = [label for label, ok in info.get("bracketed", {}).items() if not ok]
-    n_tuning = summary["eval_size"] * len(info.get("seeds") or [info.get("seed")])  # prompts x tuning seeds
+    n_tuning = summary["eval_size"] * max(1, len(_tuning_seeds(info)))  # prompts x tuning seeds
     margins = {label: protocol.tuning_margin(scores, info["chosen"][label], n_tuning)
                for label, scores in info.get("grid", {}).items()}
     return {
