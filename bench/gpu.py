@@ -32,7 +32,8 @@ attention (causal, no mask: its flash kernel), no gradient checkpointing. ``cpu`
    w.r.t. ``h`` and ``W``: ``naive`` (full ``[N, V]`` logits, bench/loss_memory.py's naive
    math), opd's ``lean-fused`` (``chunked_divergence_loss`` with its default chunk kernel:
    compiled on a GPU, its compile in the warm-up), ``lean-eager`` (the same with
-   ``kernel="eager"``, GPU only) and ``lean-recompute`` (``chunked_divergence``), and ``liger`` (``LigerFusedLinearJSD``, its defaults) when
+   ``kernel="eager"``, GPU only) and ``lean-recompute`` (``chunked_divergence``), and
+   ``liger`` (``LigerFusedLinearJSD``, its defaults) when
    ``liger_kernel`` imports. Time: median of CUDA-event timings after a warm-up. Memory:
    ``max_memory_allocated`` minus what was allocated before (grads included; null on the CPU).
    Naive is skipped where its estimate exceeds the free memory. Losses and ``h.grad`` are

@@ -12,7 +12,8 @@ explicitly (``key=value``, the YAML file, or passed to ``TrainConfig(...)``: pyd
   spike), ``micro_batch_size`` (gradient accumulation: the same step in smaller pieces,
   e.g. after running out of memory), where the models run and the memory knob
   (``device``, ``teacher_device``, ``gradient_checkpointing``, ``loss_kernel``: a run saved
-  on a GPU resumes on another one or on the CPU; the two loss kernels give the same numbers), and cadence and output (``eval_every``,
+  on a GPU resumes on another one or on the CPU; the two loss kernels give the same
+  numbers), and cadence and output (``eval_every``,
   ``save_every``, ``keep_last``, ``max_nonfinite_steps``, ``tensorboard``, ``progress``).
 - **Every other key is refused** with each difference named: the method and every method
   knob; the models (``student``, ``teacher``, ``dtype``, ``oracle_*``); the data
