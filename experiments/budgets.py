@@ -50,7 +50,7 @@ def main() -> None:
              "runs' curves at the evaluation that used exactly that many sequences; the runs use a constant learning rate, "
              "so that is the state of a run stopped there. Learning rates: tuned once per label at the full budget "
              f"({', '.join(f'{k} {v:g}' for k, v in results['chosen_lr'].items())}). Seeds: {results['seeds']}. Test prompts: "
-             f"{results['test_prompts']}.", "", f"Rule: {results['rule']}.", ""]
+             f"{results['test_prompts']}.", "", f"Rule: {verdicts.RULE}.", ""]
     budgets = [int(b) for b in args.budgets.split(",")]
     for budget in budgets:
         lines += budget_section(results["labels"], budget)

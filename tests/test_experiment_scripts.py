@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from opd.compare import verdicts
+
 from run_helpers import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,8 +136,9 @@ def test_tuning_noise_reads_margins_and_falls_from_results_files(tmp_path, monke
 
 
 def test_multiple_comparisons_recomputes_verdicts_and_applies_holm(tmp_path, monkeypatch):
-    """On a hand-made results.json: two labels each just above a base (one seed below it: bootstrap
-    p about 0.04, each a "beats" alone), three pairs, so Holm (0.05/3 first) keeps neither."""
+    """On a hand-made results.json judged by the bootstrap rule: two labels each just above a base
+    (one seed below it: bootstrap p about 0.04, each a "beats" alone), three pairs, so Holm
+    (0.05/3 first) keeps neither; the t rule (p 0.11) gives neither verdict."""
     mc = _script("multiple_comparisons")
     diffs = [0.03, -0.018, 0.04, 0.02, 0.03]
     acc = {"base": [0.6] * 5, "a": [0.6 + d for d in diffs], "b": [0.6 + d for d in diffs[2:] + diffs[:2]]}
@@ -144,11 +147,37 @@ def test_multiple_comparisons_recomputes_verdicts_and_applies_holm(tmp_path, mon
                  {"a": "base", "b": "b", "verdict": "b", "interval": [-0.03, -0.001]},
                  {"a": "a", "b": "b", "verdict": "none", "interval": [-0.02, 0.02]}]
     (tmp_path / "x").mkdir()
-    (tmp_path / "x" / "results.json").write_text(json.dumps({"seeds": list(range(5)), "labels": labels, "verdicts": committed}))
+    (tmp_path / "x" / "results.json").write_text(json.dumps({"seeds": list(range(5)), "labels": labels, "verdicts": committed,
+                                                             "rule": verdicts.BOOTSTRAP_RULE}))
     monkeypatch.setattr(mc, "RESULTS", tmp_path)
     mc.main()
     row = json.loads((tmp_path / "multiple_comparisons" / "results.json").read_text())["comparisons"][0]
-    assert (row["pairs"], row["beats"], row["holm_stay"], row["mismatched"]) == (3, 2, 0, [])
+    assert (row["rule"], row["pairs"], row["beats"], row["holm_stay"], row["mismatched"]) == ("bootstrap", 3, 2, 0, [])
     # a vs base: |Σ±d| >= 0.102 only for the observed signs, the one with -0.018 flipped, and their negations
     assert row["min_sign_flip_p"] == pytest.approx(4 / 32) and row["same_sign_all_seeds"] == 0
-    assert "**0 of the 2 \"beats\" verdicts over 1 comparisons stay under Holm's" in (tmp_path / "multiple_comparisons.md").read_text()
+    assert (row["t_beats"], row["t_go"], row["t_new"]) == (0, ["a beats base", "b beats base"], [])
+    text = (tmp_path / "multiple_comparisons.md").read_text()
+    assert "**Under the t rule 0 of the 2 published \"beats\" verdicts stay**" in text
+    assert "0 of the 2 \"beats\" verdicts over\n1 comparisons stay" in text
+    # a report judged by the t rule is recomputed under it: then nothing can go
+    t_found = verdicts.all_verdicts({k: {str(s): v for s, v in enumerate(vals)} for k, vals in acc.items()})
+    committed_t = [{k: v[k] for k in ("a", "b", "verdict", "interval")} for v in t_found]
+    (tmp_path / "x" / "results.json").write_text(json.dumps({"seeds": list(range(5)), "labels": labels,
+                                                             "verdicts": committed_t, "rule": verdicts.RULE}))
+    mc.main()
+    row = json.loads((tmp_path / "multiple_comparisons" / "results.json").read_text())["comparisons"][0]
+    assert (row["rule"], row["mismatched"], row["t_go"]) == ("t", [], [])
+
+
+def test_rule_level_measures_both_rules(tmp_path, monkeypatch):
+    rl = _script("rule_level")
+    monkeypatch.setattr(rl, "ROOT", tmp_path)
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    monkeypatch.setattr("sys.argv", ["rule_level.py", "--trials", "300"])
+    rl.main()
+    results = json.loads((tmp_path / "docs" / "results" / "rule_level" / "results.json").read_text())
+    normal5 = results["level"]["normal"]["5"]
+    assert normal5["t"] < 0.1 < normal5["bootstrap"]  # 300 trials: about 0.05 ± 0.025 and 0.16 ± 0.04
+    power = results["power_5_seeds_normal"]
+    assert power["3.0"]["t"] > 0.9 and power["0.5"]["t"] < power["0.5"]["bootstrap"]
+    assert "| normal | 5 |" in (tmp_path / "docs" / "results" / "rule_level.md").read_text()

@@ -134,6 +134,52 @@ def test_bootstrap_interval_on_known_numbers():
     assert lo == pytest.approx(np.percentile(naive, 2.5)) and hi == pytest.approx(np.percentile(naive, 97.5))
 
 
+# t_{0.975, df} from printed tables
+T_TABLE = {1: 12.7062047, 2: 4.30265273, 3: 3.18244631, 4: 2.77644511, 9: 2.26215716, 30: 2.04227246}
+
+
+def _t_within_naive(t: float, df: int) -> float:
+    """P(|T| <= t) by the trapezoid rule over Student's density."""
+    x = np.linspace(0.0, t, 200_001)
+    c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+    y = c * (1 + x**2 / df) ** (-(df + 1) / 2)
+    return float(2 * np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)))
+
+
+def test_student_t_against_tables_and_the_density():
+    for df, t in T_TABLE.items():
+        assert verdicts.t_quantile(0.95, df) == pytest.approx(t, abs=1e-6)
+    for df in (1, 2, 3, 4, 5, 8):
+        for t in (0.3, 1.0, 2.5, 6.0):
+            assert verdicts.t_within(t, df) == pytest.approx(_t_within_naive(t, df), abs=1e-8)
+
+
+def test_t_interval_and_p_against_the_textbook_formula():
+    d = [0.3, -0.1, 0.2, 0.05, 0.15]
+    mean, sd = float(np.mean(d)), float(np.std(d, ddof=1))
+    half = T_TABLE[4] * sd / math.sqrt(5)
+    assert verdicts.t_interval(d) == pytest.approx((mean - half, mean + half), abs=1e-7)
+    t = mean / (sd / math.sqrt(5))
+    assert verdicts.t_p(d) == pytest.approx(1 - _t_within_naive(t, 4), abs=1e-7)
+    # the interval excludes 0 exactly when p < 0.05
+    for shift in np.linspace(-0.2, 0.2, 41):
+        lo, hi = verdicts.t_interval([x + shift for x in d])
+        assert (lo > 0 or hi < 0) == (verdicts.t_p([x + shift for x in d]) < 0.05)
+    assert verdicts.t_interval([0.1, 0.1, 0.1]) == pytest.approx((0.1, 0.1))
+    assert verdicts.t_p([0.1, 0.1, 0.1]) == 0.0 and verdicts.t_p([0.0, 0.0]) == 1.0
+
+
+def test_the_rules_level_at_5_seeds():
+    """Under no difference (normal per-seed differences) the t rule says "beats" in about 5% of
+    comparisons; the percentile bootstrap, at its nominal 95% too, in about 16%."""
+    rng = np.random.default_rng(7)
+    draws = rng.normal(size=(2000, 5))
+    t_rate = np.mean([not (lo <= 0 <= hi) for lo, hi in map(verdicts.t_interval, draws)])
+    boot = [verdicts.bootstrap_interval(list(d), resamples=1000, seed=i) for i, d in enumerate(draws[:1000])]
+    boot_rate = np.mean([not (lo <= 0 <= hi) for lo, hi in boot])
+    assert 0.035 < t_rate < 0.065 and 0.12 < boot_rate < 0.20
+
+
 def test_verdict_sentences_follow_the_rule():
     a = {"0": 0.8, "1": 0.82, "2": 0.79}
     b = {"0": 0.6, "1": 0.61, "2": 0.62}
@@ -142,6 +188,11 @@ def test_verdict_sentences_follow_the_rule():
     assert flipped["sentence"].startswith("opd beats grpo (mean difference +0.193") and flipped["mean_diff"] < 0
     mixed = verdicts.verdict("x", "y", {"0": 0.7, "1": 0.5}, {"0": 0.6, "1": 0.6})
     assert mixed["verdict"] == "none" and mixed["sentence"].startswith("no difference measured between x and y")
+    # the same numbers under the two rules: the bootstrap's narrower interval says "beats"
+    a5, b5 = {str(i): v for i, v in enumerate([0.31, 0.29, 0.35, 0.28, 0.30])}, {str(i): 0.3 for i in range(5)}
+    a5 = {k: v + 0.012 for k, v in a5.items()}
+    assert verdicts.verdict("x", "y", a5, b5, rule="bootstrap")["verdict"] == "a"
+    assert verdicts.verdict("x", "y", a5, b5)["verdict"] == "none"
     one = verdicts.verdict("x", "y", {"0": 0.9}, {"0": 0.1})
     assert one["verdict"] == "none" and "no verdict (1 paired seed(s)" in one["sentence"]
 
@@ -175,8 +226,8 @@ def test_all_verdicts_mark_what_holm_keeps():
     strong = {str(s): 0.9 for s in range(5)}
     found = verdicts.all_verdicts({"strong": strong, "base": base})
     assert found[0]["verdict"] == "a" and found[0]["p"] == 0.0 and found[0]["holm"] is True
-    # two labels each just above base (one seed below it: p about 0.04), not told apart
-    diffs = [0.03, -0.018, 0.04, 0.02, 0.03]
+    # two labels each just above base (one seed level with it: p about 0.024), not told apart
+    diffs = [0.03, 0.0, 0.04, 0.02, 0.03]
     a = {str(s): 0.6 + d for s, d in enumerate(diffs)}
     b = {str(s): 0.6 + d for s, d in enumerate(diffs[2:] + diffs[:2])}
     found = verdicts.all_verdicts({"a": a, "b": b, "base": base})
@@ -225,11 +276,11 @@ def test_the_report_states_what_holm_keeps():
     from opd.compare.report import holm_text
 
     base = {str(s): 0.6 for s in range(5)}
-    diffs = [0.03, -0.018, 0.04, 0.02, 0.03]
+    diffs = [0.03, 0.0, 0.04, 0.02, 0.03]
     a = {str(s): 0.6 + d for s, d in enumerate(diffs)}
     # with a strong pair beside it, a's weak verdict stays (Holm compares it last, with 0.05/1)
     found = verdicts.all_verdicts({"a": a, "strong": {str(s): 0.9 for s in range(5)}, "base": base})
-    assert holm_text(found) == "Under Holm's correction over these 3 pairs (bootstrap p-values, the same level): 3 of 3 verdicts stay."
+    assert holm_text(found) == "Under Holm's correction over these 3 pairs (the rule's p-values, the same level): 3 of 3 verdicts stay."
     b = {str(s): 0.6 + d for s, d in enumerate(diffs[2:] + diffs[:2])}
     text = holm_text(verdicts.all_verdicts({"a": a, "b": b, "base": base}))
     assert "0 of 2 verdicts stay; these go: a beats base; b beats base." in text

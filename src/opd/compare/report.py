@@ -184,7 +184,7 @@ def holm_text(found: list[dict]) -> str:
     h = verdicts.holm_summary(found)
     if not h["beats"]:
         return ""
-    text = (f"Under Holm's correction over these {h['pairs']} pairs (bootstrap p-values, the same level): "
+    text = (f"Under Holm's correction over these {h['pairs']} pairs (the rule's p-values, the same level): "
             f"{h['stay']} of {h['beats']} verdicts stay")
     return text + ("." if not h["go"] else "; these go: " + "; ".join(s.split(" (")[0] for s in h["go"]) + ".")
 

@@ -2,18 +2,29 @@
 
 The rule (:data:`RULE`): for labels A and B run on the same seeds, take the per-seed
 differences ``d_s = a_s − b_s`` of the final test metric (a sentence states the winner's
-difference, so it is positive; ``mean_diff`` and ``interval`` in the record are of ``a − b``). "A beats B" only when the 95%
-percentile bootstrap interval of the mean of ``d`` (:data:`RESAMPLES` resamples of the
-seeds with replacement, a fixed generator) lies above 0; "B beats A" when it lies below 0;
-otherwise "no difference measured". With one seed there is no interval and no verdict.
+difference, so it is positive; ``mean_diff`` and ``interval`` in the record are of ``a − b``).
+"A beats B" only when the 95% paired Student t interval of the mean of ``d``,
 
-Many pairs in one comparison: :func:`all_verdicts` also gives each pair its bootstrap p-value
-(``p``: twice the smaller share of resampled means on either side of 0, from the same
-resamples as the interval) and applies Holm's step-down correction over the comparison's
-pairs at the same level (``holm``: True where a "beats" verdict stays, False where it goes,
-None for a pair without one). The report states how many stay; the verdicts themselves keep
-the one rule above. With 5 seeds no paired sign-flip (permutation) test can go below
-p = 2/2^5 = 0.0625: the bootstrap rule is the more liberal of the two, and says so.
+    mean(d) ± t_{0.975, n−1} · sd(d) / √n      (sd with n − 1 in its denominator),
+
+lies above 0; "B beats A" when it lies below 0; otherwise "no difference measured". With one
+seed there is no interval and no verdict. Its level is 5% when the differences are normal,
+and about that for the shapes measured (``docs/results/rule_level.md``: 3.9–6.7% at 5 seeds).
+
+The rule before (:data:`BOOTSTRAP_RULE`, ``rule="bootstrap"``; the reports published before
+it changed state it): the 95% percentile bootstrap interval of the mean (:data:`RESAMPLES`
+resamples of the seeds, a fixed generator). At 5 seeds that interval is about
+``mean ± 1.75 · sd/√5`` against the t interval's ``± 2.78 · sd/√5``, and it excludes 0 in about
+16% of comparisons where nothing differs: it said 95% and held about 84%. It stays here so
+that those reports can be recomputed and checked.
+
+Many pairs in one comparison: :func:`all_verdicts` also gives each pair the p-value of its
+rule (``p``: the two-sided paired t-test's; the bootstrap's is twice the smaller share of
+resampled means on either side of 0) and applies Holm's step-down correction over the
+comparison's pairs at the same level (``holm``: True where a "beats" verdict stays, False
+where it goes, None for a pair without one). The report states how many stay; the verdicts
+themselves keep the one rule above. With 5 seeds no paired sign-flip (permutation) test can
+go below p = 2/2^5 = 0.0625; the t-test reaches below it by assuming normal differences.
 
 Sequences to a target: a run's first evaluation whose accuracy reaches ``target`` (a
 fraction of the teacher's measured test accuracy) gives the sequences it used; a label's
@@ -29,9 +40,61 @@ import numpy as np
 
 RESAMPLES = 10_000
 LEVEL = 0.95
-RULE = (f"A beats B only when the {LEVEL:.0%} percentile bootstrap interval ({RESAMPLES:,} resamples of the "
-        "seeds) of the mean per-seed difference of final test accuracy excludes 0; otherwise no difference measured "
-        "(the same rule for every other metric named, on the metric's own scale)")
+_METRIC = ("of the mean per-seed difference of final test accuracy excludes 0; otherwise no difference measured "
+           "(the same rule for every other metric named, on the metric's own scale)")
+RULE = f"A beats B only when the {LEVEL:.0%} paired Student t interval (n − 1 degrees of freedom) {_METRIC}"
+BOOTSTRAP_RULE = (f"A beats B only when the {LEVEL:.0%} percentile bootstrap interval ({RESAMPLES:,} resamples of the "
+                  f"seeds) {_METRIC}")
+
+
+def t_within(t: float, df: int) -> float:
+    """``P(|T| ≤ t)`` for Student's T with integer ``df`` ≥ 1, in closed form (Abramowitz and
+    Stegun 26.7.3–4): with ``θ = atan(t/√df)`` and ``c = cos²θ``,
+    odd df: ``(2/π)(θ + sinθ cosθ Σ_{k<(df−1)/2} c^k (2·4···2k)/(3·5···(2k+1)))`` (the sum empty at df = 1);
+    even df: ``sinθ Σ_{k<df/2} c^k (1·3···(2k−1))/(2·4···2k)``."""
+    theta = math.atan(abs(t) / math.sqrt(df))
+    c, total, term = math.cos(theta) ** 2, 1.0, 1.0
+    if df % 2:
+        for k in range(1, (df - 1) // 2):
+            term *= 2 * k / (2 * k + 1) * c
+            total += term
+        return 2 / math.pi * (theta + (math.sin(theta) * math.cos(theta) * total if df > 1 else 0.0))
+    for k in range(1, df // 2):
+        term *= (2 * k - 1) / (2 * k) * c
+        total += term
+    return math.sin(theta) * total
+
+
+def t_quantile(level: float, df: int) -> float:
+    """The ``t`` with ``P(|T| ≤ t) = level`` (so ``t_{(1+level)/2, df}``), by bisection to 1e-12."""
+    lo, hi = 0.0, 1.0
+    while t_within(hi, df) < level:
+        hi *= 2
+    while hi - lo > 1e-12 * max(1.0, hi):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_within(mid, df) < level else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _t_stats(diffs: list[float]) -> tuple[float, float, int]:
+    d = np.asarray(diffs, dtype=float)
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))), len(d) - 1
+
+
+def t_interval(diffs: list[float]) -> tuple[float, float]:
+    """``mean ± t_{(1+LEVEL)/2, n−1} · sd/√n`` (a point when every difference is the same)."""
+    mean, se, df = _t_stats(diffs)
+    half = t_quantile(LEVEL, df) * se
+    return mean - half, mean + half
+
+
+def t_p(diffs: list[float]) -> float:
+    """The two-sided paired t-test's p-value, ``1 − P(|T| ≤ |mean|/se)``; with ``se = 0`` it is
+    0 for a non-zero mean and 1 for a zero one."""
+    mean, se, df = _t_stats(diffs)
+    if se == 0:
+        return 1.0 if mean == 0 else 0.0
+    return max(0.0, 1.0 - t_within(mean / se, df))
 
 
 def _resampled_means(diffs: list[float], resamples: int, seed: int) -> np.ndarray:
@@ -73,17 +136,22 @@ def sign_flip_p(diffs: list[float]) -> float:
     return float((np.abs(signs @ d) >= abs(d.sum()) - 1e-12).mean())
 
 
-def verdict(a: str, b: str, a_by_seed: dict, b_by_seed: dict, beats: str = "beats") -> dict:
+RULES = {"t": (t_interval, t_p), "bootstrap": (bootstrap_interval, bootstrap_p)}  # name: (interval, p-value)
+
+
+def verdict(a: str, b: str, a_by_seed: dict, b_by_seed: dict, beats: str = "beats", rule: str = "t") -> dict:
     """The rule applied to labels ``a`` and ``b`` (final metric per seed, seeds as keys);
-    ``beats`` is the sentence's verb for "higher" (a metric that is not a score says "is above")."""
+    ``beats`` is the sentence's verb for "higher" (a metric that is not a score says "is above");
+    ``rule``: a key of :data:`RULES` (``"bootstrap"`` only to recompute reports made under it)."""
     seeds = sorted(set(a_by_seed) & set(b_by_seed), key=str)
     diffs = [a_by_seed[s] - b_by_seed[s] for s in seeds]
     out = {"a": a, "b": b, "seeds": seeds, "mean_diff": float(np.mean(diffs)) if diffs else math.nan}
     if len(diffs) < 2 or any(math.isnan(x) for x in diffs):
         return {**out, "interval": None, "verdict": "none",
                 "sentence": f"{a} vs {b}: no verdict ({len(diffs)} paired seed(s); the rule needs at least 2)"}
-    lo, hi = bootstrap_interval(diffs)
-    out["p"] = bootstrap_p(diffs)
+    interval, p_value = RULES[rule]
+    lo, hi = interval(diffs)
+    out["p"] = p_value(diffs)
     span = lambda m, l, h: f"mean difference {m:+.3f}, {LEVEL:.0%} interval [{l:+.3f}, {h:+.3f}] over {len(diffs)} seeds"  # noqa: E731
     if lo > 0:
         kind, sentence = "a", f"{a} {beats} {b} ({span(out['mean_diff'], lo, hi)})"
@@ -94,11 +162,11 @@ def verdict(a: str, b: str, a_by_seed: dict, b_by_seed: dict, beats: str = "beat
     return {**out, "interval": [lo, hi], "verdict": kind, "sentence": sentence}
 
 
-def all_verdicts(finals: dict[str, dict], beats: str = "beats") -> list[dict]:
+def all_verdicts(finals: dict[str, dict], beats: str = "beats", rule: str = "t") -> list[dict]:
     """The rule for every pair of labels, in the spec's order, each with ``holm``: whether a
     "beats" verdict stays under Holm's correction over the pairs that have a p-value."""
     labels = list(finals)
-    found = [verdict(a, b, finals[a], finals[b], beats) for i, a in enumerate(labels) for b in labels[i + 1:]]
+    found = [verdict(a, b, finals[a], finals[b], beats, rule) for i, a in enumerate(labels) for b in labels[i + 1:]]
     tested = [v for v in found if "p" in v]
     for v, stays in zip(tested, holm([v["p"] for v in tested])):
         v["holm"] = stays if v["verdict"] != "none" else None
