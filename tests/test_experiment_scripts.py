@@ -181,3 +181,12 @@ def test_rule_level_measures_both_rules(tmp_path, monkeypatch):
     power = results["power_5_seeds_normal"]
     assert power["3.0"]["t"] > 0.9 and power["0.5"]["t"] < power["0.5"]["bootstrap"]
     assert "| normal | 5 |" in (tmp_path / "docs" / "results" / "rule_level.md").read_text()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_spec_builds_every_config(path, tmp_path):
+    """Each ``experiments/*.yaml`` loads and builds every run's config (names, keys, values),
+    so a spec typo fails here, not minutes into an experiment. Nothing is trained or built."""
+    from opd.compare.driver import check_all, load_spec
+
+    check_all(load_spec(str(path)), tmp_path)

@@ -49,6 +49,21 @@ def test_prepared_base_is_damaged_cached_and_reports_both_accuracies(tmp_path, m
     assert max(diffs) > 0.0  # the same SFT run, then noise: the weights differ
 
 
+def test_the_deep_base_has_its_layers_and_its_own_cache_entry(tmp_path, monkeypatch):
+    """``student=testbed-x4``: the same recipe with :data:`DEEP_LAYERS` layers, cached apart."""
+    import opd.testbed  # noqa: F401  (registers the names)
+    from opd.run.sources import lookup
+
+    monkeypatch.setenv("OPD_CACHE", str(tmp_path))
+    monkeypatch.setattr(testbed, "STUDENT_ARCH", TINY)
+    monkeypatch.setattr(testbed, "STUDENT_WARMUP", dict(steps=2, lr=1e-3, prompts_per_step=4, stop_at_accuracy=None))
+    shallow = testbed.prepare_student_base("addition", 2, quiet=True, target_accuracy=None)
+    deep = lookup("student", "testbed-x4")({"task": "addition", "horizon": 2})
+    assert deep != shallow and "damage" in json.loads((deep / "READY.json").read_text())
+    layers = lambda path: json.loads((path / "config.json").read_text())["num_hidden_layers"]  # noqa: E731
+    assert (layers(shallow), layers(deep)) == (1, testbed.DEEP_LAYERS)
+
+
 def test_unknown_task_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.setenv("OPD_CACHE", str(tmp_path))
     with pytest.raises(KeyError, match="unknown task 'no-such-task'; known: \\['addition', 'addition_swapped', 'modchain', 'ring'\\]"):

@@ -25,6 +25,12 @@ def _student_base(settings: dict):
     return prepare_student_base(settings["task"], settings["horizon"])
 
 
+def _deep_base(settings: dict):
+    from opd.testbed.builder import DEEP_LAYERS, prepare_student_base
+
+    return prepare_student_base(settings["task"], settings["horizon"], layers=DEEP_LAYERS)
+
+
 def _wait_base(settings: dict):
     from opd.testbed.builder import WAIT_CORRECTIONS, prepare_student_base
 
@@ -70,6 +76,7 @@ for _name in TASKS:
     register("task", _name, lambda horizon, _name=_name: make_task(_name, horizon))
 register("student", "testbed", _student_base)
 register("student", "testbed-wait", _wait_base)  # the base, its SFT with 5% corrected solutions
+register("student", "testbed-x4", _deep_base)  # the base with 4 layers (long chains)
 for _capacity in ("d32", "d64", "d128", "d128x4"):  # from scratch, not damaged (d32-d128: smaller than the teacher)
     register("student", f"testbed-{_capacity}", _capacity_student(_capacity))
 register("teacher", "testbed", _learned_teacher)

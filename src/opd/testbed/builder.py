@@ -76,6 +76,10 @@ CAPACITY_ARCHS = {
     "d128x4": dict(STUDENT_ARCH, num_hidden_layers=4),
 }
 CAPACITY_TRAINING = dict(steps=1500, lr=3e-3, prompts_per_step=32, stop_at_accuracy=0.5)
+# ``student=testbed-x4``: the damaged base with 4 layers instead of 2, for long chains. Its
+# SFT (modchain, horizon 8, seed 0, the same 4,000-step recipe) sat at 0.14-0.21 greedy
+# validation accuracy for 1,750 steps, then jumped (0.41 at step 2,000).
+DEEP_LAYERS = 4
 # ``student=testbed-wait``: the base with 5% of its SFT solutions holding one corrected step,
 # so that a correction can be sampled. Addition, horizon 4, seed 0: 1.00 validation accuracy
 # after SFT, 0.19 after damage 0.4; `opd diagnose` (64 planted wrong steps per depth) gives
@@ -233,16 +237,19 @@ def _build_damaged(clean: Path, path: Path, target: float, seed: int, quiet: boo
 def prepare_student_base(
     task: str = "addition", horizon: int = 4, *, seed: int = 0, quiet: bool = False,
     target_accuracy: float | None = STUDENT_TARGET, warmup_steps: int | None = None, correction_rate: float = 0.0,
+    layers: int | None = None,
 ) -> Path:
     """The student base (cached): converged by SFT, then damaged down to ``target_accuracy``
     (greedy, validation); ``target_accuracy=None`` gives the undamaged model.
     ``warmup_steps`` shortens or lengthens the SFT warm-up (its cosine schedule scales with it);
     ``correction_rate``: the fraction of its SFT solutions with one corrected step (a base
-    that can say ``wait``: ``student=testbed-wait``)."""
+    that can say ``wait``: ``student=testbed-wait``); ``layers``: the model's depth
+    (default 2; ``student=testbed-x4`` is the same base with :data:`DEEP_LAYERS`)."""
     warmup = dict(STUDENT_WARMUP, **TASK_WARMUP.get(task, {}), **({"steps": warmup_steps} if warmup_steps else {}))
     if correction_rate:
         warmup["correction_rate"] = correction_rate
-    clean = _prepare("student", task, horizon, STUDENT_ARCH, warmup, seed, quiet)
+    arch = STUDENT_ARCH if layers is None else dict(STUDENT_ARCH, num_hidden_layers=layers)
+    clean = _prepare("student", task, horizon, arch, warmup, seed, quiet)
     return clean if target_accuracy is None else _damaged(clean, target_accuracy, seed, quiet)
 
 
