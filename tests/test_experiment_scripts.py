@@ -157,7 +157,7 @@ def test_multiple_comparisons_recomputes_verdicts_and_applies_holm(tmp_path, mon
     assert row["min_sign_flip_p"] == pytest.approx(4 / 32) and row["same_sign_all_seeds"] == 0
     assert (row["t_beats"], row["t_go"], row["t_new"]) == (0, ["a beats base", "b beats base"], [])
     text = (tmp_path / "multiple_comparisons.md").read_text()
-    assert "**Under the t rule 0 of the 2 published \"beats\" verdicts stay**" in text
+    assert "**Under the t rule 0 of the 2 \"beats\" verdicts the\nbootstrap rule published stay**" in text
     assert "0 of the 2 \"beats\" verdicts over\n1 comparisons stay" in text
     # a report judged by the t rule is recomputed under it: then nothing can go
     t_found = verdicts.all_verdicts({k: {str(s): v for s, v in enumerate(vals)} for k, vals in acc.items()})
