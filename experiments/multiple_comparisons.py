@@ -139,10 +139,12 @@ over each comparison's pairs as well, {total("t_holm_stay", boot)} ({total("t_ho
 The t rule gives no verdict the bootstrap did not{'' if not new else ', except: ' + '; '.join(new)}.
 
 **Many pairs.** A comparison of 4 labels makes 6 tests. Holm's step-down correction over a
-comparison's pairs at the same 5% level, on the bootstrap's p-values (twice the smaller share
-of the 10,000 resampled means on either side of 0): {stay} of the {beats} "beats" verdicts over
-{len(rows)} comparisons stay ({total("holm_stay", first)} of {total("beats", first)} without the
-`_tune2` reruns). In {same} of the {beats} the difference has the same sign on every seed.
+comparison's pairs at the same 5% level, on the p-values of each report's rule (the
+bootstrap's: twice the smaller share of the 10,000 resampled means on either side of 0): over
+the {len(boot)} bootstrap-judged comparisons {total("holm_stay", boot)} of the {total("beats", boot)} "beats"
+verdicts stay ({total("holm_stay", boot_first)} of {total("beats", boot_first)} without the `_tune2` reruns);
+over all {len(rows)}, {stay} of {beats}. In {same} of the {beats} the difference has the same sign on
+every seed.
 With 5 seeds an exact paired sign-flip test cannot give p below 2/32 = 0.0625, so no verdict
 here passes it at 5%; the t-test goes below it by assuming normal differences.
 

@@ -158,7 +158,7 @@ def test_multiple_comparisons_recomputes_verdicts_and_applies_holm(tmp_path, mon
     assert (row["t_beats"], row["t_go"], row["t_new"]) == (0, ["a beats base", "b beats base"], [])
     text = (tmp_path / "multiple_comparisons.md").read_text()
     assert "**Under the t rule 0 of the 2 \"beats\" verdicts the\nbootstrap rule published stay**" in text
-    assert "0 of the 2 \"beats\" verdicts over\n1 comparisons stay" in text
+    assert "over\nthe 1 bootstrap-judged comparisons 0 of the 2 \"beats\"" in text
     # a report judged by the t rule is recomputed under it: then nothing can go
     t_found = verdicts.all_verdicts({k: {str(s): v for s, v in enumerate(vals)} for k, vals in acc.items()})
     committed_t = [{k: v[k] for k in ("a", "b", "verdict", "interval")} for v in t_found]
