@@ -103,7 +103,7 @@ def test_the_testbed_registers_its_names():
 
     assert {"addition", "addition_swapped", "modchain", "ring"} <= set(sources.names("task"))
     assert sorted(sources.names("student")) == ["testbed", "testbed-d128", "testbed-d128x4", "testbed-d32", "testbed-d64",
-                                                "testbed-wait"]
+                                                "testbed-wait", "testbed-x4"]
     assert {"oracle", "testbed", "testbed-swapped"} <= set(sources.names("teacher"))
     assert sources.lookup("teacher", "/some/model/dir") is None
 
