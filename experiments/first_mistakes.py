@@ -65,11 +65,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = ROOT / "docs" / "results"
-    saved = out / "first_mistakes" / "results.json"
-    results = json.loads(saved.read_text())["bases"] if args.only else {}
-    if args.only and json.loads(saved.read_text())["prompts"] != args.prompts:
-        raise SystemExit(f"--only keeps the committed rows, measured on {json.loads(saved.read_text())['prompts']} prompts; "
-                         "pass that --prompts")
+    saved = json.loads((out / "first_mistakes" / "results.json").read_text()) if args.only else {"bases": {}}
+    if args.only and saved["prompts"] != args.prompts:
+        raise SystemExit(f"--only keeps the committed rows, measured on {saved['prompts']} prompts; pass that --prompts")
+    results = saved["bases"]
     for s, t, h in BASES:
         if not args.only or s in args.only:
             results[f"{s} {t} h{h}"] = measure(s, t, h, args.prompts)

@@ -38,20 +38,35 @@ def finals_of(results: dict, metric: str = "accuracy") -> dict[str, dict[str, fl
     return out
 
 
+def _short(v: dict) -> str:
+    return v["sentence"].split(" (")[0]
+
+
+def both_rules(finals: dict, committed: list[dict], rule: str, beats: str = "beats") -> dict:
+    """One family of verdicts recomputed under the report's ``rule`` and under the t rule:
+    ``found`` and ``by_t`` (every pair), ``decided`` (the pairs the report's rule decides),
+    ``mismatched`` (pairs whose recomputed verdict differs from the committed one) and
+    ``t_go`` (decided verdicts the t rule does not give)."""
+    kinds = {(v["a"], v["b"]): v["verdict"] for v in committed}
+    found, by_t = verdicts.all_verdicts(finals, beats, rule), verdicts.all_verdicts(finals, beats, "t")
+    t_kind = {(v["a"], v["b"]): v["verdict"] for v in by_t}
+    decided = [v for v in found if v["verdict"] != "none"]
+    return {"found": found, "by_t": by_t, "decided": decided,
+            "mismatched": [f"{v['a']} vs {v['b']}" for v in found if kinds.get((v["a"], v["b"])) != v["verdict"]],
+            "t_go": [_short(v) for v in decided if t_kind[(v["a"], v["b"])] != v["verdict"]],
+            "t_new": [_short(v) for v in by_t if v["verdict"] != "none" and kinds.get((v["a"], v["b"])) != v["verdict"]]}
+
+
 def metric_check(results: dict, rule: str) -> dict:
     """The further metrics' "is above" verdicts (probes, pass@k, subsets) recomputed under the
     report's rule (checked against the committed ones) and under the t rule."""
     out = {"above": 0, "t_above": 0, "mismatched": [], "t_go": []}
-    for metric, committed_found in results.get("metric_verdicts", {}).items():
-        finals = finals_of(results, metric)
-        committed = {(v["a"], v["b"]): v["verdict"] for v in committed_found}
-        found = verdicts.all_verdicts(finals, "is above", rule)
-        by_t = {(v["a"], v["b"]): v["verdict"] for v in verdicts.all_verdicts(finals, "is above", "t")}
-        decided = [v for v in found if v["verdict"] != "none"]
-        out["mismatched"] += [f"{metric}: {v['a']} vs {v['b']}" for v in found if committed.get((v["a"], v["b"])) != v["verdict"]]
-        out["above"] += len(decided)
-        out["t_above"] += sum(by_t[(v["a"], v["b"])] == v["verdict"] for v in decided)
-        out["t_go"] += [f"{metric}: {v['sentence'].split(' (')[0]}" for v in decided if by_t[(v["a"], v["b"])] != v["verdict"]]
+    for metric, committed in results.get("metric_verdicts", {}).items():
+        got = both_rules(finals_of(results, metric), committed, rule, "is above")
+        out["mismatched"] += [f"{metric}: {m}" for m in got["mismatched"]]
+        out["above"] += len(got["decided"])
+        out["t_above"] += len(got["decided"]) - len(got["t_go"])
+        out["t_go"] += [f"{metric}: {g}" for g in got["t_go"]]
     return out
 
 
@@ -65,24 +80,19 @@ def check(name: str, results: dict) -> dict:
     """One comparison's verdicts recomputed under its own rule (checked against the committed
     ones) and under the t rule, each with Holm's correction, and the sign-flip p's."""
     finals, rule = finals_of(results), rule_of(results)
-    found, by_t = verdicts.all_verdicts(finals, rule=rule), verdicts.all_verdicts(finals, rule="t")
-    committed = {(v["a"], v["b"]): v["verdict"] for v in results["verdicts"]}
-    mismatched = [f"{v['a']} vs {v['b']}" for v in found if committed.get((v["a"], v["b"])) != v["verdict"]]
+    got = both_rules(finals, results["verdicts"], rule)
+    found, by_t, decided = got["found"], got["by_t"], got["decided"]
     for v in found:
         if v["interval"] is not None:
             v["sign_flip_p"] = verdicts.sign_flip_p([finals[v["a"]][s] - finals[v["b"]][s] for s in v["seeds"]])
     summary, t_summary = verdicts.holm_summary(found), verdicts.holm_summary(by_t)
-    decided = [v for v in found if v["verdict"] != "none"]
-    t_kind = {(v["a"], v["b"]): v["verdict"] for v in by_t}
-    short = lambda v: v["sentence"].split(" (")[0]  # noqa: E731
     keep = ("a", "b", "verdict", "mean_diff", "interval", "p", "holm", "sign_flip_p")
     return {"name": name, "rule": rule, "seeds": len(results["seeds"]), "pairs": summary["pairs"],
-            "beats": summary["beats"], "holm_stay": summary["stay"], "holm_go": summary["go"], "mismatched": mismatched,
+            "beats": summary["beats"], "holm_stay": summary["stay"], "holm_go": summary["go"],
+            "mismatched": got["mismatched"],
             "same_sign_all_seeds": sum(v.get("sign_flip_p", 1.0) <= 2 / 2 ** len(v["seeds"]) + 1e-12 for v in decided),
             "min_sign_flip_p": min((v["sign_flip_p"] for v in found if "sign_flip_p" in v), default=None),
-            "t_beats": t_summary["beats"], "t_holm_stay": t_summary["stay"],
-            "t_go": [short(v) for v in decided if t_kind[(v["a"], v["b"])] != v["verdict"]],
-            "t_new": [short(v) for v in by_t if v["verdict"] != "none" and committed.get((v["a"], v["b"])) != v["verdict"]],
+            "t_beats": t_summary["beats"], "t_holm_stay": t_summary["stay"], "t_go": got["t_go"], "t_new": got["t_new"],
             "metrics": metric_check(results, rule),
             "verdicts": [{k: v.get(k) for k in keep} for v in found],
             "t_verdicts": [{k: v.get(k) for k in keep[:-1]} for v in by_t]}  # fmt: skip
