@@ -1,6 +1,7 @@
 """The testbed's student base: weight damage and the cached, damaged preparation."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -112,3 +113,19 @@ def test_two_processes_preparing_one_base_build_it_once(tmp_path, monkeypatch):
         t.join(timeout=30)
     assert len(builds) == 1 and len(paths) == 2 and paths[0] == paths[1]
     assert (paths[0] / "READY.json").exists() and not paths[0].with_name(paths[0].name + ".work").exists()
+
+
+def test_a_base_that_did_not_learn_the_task_warns_each_time_it_is_used(tmp_path, monkeypatch):
+    """A student base below :data:`STUDENT_CONVERGED` after SFT (here a 2-step run: accuracy 0)
+    is still built and cached, and the warning names the accuracy and the fix, cached or not."""
+    monkeypatch.setenv("OPD_CACHE", str(tmp_path))
+    monkeypatch.setattr(testbed, "STUDENT_ARCH", TINY)
+    monkeypatch.setattr(testbed, "STUDENT_WARMUP", dict(steps=2, lr=1e-3, prompts_per_step=4, stop_at_accuracy=None))
+    for _ in range(2):  # built, then found in the cache
+        with pytest.warns(UserWarning, match=r"ended its SFT at 0\.000 .*testbed-x4"):
+            path = testbed.prepare_student_base("addition", 2, quiet=True, target_accuracy=None)
+    assert (path / "READY.json").exists()
+    monkeypatch.setattr(testbed, "STUDENT_CONVERGED", 0.0)  # at or above the bar: silent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        testbed.prepare_student_base("addition", 2, quiet=True, target_accuracy=None)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 try:
@@ -59,6 +60,10 @@ TASK_WARMUP = {"modchain": dict(steps=4000)}
 # that brings greedy validation accuracy down to the target, so that every task and horizon
 # starts from about the same accuracy (addition, horizon 4: 0.4, which gives 0.36).
 STUDENT_TARGET = 0.4
+# A student base whose SFT ends below this greedy validation accuracy has not learned the
+# task; damaging it leaves a student that no method can bring back to the task (the 2-layer
+# base at modchain horizon 8, the 4-layer one at 16): prepare_student_base warns.
+STUDENT_CONVERGED = 0.9
 DAMAGE_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.9, 1.0)
 TEACHER_TRAINING = dict(steps=1200, lr=3e-3, prompts_per_step=32, stop_at_accuracy=0.95)
 # Students smaller than the learned teacher, trained from scratch by SFT and not damaged
@@ -78,7 +83,10 @@ CAPACITY_ARCHS = {
 CAPACITY_TRAINING = dict(steps=1500, lr=3e-3, prompts_per_step=32, stop_at_accuracy=0.5)
 # ``student=testbed-x4``: the damaged base with 4 layers instead of 2, for long chains. Its
 # SFT (modchain, horizon 8, seed 0, the same 4,000-step recipe) sat at 0.14-0.21 greedy
-# validation accuracy for 1,750 steps, then jumped (0.41 at step 2,000).
+# validation accuracy for 1,750 steps, then jumped (0.41 at step 2,000). At horizon 16 the
+# same recipe did not converge: 0.180 after the 4,000 steps (35 minutes on one core; damage
+# 0.1 then gives 0.160), and 1,000 steps at lr 1e-3 from the horizon-8 base (which starts at
+# 0.148 there) ended at 0.105 (0.211 at step 200, the best of six evaluations).
 DEEP_LAYERS = 4
 # ``student=testbed-wait``: the base with 5% of its SFT solutions holding one corrected step,
 # so that a correction can be sampled. Addition, horizon 4, seed 0: 1.00 validation accuracy
@@ -250,7 +258,20 @@ def prepare_student_base(
         warmup["correction_rate"] = correction_rate
     arch = STUDENT_ARCH if layers is None else dict(STUDENT_ARCH, num_hidden_layers=layers)
     clean = _prepare("student", task, horizon, arch, warmup, seed, quiet)
+    _warn_unconverged(clean, arch["num_hidden_layers"])
     return clean if target_accuracy is None else _damaged(clean, target_accuracy, seed, quiet)
+
+
+def _warn_unconverged(clean: Path, layers: int) -> None:
+    """Warn (every time, cached or not) when the base's SFT ended below :data:`STUDENT_CONVERGED`."""
+    info = prepared_info(clean)
+    accuracy = info["warmup_eval_val"]["eval/accuracy"]
+    if accuracy < STUDENT_CONVERGED:
+        warnings.warn(
+            f"opd: the {layers}-layer student base for {info['task']} at horizon {info['horizon']} ended its SFT at "
+            f"{accuracy:.3f} greedy validation accuracy (< {STUDENT_CONVERGED}): it has not learned the task, so its "
+            f"damaged copy measures little. Use a shorter horizon or a deeper base (student=testbed-x4 has "
+            f"{DEEP_LAYERS} layers); cached at {clean}", stacklevel=3)
 
 
 def prepare_capacity_student(capacity: str, task: str = "addition", horizon: int = 4, *, seed: int = 0,
