@@ -180,7 +180,31 @@ def test_rule_level_measures_both_rules(tmp_path, monkeypatch):
     assert normal5["t"] < 0.1 < normal5["bootstrap"]  # 300 trials: about 0.05 ± 0.025 and 0.16 ± 0.04
     power = results["power_5_seeds_normal"]
     assert power["3.0"]["t"] > 0.9 and power["0.5"]["t"] < power["0.5"]["bootstrap"]
-    assert "| normal | 5 |" in (tmp_path / "docs" / "results" / "rule_level.md").read_text()
+    looks = results["two_looks"]  # 300 trials: first look about 0.05, the two together about 0.08
+    assert looks["either"] == pytest.approx(looks["first_look"] + looks["after_null"])  # disjoint paths
+    assert 0 < looks["after_null"] and looks["either"] < 0.2
+    text = (tmp_path / "docs" / "results" / "rule_level.md").read_text()
+    assert "| normal | 5 |" in text and f"either look says it in {looks['either']:.1%}" in text
+
+
+def test_seed_subset_judges_the_given_seeds_alone():
+    """By hand: a − b per seed is 0, 0, 0.4, 0.2, 0.3. Seeds 2-4: mean 0.3, sd 0.1, t(0.975, 2)
+    4.303, interval 0.3 ± 0.248, so a beats b; all five: mean 0.18, sd 0.179, t(0.975, 4) 2.776,
+    interval 0.18 ± 0.222, no difference."""
+    ss = _script("seed_subset")
+    finals = lambda xs: {"final": {str(i): {"accuracy": x} for i, x in enumerate(xs)}}  # noqa: E731
+    results = {"labels": {"a": finals([0.5, 0.5, 0.9, 0.8, 0.7]), "b": finals([0.5, 0.5, 0.5, 0.6, 0.4])}}
+    three = ss.subset(results, ["2", "3", "4"])
+    (v,) = three["verdicts"]
+    assert v["verdict"] == "a" and v["seeds"] == ["2", "3", "4"]
+    assert v["interval"] == pytest.approx([0.3 - 4.3027 * 0.1 / 3 ** 0.5, 0.3 + 4.3027 * 0.1 / 3 ** 0.5], abs=1e-3)
+    assert three["means"]["a"]["mean"] == pytest.approx(0.8) and three["rule"] == verdicts.RULE
+    (v,) = ss.subset(results, ["0", "1", "2", "3", "4"], [("a", "b")])["verdicts"]
+    assert v["verdict"] == "none" and v["interval"][0] == pytest.approx(0.18 - 0.222, abs=2e-3)
+    with pytest.raises(SystemExit, match="no final result for seed"):
+        ss.subset(results, ["2", "9"])
+    with pytest.raises(SystemExit, match="unknown label"):
+        ss.subset(results, ["2", "3"], [("a", "c")])
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
