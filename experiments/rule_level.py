@@ -51,7 +51,21 @@ def measure(trials: int) -> dict:
              for shape, draw in SHAPES.items()}
     power = {delta: {rule: beats_share(rng.normal(size=(trials, 5)) + delta, rule) for rule in verdicts.RULES}
              for delta in DELTAS}
-    return {"trials": trials, "level": level, "power_5_seeds_normal": power}
+    return {"trials": trials, "level": level, "power_5_seeds_normal": power, "two_looks": two_looks(rng, trials)}
+
+
+def two_looks(rng: np.random.Generator, trials: int, first: int = 5, second: int = 10) -> dict:
+    """The t rule with a second look: ``first`` seeds are judged, and where they measure
+    nothing ``second - first`` more are run and all ``second`` judged (normal differences,
+    mean 0). ``after_null``: the share of trials where the first look says nothing and the
+    second says "beats" (the path of an experiment rerun with more seeds after a null);
+    ``either``: the share where either look says "beats", the level of the two-look design."""
+    draws = rng.normal(size=(trials, second))
+    hit = lambda d: (lambda lo, hi: lo > 0 or hi < 0)(*verdicts.t_interval(list(d)))  # noqa: E731
+    looks = [(hit(d[:first]), hit(d)) for d in draws]
+    return {"first": first, "second": second, "first_look": sum(a for a, _ in looks) / trials,
+            "after_null": sum(not a and b for a, b in looks) / trials,
+            "either": sum(a or b for a, b in looks) / trials}
 
 
 def report(results: dict) -> str:
@@ -62,6 +76,7 @@ def report(results: dict) -> str:
     power_rows = [[f"{delta:g}", f"{r['t']:.3f}", f"{r['bootstrap']:.3f}"] for delta, r in results["power_5_seeds_normal"].items()]
     normal5, skew5 = results["level"]["normal"][5], results["level"]["exponential (skewed)"][5]
     one = results["power_5_seeds_normal"][1.0]
+    looks = results["two_looks"]
     symmetric = [r["t"] for shape, by_n in results["level"].items() if "skewed" not in shape for r in by_n.values()]
     return f"""# The verdict rule's level: how often it says "beats" where nothing differs
 
@@ -98,6 +113,14 @@ So a difference of one seed standard deviation, which the bootstrap rule calls i
 comparisons, the t rule calls in {one['t']:.0%}. The protocol takes the t rule: a verdict that
 states 95% should hold about 95%. [multiple_comparisons.md](multiple_comparisons.md) recomputes every
 published verdict under the t rule.
+
+**A second look.** A comparison whose {looks['first']} seeds measure nothing, rerun with
+{looks['second'] - looks['first']} more and judged over all {looks['second']}, looks at the data twice. With normal
+differences of mean 0 and the t rule at each look, the second look says "beats" after a null
+first one in {looks['after_null']:.1%} of trials, and either look says it in {looks['either']:.1%}: the
+level of that design, against the 5% each look states. So a verdict found only at the
+second look is quoted with this level, beside the new seeds judged alone
+(`experiments/seed_subset.py`), which did not see the first result.
 """
 
 
