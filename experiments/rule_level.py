@@ -60,9 +60,12 @@ def two_looks(rng: np.random.Generator, trials: int, first: int = 5, second: int
     mean 0). ``after_null``: the share of trials where the first look says nothing and the
     second says "beats" (the path of an experiment rerun with more seeds after a null);
     ``either``: the share where either look says "beats", the level of the two-look design."""
+    def says_beats(diffs: np.ndarray) -> bool:
+        lo, hi = verdicts.t_interval(list(diffs))
+        return lo > 0 or hi < 0
+
     draws = rng.normal(size=(trials, second))
-    hit = lambda d: (lambda lo, hi: lo > 0 or hi < 0)(*verdicts.t_interval(list(d)))  # noqa: E731
-    looks = [(hit(d[:first]), hit(d)) for d in draws]
+    looks = [(says_beats(d[:first]), says_beats(d)) for d in draws]
     return {"first": first, "second": second, "first_look": sum(a for a, _ in looks) / trials,
             "after_null": sum(not a and b for a, b in looks) / trials,
             "either": sum(a or b for a, b in looks) / trials}

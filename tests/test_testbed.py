@@ -125,6 +125,9 @@ def test_a_base_that_did_not_learn_the_task_warns_each_time_it_is_used(tmp_path,
         with pytest.warns(UserWarning, match=r"ended its SFT at 0\.000 .*testbed-x4"):
             path = testbed.prepare_student_base("addition", 2, quiet=True, target_accuracy=None)
     assert (path / "READY.json").exists()
+    with pytest.warns(UserWarning, match=r"Use a shorter horizon; cached") as caught:  # already the deep base
+        testbed.prepare_student_base("addition", 2, quiet=True, target_accuracy=None, layers=testbed.DEEP_LAYERS)
+    assert "testbed-x4" not in str(caught[0].message)
     monkeypatch.setattr(testbed, "STUDENT_CONVERGED", 0.0)  # at or above the bar: silent
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -267,11 +267,11 @@ def _warn_unconverged(clean: Path, layers: int) -> None:
     info = prepared_info(clean)
     accuracy = info["warmup_eval_val"]["eval/accuracy"]
     if accuracy < STUDENT_CONVERGED:
+        deeper = f" or the deeper base (student=testbed-x4: {DEEP_LAYERS} layers)" if layers < DEEP_LAYERS else ""
         warnings.warn(
             f"opd: the {layers}-layer student base for {info['task']} at horizon {info['horizon']} ended its SFT at "
             f"{accuracy:.3f} greedy validation accuracy (< {STUDENT_CONVERGED}): it has not learned the task, so its "
-            f"damaged copy measures little. Use a shorter horizon or a deeper base (student=testbed-x4 has "
-            f"{DEEP_LAYERS} layers); cached at {clean}", stacklevel=3)
+            f"damaged copy measures little. Use a shorter horizon{deeper}; cached at {clean}", stacklevel=3)
 
 
 def prepare_capacity_student(capacity: str, task: str = "addition", horizon: int = 4, *, seed: int = 0,
