@@ -40,7 +40,7 @@ def _losses(out):
 
 
 def test_compare_writes_report_and_reruns_give_the_same_numbers(tiny_student_dir, tmp_path):
-    spec, out = _write_spec(tmp_path, tiny_student_dir, judge=["pass@2"]), tmp_path / "out"
+    spec, out = _write_spec(tmp_path, tiny_student_dir, judge=["pass@2"], planned=["opd_g1:opd"]), tmp_path / "out"
     first = compare(spec, str(out))
     report = (out / "report.md").read_text()
     for name in ("accuracy_sequences.png", "accuracy_teacher_tokens.png", "accuracy_wall_time.png", "summary.json"):
@@ -49,6 +49,7 @@ def test_compare_writes_report_and_reruns_give_the_same_numbers(tiny_student_dir
     assert "| chosen | bracketed |" in report and "## Verdicts" in report and "Rule: A beats B only when" in report
     results = json.loads((out / "results.json").read_text())
     assert set(results["metric_verdicts"]) == {"pass@2"}  # the spec's judge
+    assert results["planned"] == [["opd_g1", "opd"]] and results["verdicts"][0]["planned"]
     assert results["seeds"] == [0, 1] and results["tuning_seed"] == 2 and results["budget"] == {"kind": "sequences", "value": 20}
     assert set(results["labels"]) == {"opd", "opd_g1"} and len(results["verdicts"]) == 1
     assert set(results["labels"]["opd"]["final"]) == {"0", "1"} and results["labels"]["opd"]["final"]["0"]["optimizer_steps"] == 3
@@ -117,6 +118,11 @@ def test_budget_config_errors():
     ({"seeds": []}, r"seeds: must be a count"),
     ({"judge": ["accuracy"]}, r"judge: lists further final metrics to judge, pass@k"),
     ({"judge": ["pass@8"]}, r"judge: pass@8 is not measured: the runs evaluate pass@2 \(set `eval_k: 8`"),
+    ({"planned": "opd:opd_g1"}, r"planned: lists the pairs of labels to correct over, e.g. \[opd:grpo"),
+    ({"planned": ["opd"]}, r"planned: 'opd' is not a pair of two labels: write it as a:b"),
+    ({"planned": ["opd:opd"]}, r"planned: 'opd:opd' is not a pair of two labels"),
+    ({"planned": ["opd:grpo"]}, r"planned: 'opd:grpo' names 'grpo', not a label under methods: \(labels: opd, opd_g1\)"),
+    ({"planned": ["opd:opd_g1", ["opd_g1", "opd"]]}, r"planned: \['opd_g1', 'opd'\] is listed twice; list each pair once"),
 ])
 def test_spec_errors_name_the_problem_before_any_run(tiny_student_dir, tmp_path, changes, match):
     spec = _write_spec(tmp_path, tiny_student_dir, **changes)
@@ -133,6 +139,7 @@ def test_cli_reports_a_bad_spec_and_applies_spec_overrides(tiny_student_dir, tmp
         load_spec(spec, ["method=grpo"])
     loaded = load_spec(spec, ["seeds=3", "budget=64", "lr=1e-4", "lr_grid=null"])
     assert loaded.seeds == [0, 1, 2] and loaded.budget == 64 and loaded.lr_grid == [] and loaded.cli == ["lr=1e-4"]
+    assert loaded.planned is None and load_spec(spec, ["planned=[opd_g1:opd]"]).planned == [("opd_g1", "opd")]
 
 
 def test_example_spec_builds_every_config(tmp_path):

@@ -401,7 +401,7 @@ OLD_DEFAULTS = {  # key -> repr(default) of the dataclass config before the move
 CHANGED_DEFAULTS = {"eopd_tau": "None", "lsm_k": "8", "skd_topk": "1", "trunc_tokens": "16", "prune_k": "1"}
 NEW_KEYS = {"keep_last", "max_nonfinite_steps", "max_prompt_tokens", "grpo_kl_beta", "eopd_quantile", "device", "teacher_device",
             "gradient_checkpointing", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "teacher_api_key",
-            "teacher_timeout_s", "teacher_retries", "teacher_concurrency", "correction_rate", "oracle_blind_spot",
+            "teacher_timeout_s", "teacher_retries", "teacher_concurrency", "correction_rate", "shorter_rate", "oracle_blind_spot",
             "oracle_recover_prob", "oracle_noise_kind", "oracle_two_orders",
             "oracle_noise_legal_only", "loss_kernel"}
 

@@ -239,6 +239,28 @@ def test_all_verdicts_mark_what_holm_keeps():
     assert (summary["pairs"], summary["beats"], summary["stay"], len(summary["go"])) == (3, 2, 0, 2)
 
 
+def test_planned_pairs_are_the_family_holm_corrects_over():
+    from opd.compare.report import verdict_text
+
+    base = {str(s): 0.6 for s in range(5)}
+    diffs = [0.03, 0.0, 0.04, 0.02, 0.03]  # above base, p about 0.024: dropped by Holm over 3 pairs
+    a = {str(s): 0.6 + d for s, d in enumerate(diffs)}
+    b = {str(s): 0.6 + d for s, d in enumerate(diffs[2:] + diffs[:2])}
+    found = verdicts.all_verdicts({"a": a, "b": b, "base": base}, planned=[("base", "a")])  # either order
+    by = {(v["a"], v["b"]): v for v in found}
+    assert by[("a", "base")]["planned"] and by[("a", "base")]["holm"] is True  # alone in its family: 0.024 < 0.05
+    assert not by[("b", "base")]["planned"] and by[("b", "base")]["holm"] is None  # exploratory: no correction
+    assert by[("b", "base")]["verdict"] == "a"  # the rule's verdict itself is unchanged
+    summary = verdicts.holm_summary(found)
+    assert (summary["pairs"], summary["beats"], summary["stay"], summary["go"]) == (1, 1, 1, [])
+    text = verdict_text({"rule": verdicts.RULE, "verdicts": found, "labels": {}})
+    assert "Holm's correction over the 1 planned pairs" in text and "1 of 1 verdicts stay." in text
+    assert text.count("[exploratory: not a planned pair]") == 2  # b vs base, a vs b
+    everything = verdict_text({"rule": verdicts.RULE, "verdicts": verdicts.all_verdicts({"a": a, "b": b, "base": base}),
+                               "labels": {}})
+    assert "over these 3 pairs" in everything and "exploratory" not in everything
+
+
 def test_sequences_to_target():
     h = lambda accs: [{"eval/accuracy": a, "usage/sequences": 64 * i} for i, a in enumerate(accs)]  # noqa: E731
     assert verdicts.sequences_to(h([0.1, 0.5, 0.9, 0.95]), 0.9) == 128

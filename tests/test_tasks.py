@@ -175,6 +175,21 @@ def test_corrected_solutions_redo_one_step_and_verify(name):
     assert 70 <= corrected <= 130  # ~25% of 400
 
 
+@pytest.mark.parametrize("name", ["addition", "modchain", "ring"])
+def test_shorter_rate_mixes_in_shorter_horizons_and_leaves_the_rest_alone(name):
+    from opd.testbed.tasks import make_task
+
+    task = make_task(name, 6)
+    plain, none, mixed = task.pool("train", 4000, seed=0), task.pool("train", 4000, seed=0, shorter_rate=0.0), \
+        task.pool("train", 4000, seed=0, shorter_rate=0.5)
+    assert [none[i].prompt for i in range(50)] == [plain[i].prompt for i in range(50)]  # rate 0: the same stream
+    horizons = [mixed[i].meta["horizon"] for i in range(400)]
+    assert set(horizons) == {1, 2, 3, 4, 5, 6}  # every shorter horizon, drawn uniformly
+    assert 160 <= sum(h < 6 for h in horizons) <= 240  # ~50% of 400
+    assert all(task.verify(mixed[i], mixed[i].solution + " <eos>") for i in range(100))
+    assert {p.meta["horizon"] for p in task.problems("val", 50, 0)} == {6}  # evaluation stays at the horizon
+
+
 def test_correction_rate_is_refused_for_a_dataset(tiny_cfg, tmp_path):
     from opd.errors import UserError
     from opd.run.setup import build_setup
@@ -183,6 +198,8 @@ def test_correction_rate_is_refused_for_a_dataset(tiny_cfg, tmp_path):
     data.write_text("".join(f'{{"prompt": "add {i % 10} {i // 10} + 1 1 =", "answer": "1", "solution": "x"}}\n' for i in range(60)))
     with pytest.raises(UserError, match="correction_rate=0.05 applies to the synthetic testbed tasks only"):
         build_setup(tiny_cfg(dataset=str(data), correction_rate=0.05, method="sft"))
+    with pytest.raises(UserError, match="shorter_rate=0.5 applies to the synthetic testbed tasks only"):
+        build_setup(tiny_cfg(dataset=str(data), shorter_rate=0.5, method="sft"))
 
 
 def test_the_swapped_style_writes_the_same_problems_b_first():

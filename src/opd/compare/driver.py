@@ -19,6 +19,8 @@ The spec (YAML)::
     lr_extend: 2              # optional: times a grid is widened past an edge choice (default 2)
     target: 0.9               # optional: sequences to this fraction of the teacher's test accuracy
     eval_every: 4             # optional
+    planned: [opd:grpo]       # optional: the pairs the comparison was written to answer; Holm's
+                              # correction runs over them alone (the other pairs: exploratory)
 
 The protocol (:mod:`opd.compare.protocol`) is checked and every rule not met is reported;
 ``OUT/results.json`` holds the numbers, and the report's verdicts come from it by the rule
@@ -52,7 +54,7 @@ from opd.errors import UserError
 from opd.config.train import TrainConfig
 
 SPEC_KEYS = ["base", "methods", "seeds", "budget_kind", "budget", "lr_grid", "tuning_seed", "lr_extend", "target", "eval_every",
-             "judge"]
+             "judge", "planned"]
 JUDGEABLE = re.compile(r"^pass@([2-9]|[1-9]\d+)$")  # further final metrics a spec may ask verdicts on
 BUDGET_KINDS = ("steps", "sequences", "teacher_tokens", "wall_s")
 SET_BY_COMPARE = {
@@ -86,6 +88,7 @@ class Spec:
     lr_extend: int = 2
     target: float | None = None
     judge: list[str] = field(default_factory=list)  # further final metrics judged by the rule (pass@k)
+    planned: list[tuple[str, str]] | None = None  # the pairs Holm's correction runs over (None: every pair)
 
 
 def _error(spec_path: str, where: str, msg: str) -> UserError:
@@ -225,6 +228,29 @@ def _judge(path: str, raw, base: dict) -> list[str]:
     return list(names)
 
 
+def _planned(path: str, raw, methods: dict) -> list[tuple[str, str]] | None:
+    """``planned:`` as pairs of labels: each ``a:b`` (or ``[a, b]``) of two distinct labels of
+    ``methods:``, none twice."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not raw:
+        raise _error(path, "planned", f"lists the pairs of labels to correct over, e.g. [opd:grpo, opd:sft]; got {raw!r}")
+    pairs, seen = [], set()
+    for item in raw:
+        pair = tuple(item.split(":")) if isinstance(item, str) else tuple(item) if isinstance(item, list) else ()
+        if len(pair) != 2 or pair[0] == pair[1]:
+            raise _error(path, "planned", f"{item!r} is not a pair of two labels: write it as a:b (e.g. opd:grpo)")
+        unknown = [label for label in pair if label not in methods]
+        if unknown:
+            raise _error(path, "planned", f"{item!r} names {unknown[0]!r}, not a label under methods: "
+                         f"(labels: {', '.join(methods)})")
+        if frozenset(pair) in seen:
+            raise _error(path, "planned", f"{item!r} is listed twice; list each pair once")
+        seen.add(frozenset(pair))
+        pairs.append(pair)
+    return pairs
+
+
 def _apply_cli(data: dict, overrides: list[str]) -> list[str]:
     """Spec keys given as ``key=value`` replace the spec's; the rest are config keys (returned)."""
     config_overrides = []
@@ -250,12 +276,13 @@ def load_spec(path: str, overrides: list[str] = ()) -> Spec:
     kind, budget = _budget(path, data)
     seeds, grid = _seeds(path, data.get("seeds", [0])), _lr_grid(path, data.get("lr_grid"))
     tuning = _tuning_seeds(path, data.get("tuning_seed"), seeds, grid)
-    spec = Spec(path=path, base=base, methods=_methods(path, data.get("methods")), seeds=seeds,
+    methods = _methods(path, data.get("methods"))
+    spec = Spec(path=path, base=base, methods=methods, seeds=seeds,
                 budget_kind=kind, budget=budget, lr_grid=grid,
                 eval_every=_eval_every(path, data.get("eval_every")), cli=cli,
                 tuning_seed=tuning[0] if tuning else None, tuning_seeds=tuning,
                 lr_extend=_count(path, "lr_extend", data.get("lr_extend"), 2), target=_target(path, data.get("target")),
-                judge=_judge(path, data.get("judge"), base))
+                judge=_judge(path, data.get("judge"), base), planned=_planned(path, data.get("planned"), methods))
     _check_layers(spec)
     return spec
 

@@ -180,23 +180,30 @@ def undecided_text(undecided: list[str]) -> str:
 
 
 def holm_text(found: list[dict]) -> str:
-    """One line: the "beats" verdicts that Holm's correction over the comparison's pairs keeps."""
+    """One line: the "beats" verdicts that Holm's correction over the comparison's pairs (its
+    planned pairs, when the spec names them) keeps."""
     h = verdicts.holm_summary(found)
     if not h["beats"]:
         return ""
-    text = (f"Under Holm's correction over these {h['pairs']} pairs (the rule's p-values, the same level): "
-            f"{h['stay']} of {h['beats']} verdicts stay")
-    return text + ("." if not h["go"] else "; these go: " + "; ".join(s.split(" (")[0] for s in h["go"]) + ".")
+    planned = not all(v.get("planned", True) for v in found)
+    over = f"the {h['pairs']} planned pairs" if planned else f"these {h['pairs']} pairs"
+    text = f"Under Holm's correction over {over} (the rule's p-values, the same level): {h['stay']} of {h['beats']} verdicts stay"
+    text += "." if not h["go"] else "; these go: " + "; ".join(s.split(" (")[0] for s in h["go"]) + "."
+    return text + (" The pairs marked exploratory were not planned: no correction is claimed for them." if planned else "")
+
+
+def _sentence(v: dict) -> str:
+    return f"- {v['sentence']}" + ("" if v.get("planned", True) else " [exploratory: not a planned pair]")
 
 
 def verdict_text(results: dict) -> str:
-    lines = [f"Rule: {results['rule']}.", ""] + [f"- {v['sentence']}" for v in results["verdicts"]]
+    lines = [f"Rule: {results['rule']}.", ""] + [_sentence(v) for v in results["verdicts"]]
     holm_line = holm_text(results["verdicts"]) if all("p" in v or v["interval"] is None for v in results["verdicts"]) else ""
     lines += ["", holm_line] if holm_line else []
     for metric, found in results.get("metric_verdicts", {}).items():
         levels = "; ".join(f"{label} {_pm([f.get(metric, math.nan) for f in entry['final'].values()])}"
                            for label, entry in results["labels"].items())
-        lines += ["", f"On `{metric}` (final; mean ± std over seeds: {levels}):", ""] + [f"- {v['sentence']}" for v in found]
+        lines += ["", f"On `{metric}` (final; mean ± std over seeds: {levels}):", ""] + [_sentence(v) for v in found]
     target = results.get("target_accuracy")
     if target is not None:
         lines += ["", f"Sequences to {results['target']:g} of the teacher's test accuracy "

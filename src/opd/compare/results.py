@@ -63,6 +63,7 @@ def results_of(spec, summary: dict, teacher_acc: float | None) -> dict:
                      "undecided_lr": protocol.undecided(margins)},
         "lr_margin": margins,
         "teacher_accuracy": teacher_acc, "target": spec.target, "target_accuracy": threshold,
-        "labels": labels, "rule": verdicts.RULE, "verdicts": verdicts.all_verdicts(finals),
-        "metric_verdicts": verdicts.metric_verdicts(subset_finals(labels, spec.judge)),
+        "labels": labels, "rule": verdicts.RULE, "planned": spec.planned and [list(pair) for pair in spec.planned],
+        "verdicts": verdicts.all_verdicts(finals, planned=spec.planned),
+        "metric_verdicts": verdicts.metric_verdicts(subset_finals(labels, spec.judge), spec.planned),
     }

@@ -23,8 +23,11 @@ Many pairs in one comparison: :func:`all_verdicts` also gives each pair the p-va
 rule (``p``: the two-sided paired t-test's; the bootstrap's is twice the smaller share of
 resampled means on either side of 0) and applies Holm's step-down correction over the
 comparison's pairs at the same level (``holm``: True where a "beats" verdict stays, False
-where it goes, None for a pair without one). The report states how many stay; the verdicts
-themselves keep the one rule above. With 5 seeds no paired sign-flip (permutation) test can
+where it goes, None for a pair without one). A spec may name its ``planned`` pairs, the
+questions it was written to answer, before its runs: the correction then runs over those
+alone, and the other pairs' verdicts are marked exploratory (no correction claimed for
+them), so that pairs nobody asked about (across horizons, say) do not dilute it. The report
+states how many stay; the verdicts themselves keep the one rule above. With 5 seeds no paired sign-flip (permutation) test can
 go below p = 2/2^5 = 0.0625; the t-test reaches below it by assuming normal differences.
 
 Sequences to a target: a run's first evaluation whose accuracy reaches ``target`` (a
@@ -163,30 +166,41 @@ def verdict(a: str, b: str, a_by_seed: dict, b_by_seed: dict, beats: str = "beat
     return {**out, "interval": [lo, hi], "verdict": kind, "sentence": sentence}
 
 
-def all_verdicts(finals: dict[str, dict], beats: str = "beats", rule: str = "t") -> list[dict]:
+def all_verdicts(finals: dict[str, dict], beats: str = "beats", rule: str = "t",
+                 planned: list[tuple[str, str]] | None = None) -> list[dict]:
     """The rule for every pair of labels, in the spec's order, each with ``holm``: whether a
-    "beats" verdict stays under Holm's correction over the pairs that have a p-value."""
+    "beats" verdict stays under Holm's correction over the pairs that have a p-value.
+    ``planned`` (the spec's ``planned:``, either order within a pair): the correction runs
+    over those pairs alone, each verdict records ``planned``, and an unplanned pair's
+    ``holm`` is None (exploratory: no correction is claimed for it)."""
     labels = list(finals)
     found = [verdict(a, b, finals[a], finals[b], beats, rule) for i, a in enumerate(labels) for b in labels[i + 1:]]
-    tested = [v for v in found if "p" in v]
+    wanted = None if planned is None else {frozenset(pair) for pair in planned}
+    for v in found:
+        v["planned"] = wanted is None or frozenset((v["a"], v["b"])) in wanted
+    tested = [v for v in found if "p" in v and v["planned"]]
+    for v in found:
+        v["holm"] = None
     for v, stays in zip(tested, holm([v["p"] for v in tested])):
         v["holm"] = stays if v["verdict"] != "none" else None
     return found
 
 
 def holm_summary(found: list[dict]) -> dict:
-    """``{"pairs", "beats", "stay", "go"}``: how many "beats" verdicts Holm's correction keeps
-    (``go``: the sentences of those it does not)."""
-    decided = [v for v in found if v["verdict"] != "none"]
+    """``{"pairs", "beats", "stay", "go"}`` over the planned pairs (all of them when the spec
+    plans none): how many "beats" verdicts Holm's correction keeps (``go``: the sentences of
+    those it does not)."""
+    family = [v for v in found if v.get("planned", True)]
+    decided = [v for v in family if v["verdict"] != "none"]
     gone = [v["sentence"] for v in decided if v.get("holm") is False]
-    return {"pairs": sum("p" in v for v in found), "beats": len(decided), "stay": len(decided) - len(gone), "go": gone}
+    return {"pairs": sum("p" in v for v in family), "beats": len(decided), "stay": len(decided) - len(gone), "go": gone}
 
 
-def metric_verdicts(per_metric: dict[str, dict[str, dict]]) -> dict[str, list[dict]]:
+def metric_verdicts(per_metric: dict[str, dict[str, dict]], planned: list[tuple[str, str]] | None = None) -> dict[str, list[dict]]:
     """:func:`all_verdicts` for each further metric: ``{metric: {label: {seed: value}}}``.
     Its sentences say "A is above B", not "beats": for some metrics (a false-alarm rate)
     lower is better, and the reader is told which."""
-    return {metric: all_verdicts(finals, "is above") for metric, finals in per_metric.items()}
+    return {metric: all_verdicts(finals, "is above", planned=planned) for metric, finals in per_metric.items()}
 
 
 def at_budget(labels: dict, budget: float) -> dict[str, dict]:

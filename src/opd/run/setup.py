@@ -282,10 +282,12 @@ def problem_pools(cfg: TrainConfig, task, encode, positions: int | None):
     if cfg.dataset or not hasattr(task, "pool"):
         train_pool = task.problems("train", None if cfg.dataset else EAGER_TRAIN_POOL, cfg.seed)
     else:  # a synthetic task: drawn on demand
-        train_pool = task.pool("train", SYNTHETIC_TRAIN_POOL, cfg.seed, correction_rate=cfg.correction_rate)
-    if cfg.correction_rate and isinstance(train_pool, list):
-        raise UserError(f"correction_rate={cfg.correction_rate:g} applies to the synthetic testbed tasks only "
-                        "(their solutions can be corrected); drop it for this task")
+        train_pool = task.pool("train", SYNTHETIC_TRAIN_POOL, cfg.seed, correction_rate=cfg.correction_rate,
+                               shorter_rate=cfg.shorter_rate)
+    for key, why in (("correction_rate", "their solutions can be corrected"), ("shorter_rate", "they have a horizon")):
+        if getattr(cfg, key) and isinstance(train_pool, list):
+            raise UserError(f"{key}={getattr(cfg, key):g} applies to the synthetic testbed tasks only "
+                            f"({why}); drop it for this task")
     eval_problems = task.problems(cfg.eval_split, None if cfg.dataset else cfg.eval_size, 0)
     n_prompts = len(train_pool) + len(eval_problems)
     train_pool, too_long = drop_long_prompts(train_pool, encode, limit, why, "training")

@@ -245,17 +245,20 @@ def _build_damaged(clean: Path, path: Path, target: float, seed: int, quiet: boo
 def prepare_student_base(
     task: str = "addition", horizon: int = 4, *, seed: int = 0, quiet: bool = False,
     target_accuracy: float | None = STUDENT_TARGET, warmup_steps: int | None = None, correction_rate: float = 0.0,
-    layers: int | None = None,
+    layers: int | None = None, shorter_rate: float = 0.0,
 ) -> Path:
     """The student base (cached): converged by SFT, then damaged down to ``target_accuracy``
     (greedy, validation); ``target_accuracy=None`` gives the undamaged model.
     ``warmup_steps`` shortens or lengthens the SFT warm-up (its cosine schedule scales with it);
     ``correction_rate``: the fraction of its SFT solutions with one corrected step (a base
     that can say ``wait``: ``student=testbed-wait``); ``layers``: the model's depth
-    (default 2; ``student=testbed-x4`` is the same base with :data:`DEEP_LAYERS`)."""
+    (default 2; ``student=testbed-x4`` is the same base with :data:`DEEP_LAYERS`);
+    ``shorter_rate``: the fraction of its SFT problems of a shorter horizon (a curriculum)."""
     warmup = dict(STUDENT_WARMUP, **TASK_WARMUP.get(task, {}), **({"steps": warmup_steps} if warmup_steps else {}))
     if correction_rate:
         warmup["correction_rate"] = correction_rate
+    if shorter_rate:
+        warmup["shorter_rate"] = shorter_rate
     arch = STUDENT_ARCH if layers is None else dict(STUDENT_ARCH, num_hidden_layers=layers)
     clean = _prepare("student", task, horizon, arch, warmup, seed, quiet)
     _warn_unconverged(clean, arch["num_hidden_layers"])

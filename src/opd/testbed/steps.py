@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 from opd.tasks.base import Problem
@@ -113,16 +113,25 @@ class FamilyTask:
     def problems(self, split: str, n: int, seed: int) -> list[Problem]:
         return sample_split(lambda rng: self.make_problem(self.draw_spec(rng)), split, n, self.split_key(seed))
 
-    def pool(self, split: str, n: int, seed: int, correction_rate: float = 0.0) -> "SplitPool":
+    def draw_mixed(self, rng: random.Random, shorter_rate: float = 0.0):
+        """A spec of ``horizon`` steps; with probability ``shorter_rate``, one of a horizon drawn
+        uniformly from ``1 .. horizon - 1`` instead (a curriculum over lengths). At rate 0 the
+        stream is :meth:`draw_spec`'s, draw for draw."""
+        if shorter_rate <= 0 or self.horizon == 1 or rng.random() >= shorter_rate:
+            return self.draw_spec(rng)
+        return replace(self, horizon=rng.randint(1, self.horizon - 1)).draw_spec(rng)
+
+    def pool(self, split: str, n: int, seed: int, correction_rate: float = 0.0, shorter_rate: float = 0.0) -> "SplitPool":
         """``n`` problems of ``split`` drawn on demand (:class:`SplitPool`), ``correction_rate``
-        of them with one corrected step in their solution."""
+        of them with one corrected step in their solution, ``shorter_rate`` of them of a
+        shorter horizon (:meth:`draw_mixed`)."""
         f = self.family
 
         def correct(problem: Problem, rng: random.Random) -> str:
             spec = problem.meta["spec"]
             return corrected_solution(spec, f.reference_steps(spec), f.answer_text(spec), f.next_token, rng)
 
-        return SplitPool(lambda rng: self.make_problem(self.draw_spec(rng)), split, n, self.split_key(seed),
+        return SplitPool(lambda rng: self.make_problem(self.draw_mixed(rng, shorter_rate)), split, n, self.split_key(seed),
                          correct=correct, correction_rate=correction_rate)
 
     def extract_answer(self, completion: str) -> str | None:
