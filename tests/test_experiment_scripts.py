@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from opd.compare import verdicts
@@ -172,7 +173,15 @@ def test_multiple_comparisons_recomputes_verdicts_and_applies_holm(tmp_path, mon
 def test_rule_level_measures_both_rules(tmp_path, monkeypatch):
     rl = _script("rule_level")
     monkeypatch.setattr(rl, "ROOT", tmp_path)
-    (tmp_path / "docs" / "results").mkdir(parents=True)
+    (tmp_path / "docs" / "results" / "x").mkdir(parents=True)
+    finals = lambda xs: {"final": {str(i): {"accuracy": x} for i, x in enumerate(xs)}}  # noqa: E731
+    pair = lambda a, b: {"a": a, "b": b, "seeds": [str(i) for i in range(5)]}  # noqa: E731
+    committed = {"labels": {"a": finals([0.5, 0.5, 0.5, 0.5, 1.0]), "b": finals([0.5] * 5), "c": finals([0.4] * 5)},
+                 "verdicts": [pair("a", "b"), pair("a", "c"), pair("b", "c")]}  # b - c: all equal, left out
+    (tmp_path / "docs" / "results" / "x" / "results.json").write_text(json.dumps(committed))
+    assert np.allclose(rl.observed_differences(), [[0, 0, 0, 0, 0.5], [0.1, 0.1, 0.1, 0.1, 0.6]])
+    # by hand: [0, 0, 0, 0, 5] centred is [-1, -1, -1, -1, 4]: m2 = 4, m3 = 12, |g1| = 12 / 4^1.5 = 1.5
+    assert rl.abs_skewness(np.array([[0, 0, 0, 0, 5.0], [1, -1, 1, -1, 0]])).tolist() == pytest.approx([1.5, 0.0])
     monkeypatch.setattr("sys.argv", ["rule_level.py", "--trials", "300"])
     rl.main()
     results = json.loads((tmp_path / "docs" / "results" / "rule_level" / "results.json").read_text())
@@ -185,6 +194,12 @@ def test_rule_level_measures_both_rules(tmp_path, monkeypatch):
     assert 0 < looks["after_null"] and looks["either"] < 0.2
     text = (tmp_path / "docs" / "results" / "rule_level.md").read_text()
     assert "| normal | 5 |" in text and f"either look says it in {looks['either']:.1%}" in text
+    skew = results["skew"]
+    assert skew["pairs"] == 2 and skew["observed_mean_abs_g1"] == pytest.approx(1.5)
+    family = skew["family"]  # 300 trials: |g1| grows with the skew; the exponential's level above the normal's
+    assert family["1"]["mean_abs_g1"] > family["4"]["mean_abs_g1"] > family["normal"]["mean_abs_g1"]
+    assert family["1"]["t_level"] > family["normal"]["t_level"]
+    assert "mean `|g1|`" in text and "2 judged pairs at 5 seeds" in text
 
 
 def test_seed_subset_judges_the_given_seeds_alone():
