@@ -86,7 +86,14 @@ CAPACITY_TRAINING = dict(steps=1500, lr=3e-3, prompts_per_step=32, stop_at_accur
 # validation accuracy for 1,750 steps, then jumped (0.41 at step 2,000). At horizon 16 the
 # same recipe did not converge: 0.180 after the 4,000 steps (35 minutes on one core; damage
 # 0.1 then gives 0.160), and 1,000 steps at lr 1e-3 from the horizon-8 base (which starts at
-# 0.148 there) ended at 0.105 (0.211 at step 200, the best of six evaluations).
+# 0.148 there) ended at 0.105 (0.211 at step 200, the best of six evaluations). A curriculum
+# over lengths (``shorter_rate=0.5``: half the SFT problems of horizon 1-15) ended its 4,000
+# steps at 0.156 (36 minutes), about chance (1/5 or 1/7 per answer). Where they fail, greedy
+# on 256 test prompts: the curriculum model's first mistake falls at step 0 in 73% of its
+# rollouts at horizon 16 (86% at 8: it did not learn the step at all), and the horizon-8
+# base's in 100% at horizons 12 and 16 (it solves horizon 8: 1.000). A reading: the base
+# finds the prompt's operands by their offset from the prompt's end, which a longer prompt
+# moves, and nothing here learned to find them by content in 4,000 steps.
 DEEP_LAYERS = 4
 # ``student=testbed-wait``: the base with 5% of its SFT solutions holding one corrected step,
 # so that a correction can be sampled. Addition, horizon 4, seed 0: 1.00 validation accuracy
