@@ -27,8 +27,9 @@ where it goes, None for a pair without one). A spec may name its ``planned`` pai
 questions it was written to answer, before its runs: the correction then runs over those
 alone, and the other pairs' verdicts are marked exploratory (no correction claimed for
 them), so that pairs nobody asked about (across horizons, say) do not dilute it. The report
-states how many stay; the verdicts themselves keep the one rule above. With 5 seeds no paired sign-flip (permutation) test can
-go below p = 2/2^5 = 0.0625; the t-test reaches below it by assuming normal differences.
+states how many stay; the verdicts themselves keep the one rule above. With 5 seeds no
+paired sign-flip (permutation) test can go below p = 2/2^5 = 0.0625; the t-test reaches
+below it by assuming normal differences.
 
 Sequences to a target: a run's first evaluation whose accuracy reaches ``target`` (a
 fraction of the teacher's measured test accuracy) gives the sequences it used; a label's
