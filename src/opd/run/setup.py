@@ -284,10 +284,10 @@ def problem_pools(cfg: TrainConfig, task, encode, positions: int | None):
     else:  # a synthetic task: drawn on demand
         train_pool = task.pool("train", SYNTHETIC_TRAIN_POOL, cfg.seed, correction_rate=cfg.correction_rate,
                                shorter_rate=cfg.shorter_rate)
-    for key, why in (("correction_rate", "their solutions can be corrected"), ("shorter_rate", "they have a horizon")):
+    for key, reason in (("correction_rate", "their solutions can be corrected"), ("shorter_rate", "they have a horizon")):
         if getattr(cfg, key) and isinstance(train_pool, list):
             raise UserError(f"{key}={getattr(cfg, key):g} applies to the synthetic testbed tasks only "
-                            f"({why}); drop it for this task")
+                            f"({reason}); drop it for this task")
     eval_problems = task.problems(cfg.eval_split, None if cfg.dataset else cfg.eval_size, 0)
     n_prompts = len(train_pool) + len(eval_problems)
     train_pool, too_long = drop_long_prompts(train_pool, encode, limit, why, "training")
