@@ -118,6 +118,8 @@ def test_budget_config_errors():
     ({"seeds": []}, r"seeds: must be a count"),
     ({"judge": ["accuracy"]}, r"judge: lists further final metrics to judge, pass@k"),
     ({"judge": ["pass@8"]}, r"judge: pass@8 is not measured: the runs evaluate pass@2 \(set `eval_k: 8`"),
+    ({"judge": ["pass@0"]}, r"judge: lists further final metrics to judge, pass@k"),
+    ({"judge": ["pass@1"]}, r"judge: pass@1 is not measured: the runs evaluate pass@2 \(set `eval_k: 1`"),
     ({"planned": "opd:opd_g1"}, r"planned: lists the pairs of labels to correct over, e.g. \[opd:grpo"),
     ({"planned": ["opd"]}, r"planned: 'opd' is not a pair of two labels: write it as a:b"),
     ({"planned": ["opd:opd"]}, r"planned: 'opd:opd' is not a pair of two labels"),
@@ -129,6 +131,12 @@ def test_spec_errors_name_the_problem_before_any_run(tiny_student_dir, tmp_path,
     with pytest.raises(UserError, match=match):
         compare(spec, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_judge_takes_the_sampled_accuracy_at_eval_k_1(tiny_student_dir, tmp_path):
+    """pass@1 (the accuracy of one sample at eval_temperature) is judged when the runs take one
+    sample; a greedy-accurate but diffuse model shows there (modchain_promise_x4_3200's SFT)."""
+    assert load_spec(_write_spec(tmp_path, tiny_student_dir, judge=["pass@1"]), ["eval_k=1"]).judge == ["pass@1"]
 
 
 def test_cli_reports_a_bad_spec_and_applies_spec_overrides(tiny_student_dir, tmp_path, capsys):

@@ -55,7 +55,7 @@ from opd.config.train import TrainConfig
 
 SPEC_KEYS = ["base", "methods", "seeds", "budget_kind", "budget", "lr_grid", "tuning_seed", "lr_extend", "target", "eval_every",
              "judge", "planned"]
-JUDGEABLE = re.compile(r"^pass@([2-9]|[1-9]\d+)$")  # further final metrics a spec may ask verdicts on
+JUDGEABLE = re.compile(r"^pass@[1-9]\d*$")  # further final metrics a spec may ask verdicts on (pass@1: sampled accuracy)
 BUDGET_KINDS = ("steps", "sequences", "teacher_tokens", "wall_s")
 SET_BY_COMPARE = {
     "seed": "list the seeds under `seeds:`", "run_dir": "runs go under --out", "resume": "a re-run reuses finished runs",
@@ -221,7 +221,7 @@ def _judge(path: str, raw, base: dict) -> list[str]:
     names = raw if isinstance(raw, list) else [raw]
     for name in names:
         if not isinstance(name, str) or not JUDGEABLE.match(name):
-            raise _error(path, "judge", f"lists further final metrics to judge, pass@k with k >= 2 (e.g. [pass@8]); got {name!r}")
+            raise _error(path, "judge", f"lists further final metrics to judge, pass@k at the runs' eval_k (e.g. [pass@8], or [pass@1]: accuracy sampled at eval_temperature); got {name!r}")
         if int(name[5:]) != eval_k:
             raise _error(path, "judge", f"{name} is not measured: the runs evaluate pass@{eval_k} "
                          f"(set `eval_k: {name[5:]}` under `base:`)")
@@ -282,7 +282,7 @@ def load_spec(path: str, overrides: list[str] = ()) -> Spec:
                 eval_every=_eval_every(path, data.get("eval_every")), cli=cli,
                 tuning_seed=tuning[0] if tuning else None, tuning_seeds=tuning,
                 lr_extend=_count(path, "lr_extend", data.get("lr_extend"), 2), target=_target(path, data.get("target")),
-                judge=_judge(path, data.get("judge"), base), planned=_planned(path, data.get("planned"), methods))
+                judge=_judge(path, data.get("judge"), {**base, **_cli_dict(cli)}), planned=_planned(path, data.get("planned"), methods))
     _check_layers(spec)
     return spec
 
