@@ -2,12 +2,12 @@ import random
 
 import pytest
 
-from opd.testbed import addition, modchain, ring
+from opd.testbed import addition, modchain, modchain_labeled, ring
 from opd.testbed.tasks import GRAMMARS, TASKS, make_task
 from opd.testbed.steps import extract_answer, split_of
 
-NAMES = ("addition", "modchain", "ring")
-KEYWORDS = {"addition": "add", "modchain": "mod", "ring": "ring"}
+NAMES = ("addition", "modchain", "modchain_labeled", "ring")
+KEYWORDS = {"addition": "add", "modchain": "mod", "modchain_labeled": "chain", "ring": "ring"}
 
 
 def test_examples_at_horizon_4():
@@ -20,6 +20,8 @@ def test_examples_at_horizon_4():
     spec = modchain.ModChainSpec(7, 3, (("+", 4), ("*", 2), ("-", 5), ("*", 3)))
     assert modchain.prompt_text(spec) == "mod 7 start 3 + 4 * 2 - 5 * 3 ="
     assert modchain.solution_text(spec) == "3 + 4 = 0 ; 0 * 2 = 0 ; 0 - 5 = 2 ; 2 * 3 = 6 ; ans 6"
+    assert modchain_labeled.prompt_text(spec) == "chain 7 start 3 s1 + 4 s2 * 2 s3 - 5 s4 * 3 ="
+    assert modchain_labeled.solution_text(spec) == "s1 3 + 4 = 0 ; s2 0 * 2 = 0 ; s3 0 - 5 = 2 ; s4 2 * 3 = 6 ; ans 6"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -43,6 +45,23 @@ def test_token_budget():
     assert make_task("modchain", 4).solution_tokens == 27
     assert make_task("modchain", 8).solution_tokens == 51
     assert make_task("ring", 8).solution_tokens == 36
+    assert make_task("modchain_labeled", 16).solution_tokens == 115
+    assert make_task("modchain_labeled", 32).solution_tokens == 227
+    with pytest.raises(ValueError, match="horizons 1 to 32, not 33"):
+        make_task("modchain_labeled", 33)
+
+
+def test_labeled_modchain_is_modchain_with_labels():
+    """The same problems as modchain (the spec), each step and operation with its label; a
+    prompt whose labels are out of order or missing is not this family's."""
+    plain, labeled = make_task("modchain", 6), make_task("modchain_labeled", 6)
+    rng_a, rng_b = random.Random(0), random.Random(0)
+    for _ in range(20):
+        a, b = plain.make_problem(plain.draw_spec(rng_a)), labeled.make_problem(labeled.draw_spec(rng_b))
+        assert a.meta["spec"] == b.meta["spec"] and a.answer == b.answer
+        assert [w for w in b.solution.split() if w not in modchain_labeled.LABELS] == a.solution.split()
+    for bad in ["chain 7 start 3 s2 + 4 =", "chain 7 start 3 + 4 =", "chain 7 start 3 s1 + 4 s1 * 2 ="]:
+        assert modchain_labeled.parse_prompt(bad.split()) is None
 
 
 BAD_PROMPTS = ["", "add", "add 1 + =", "add 1 2 + 3 =", "add 1 + x =", "mod 7 3 + 4 =", "ring 3 1 start 3 2 ; 0 1 =",
@@ -152,7 +171,7 @@ def test_a_pool_drawn_on_demand_is_fixed_and_stays_in_its_split(name):
         pool[1 << 16]
 
 
-@pytest.mark.parametrize("name", ["addition", "modchain"])
+@pytest.mark.parametrize("name", ["addition", "modchain", "modchain_labeled"])
 def test_corrected_solutions_redo_one_step_and_verify(name):
     from opd.testbed.tasks import make_task
 
@@ -175,7 +194,7 @@ def test_corrected_solutions_redo_one_step_and_verify(name):
     assert 70 <= corrected <= 130  # ~25% of 400
 
 
-@pytest.mark.parametrize("name", ["addition", "modchain", "ring"])
+@pytest.mark.parametrize("name", ["addition", "modchain", "modchain_labeled", "ring"])
 def test_shorter_rate_mixes_in_shorter_horizons_and_leaves_the_rest_alone(name):
     from opd.testbed.tasks import make_task
 

@@ -78,8 +78,7 @@ def answer_text(spec: AdditionSpec) -> str:
 
 
 def solution_text(spec: AdditionSpec) -> str:
-    body = " ".join(" ".join(s + [SEP]) for s in reference_steps(spec))
-    return f"{body} ans {answer_text(spec)}"
+    return steps.write_solution(reference_steps(spec), answer_text(spec))
 
 
 def next_token(spec: AdditionSpec, committed: Sequence[tuple[str, ...]], cur: Sequence[str]):

@@ -55,7 +55,7 @@ STUDENT_WARMUP = dict(steps=1000, lr=3e-3, prompts_per_step=32, stop_at_accuracy
 # needs another recipe (or more capacity) for longer chains. Addition at horizon 8: the
 # 1,000-step SFT left this model at 0.000 (seed 0), while the 3-layer teacher reached 0.957
 # in 1,060 steps; the from-scratch d128 student ended its 1,500 steps near 0.01.
-TASK_WARMUP = {"modchain": dict(steps=4000)}
+TASK_WARMUP = {"modchain": dict(steps=4000), "modchain_labeled": dict(steps=4000)}
 # The damage (noise std as a fraction of each weight tensor's std) is the smallest of the grid
 # that brings greedy validation accuracy down to the target, so that every task and horizon
 # starts from about the same accuracy (addition, horizon 4: 0.4, which gives 0.36).

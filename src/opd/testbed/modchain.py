@@ -85,8 +85,7 @@ def answer_text(spec: ModChainSpec) -> str:
 
 
 def solution_text(spec: ModChainSpec) -> str:
-    body = " ".join(" ".join(s + [SEP]) for s in reference_steps(spec))
-    return f"{body} ans {answer_text(spec)}"
+    return steps.write_solution(reference_steps(spec), answer_text(spec))
 
 
 def next_token(spec: ModChainSpec, committed: Sequence[tuple[str, ...]], cur: Sequence[str]):

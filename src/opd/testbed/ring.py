@@ -125,8 +125,7 @@ def answer_text(spec: RingSpec) -> str:
 
 
 def solution_text(spec: RingSpec) -> str:
-    body = " ".join(" ".join(s + [SEP]) for s in reference_steps(spec))
-    return f"{body} {ANS} {answer_text(spec)}"
+    return steps.write_solution(reference_steps(spec), answer_text(spec))
 
 
 def _state(spec: RingSpec, committed: Sequence[tuple[str, ...]]) -> int | None:

@@ -181,6 +181,11 @@ class SplitPool(Sequence):
         return Problem(problem.prompt, problem.answer, self.correct(problem, rng), problem.meta)
 
 
+def write_solution(reference: Sequence[Sequence[str]], answer: str) -> str:
+    """A solution's text: each step's words and ``;``, then ``ans`` and the answer."""
+    return " ".join([w for step in reference for w in [*step, SEP]] + [ANS, answer])
+
+
 def extract_answer(completion: str) -> str | None:
     """The digits after the last ``ans`` (up to ``<eos>``), space-separated; else ``None``."""
     words = [w for w in completion.split() if w not in (PAD, BOS)]

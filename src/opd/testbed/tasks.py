@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from opd.testbed import addition, modchain, ring
+from opd.testbed import addition, modchain, modchain_labeled, ring
 from opd.testbed.steps import Grammar
 
 TASKS = {
     "addition": addition.AdditionTask,
     "addition_swapped": addition.SwappedAdditionTask,
     "modchain": modchain.ModChainTask,
+    "modchain_labeled": modchain_labeled.LabeledModChainTask,
     "ring": ring.RingTask,
 }
 
-GRAMMARS: dict[str, Grammar] = {g.keyword: g for g in (addition.GRAMMAR, modchain.GRAMMAR, ring.GRAMMAR)}
+GRAMMARS: dict[str, Grammar] = {g.keyword: g for g in (addition.GRAMMAR, modchain.GRAMMAR, modchain_labeled.GRAMMAR, ring.GRAMMAR)}
 
 
 def make_task(name: str, horizon: int = 4, **kw):
