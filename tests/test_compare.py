@@ -139,6 +139,23 @@ def test_judge_takes_the_sampled_accuracy_at_eval_k_1(tiny_student_dir, tmp_path
     assert load_spec(_write_spec(tmp_path, tiny_student_dir, judge=["pass@1"]), ["eval_k=1"]).judge == ["pass@1"]
 
 
+def test_the_teachers_sampled_accuracy_is_seeded_and_below_its_greedy(tiny_cfg):
+    """``teacher_accuracy(sampled=True)``: one sample per problem at eval_temperature, seeded;
+    a blunt oracle (sharpness 2) errs when sampled and never greedy. The report puts it next
+    to the students' pass@1."""
+    from opd.compare.driver import teacher_accuracy
+    from opd.compare.report import verdict_text
+
+    cfg = tiny_cfg(oracle_sharpness=2.0, eval_size=64, eval_k=1)
+    sampled = teacher_accuracy(cfg, sampled=True)
+    assert teacher_accuracy(cfg) == 1.0 and 0.0 <= sampled < 0.9
+    assert teacher_accuracy(cfg, sampled=True) == sampled  # the same seed, the same samples
+    assert teacher_accuracy(tiny_cfg(eval_size=64, eval_k=1), sampled=True) > sampled  # a sharper oracle errs less
+    results = {"rule": "r", "verdicts": [], "teacher_pass@1": 0.25, "metric_verdicts": {"pass@1": []},
+               "labels": {"a": {"final": {"0": {"pass@1": 0.5}, "1": {"pass@1": 0.7}}}}}
+    assert "On `pass@1` (final; mean ± std over seeds: a 0.600 ± 0.141; the teacher 0.250):" in verdict_text(results)
+
+
 def test_cli_reports_a_bad_spec_and_applies_spec_overrides(tiny_student_dir, tmp_path, capsys):
     spec = _write_spec(tmp_path, tiny_student_dir)
     assert main(["compare", spec, "--out", str(tmp_path / "o"), "gama=1"]) == 2

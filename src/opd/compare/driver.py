@@ -440,16 +440,20 @@ def tune(spec: Spec, out: Path, force: bool) -> dict | None:
     return {"grid": grid, "chosen": chosen, "bracketed": bracketed, "seed": spec.tuning_seed, "seeds": spec.tuning_seeds}
 
 
-def teacher_accuracy(cfg: TrainConfig) -> float | None:
+def teacher_accuracy(cfg: TrainConfig, sampled: bool = False) -> float | None:
     """The teacher's greedy accuracy on ``cfg``'s evaluation problems, when it can generate
-    and the problems have answers (else None)."""
+    and the problems have answers (else None); ``sampled``: its accuracy with one sample per
+    problem at ``cfg.eval_temperature`` (seeded by ``cfg.seed``), the teacher's pass@1."""
+    import torch
+
     from opd.run.setup import build_setup
 
     setup = build_setup(cfg)
     teacher, problems, env = setup.env.teacher, setup.eval_problems, setup.env
     if teacher is None or not hasattr(teacher, "generate") or not all(p.answer for p in problems):
         return None
-    completions = teacher.generate([env.encode_prompt(p) for p in problems], max_new_tokens=env.max_new_tokens, temperature=0.0)
+    how = dict(temperature=cfg.eval_temperature, generator=torch.Generator().manual_seed(cfg.seed)) if sampled else dict(temperature=0.0)
+    completions = teacher.generate([env.encode_prompt(p) for p in problems], max_new_tokens=env.max_new_tokens, **how)
     return sum(env.verify(p, c) for p, c in zip(problems, completions)) / len(problems)
 
 
@@ -475,6 +479,8 @@ def compare(spec_path: str, out_dir: str | None = None, overrides: list[str] = (
     summary = {"spec": spec_path, "seeds": spec.seeds, "budget_kind": spec.budget_kind, "budget": spec.budget,
                "eval_size": cfg.eval_size, "labels": labels, "lr_info": lr_info}
     summary["results"] = results_of(spec, summary, teacher_accuracy(cfg) if spec.target else None)
+    if "pass@1" in spec.judge:  # the teacher's own sampled accuracy, beside the students'
+        summary["results"]["teacher_pass@1"] = teacher_accuracy(cfg, sampled=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     (out / RESULTS_FILE).write_text(json.dumps(summary["results"], indent=1))

@@ -203,6 +203,8 @@ def verdict_text(results: dict) -> str:
     for metric, found in results.get("metric_verdicts", {}).items():
         levels = "; ".join(f"{label} {_pm([f.get(metric, math.nan) for f in entry['final'].values()])}"
                            for label, entry in results["labels"].items())
+        teacher = results.get(f"teacher_{metric}")
+        levels += f"; the teacher {teacher:.3f}" if teacher is not None else ""
         lines += ["", f"On `{metric}` (final; mean ± std over seeds: {levels}):", ""] + [_sentence(v) for v in found]
     target = results.get("target_accuracy")
     if target is not None:
