@@ -22,6 +22,10 @@ which a longer prompt moves (``opd.testbed.builder``). Here step ``i`` writes it
 after the same label in the prompt (a content match, what attention does well). 7 tokens
 per step, ``7h + 3`` with ``<eos>``; the labels are the family's extra words, so its models
 get the extended tokenizer. Horizons 1 to :data:`MAX_HORIZON`.
+
+Measured: the 4-layer base's SFT recipe did not learn it at horizon 16 either (0.172 greedy
+validation accuracy after 4,000 steps, its loss flat at 0.15 from step 2,000), so the
+labels alone are not what that recipe lacked.
 """
 
 from __future__ import annotations
