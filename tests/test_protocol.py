@@ -270,6 +270,53 @@ def test_sequences_to_target():
     assert one["reached"] == 1 and one["mean"] is None
 
 
+def _reach(per_seed: dict) -> dict:
+    done = [v for v in per_seed.values() if v is not None]
+    return {"per_seed": per_seed, "reached": len(done), "mean": sum(done) / len(done) if len(done) == len(per_seed) else None}
+
+
+def test_sequences_ratio_against_a_naive_reference():
+    """The committed horizon-4 numbers (GRPO and OPD to 0.9 of the teacher, 5 seeds), checked
+    against the ratio and the t interval on log ratios written out by hand (t_{0.975, 4})."""
+    grpo = _reach({"0": 6720.0, "1": 24000.0, "2": 13120.0, "3": 10880.0, "4": 11520.0})
+    opd = _reach({"0": 1920.0, "1": 1920.0, "2": 3840.0, "3": 1920.0, "4": 3200.0})
+    logs = [math.log(grpo["per_seed"][s] / opd["per_seed"][s]) for s in "01234"]
+    mean = sum(logs) / 5
+    se = math.sqrt(sum((x - mean) ** 2 for x in logs) / 4) / math.sqrt(5)
+    for r in (verdicts.sequences_ratio("grpo", "opd", grpo, opd), verdicts.sequences_ratio("opd", "grpo", opd, grpo)):
+        assert (r["slower"], r["faster"]) == ("grpo", "opd")  # oriented slower first, either way round
+        assert r["ratio_of_means"] == pytest.approx(13248 / 2560)
+        assert r["geometric_mean"] == pytest.approx(math.exp(mean))
+        assert r["interval"] == pytest.approx([math.exp(mean - 2.7764451051977987 * se), math.exp(mean + 2.7764451051977987 * se)])
+        assert r["interval"][0] > 2.4 and r["interval"][1] < 10.0
+        assert r["sentence"].startswith("grpo needed 5.17× opd's sequences (ratio of means); per-seed ratios' geometric mean 4.98×")
+
+
+def test_sequences_ratio_needs_every_seed_of_both():
+    fast = _reach({"0": 100.0, "1": 200.0})
+    partly = _reach({"0": 800.0, "1": None})
+    r = verdicts.sequences_ratio("slow", "fast", partly, fast)
+    assert r["ratio_of_means"] is None and r["interval"] is None
+    assert r["sentence"] == "slow / fast: no ratio (slow reached it in 1 of 2 seeds)"
+    one = verdicts.sequences_ratio("a", "b", _reach({"0": 300.0}), _reach({"0": 100.0}))
+    assert one["ratio_of_means"] == 3.0 and one["interval"] is None and "no interval with one seed" in one["sentence"]
+
+
+def test_sequences_ratios_follow_the_planned_pairs_and_reach_the_report():
+    from opd.compare.report import verdict_text
+
+    reaches = {"sft": _reach({"0": 100.0, "1": 100.0}), "opd": _reach({"0": 200.0, "1": 300.0}),
+               "grpo": _reach({"0": 800.0, "1": 1500.0})}
+    every = verdicts.sequences_ratios(reaches)
+    assert [(r["slower"], r["faster"]) for r in every] == [("opd", "sft"), ("grpo", "sft"), ("grpo", "opd")]
+    planned = verdicts.sequences_ratios(reaches, planned=[("opd", "grpo")])
+    assert [(r["slower"], r["faster"], r["ratio_of_means"]) for r in planned] == [("grpo", "opd", 4.6)]
+    labels = {label: {"sequences_to_target": reach} for label, reach in reaches.items()}
+    text = verdict_text({"rule": verdicts.RULE, "verdicts": [], "labels": labels, "target": 0.9, "teacher_accuracy": 1.0,
+                         "target_accuracy": 0.9, "sequences_ratios": planned})
+    assert "Ratios of sequences to the target:\n\n- grpo needed 4.60× opd's sequences (ratio of means)" in text
+
+
 def test_subset_metrics_get_their_own_verdicts():
     """Evaluation subsets every run logged (a blind-spot teacher's) are judged by the same rule."""
     final = lambda acc, spot: {"accuracy": acc, "accuracy_blind_spot": spot, "accuracy_rest": acc, "pass@1": acc,  # noqa: E731

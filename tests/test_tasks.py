@@ -21,7 +21,7 @@ def test_examples_at_horizon_4():
     assert modchain.prompt_text(spec) == "mod 7 start 3 + 4 * 2 - 5 * 3 ="
     assert modchain.solution_text(spec) == "3 + 4 = 0 ; 0 * 2 = 0 ; 0 - 5 = 2 ; 2 * 3 = 6 ; ans 6"
     assert modchain_labeled.prompt_text(spec) == "chain 7 start 3 s1 + 4 s2 * 2 s3 - 5 s4 * 3 ="
-    assert modchain_labeled.solution_text(spec) == "s1 3 + 4 = 0 ; s2 0 * 2 = 0 ; s3 0 - 5 = 2 ; s4 2 * 3 = 6 ; ans 6"
+    assert modchain_labeled.solution_text(spec) == "3 s1 + 4 = 0 ; 0 s2 * 2 = 0 ; 0 s3 - 5 = 2 ; 2 s4 * 3 = 6 ; ans 6"
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -215,6 +215,8 @@ def verdict_text(results: dict) -> str:
             n = len(reach["per_seed"])
             got = f"{reach['mean']:.0f} (mean over {n} seeds)" if reach["mean"] is not None else f"not reached ({reach['reached']} of {n} seeds did)"
             lines.append(f"- {label}: {got}")
+        ratios = results.get("sequences_ratios") or []
+        lines += ["", "Ratios of sequences to the target:", ""] + [f"- {r['sentence']}" for r in ratios] if ratios else []
     return "\n".join(lines)
 
 

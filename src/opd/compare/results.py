@@ -66,4 +66,6 @@ def results_of(spec, summary: dict, teacher_acc: float | None) -> dict:
         "labels": labels, "rule": verdicts.RULE, "planned": spec.planned and [list(pair) for pair in spec.planned],
         "verdicts": verdicts.all_verdicts(finals, planned=spec.planned),
         "metric_verdicts": verdicts.metric_verdicts(subset_finals(labels, spec.judge), spec.planned),
+        "sequences_ratios": [] if threshold is None else verdicts.sequences_ratios(
+            {label: entry["sequences_to_target"] for label, entry in labels.items()}, spec.planned),
     }

@@ -34,7 +34,13 @@ below it by assuming normal differences.
 Sequences to a target: a run's first evaluation whose accuracy reaches ``target`` (a
 fraction of the teacher's measured test accuracy) gives the sequences it used; a label's
 number is the mean over its seeds when every seed reached it, else it did not reach it
-(how many seeds did is shown). A ratio of two labels is given only when both reached it.
+(how many seeds did is shown). A ratio of two labels (:func:`sequences_ratio`) is given only
+when every seed of both reached it: the ratio of their means, and the geometric mean of the
+per-seed ratios with the rule's t interval taken on their logarithms (paired by seed),
+
+    exp(mean(l) ± t_{0.975, n−1} · sd(l) / √n),      l_s = ln(a_s / b_s),
+
+so that a "5×" comes with the range the seeds allow.
 """
 
 from __future__ import annotations
@@ -233,3 +239,40 @@ def target_summary(histories: dict, threshold: float) -> dict:
     reached = sum(v is not None for v in per_seed.values())
     mean = float(np.mean(list(per_seed.values()))) if reached == len(per_seed) and per_seed else None
     return {"per_seed": per_seed, "reached": reached, "mean": mean}
+
+
+def sequences_ratio(a: str, b: str, a_reach: dict, b_reach: dict) -> dict:
+    """How many times the sequences label ``a`` needed to reach the target are ``b``'s
+    (``a_reach``, ``b_reach``: :func:`target_summary` records), oriented so that the slower
+    label comes first: ``{"slower", "faster", "ratio_of_means", "geometric_mean",
+    "interval", "sentence"}``; ``None`` ratios, and a sentence that says why, when a seed of
+    either did not reach it."""
+    a_seeds, b_seeds = a_reach["per_seed"], b_reach["per_seed"]
+    seeds = sorted(set(a_seeds) & set(b_seeds), key=str)
+    missing = [(label, reach) for label, reach in ((a, a_reach), (b, b_reach)) if reach["mean"] is None]
+    out = {"slower": a, "faster": b, "seeds": seeds, "ratio_of_means": None, "geometric_mean": None, "interval": None}
+    if missing or not seeds:
+        why = "; ".join(f"{label} reached it in {reach['reached']} of {len(reach['per_seed'])} seeds" for label, reach in missing)
+        return {**out, "sentence": f"{a} / {b}: no ratio ({why or 'no paired seeds'})"}
+    if a_reach["mean"] < b_reach["mean"]:
+        return sequences_ratio(b, a, b_reach, a_reach)
+    logs = [math.log(a_seeds[s] / b_seeds[s]) for s in seeds]
+    out.update(ratio_of_means=a_reach["mean"] / b_reach["mean"], geometric_mean=math.exp(float(np.mean(logs))))
+    text = f"{a} needed {out['ratio_of_means']:.2f}× {b}'s sequences (ratio of means)"
+    if len(seeds) < 2:
+        return {**out, "sentence": f"{text}; no interval with one seed"}
+    lo, hi = t_interval(logs)
+    out["interval"] = [math.exp(lo), math.exp(hi)]
+    return {**out, "sentence": f"{text}; per-seed ratios' geometric mean {out['geometric_mean']:.2f}×, "
+                              f"{LEVEL:.0%} interval [{out['interval'][0]:.2f}×, {out['interval'][1]:.2f}×] over {len(seeds)} seeds"}
+
+
+def sequences_ratios(reaches: dict[str, dict], planned: list[tuple[str, str]] | None = None) -> list[dict]:
+    """:func:`sequences_ratio` for the ``planned`` pairs (every pair, in the spec's order,
+    when none are planned) whose labels both have a :func:`target_summary` record."""
+    labels = [label for label, reach in reaches.items() if reach is not None]
+    pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]
+    if planned is not None:
+        wanted = {frozenset(pair) for pair in planned}
+        pairs = [pair for pair in pairs if frozenset(pair) in wanted]
+    return [sequences_ratio(a, b, reaches[a], reaches[b]) for a, b in pairs]

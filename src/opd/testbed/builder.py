@@ -190,7 +190,10 @@ def _one_builder(path: Path):
 
 def _prepare(kind: str, task: str, horizon: int, arch: dict, training: dict, seed: int, quiet: bool) -> Path:
     settings = {"kind": kind, "task": task, "horizon": horizon, "arch": arch, "training": training, "seed": seed}
-    words = getattr(make_task(task, horizon), "words", ())  # an unknown task fails here, before anything is written
+    made = make_task(task, horizon)  # an unknown task fails here, before anything is written
+    words = getattr(made, "words", ())
+    if (version := getattr(getattr(made, "family", None), "FORMAT", None)) is not None:
+        settings["format"] = version  # a family whose solutions were rewritten gets new bases
     path = cache_root() / "testbed" / f"{kind}-{task}-h{horizon}-{_key(settings)}"
     if (path / "READY.json").exists():
         return path

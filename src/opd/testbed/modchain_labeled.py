@@ -5,13 +5,13 @@ operations modulo a prime), written with the label ``s<i>`` before operation ``i
 prompt and at the start of step ``i``::
 
     prompt:   chain m start v_0 s1 o_1 d_1 .. s<h> o_h d_h =
-    step i:   s<i> v_{i-1} o_i d_i = v_i ;
+    step i:   v_{i-1} s<i> o_i d_i = v_i ;
     answer:   ans v_h
 
 Horizon 4::
 
     chain 7 start 3 s1 + 4 s2 * 2 s3 - 5 s4 * 3 =
-    s1 3 + 4 = 0 ; s2 0 * 2 = 0 ; s3 0 - 5 = 2 ; s4 2 * 3 = 6 ; ans 6
+    3 s1 + 4 = 0 ; 0 s2 * 2 = 0 ; 0 s3 - 5 = 2 ; 2 s4 * 3 = 6 ; ans 6
 
 Why: in plain ``modchain`` step ``i`` reads operation ``i`` from the prompt by position
 alone, and the testbed's 4-layer student did not learn that at horizon 16 (0.180 after
@@ -40,6 +40,9 @@ from opd.testbed.tokenizer import EQ
 
 KEYWORD = "chain"
 MAX_HORIZON = 32
+# 2: the label after the step's first word (``3 s1 + 4 = 0 ;``), so the operation is copied
+# from after the same label in the prompt; 1 wrote it first (``s1 3 + 4 = 0 ;``)
+FORMAT = 2
 LABELS = tuple(f"s{i}" for i in range(1, MAX_HORIZON + 1))
 WORDS = (KEYWORD, *LABELS)
 
@@ -60,7 +63,7 @@ def parse_prompt(words: Sequence[str]) -> ModChainSpec | None:
 
 
 def reference_steps(spec: ModChainSpec) -> list[list[str]]:
-    return [[label, *step] for label, step in zip(LABELS, modchain.reference_steps(spec))]
+    return [[step[0], label, *step[1:]] for label, step in zip(LABELS, modchain.reference_steps(spec))]
 
 
 answer_text = modchain.answer_text
@@ -70,18 +73,23 @@ def solution_text(spec: ModChainSpec) -> str:
     return steps.write_solution(reference_steps(spec), answer_text(spec))
 
 
+def _unlabeled(words: Sequence[str]) -> list[str]:
+    return [*words[:1], *words[2:]]
+
+
 def next_token(spec: ModChainSpec, committed: Sequence[tuple[str, ...]], cur: Sequence[str]):
-    """The intended next word (see :mod:`opd.testbed.steps`): a step's label, then the step
-    of :func:`opd.testbed.modchain.next_token` on the words after the labels. Labels have no
-    plausible wrong words (like ``=``): the oracle's noise never writes another label."""
-    k, unlabeled = len(committed), [step[1:] for step in committed]
+    """The intended next word (see :mod:`opd.testbed.steps`): the step of
+    :func:`opd.testbed.modchain.next_token` on the words without the labels, with step
+    ``i``'s label after its first word. Labels have no plausible wrong words (like ``=``):
+    the oracle's noise never writes another label."""
+    k, unlabeled = len(committed), [_unlabeled(step) for step in committed]
     if k >= spec.horizon:
         return modchain.next_token(spec, unlabeled, cur)
-    if not cur:
-        return LABELS[k], ()
-    if cur[0] != LABELS[k]:
+    if len(cur) == 1:
+        return (LABELS[k], ()) if modchain.next_token(spec, unlabeled, cur)[0] is not None else (None, ())
+    if len(cur) > 1 and cur[1] != LABELS[k]:
         return None, ()
-    return modchain.next_token(spec, unlabeled, cur[1:])
+    return modchain.next_token(spec, unlabeled, _unlabeled(cur))
 
 
 GRAMMAR = steps.Grammar(KEYWORD, parse_prompt, next_token)
