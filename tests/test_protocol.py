@@ -112,6 +112,34 @@ def test_two_tuning_seeds_choose_by_their_mean(monkeypatch, tmp_path):
             _spec(tmp_path, tuning_seed=bad)
 
 
+def test_tune_metric_chooses_the_lr_by_sampled_accuracy(monkeypatch, tmp_path):
+    """``tune_metric: pass@1``: the grid is judged by the sampled accuracy the runs log
+    (modchain_promise_x4_3200's SFT: greedy accuracy rises with lr while pass@1 falls). Here
+    greedy prefers 1e-3 and pass@1 prefers 1e-4; each metric picks its own, by the mean over
+    the two tuning seeds."""
+    greedy = {1e-4: 0.80, 3e-4: 0.90, 1e-3: 0.95, 3e-3: 0.70}
+    sampled = {1e-4: 0.60, 3e-4: 0.40, 1e-3: 0.30, 3e-3: 0.20}
+
+    def fake(cfg, force=False):
+        lr = round(cfg.lr, 10)
+        return {"history": [{"eval/accuracy": greedy[lr], "eval/pass@1": sampled[lr] + 0.02 * (cfg.seed - 2)}], "reused": False}
+
+    monkeypatch.setattr(driver, "run_or_reuse", fake)
+    monkeypatch.setattr(driver, "_say", lambda *a: None)
+    by_greedy = _spec(tmp_path, base={"eval_k": 1}, lr_extend=0)
+    assert by_greedy.tune_metric == "accuracy"
+    assert driver._tune_label(by_greedy, tmp_path / "out", "opd", force=False)[1] == pytest.approx(1e-3)
+    by_sampled = _spec(tmp_path, base={"eval_k": 1}, lr_extend=0, tune_metric="pass@1")
+    scores, chosen, bracketed = driver._tune_label(by_sampled, tmp_path / "out", "opd", force=False)
+    assert chosen == pytest.approx(1e-4) and not bracketed and scores[3e-4] == pytest.approx(0.41)
+    assert driver.tune(by_sampled, tmp_path / "out", force=False)["metric"] == "pass@1"
+    for changes, why in (({"tune_metric": "pass@2"}, r"tune_metric: pass@2 is not measured: the runs evaluate pass@1"),
+                         ({"tune_metric": "loss"}, r"tune_metric: takes pass@k at the runs' eval_k"),
+                         ({"tune_metric": "pass@1", "lr_grid": None}, r"tune_metric: says how lr_grid is judged")):
+        with pytest.raises(UserError, match=why):
+            _spec(tmp_path, base={"eval_k": 1}, **changes)
+
+
 def test_the_tuning_seed_is_never_a_reported_seed(tmp_path):
     assert _spec(tmp_path).tuning_seed == 2 and _spec(tmp_path).tuning_seeds == [2, 3]  # the default: two
     assert _spec(tmp_path, tuning_seed=100).tuning_seed == 100

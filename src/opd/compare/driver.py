@@ -14,6 +14,8 @@ The spec (YAML)::
     budget_kind: sequences    # steps | sequences | teacher_tokens | wall_s
     budget: 768               # every run stops once its counter reaches this
     lr_grid: [1e-4, 3e-4, 1e-3, 3e-3]  # each label's lr, by final validation accuracy
+    tune_metric: pass@1       # optional: tune by sampled accuracy (pass@k at the runs' eval_k)
+                              # instead of greedy accuracy (the default, `accuracy`)
     tuning_seed: [100, 101]   # optional (default: the two seeds after the largest reported one);
                               # never a reported seed; each lr judged by the mean over them
     lr_extend: 2              # optional: times a grid is widened past an edge choice (default 2)
@@ -54,7 +56,7 @@ from opd.errors import UserError
 from opd.config.train import TrainConfig
 
 SPEC_KEYS = ["base", "methods", "seeds", "budget_kind", "budget", "lr_grid", "tuning_seed", "lr_extend", "target", "eval_every",
-             "judge", "planned"]
+             "judge", "planned", "tune_metric"]
 JUDGEABLE = re.compile(r"^pass@[1-9]\d*$")  # further final metrics a spec may ask verdicts on (pass@1: sampled accuracy)
 BUDGET_KINDS = ("steps", "sequences", "teacher_tokens", "wall_s")
 SET_BY_COMPARE = {
@@ -89,6 +91,7 @@ class Spec:
     target: float | None = None
     judge: list[str] = field(default_factory=list)  # further final metrics judged by the rule (pass@k)
     planned: list[tuple[str, str]] | None = None  # the pairs Holm's correction runs over (None: every pair)
+    tune_metric: str = "accuracy"  # the final validation metric the lr is chosen by (greedy accuracy, or pass@k)
 
 
 def _error(spec_path: str, where: str, msg: str) -> UserError:
@@ -214,18 +217,29 @@ def _target(path: str, raw) -> float | None:
     return value
 
 
+def _measured_pass(path: str, key: str, name, base: dict) -> str:
+    """``name`` when it is pass@k at the runs' ``eval_k`` (``base``: the spec's base and command line)."""
+    eval_k = int(base.get("eval_k", TrainConfig.model_fields["eval_k"].default))
+    if not isinstance(name, str) or not JUDGEABLE.match(name):
+        raise _error(path, key, f"takes pass@k at the runs' eval_k (e.g. pass@8, or pass@1: accuracy sampled at eval_temperature); got {name!r}")
+    if int(name[5:]) != eval_k:
+        raise _error(path, key, f"{name} is not measured: the runs evaluate pass@{eval_k} (set `eval_k: {name[5:]}` under `base:`)")
+    return name
+
+
 def _judge(path: str, raw, base: dict) -> list[str]:
     if raw is None:
         return []
-    eval_k = int(base.get("eval_k", TrainConfig.model_fields["eval_k"].default))
-    names = raw if isinstance(raw, list) else [raw]
-    for name in names:
-        if not isinstance(name, str) or not JUDGEABLE.match(name):
-            raise _error(path, "judge", f"lists further final metrics to judge, pass@k at the runs' eval_k (e.g. [pass@8], or [pass@1]: accuracy sampled at eval_temperature); got {name!r}")
-        if int(name[5:]) != eval_k:
-            raise _error(path, "judge", f"{name} is not measured: the runs evaluate pass@{eval_k} "
-                         f"(set `eval_k: {name[5:]}` under `base:`)")
-    return list(names)
+    return [_measured_pass(path, "judge", name, base) for name in (raw if isinstance(raw, list) else [raw])]
+
+
+def _tune_metric(path: str, raw, base: dict, grid: list[float]) -> str:
+    """``accuracy`` (greedy, the default) or pass@k at the runs' eval_k; only with an lr grid."""
+    if raw is None or raw == "accuracy":
+        return "accuracy"
+    if not grid:
+        raise _error(path, "tune_metric", "says how lr_grid is judged, and there is no lr_grid: add one or drop tune_metric")
+    return _measured_pass(path, "tune_metric", raw, base)
 
 
 def _planned(path: str, raw, methods: dict) -> list[tuple[str, str]] | None:
@@ -282,7 +296,8 @@ def load_spec(path: str, overrides: list[str] = ()) -> Spec:
                 eval_every=_eval_every(path, data.get("eval_every")), cli=cli,
                 tuning_seed=tuning[0] if tuning else None, tuning_seeds=tuning,
                 lr_extend=_count(path, "lr_extend", data.get("lr_extend"), 2), target=_target(path, data.get("target")),
-                judge=_judge(path, data.get("judge"), {**base, **_cli_dict(cli)}), planned=_planned(path, data.get("planned"), methods))
+                judge=_judge(path, data.get("judge"), {**base, **_cli_dict(cli)}), planned=_planned(path, data.get("planned"), methods),
+                tune_metric=_tune_metric(path, data.get("tune_metric"), {**base, **_cli_dict(cli)}, grid))
     _check_layers(spec)
     return spec
 
@@ -415,17 +430,18 @@ def run_degeneracy(runs: dict) -> list[str]:
 
 
 def _tune_label(spec: Spec, out: Path, label: str, force: bool) -> tuple[dict, float, bool]:
-    """``(accuracy by lr, chosen lr, bracketed)`` for one label (:func:`opd.compare.protocol.tune_lr`)."""
-    def accuracy(lr: float) -> float:
-        """Final validation accuracy at ``lr``, the mean over the tuning seeds."""
-        accs = []
+    """``(score by lr, chosen lr, bracketed)`` for one label (:func:`opd.compare.protocol.tune_lr`),
+    the score being ``spec.tune_metric``."""
+    def score(lr: float) -> float:
+        """The final validation ``spec.tune_metric`` at ``lr``, the mean over the tuning seeds."""
+        values = []
         for seed in spec.tuning_seeds:
             result = run_or_reuse(run_config(spec, label, seed, lr, _tune_path(spec, out, label, lr, seed), tune=True), force)
             _say(f"tune {label} lr {lr:g}" + (f" seed {seed}" if len(spec.tuning_seeds) > 1 else ""), result)
-            accs.append(result["history"][-1].get("eval/accuracy", float("nan")))
-        return sum(accs) / len(accs)
+            values.append(result["history"][-1].get(f"eval/{spec.tune_metric}", float("nan")))
+        return sum(values) / len(values)
 
-    return protocol.tune_lr(spec.lr_grid, accuracy, spec.lr_extend)
+    return protocol.tune_lr(spec.lr_grid, score, spec.lr_extend)
 
 
 def tune(spec: Spec, out: Path, force: bool) -> dict | None:
@@ -437,7 +453,8 @@ def tune(spec: Spec, out: Path, force: bool) -> dict | None:
     for label in spec.methods:
         scores, chosen[label], bracketed[label] = _tune_label(spec, out, label, force)
         grid[label] = {f"{lr:g}": acc for lr, acc in sorted(scores.items())}
-    return {"grid": grid, "chosen": chosen, "bracketed": bracketed, "seed": spec.tuning_seed, "seeds": spec.tuning_seeds}
+    return {"grid": grid, "chosen": chosen, "bracketed": bracketed, "seed": spec.tuning_seed, "seeds": spec.tuning_seeds,
+            "metric": spec.tune_metric}
 
 
 def teacher_accuracy(cfg: TrainConfig, sampled: bool = False) -> float | None:

@@ -132,7 +132,7 @@ def spread_text(summary: dict) -> str:
 
 
 def grid_table(lr_info: dict) -> str:
-    """Each label's validation accuracy at every lr it was tuned at (``-``: not tried: the
+    """Each label's validation score (``lr_info["metric"]``) at every lr it was tuned at (``-``: not tried: the
     grid was widened for another label), its choice, and whether the choice is bracketed."""
     grid = lr_info["grid"]
     lrs = sorted({lr for scores in grid.values() for lr in scores}, key=float)
@@ -155,7 +155,9 @@ def _lr_section(summary: dict) -> str:
     seeds = info.get("seeds") or [info["seed"]]
     which = (f"the tuning seed {seeds[0]}" if len(seeds) == 1
              else f"the mean over the tuning seeds {', '.join(map(str, seeds))}")
-    return (f"Each label's lr was chosen by final greedy accuracy on the validation split with {which} "
+    metric = info.get("metric", "accuracy")
+    judged = "final greedy accuracy" if metric == "accuracy" else f"final {metric} (sampled accuracy)" if metric == "pass@1" else f"final {metric}"
+    return (f"Each label's lr was chosen by {judged} on the validation split with {which} "
             f"(never a reported seed; same budget; ties go to the smaller lr); a choice at an edge of the "
             "grid widened it past that edge and was tuned again. The compared runs then used it on the test split."
             f"\n\n{grid_table(info)}")

@@ -55,7 +55,8 @@ def results_of(spec, summary: dict, teacher_acc: float | None) -> dict:
     return {
         "spec": spec.path, "seeds": spec.seeds, "tuning_seed": info.get("seed"), "tuning_seeds": info.get("seeds"),
         "lr_grid": {label: [float(lr) for lr in grid] for label, grid in info.get("grid", {}).items()},
-        "lr_tuning": info.get("grid", {}), "chosen_lr": info.get("chosen", {}), "bracketed": info.get("bracketed", {}),
+        "lr_tuning": info.get("grid", {}), "tune_metric": info.get("metric", "accuracy") if info else None,
+        "chosen_lr": info.get("chosen", {}), "bracketed": info.get("bracketed", {}),
         "budget": {"kind": spec.budget_kind, "value": spec.budget},
         "test_prompts": summary["eval_size"],
         "protocol": {"unmet": protocol.unmet(seeds=spec.seeds, tuning_seeds=_tuning_seeds(info), grid=spec.lr_grid,
