@@ -415,9 +415,9 @@ def run_or_reuse(cfg: TrainConfig, force: bool = False) -> dict:
     return {**result, "reused": False}
 
 
-def _say(what: str, result: dict) -> None:
-    acc = result["history"][-1].get("eval/accuracy", float("nan"))
-    print(f"{what}: accuracy {acc:.3f}{' (reused)' if result['reused'] else ''}", flush=True)
+def _say(what: str, result: dict, metric: str = "accuracy") -> None:
+    value = result["history"][-1].get(f"eval/{metric}", float("nan"))
+    print(f"{what}: {metric} {value:.3f}{' (reused)' if result['reused'] else ''}", flush=True)
 
 
 def run_degeneracy(runs: dict) -> list[str]:
@@ -437,7 +437,7 @@ def _tune_label(spec: Spec, out: Path, label: str, force: bool) -> tuple[dict, f
         values = []
         for seed in spec.tuning_seeds:
             result = run_or_reuse(run_config(spec, label, seed, lr, _tune_path(spec, out, label, lr, seed), tune=True), force)
-            _say(f"tune {label} lr {lr:g}" + (f" seed {seed}" if len(spec.tuning_seeds) > 1 else ""), result)
+            _say(f"tune {label} lr {lr:g}" + (f" seed {seed}" if len(spec.tuning_seeds) > 1 else ""), result, spec.tune_metric)
             values.append(result["history"][-1].get(f"eval/{spec.tune_metric}", float("nan")))
         return sum(values) / len(values)
 
