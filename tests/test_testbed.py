@@ -65,6 +65,31 @@ def test_the_deep_base_has_its_layers_and_its_own_cache_entry(tmp_path, monkeypa
     assert (layers(shallow), layers(deep)) == (1, testbed.DEEP_LAYERS)
 
 
+def test_warmup_steps_override_a_tasks_own_warmup():
+    """``warmup_steps`` lengthens the SFT of a task with its own :data:`TASK_WARMUP` (modchain's
+    4,000 steps) too; it raised a TypeError there before (two ``steps``)."""
+    assert testbed.student_warmup("modchain")["steps"] == testbed.TASK_WARMUP["modchain"]["steps"]
+    assert testbed.student_warmup("modchain_labeled", 8000)["steps"] == 8000
+    assert testbed.student_warmup("addition", 500) == {**testbed.STUDENT_WARMUP, "steps": 500}
+    assert testbed.student_warmup("addition", correction_rate=0.05)["correction_rate"] == 0.05
+    assert "shorter_rate" not in testbed.student_warmup("modchain")  # the cache keys of bases without it stay
+
+
+def test_a_rewritten_family_gets_new_bases(tmp_path, monkeypatch):
+    """A family with a ``FORMAT`` (modchain_labeled, whose steps were rewritten) puts it in the
+    cache key, so a base trained on the old solutions is never reused for the new ones."""
+    from opd.testbed import modchain_labeled
+
+    monkeypatch.setenv("OPD_CACHE", str(tmp_path))
+    monkeypatch.setattr(testbed, "STUDENT_ARCH", TINY)
+    monkeypatch.setattr(testbed, "TASK_WARMUP", {})
+    monkeypatch.setattr(testbed, "STUDENT_WARMUP", dict(steps=1, lr=1e-3, prompts_per_step=2, stop_at_accuracy=None))
+    now = testbed.prepare_student_base("modchain_labeled", 1, quiet=True, target_accuracy=None)
+    assert json.loads((now / "READY.json").read_text())["format"] == modchain_labeled.FORMAT
+    monkeypatch.setattr(modchain_labeled, "FORMAT", modchain_labeled.FORMAT + 1)
+    assert testbed.prepare_student_base("modchain_labeled", 1, quiet=True, target_accuracy=None) != now
+
+
 def test_unknown_task_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.setenv("OPD_CACHE", str(tmp_path))
     with pytest.raises(KeyError, match="unknown task 'no-such-task'; known: \\['addition', 'addition_swapped', 'modchain', 'modchain_labeled', 'ring'\\]"):

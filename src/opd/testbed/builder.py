@@ -255,6 +255,18 @@ def _build_damaged(clean: Path, path: Path, target: float, seed: int, quiet: boo
     (path / "READY.json").write_text(json.dumps(info, indent=1))
 
 
+def student_warmup(task: str, warmup_steps: int | None = None, correction_rate: float = 0.0, shorter_rate: float = 0.0) -> dict:
+    """The student base's SFT settings: :data:`STUDENT_WARMUP`, then the task's
+    :data:`TASK_WARMUP`, then ``warmup_steps`` when given (it overrides both); the rates only
+    when non-zero (so the cache keys of bases without them stay as they were)."""
+    warmup = {**STUDENT_WARMUP, **TASK_WARMUP.get(task, {}), **({"steps": warmup_steps} if warmup_steps else {})}
+    if correction_rate:
+        warmup["correction_rate"] = correction_rate
+    if shorter_rate:
+        warmup["shorter_rate"] = shorter_rate
+    return warmup
+
+
 def prepare_student_base(
     task: str = "addition", horizon: int = 4, *, seed: int = 0, quiet: bool = False,
     target_accuracy: float | None = STUDENT_TARGET, warmup_steps: int | None = None, correction_rate: float = 0.0,
@@ -267,11 +279,7 @@ def prepare_student_base(
     that can say ``wait``: ``student=testbed-wait``); ``layers``: the model's depth
     (default 2; ``student=testbed-x4`` is the same base with :data:`DEEP_LAYERS`);
     ``shorter_rate``: the fraction of its SFT problems of a shorter horizon (a curriculum)."""
-    warmup = dict(STUDENT_WARMUP, **TASK_WARMUP.get(task, {}), **({"steps": warmup_steps} if warmup_steps else {}))
-    if correction_rate:
-        warmup["correction_rate"] = correction_rate
-    if shorter_rate:
-        warmup["shorter_rate"] = shorter_rate
+    warmup = student_warmup(task, warmup_steps, correction_rate, shorter_rate)
     arch = STUDENT_ARCH if layers is None else dict(STUDENT_ARCH, num_hidden_layers=layers)
     clean = _prepare("student", task, horizon, arch, warmup, seed, quiet)
     _warn_unconverged(clean, arch["num_hidden_layers"])
