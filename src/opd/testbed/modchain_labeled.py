@@ -15,17 +15,20 @@ Horizon 4::
 
 Why: in plain ``modchain`` step ``i`` reads operation ``i`` from the prompt by position
 alone, and the testbed's 4-layer student did not learn that at horizon 16 (0.180 after
-4,000 SFT steps; a curriculum over lengths 0.156): its first mistake fell at step 0 in
-73-100% of rollouts, as if it located the operands by their offset from the prompt's end,
-which a longer prompt moves (``opd.testbed.builder``). Here step ``i`` writes its label
-(the successor of the previous step's, a constant offset back) and copies the two words
-after the same label in the prompt (a content match, what attention does well). 7 tokens
-per step, ``7h + 3`` with ``<eos>``; the labels are the family's extra words, so its models
-get the extended tokenizer. Horizons 1 to :data:`MAX_HORIZON`.
+4,000 SFT steps; a curriculum over lengths 0.156). Teacher-forced, that base writes every
+word right but the operation from step 7 on (0.27-0.98 by step) and two results that follow
+it (``docs/results/step_tokens.md``). Here step ``i`` writes its label (the successor of the
+previous step's, a constant offset back) right before its operation, so the operation and
+operand are the words that follow the same label in the prompt: an induction-head copy, what
+attention does well. 7 tokens per step, ``7h + 3`` with ``<eos>``; the labels are the
+family's extra words, so its models get the extended tokenizer. Horizons 1 to
+:data:`MAX_HORIZON`.
 
-Measured: the 4-layer base's SFT recipe did not learn it at horizon 16 either (0.172 greedy
-validation accuracy after 4,000 steps, its loss flat at 0.15 from step 2,000), so the
-labels alone are not what that recipe lacked.
+Measured (the 4-layer base, 4,000 SFT steps, seed 0, greedy validation accuracy): 1.000 at
+horizon 8; 0.316 at horizon 16, where teacher-forced every word is right but the operation
+and operand of step 9 (0.43, 0.73) and the operand of step 16 (0.77). Format 1 wrote the
+label first (``s1 3 + 4 = 0 ;``, the operation two words after it): 0.172 at horizon 16,
+the operation of steps 6 on wrong as in plain ``modchain`` (:data:`FORMAT` keys the bases).
 """
 
 from __future__ import annotations
