@@ -64,6 +64,21 @@ def test_labeled_modchain_is_modchain_with_labels():
         assert modchain_labeled.parse_prompt(bad.split()) is None
 
 
+def test_labeled_steps_put_the_label_before_the_operation():
+    """Format 2: a step is ``v s<i> o d = r``; the label has no plausible wrong words, the
+    other words are modchain's (with the same alternatives), and a step without its label
+    in second place does not fit the grammar."""
+    spec = modchain_labeled.parse_prompt("chain 7 start 3 s1 + 4 s2 * 2 =".split())
+    done = [("3", "s1", "+", "4", "=", "0")]
+    assert modchain_labeled.next_token(spec, [], []) == modchain.next_token(spec, [], [])
+    assert modchain_labeled.next_token(spec, done, ["0"]) == ("s2", ())
+    assert modchain_labeled.next_token(spec, done, ["0", "s2"]) == modchain.next_token(spec, [("3", "+", "4", "=", "0")], ["0"])
+    assert modchain_labeled.next_token(spec, done, ["0", "s2", "*", "2", "="])[0] == "0"
+    for wrong in (["0", "s1"], ["0", "*"], ["0", "s3", "*"]):
+        assert modchain_labeled.next_token(spec, done, wrong) == (None, ())
+    assert modchain_labeled.next_token(spec, [*done, ("0", "s2", "*", "2", "=", "0")], [])[0] == "ans"
+
+
 BAD_PROMPTS = ["", "add", "add 1 + =", "add 1 2 + 3 =", "add 1 + x =", "mod 7 3 + 4 =", "ring 3 1 start 3 2 ; 0 1 =",
                "ring 3 1 start 0 2 0 1 =", "ring 3 1 start 0 2 ; 0 1"]
 
