@@ -326,6 +326,14 @@ def test_sequences_ratio_needs_every_seed_of_both():
     r = verdicts.sequences_ratio("slow", "fast", partly, fast)
     assert r["ratio_of_means"] is None and r["interval"] is None
     assert r["sentence"] == "slow / fast: no ratio (slow reached it in 1 of 2 seeds)"
+    bounded = verdicts.sequences_ratio("fast", "slow", fast, partly, budget=1000.0)  # (800 + 1000) / 2 over 150
+    assert bounded["lower_bound"] == pytest.approx(6.0) and (bounded["slower"], bounded["faster"]) == ("slow", "fast")
+    assert bounded["ratio_of_means"] is None and bounded["sentence"].endswith(
+        "; slow needed at least 6.00× fast's sequences (its unreached seeds counted at the budget, 1000 sequences)")
+    early = verdicts.sequences_ratio("a", "b", _reach({"0": 50.0, "1": None}), _reach({"0": 400.0, "1": 400.0}), budget=100.0)
+    assert early["lower_bound"] is None and "at least" not in early["sentence"]  # (50 + 100) / 2 / 400 < 1: no bound
+    neither = verdicts.sequences_ratio("slow", "other", partly, _reach({"0": None, "1": 5.0}), budget=1000.0)
+    assert neither["lower_bound"] is None and "at least" not in neither["sentence"]
     one = verdicts.sequences_ratio("a", "b", _reach({"0": 300.0}), _reach({"0": 100.0}))
     assert one["ratio_of_means"] == 3.0 and one["interval"] is None and "no interval with one seed" in one["sentence"]
 

@@ -68,5 +68,6 @@ def results_of(spec, summary: dict, teacher_acc: float | None) -> dict:
         "verdicts": verdicts.all_verdicts(finals, planned=spec.planned),
         "metric_verdicts": verdicts.metric_verdicts(subset_finals(labels, spec.judge), spec.planned),
         "sequences_ratios": [] if threshold is None else verdicts.sequences_ratios(
-            {label: entry["sequences_to_target"] for label, entry in labels.items()}, spec.planned),
+            {label: entry["sequences_to_target"] for label, entry in labels.items()}, spec.planned,
+            spec.budget if spec.budget_kind == "sequences" else None),
     }

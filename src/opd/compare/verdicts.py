@@ -35,7 +35,8 @@ Sequences to a target: a run's first evaluation whose accuracy reaches ``target`
 fraction of the teacher's measured test accuracy) gives the sequences it used; a label's
 number is the mean over its seeds when every seed reached it, else it did not reach it
 (how many seeds did is shown). A ratio of two labels (:func:`sequences_ratio`) is given only
-when every seed of both reached it: the ratio of their means, and the geometric mean of the
+when every seed of both reached it (else, where one label's seeds all did, a lower bound
+with the other's unreached seeds counted at the budget): the ratio of their means, and the geometric mean of the
 per-seed ratios with the rule's t interval taken on their logarithms (paired by seed),
 
     exp(mean(l) ± t_{0.975, n−1} · sd(l) / √n),      l_s = ln(a_s / b_s),
@@ -241,21 +242,26 @@ def target_summary(histories: dict, threshold: float) -> dict:
     return {"per_seed": per_seed, "reached": reached, "mean": mean}
 
 
-def sequences_ratio(a: str, b: str, a_reach: dict, b_reach: dict) -> dict:
+def sequences_ratio(a: str, b: str, a_reach: dict, b_reach: dict, budget: float | None = None) -> dict:
     """How many times the sequences label ``a`` needed to reach the target are ``b``'s
     (``a_reach``, ``b_reach``: :func:`target_summary` records), oriented so that the slower
     label comes first: ``{"slower", "faster", "ratio_of_means", "geometric_mean",
-    "interval", "sentence"}``; ``None`` ratios, and a sentence that says why, when a seed of
-    either did not reach it."""
+    "interval", "lower_bound", "sentence"}``; ``None`` ratios, and a sentence that says why,
+    when a seed of either did not reach it. Then, when every seed of one label reached it
+    and ``budget`` (the runs' budget in sequences) is given, ``lower_bound`` is the ratio
+    with the other's unreached seeds counted at the budget, where each needed more: the
+    ratio of means is at least that (said when it is above 1)."""
     a_seeds, b_seeds = a_reach["per_seed"], b_reach["per_seed"]
     seeds = sorted(set(a_seeds) & set(b_seeds), key=str)
     missing = [(label, reach) for label, reach in ((a, a_reach), (b, b_reach)) if reach["mean"] is None]
-    out = {"slower": a, "faster": b, "seeds": seeds, "ratio_of_means": None, "geometric_mean": None, "interval": None}
+    out = {"slower": a, "faster": b, "seeds": seeds, "ratio_of_means": None, "geometric_mean": None, "interval": None,
+           "lower_bound": None}
     if missing or not seeds:
         why = "; ".join(f"{label} reached it in {reach['reached']} of {len(reach['per_seed'])} seeds" for label, reach in missing)
-        return {**out, "sentence": f"{a} / {b}: no ratio ({why or 'no paired seeds'})"}
+        return {**out, **_censored(a, b, a_reach, b_reach, budget), "sentence": f"{a} / {b}: no ratio ({why or 'no paired seeds'})"
+                + _censored_text(a, b, a_reach, b_reach, budget)}
     if a_reach["mean"] < b_reach["mean"]:
-        return sequences_ratio(b, a, b_reach, a_reach)
+        return sequences_ratio(b, a, b_reach, a_reach, budget)
     logs = [math.log(a_seeds[s] / b_seeds[s]) for s in seeds]
     out.update(ratio_of_means=a_reach["mean"] / b_reach["mean"], geometric_mean=math.exp(float(np.mean(logs))))
     text = f"{a} needed {out['ratio_of_means']:.2f}× {b}'s sequences (ratio of means)"
@@ -267,7 +273,27 @@ def sequences_ratio(a: str, b: str, a_reach: dict, b_reach: dict) -> dict:
                               f"{LEVEL:.0%} interval [{out['interval'][0]:.2f}×, {out['interval'][1]:.2f}×] over {len(seeds)} seeds"}
 
 
-def sequences_ratios(reaches: dict[str, dict], planned: list[tuple[str, str]] | None = None) -> list[dict]:
+def _censored(a: str, b: str, a_reach: dict, b_reach: dict, budget: float | None) -> dict:
+    """``{"slower", "faster", "lower_bound"}`` when one label reached the target in every seed
+    and the other did not, its unreached seeds counted at ``budget``, and that bound is above 1; else ``{}``."""
+    if budget is None or (a_reach["mean"] is None) == (b_reach["mean"] is None):
+        return {}
+    (slow, slow_reach), (fast, fast_reach) = ((a, a_reach), (b, b_reach)) if a_reach["mean"] is None else ((b, b_reach), (a, a_reach))
+    counted = [budget if v is None else v for v in slow_reach["per_seed"].values()]
+    bound = float(np.mean(counted)) / fast_reach["mean"] if counted and fast_reach["mean"] else 0.0
+    return {"slower": slow, "faster": fast, "lower_bound": bound} if bound > 1 else {}
+
+
+def _censored_text(a: str, b: str, a_reach: dict, b_reach: dict, budget: float | None) -> str:
+    found = _censored(a, b, a_reach, b_reach, budget)
+    if not found:
+        return ""
+    return (f"; {found['slower']} needed at least {found['lower_bound']:.2f}× {found['faster']}'s sequences "
+            f"(its unreached seeds counted at the budget, {budget:g} sequences)")
+
+
+def sequences_ratios(reaches: dict[str, dict], planned: list[tuple[str, str]] | None = None,
+                     budget: float | None = None) -> list[dict]:
     """:func:`sequences_ratio` for the ``planned`` pairs (every pair, in the spec's order,
     when none are planned) whose labels both have a :func:`target_summary` record."""
     labels = [label for label, reach in reaches.items() if reach is not None]
@@ -275,4 +301,4 @@ def sequences_ratios(reaches: dict[str, dict], planned: list[tuple[str, str]] | 
     if planned is not None:
         wanted = {frozenset(pair) for pair in planned}
         pairs = [pair for pair in pairs if frozenset(pair) in wanted]
-    return [sequences_ratio(a, b, reaches[a], reaches[b]) for a, b in pairs]
+    return [sequences_ratio(a, b, reaches[a], reaches[b], budget) for a, b in pairs]
