@@ -73,6 +73,10 @@ def test_warmup_steps_override_a_tasks_own_warmup():
     assert testbed.student_warmup("addition", 500) == {**testbed.STUDENT_WARMUP, "steps": 500}
     assert testbed.student_warmup("addition", correction_rate=0.05)["correction_rate"] == 0.05
     assert "shorter_rate" not in testbed.student_warmup("modchain")  # the cache keys of bases without it stay
+    long = testbed.student_warmup("modchain_labeled", horizon=16)
+    assert (long["steps"], long["lr"]) == (1200, 1e-3) and testbed.student_warmup("modchain_labeled", horizon=32)["lr"] == 1e-3
+    assert testbed.student_warmup("modchain_labeled", horizon=8) == testbed.student_warmup("modchain_labeled")  # h8 unchanged
+    assert testbed.student_warmup("modchain", horizon=16)["lr"] == testbed.STUDENT_WARMUP["lr"]  # plain modchain unchanged
 
 
 def test_a_rewritten_family_gets_new_bases(tmp_path, monkeypatch):

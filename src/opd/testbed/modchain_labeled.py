@@ -27,7 +27,8 @@ family's extra words, so its models get the extended tokenizer. Horizons 1 to
 Measured (the 4-layer base, 4,000 SFT steps, seed 0, greedy validation accuracy): 1.000 at
 horizon 8; 0.316 at horizon 16, where teacher-forced every word is right but the operation
 and operand of step 9 (0.43, 0.73) and the operand of step 16 (0.77); seed 1: 0.152, so
-horizon 16 is not reliably learned. Format 1 wrote the
+that recipe does not learn horizon 16 reliably; at lr 1e-3 over 1,200 steps it does (1.000
+and 0.980 with seeds 0 and 1; ``opd.testbed.builder.LONG_WARMUP``). Format 1 wrote the
 label first (``s1 3 + 4 = 0 ;``, the operation two words after it): 0.172 at horizon 16,
 the operation of steps 6 on wrong as in plain ``modchain`` (:data:`FORMAT` keys the bases).
 """
