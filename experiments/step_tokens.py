@@ -29,7 +29,9 @@ from opd.testbed.builder import prepare_student_base, prepared_info
 from opd.testbed.tasks import make_task
 
 ROOT = Path(__file__).resolve().parents[1]
-BASES = [("modchain", 16), ("modchain_labeled", 8), ("modchain_labeled", 16)]
+# (task, horizon, SFT overrides): the labelled horizon-16 row is the 4,000-step recipe at lr 3e-3
+# that horizon 16 had before its own (LONG_WARMUP: lr 1e-3, 1,200 steps, which learns it)
+BASES = [("modchain", 16, {}), ("modchain_labeled", 8, {}), ("modchain_labeled", 16, dict(warmup_steps=4000, lr=3e-3))]
 SLOTS = {"modchain": ["value", "operation", "operand", "=", "result", ";"],
          "modchain_labeled": ["value", "label", "operation", "operand", "=", "result", ";"]}
 
@@ -50,8 +52,8 @@ def hits_by_slot(model, tokenizer, problems, task: str, horizon: int) -> dict[st
     return {slot: (right[i] / len(problems)).tolist() for i, slot in enumerate(slots)}
 
 
-def measure(task: str, horizon: int, prompts: int) -> dict:
-    path = prepare_student_base(task, horizon, layers=4, target_accuracy=None, quiet=True)
+def measure(task: str, horizon: int, prompts: int, overrides: dict) -> dict:
+    path = prepare_student_base(task, horizon, layers=4, target_accuracy=None, quiet=True, **overrides)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
     problems = make_task(task, horizon).problems("test", prompts, seed=0)
     return {"base": path.name, "greedy_val_accuracy": prepared_info(path)["warmup_eval_val"]["eval/accuracy"],
@@ -72,7 +74,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=128)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    results = {f"{task} h{h}": measure(task, h, args.prompts) for task, h in BASES}
+    results = {f"{task} h{h}": measure(task, h, args.prompts, overrides) for task, h, overrides in BASES}
     out = ROOT / "docs" / "results"
     (out / "step_tokens").mkdir(exist_ok=True)
     (out / "step_tokens" / "results.json").write_text(json.dumps({"prompts": args.prompts, "bases": results}, indent=1))

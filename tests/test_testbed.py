@@ -77,6 +77,8 @@ def test_warmup_steps_override_a_tasks_own_warmup():
     assert (long["steps"], long["lr"]) == (1200, 1e-3) and testbed.student_warmup("modchain_labeled", horizon=32)["lr"] == 1e-3
     assert testbed.student_warmup("modchain_labeled", horizon=8) == testbed.student_warmup("modchain_labeled")  # h8 unchanged
     assert testbed.student_warmup("modchain", horizon=16)["lr"] == testbed.STUDENT_WARMUP["lr"]  # plain modchain unchanged
+    before = testbed.student_warmup("modchain_labeled", 4000, horizon=16, lr=3e-3)  # the recipe horizon 16 had before
+    assert before == {**testbed.STUDENT_WARMUP, "steps": 4000, "lr": 3e-3}
 
 
 def test_a_rewritten_family_gets_new_bases(tmp_path, monkeypatch):

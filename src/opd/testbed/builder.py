@@ -266,14 +266,14 @@ def _build_damaged(clean: Path, path: Path, target: float, seed: int, quiet: boo
 
 
 def student_warmup(task: str, warmup_steps: int | None = None, correction_rate: float = 0.0, shorter_rate: float = 0.0,
-                   horizon: int = 0) -> dict:
+                   horizon: int = 0, lr: float | None = None) -> dict:
     """The student base's SFT settings: :data:`STUDENT_WARMUP`, then the task's
     :data:`TASK_WARMUP` (its :data:`LONG_WARMUP` from that horizon on), then ``warmup_steps``
-    when given (it overrides both); the rates only when non-zero (so the cache keys of bases
-    without them stay as they were)."""
+    when given (it overrides both), and ``lr`` likewise; the rates only when non-zero (so the
+    cache keys of bases without them stay as they were)."""
     start, long = LONG_WARMUP.get(task, (math.inf, {}))
     task_warmup = long if horizon >= start else TASK_WARMUP.get(task, {})
-    warmup = {**STUDENT_WARMUP, **task_warmup, **({"steps": warmup_steps} if warmup_steps else {})}
+    warmup = {**STUDENT_WARMUP, **task_warmup, **({"steps": warmup_steps} if warmup_steps else {}), **({"lr": lr} if lr else {})}
     if correction_rate:
         warmup["correction_rate"] = correction_rate
     if shorter_rate:
@@ -284,16 +284,17 @@ def student_warmup(task: str, warmup_steps: int | None = None, correction_rate: 
 def prepare_student_base(
     task: str = "addition", horizon: int = 4, *, seed: int = 0, quiet: bool = False,
     target_accuracy: float | None = STUDENT_TARGET, warmup_steps: int | None = None, correction_rate: float = 0.0,
-    layers: int | None = None, shorter_rate: float = 0.0,
+    layers: int | None = None, shorter_rate: float = 0.0, lr: float | None = None,
 ) -> Path:
     """The student base (cached): converged by SFT, then damaged down to ``target_accuracy``
     (greedy, validation); ``target_accuracy=None`` gives the undamaged model.
-    ``warmup_steps`` shortens or lengthens the SFT warm-up (its cosine schedule scales with it);
+    ``warmup_steps`` shortens or lengthens the SFT warm-up (its cosine schedule scales with it),
+    ``lr`` sets its peak learning rate;
     ``correction_rate``: the fraction of its SFT solutions with one corrected step (a base
     that can say ``wait``: ``student=testbed-wait``); ``layers``: the model's depth
     (default 2; ``student=testbed-x4`` is the same base with :data:`DEEP_LAYERS`);
     ``shorter_rate``: the fraction of its SFT problems of a shorter horizon (a curriculum)."""
-    warmup = student_warmup(task, warmup_steps, correction_rate, shorter_rate, horizon)
+    warmup = student_warmup(task, warmup_steps, correction_rate, shorter_rate, horizon, lr)
     arch = STUDENT_ARCH if layers is None else dict(STUDENT_ARCH, num_hidden_layers=layers)
     clean = _prepare("student", task, horizon, arch, warmup, seed, quiet)
     _warn_unconverged(clean, arch["num_hidden_layers"])
