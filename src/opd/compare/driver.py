@@ -50,6 +50,7 @@ from pathlib import Path
 import yaml
 
 from opd.compare import protocol
+from opd.compare.spec_checks import JUDGEABLE, _error, _judge, _planned, _tune_metric  # noqa: F401 (JUDGEABLE: API)
 from opd.compare.results import results_of, subset_finals  # noqa: F401 (subset_finals: part of this module's API)
 from opd.config.loader import ConfigError, config_to_dict
 from opd.errors import UserError
@@ -57,7 +58,6 @@ from opd.config.train import TrainConfig
 
 SPEC_KEYS = ["base", "methods", "seeds", "budget_kind", "budget", "lr_grid", "tuning_seed", "lr_extend", "target", "eval_every",
              "judge", "planned", "tune_metric"]
-JUDGEABLE = re.compile(r"^pass@[1-9]\d*$")  # further final metrics a spec may ask verdicts on (pass@1: sampled accuracy)
 BUDGET_KINDS = ("steps", "sequences", "teacher_tokens", "wall_s")
 SET_BY_COMPARE = {
     "seed": "list the seeds under `seeds:`", "run_dir": "runs go under --out", "resume": "a re-run reuses finished runs",
@@ -92,10 +92,6 @@ class Spec:
     judge: list[str] = field(default_factory=list)  # further final metrics judged by the rule (pass@k)
     planned: list[tuple[str, str]] | None = None  # the pairs Holm's correction runs over (None: every pair)
     tune_metric: str = "accuracy"  # the final validation metric the lr is chosen by (greedy accuracy, or pass@k)
-
-
-def _error(spec_path: str, where: str, msg: str) -> UserError:
-    return UserError(f"spec '{spec_path}', {where}: {msg}")
 
 
 def _read_spec(path: str) -> dict:
@@ -215,54 +211,6 @@ def _target(path: str, raw) -> float | None:
     if value > 1:
         raise _error(path, "target", f"is a fraction of the teacher's accuracy, in (0, 1]; got {raw!r}")
     return value
-
-
-def _measured_pass(path: str, key: str, name, base: dict) -> str:
-    """``name`` when it is pass@k at the runs' ``eval_k`` (``base``: the spec's base and command line)."""
-    eval_k = int(base.get("eval_k", TrainConfig.model_fields["eval_k"].default))
-    if not isinstance(name, str) or not JUDGEABLE.match(name):
-        raise _error(path, key, f"takes pass@k at the runs' eval_k (e.g. pass@8, or pass@1: accuracy sampled at eval_temperature); got {name!r}")
-    if int(name[5:]) != eval_k:
-        raise _error(path, key, f"{name} is not measured: the runs evaluate pass@{eval_k} (set `eval_k: {name[5:]}` under `base:`)")
-    return name
-
-
-def _judge(path: str, raw, base: dict) -> list[str]:
-    if raw is None:
-        return []
-    return [_measured_pass(path, "judge", name, base) for name in (raw if isinstance(raw, list) else [raw])]
-
-
-def _tune_metric(path: str, raw, base: dict, grid: list[float]) -> str:
-    """``accuracy`` (greedy, the default) or pass@k at the runs' eval_k; only with an lr grid."""
-    if raw is None or raw == "accuracy":
-        return "accuracy"
-    if not grid:
-        raise _error(path, "tune_metric", "says how lr_grid is judged, and there is no lr_grid: add one or drop tune_metric")
-    return _measured_pass(path, "tune_metric", raw, base)
-
-
-def _planned(path: str, raw, methods: dict) -> list[tuple[str, str]] | None:
-    """``planned:`` as pairs of labels: each ``a:b`` (or ``[a, b]``) of two distinct labels of
-    ``methods:``, none twice."""
-    if raw is None:
-        return None
-    if not isinstance(raw, list) or not raw:
-        raise _error(path, "planned", f"lists the pairs of labels to correct over, e.g. [opd:grpo, opd:sft]; got {raw!r}")
-    pairs, seen = [], set()
-    for item in raw:
-        pair = tuple(item.split(":")) if isinstance(item, str) else tuple(item) if isinstance(item, list) else ()
-        if len(pair) != 2 or pair[0] == pair[1]:
-            raise _error(path, "planned", f"{item!r} is not a pair of two labels: write it as a:b (e.g. opd:grpo)")
-        unknown = [label for label in pair if label not in methods]
-        if unknown:
-            raise _error(path, "planned", f"{item!r} names {unknown[0]!r}, not a label under methods: "
-                         f"(labels: {', '.join(methods)})")
-        if frozenset(pair) in seen:
-            raise _error(path, "planned", f"{item!r} is listed twice; list each pair once")
-        seen.add(frozenset(pair))
-        pairs.append(pair)
-    return pairs
 
 
 def _apply_cli(data: dict, overrides: list[str]) -> list[str]:
