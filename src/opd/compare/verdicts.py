@@ -258,8 +258,8 @@ def sequences_ratio(a: str, b: str, a_reach: dict, b_reach: dict, budget: float 
            "lower_bound": None}
     if missing or not seeds:
         why = "; ".join(f"{label} reached it in {reach['reached']} of {len(reach['per_seed'])} seeds" for label, reach in missing)
-        return {**out, **_censored(a, b, a_reach, b_reach, budget), "sentence": f"{a} / {b}: no ratio ({why or 'no paired seeds'})"
-                + _censored_text(a, b, a_reach, b_reach, budget)}
+        bound = _censored(a, b, a_reach, b_reach, budget)
+        return {**out, **bound, "sentence": f"{a} / {b}: no ratio ({why or 'no paired seeds'})" + _censored_text(bound, budget)}
     if a_reach["mean"] < b_reach["mean"]:
         return sequences_ratio(b, a, b_reach, a_reach, budget)
     logs = [math.log(a_seeds[s] / b_seeds[s]) for s in seeds]
@@ -284,8 +284,7 @@ def _censored(a: str, b: str, a_reach: dict, b_reach: dict, budget: float | None
     return {"slower": slow, "faster": fast, "lower_bound": bound} if bound > 1 else {}
 
 
-def _censored_text(a: str, b: str, a_reach: dict, b_reach: dict, budget: float | None) -> str:
-    found = _censored(a, b, a_reach, b_reach, budget)
+def _censored_text(found: dict, budget: float | None) -> str:
     if not found:
         return ""
     return (f"; {found['slower']} needed at least {found['lower_bound']:.2f}× {found['faster']}'s sequences "
