@@ -1,6 +1,6 @@
 """Run one shipped experiment (``experiments/NAME.yaml``) with ``opd compare`` and publish it.
 
-    python experiments/run.py NAME [--out runs/NAME] [--force]
+    python experiments/run.py NAME [--out runs/NAME] [--force] [--jobs N]
 
 Writes ``docs/results/NAME.md`` (the comparison report: the protocol and what of it is not
 met, seeds, learning-rate grid, final accuracy mean ± std, the verdicts by the stated rule,
@@ -43,10 +43,11 @@ def main() -> None:
     ap.add_argument("name")
     ap.add_argument("--out", default=None)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time, one worker process (one thread) each")
     args = ap.parse_args()
     torch.set_num_threads(1)  # the testbed's tiny models gain nothing from more threads
     out = Path(args.out or f"runs/{args.name}")
-    compare(str(ROOT / "experiments" / f"{args.name}.yaml"), str(out), force=args.force)
+    compare(str(ROOT / "experiments" / f"{args.name}.yaml"), str(out), force=args.force, jobs=args.jobs)
     print(f"wrote {publish(args.name, out)}")
 
 

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from opd.cli import main
@@ -202,3 +203,41 @@ def test_a_run_from_before_a_new_config_key_is_reused_at_its_default(tiny_studen
     assert compare(spec, str(out))["labels"]["opd"]["runs"][0]["reused"]
     path.write_text(json.dumps(saved))
     assert not compare(spec, str(out), overrides=["oracle_noise_kind=off_by_one"])["labels"]["opd"]["runs"][0]["reused"]
+
+
+def test_jobs_run_every_run_in_workers_with_the_serial_numbers(tiny_student_dir, tmp_path, capsys):
+    spec = _write_spec(tmp_path, tiny_student_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # each worker runs one thread: the same arithmetic as this serial run
+    try:
+        serial = compare(spec, str(tmp_path / "serial"))
+        capsys.readouterr()
+        parallel = compare(spec, str(tmp_path / "parallel"), jobs=2)
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out.splitlines()
+    assert _numbers(parallel) == _numbers(serial) and parallel["lr_info"] == serial["lr_info"]
+    assert any(len(grid) > 2 for grid in serial["lr_info"]["grid"].values())  # a widening wave ran
+    results = sorted(p.relative_to(tmp_path / "parallel") for p in (tmp_path / "parallel").glob("*/*/*/result.json"))
+    assert results == sorted(p.relative_to(tmp_path / "serial") for p in (tmp_path / "serial").glob("*/*/*/result.json"))
+    workers = [ln for ln in printed if ln.endswith("(worker)")]
+    assert len(workers) == len(results)  # every run in a worker, none twice
+    here = [ln for ln in printed if ": accuracy" in ln and not ln.endswith("(worker)")]
+    assert len(here) == len(results) and all(ln.endswith("(reused)") for ln in here)
+
+
+def test_jobs_below_one_is_refused(tiny_student_dir, tmp_path, capsys):
+    spec = _write_spec(tmp_path, tiny_student_dir)
+    assert main(["compare", spec, "--out", str(tmp_path / "out"), "--jobs", "0"]) == 2
+    assert "--jobs 0: the number of worker processes must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_that_fails_in_a_worker_raises_its_error_here(tmp_path):
+    from opd.testbed.builder import save_initial
+
+    student = save_initial(tmp_path / "student", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2), seed=0)
+    (Path(student) / "model.safetensors").write_bytes(b"not weights")
+    with pytest.raises(UserError, match="cannot load the student"):
+        compare(_write_spec(tmp_path, str(student)), str(tmp_path / "out"), jobs=2)
+    assert not list((tmp_path / "out").glob("*/*/*/result.json"))

@@ -34,7 +34,8 @@ A label whose method reduces to another one on its runs (``opd.methods.degenerac
 threshold no token reaches) is marked in the report's table with the knob to change.
 Runs go to ``OUT/runs/LABEL/seedS`` (tuning runs to ``OUT/tune/LABEL/lrX``); each finished
 run leaves ``result.json`` with its config and evaluation history, and a re-run reuses it when
-the config is the same (``--force`` recomputes). The whole spec is checked, and every config
+the config is the same (``--force`` recomputes). ``--jobs N`` runs them on N worker processes
+(:mod:`opd.compare.parallel`), with the numbers of a serial run. The whole spec is checked, and every config
 built, before any run starts. Writes ``OUT/report.md``, ``OUT/summary.json`` and PNGs.
 """
 
@@ -347,18 +348,36 @@ def _saved_key(saved: dict) -> dict:
     return {**{k: v for k, v in defaults.items() if k not in saved}, **{k: v for k, v in saved.items() if k not in NOT_IN_REUSE_KEY}}
 
 
+def finished_result(cfg: TrainConfig) -> dict | None:
+    """The saved ``{"config", "history"}`` of the finished run in ``cfg.run_dir`` when its
+    config is ``cfg``'s, else None."""
+    path = Path(cfg.run_dir) / RESULT_FILE
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    return saved if _saved_key(saved.get("config") or {}) == _reuse_key(cfg) else None
+
+
+def forget_results(spec: Spec, out: Path) -> int:
+    """Delete the saved results of ``spec``'s labels under ``out`` (``--force``: every run is
+    recomputed, and a killed forced comparison reuses none of the old ones); returns how many."""
+    paths = [p for label in spec.methods for where in ("runs", "tune") for p in (out / where / label).glob(f"*/{RESULT_FILE}")]
+    for path in paths:
+        path.unlink()
+    return len(paths)
+
+
 def run_or_reuse(cfg: TrainConfig, force: bool = False) -> dict:
     """``{"config", "history", "reused"}``: the finished run in ``cfg.run_dir`` if its config is
     ``cfg`` (and not ``force``), else a fresh run."""
     from opd.run.runner import train
 
-    path, key = Path(cfg.run_dir) / RESULT_FILE, _reuse_key(cfg)
-    if not force and path.exists():
-        saved = json.loads(path.read_text())
-        if _saved_key(saved.get("config") or {}) == key:
-            return {**saved, "reused": True}
+    saved = None if force else finished_result(cfg)
+    if saved is not None:
+        return {**saved, "reused": True}
+    path = Path(cfg.run_dir) / RESULT_FILE
     path.unlink(missing_ok=True)
-    result = {"config": key, "history": train(cfg)}
+    result = {"config": _reuse_key(cfg), "history": train(cfg)}
     path.write_text(json.dumps(result, indent=1))
     return {**result, "reused": False}
 
@@ -422,21 +441,32 @@ def teacher_accuracy(cfg: TrainConfig, sampled: bool = False) -> float | None:
     return sum(env.verify(p, c) for p, c in zip(problems, completions)) / len(problems)
 
 
-def compare(spec_path: str, out_dir: str | None = None, overrides: list[str] = (), force: bool = False) -> dict:
-    """Run (or reuse) every label x seed under the budget and write the report; returns the summary."""
+def compare(spec_path: str, out_dir: str | None = None, overrides: list[str] = (), force: bool = False, jobs: int = 1) -> dict:
+    """Run (or reuse) every label x seed under the budget and write the report; returns the
+    summary. ``force``: recompute every run; ``jobs`` > 1: the runs on that many worker
+    processes first (:mod:`opd.compare.parallel`), then this serial pass reuses them."""
+    import torch
+
+    from opd.compare.parallel import prerun
     from opd.compare.report import write_compare_report
 
+    if jobs < 1:
+        raise UserError(f"--jobs {jobs}: the number of worker processes must be at least 1")
     spec = load_spec(spec_path, overrides)
     out = Path(out_dir or Path("runs") / "compare" / Path(spec_path).stem)
     check_all(spec, out)
-    lr_info = tune(spec, out, force)
+    if force:
+        forget_results(spec, out)
+    if jobs > 1:
+        prerun(spec, out, jobs, torch.get_num_threads())
+    lr_info = tune(spec, out, False)
     labels = {}
     for label in spec.methods:
         lr = lr_info["chosen"][label] if lr_info else None
         runs = {}
         for seed in spec.seeds:
             cfg = run_config(spec, label, seed, lr, run_path(out, label, seed))
-            result = run_or_reuse(cfg, force)
+            result = run_or_reuse(cfg)
             _say(f"{label} seed {seed}", result)
             runs[seed] = {"history": result["history"], "run_dir": cfg.run_dir, "reused": result["reused"]}
         labels[label] = {"lr": cfg.lr, "method": cfg.method, "overrides": spec.methods[label], "runs": runs,
