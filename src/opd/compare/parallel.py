@@ -34,26 +34,25 @@ class _NotRun(Exception):
         self.configs = configs
 
 
-def prerun(spec, out: Path, jobs: int, threads: int) -> int:
+def prerun(spec, out: Path, jobs: int, threads: int, driver) -> int:
     """Run every run of ``spec`` that has no finished result, ``jobs`` at a time, wave by wave;
-    returns the number of runs started."""
+    returns the number of runs started. ``driver``: :mod:`opd.compare.driver`, passed in by it
+    (its configs, paths and ``run_or_reuse``), so that this module does not import it back."""
     context = multiprocessing.get_context("spawn")  # no forked torch state
     started = 0
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(max(1, threads // jobs),)) as pool:
         for _ in range(spec.lr_extend + 3):  # the grid, each widening, the reported seeds
-            wave = [(what, cfg) for label in spec.methods for what, cfg in _pending(spec, out, label)]
+            wave = [(what, cfg) for label in spec.methods for what, cfg in _pending(spec, out, label, driver)]
             if not wave:
                 break
-            _run_wave(pool, wave)
+            _run_wave(pool, wave, driver.run_or_reuse)
             started += len(wave)
     return started
 
 
-def _pending(spec, out: Path, label: str) -> list[tuple[str, object]]:
+def _pending(spec, out: Path, label: str, driver) -> list[tuple[str, object]]:
     """``(what, config)`` of the runs ``label`` needs next: its unfinished grid runs, else the
     unfinished run of a widening, else its unfinished reported seeds (none: all finished)."""
-    from opd.compare import driver
-
     def tuning(lr: float) -> list:
         return [(f"tune {label} lr {lr:g} seed {seed}", driver.run_config(spec, label, seed, lr, driver._tune_path(spec, out, label, lr, seed),
                                                                           tune=True)) for seed in spec.tuning_seeds]
@@ -80,9 +79,9 @@ def _pending(spec, out: Path, label: str) -> list[tuple[str, object]]:
     return [(what, cfg) for what, cfg in seeds if driver.finished_result(cfg) is None]
 
 
-def _run_wave(pool: ProcessPoolExecutor, wave: list[tuple[str, object]]) -> None:
+def _run_wave(pool: ProcessPoolExecutor, wave: list[tuple[str, object]], run_or_reuse) -> None:
     """Run ``wave`` on ``pool``; the first failure cancels the runs not started and raises."""
-    futures = {pool.submit(_run_one, cfg): what for what, cfg in wave}
+    futures = {pool.submit(_run_one, run_or_reuse, cfg): what for what, cfg in wave}
     pending = set(futures)
     while pending:
         done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -99,8 +98,6 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_one(cfg) -> float:
+def _run_one(run_or_reuse, cfg) -> float:
     """Run ``cfg`` (or reuse it) in a worker; its final accuracy."""
-    from opd.compare.driver import run_or_reuse
-
     return run_or_reuse(cfg)["history"][-1].get("eval/accuracy", float("nan"))
