@@ -120,7 +120,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("spec", help="YAML spec: base, methods, seeds, budget_kind, budget, lr_grid, eval_every")
     c.add_argument("--out", help="where runs and the report go (default runs/compare/SPEC_NAME)")
     c.add_argument("--force", action="store_true", help="recompute runs instead of reusing finished ones")
-    c.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own worker process (default 1)")
+    c.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own worker process (and its own GPU when CUDA sees several; default 1)")
     c.add_argument("overrides", nargs="*", help="key=value: spec keys (seeds=3, budget=512) or config keys for every run")
     c.set_defaults(func=cmd_compare)
     methods = sub.add_parser("methods", help="list the methods, the pitfall each fixes, their knobs")

@@ -1,20 +1,27 @@
 """``opd compare --jobs N``: a comparison's runs on N worker processes.
 
 Every run of a comparison has a config known in advance once the lrs it depends on are
-chosen, so the runs go to the workers in waves, each wave every run that can start:
+chosen, so each run goes to a worker as soon as its config is known, and every finished run
+may make more known:
 
-1. every label's grid on its tuning seeds;
-2. each label whose choice sits at an edge: the lr past it (:func:`opd.compare.protocol.tune_lr`),
-   up to ``lr_extend`` waves;
-3. every label's reported seeds at its chosen lr.
+1. every label's grid on its tuning seeds (known from the start);
+2. for a label whose choice sits at an edge, the lr past it (:func:`opd.compare.protocol.tune_lr`),
+   up to ``lr_extend`` times, once that label's last grid run has finished;
+3. the label's reported seeds at its chosen lr, once its tuning is done.
 
-A worker writes each run's ``result.json`` as the serial path does; the serial path
-(:func:`opd.compare.driver.compare`) then reuses every one of them and writes the report, so
-the numbers, the choices and the report are those of a serial run with the same configs. Each
-worker gets ``threads // jobs`` torch threads (at least one). A failed run stops the pool
-(pending runs are cancelled) and raises in the parent; the finished runs stay on disk and a
-re-run reuses them. The workers are spawned, so a script that calls ``compare(..., jobs=N)``
-needs the ``if __name__ == "__main__":`` guard (``opd compare`` and ``experiments/run.py`` have it).
+A label's widenings and seeds do not wait for another label's grid: a label with short runs
+goes on while the others tune. A worker writes each run's ``result.json`` as the serial path
+does; the serial path (:func:`opd.compare.driver.compare`) then reuses every one of them and
+writes the report, so the numbers, the choices and the report are those of a serial run with
+the same configs. Each worker gets ``threads // jobs`` torch threads (at least one).
+
+GPUs: when the runs use ``device: auto`` or ``cuda`` and CUDA sees k GPUs, worker i gets the
+i-th of them (mod k) as its only visible device (``CUDA_VISIBLE_DEVICES``), so ``--jobs 4``
+on four GPUs runs one run per GPU; an indexed device (``cuda:1``) is left as it is. A failed
+run stops the pool (pending runs are cancelled) and raises in the parent; the finished runs
+stay on disk and a re-run reuses them. The workers are spawned, so a script that calls
+``compare(..., jobs=N)`` needs the ``if __name__ == "__main__":`` guard (``opd compare`` and
+``experiments/run.py`` have it).
 """
 
 from __future__ import annotations
@@ -35,19 +42,72 @@ class _NotRun(Exception):
 
 
 def prerun(spec, out: Path, jobs: int, threads: int, driver) -> int:
-    """Run every run of ``spec`` that has no finished result, ``jobs`` at a time, wave by wave;
-    returns the number of runs started. ``driver``: :mod:`opd.compare.driver`, passed in by it
-    (its configs, paths and ``run_or_reuse``), so that this module does not import it back."""
+    """Run every run of ``spec`` that has no finished result, ``jobs`` at a time, each as soon
+    as its config is known; returns the number of runs started. ``driver``:
+    :mod:`opd.compare.driver`, passed in by it (its configs, paths and ``run_or_reuse``), so
+    that this module does not import it back."""
     context = multiprocessing.get_context("spawn")  # no forked torch state
-    started = 0
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(max(1, threads // jobs),)) as pool:
-        for _ in range(spec.lr_extend + 3):  # the grid, each widening, the reported seeds
-            wave = [(what, cfg) for label in spec.methods for what, cfg in _pending(spec, out, label, driver)]
-            if not wave:
-                break
-            _run_wave(pool, wave, driver.run_or_reuse)
-            started += len(wave)
-    return started
+    todo = _all_pending(spec, out, driver, {})
+    gpus = worker_gpus(jobs, [cfg.device for _, cfg in todo.values()])
+    if gpus:
+        print(f"worker GPUs (CUDA_VISIBLE_DEVICES): {', '.join(gpus)}", flush=True)
+    slots = context.Queue()
+    for slot in range(jobs):
+        slots.put(slot)
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
+                             initargs=(max(1, threads // jobs), slots, gpus)) as pool:
+        return _schedule(pool, spec, out, driver)
+
+
+def _schedule(pool: ProcessPoolExecutor, spec, out: Path, driver) -> int:
+    """Submit every known unfinished run not yet in flight, wait for one to finish, repeat;
+    the first failure cancels the runs not started and raises."""
+    flying: dict = {}  # future -> (run_dir, what)
+    submitted: set = set()
+    while True:
+        busy = {run_dir for run_dir, _ in flying.values()}
+        for run_dir, (what, cfg) in _all_pending(spec, out, driver, busy).items():
+            if run_dir in submitted:  # each run once: a result that does not read back must not loop
+                pool.shutdown(cancel_futures=True)
+                raise RuntimeError(f"{what}: the worker finished it, but {run_dir} holds no result of its config")
+            flying[pool.submit(_run_one, driver.run_or_reuse, cfg)] = (run_dir, what)
+            submitted.add(run_dir)
+        if not flying:
+            return len(submitted)
+        done, _ = wait(set(flying), return_when=FIRST_COMPLETED)
+        for future in done:
+            _, what = flying.pop(future)
+            if future.exception() is not None:
+                pool.shutdown(cancel_futures=True)
+                raise future.exception()
+            print(f"{what}: accuracy {future.result():.3f} (worker)", flush=True)
+
+
+def _all_pending(spec, out: Path, driver, busy: set) -> dict:
+    """``{run_dir: (what, config)}``: every label's runs that can start now and are not in ``busy``."""
+    return {cfg.run_dir: (what, cfg) for label in spec.methods for what, cfg in _pending(spec, out, label, driver)
+            if cfg.run_dir not in busy}
+
+
+def worker_gpus(jobs: int, devices: list[str]) -> list[str] | None:
+    """The GPU each of ``jobs`` workers sees (``CUDA_VISIBLE_DEVICES`` entries, one a worker,
+    round robin over the GPUs this process sees), or None: one worker, no CUDA, or a run whose
+    device is not ``auto``/``cuda`` (a CPU run, or an index the user chose)."""
+    if jobs < 2 or not devices or any(d not in ("auto", "cuda") for d in devices):
+        return None
+    visible = _visible_gpus()
+    return [visible[i % len(visible)] for i in range(jobs)] if visible else None
+
+
+def _visible_gpus() -> list[str]:
+    """The GPUs this process sees, as ``CUDA_VISIBLE_DEVICES`` entries (ids or UUIDs)."""
+    import os
+
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    given = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    return given[:count] if given else [str(i) for i in range(count)]
 
 
 def _pending(spec, out: Path, label: str, driver) -> list[tuple[str, object]]:
@@ -79,20 +139,13 @@ def _pending(spec, out: Path, label: str, driver) -> list[tuple[str, object]]:
     return [(what, cfg) for what, cfg in seeds if driver.finished_result(cfg) is None]
 
 
-def _run_wave(pool: ProcessPoolExecutor, wave: list[tuple[str, object]], run_or_reuse) -> None:
-    """Run ``wave`` on ``pool``; the first failure cancels the runs not started and raises."""
-    futures = {pool.submit(_run_one, run_or_reuse, cfg): what for what, cfg in wave}
-    pending = set(futures)
-    while pending:
-        done, pending = wait(pending, return_when=FIRST_COMPLETED)
-        for future in done:
-            if future.exception() is not None:
-                pool.shutdown(cancel_futures=True)
-                raise future.exception()
-            print(f"{futures[future]}: accuracy {future.result():.3f} (worker)", flush=True)
+def _init_worker(threads: int, slots, gpus: list[str] | None) -> None:
+    """Take a worker slot; pin its GPU (before CUDA starts here) and its torch threads."""
+    import os
 
-
-def _init_worker(threads: int) -> None:
+    slot = slots.get()
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot]
     import torch
 
     torch.set_num_threads(threads)

@@ -1,0 +1,138 @@
+"""``opd compare --jobs N`` (:mod:`opd.compare.parallel`): its schedule and its workers' GPUs.
+
+The end-to-end checks (the workers' numbers equal the serial ones, a failing run raises
+here) are in ``test_compare.py``."""
+
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pytest
+import torch
+import yaml
+
+import opd.compare.driver as driver
+from opd.compare import parallel
+
+
+def _spec(tmp_path, student):
+    spec = {
+        "base": {"student": student, "teacher": "oracle", "prompts_per_step": 4, "group_size": 2, "micro_batch_size": 8,
+                 "max_new_tokens": 40, "eval_size": 8, "eval_k": 2},
+        "methods": {"fast": {"method": "opd"}, "slow": {"method": "opd", "gamma": 1}},
+        "seeds": [0], "tuning_seed": [5], "budget_kind": "sequences", "budget": 8, "lr_grid": [1e-3, 3e-3], "lr_extend": 0,
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return driver.load_spec(str(path), [])
+
+
+class _HeldPool:
+    """A pool that runs every run at once, in ``submit``, but those of label ``held``, which
+    wait on one background thread until a run of ``fast``'s reported seeds has finished (or
+    ``patience`` seconds pass). One run at a time: loading models is not safe on two threads at once."""
+
+    def __init__(self, patience: float, held: str | None = "slow"):
+        self.release, self.patience, self.log, self.label = threading.Event(), patience, [], held
+        self.held = ThreadPoolExecutor(1)
+
+    def submit(self, fn, run_or_reuse, cfg):
+        self.log.append(("submit", cfg.run_dir))
+        if self.label and f"/{self.label}/" in cfg.run_dir:
+            return self.held.submit(self._after_release, fn, run_or_reuse, cfg)
+        future = Future()
+        future.set_result(self._run(fn, run_or_reuse, cfg))
+        if "/runs/fast/" in cfg.run_dir:
+            self.release.set()
+        return future
+
+    def _after_release(self, fn, run_or_reuse, cfg):
+        self.release.wait(self.patience)
+        return self._run(fn, run_or_reuse, cfg)
+
+    def _run(self, fn, run_or_reuse, cfg):
+        result = fn(run_or_reuse, cfg)
+        self.log.append(("done", cfg.run_dir))
+        return result
+
+    def shutdown(self, cancel_futures=False):
+        self.held.shutdown(cancel_futures=cancel_futures)
+
+
+def test_a_label_goes_on_to_its_seeds_while_another_label_still_tunes(tiny_student_dir, tmp_path):
+    """No waves: ``fast``'s reported seed starts as soon as its own grid has finished, while
+    every run of ``slow``'s grid is still held (a wave schedule would wait for them)."""
+    spec, out = _spec(tmp_path, tiny_student_dir), tmp_path / "out"
+    pool = _HeldPool(patience=30)
+    try:
+        started = parallel._schedule(pool, spec, out, driver)
+    finally:
+        pool.shutdown()
+    assert started == 2 * 2 + 2  # each label: two grid runs, one reported seed
+    order = [f"{what} {run_dir.split('/out/')[1]}" for what, run_dir in pool.log]
+    fast_seed = order.index("submit runs/fast/seed0")
+    slow_done = [i for i, entry in enumerate(order) if entry.startswith("done tune/slow/")]
+    assert len(slow_done) == 2 and fast_seed < min(slow_done), order
+    assert sum(entry.startswith("submit") for entry in order) == started  # each run submitted once
+    assert all(driver.finished_result(cfg) is not None for cfg in _every_config(spec, out))
+
+
+def _every_config(spec, out):
+    lrs = driver.tune(spec, out, False)["chosen"]
+    grid = [driver.run_config(spec, label, 5, lr, driver._tune_path(spec, out, label, lr, 5), tune=True)
+            for label in spec.methods for lr in spec.lr_grid]
+    return grid + [driver.run_config(spec, label, 0, lrs[label], driver.run_path(out, label, 0)) for label in spec.methods]
+
+
+def test_a_result_that_does_not_read_back_raises_instead_of_looping(tiny_student_dir, tmp_path, monkeypatch):
+    spec = _spec(tmp_path, tiny_student_dir)
+    monkeypatch.setattr(driver, "finished_result", lambda cfg: None)  # a result never found
+    pool = _HeldPool(patience=0, held=None)
+    with pytest.raises(RuntimeError, match="tune fast lr 0.001 seed 5: the worker finished it, but .* holds no result of its config"):
+        parallel._schedule(pool, spec, tmp_path / "out", driver)
+    pool.shutdown()
+    assert [what for what, _ in pool.log].count("submit") == 4  # the grid, each run once
+
+
+def test_worker_gpus_go_round_robin_and_only_to_unindexed_cuda_runs(monkeypatch):
+    monkeypatch.setattr(parallel, "_visible_gpus", lambda: ["3", "5"])
+    assert parallel.worker_gpus(3, ["auto", "cuda"]) == ["3", "5", "3"]
+    assert parallel.worker_gpus(2, ["auto"]) == ["3", "5"]
+    assert parallel.worker_gpus(1, ["auto"]) is None  # one worker keeps every GPU
+    assert parallel.worker_gpus(2, ["auto", "cpu"]) is None
+    assert parallel.worker_gpus(2, ["cuda:1"]) is None  # the user's index is kept
+    monkeypatch.setattr(parallel, "_visible_gpus", lambda: [])
+    assert parallel.worker_gpus(2, ["auto"]) is None  # no CUDA here
+
+
+def test_visible_gpus_keep_the_parents_cuda_visible_devices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,GPU-9f2e")
+    assert parallel._visible_gpus() == ["6", "GPU-9f2e"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert parallel._visible_gpus() == ["0", "1"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert parallel._visible_gpus() == []
+
+
+def _what_a_worker_sees(hold_s: float) -> tuple[int, str, int]:
+    time.sleep(hold_s)  # keeps this worker busy, so that the next task goes to the other one
+    return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES", ""), torch.get_num_threads()
+
+
+def test_each_spawned_worker_sees_only_its_own_gpu():
+    """Real spawned workers with the pool's initializer: two workers, two GPU ids, one each."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    slots = context.Queue()
+    for slot in range(2):
+        slots.put(slot)
+    with ProcessPoolExecutor(2, mp_context=context, initializer=parallel._init_worker, initargs=(1, slots, ["3", "5"])) as pool:
+        seen = [f.result(timeout=120) for f in [pool.submit(_what_a_worker_sees, 2.0) for _ in range(2)]]
+    by_pid = {pid: gpu for pid, gpu, _ in seen}
+    assert len(by_pid) == 2 and sorted(by_pid.values()) == ["3", "5"]
+    assert all(threads == 1 for _, _, threads in seen)
