@@ -9,10 +9,11 @@ most) runs twice in fresh folders in this one process: serially (one torch threa
 ``--jobs`` workers of one thread each. Printed: each side's wall clock, the ratio, the runs
 each did, and whether every reported number and every lr choice came out the same (they
 must: the same configs at the same thread count). On N idle cores the ratio is bounded by
-N and by the waves (a wave waits for its slowest run) and lowered by spawning the workers
-(about 5 s each here: they import torch and transformers).
+N (each run starts as soon as its config is known, so a worker idles only at the end) and
+lowered by spawning the workers (about 5 s each here: they import torch and transformers).
 
-Cost: 32 s on 2 quiet cores with the defaults (1.28x); 76 s with ``--budget 480`` (1.58x).
+Cost: about 90 s on 2 cores with the defaults (1.44x); about 230 s with ``--budget 480``
+(1.75x).
 Results: docs/PERFORMANCE.md, section 7.
 """
 
