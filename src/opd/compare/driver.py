@@ -45,6 +45,7 @@ import difflib
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -458,7 +459,7 @@ def compare(spec_path: str, out_dir: str | None = None, overrides: list[str] = (
     if force:
         forget_results(spec, out)
     if jobs > 1:
-        prerun(spec, out, jobs, torch.get_num_threads())
+        prerun(spec, out, jobs, torch.get_num_threads(), sys.modules[__name__])
     lr_info = tune(spec, out, False)
     labels = {}
     for label in spec.methods:

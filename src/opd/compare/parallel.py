@@ -27,7 +27,6 @@ stay on disk and a re-run reuses them. The workers are spawned, so a script that
 from __future__ import annotations
 
 import multiprocessing
-import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
@@ -42,13 +41,13 @@ class _NotRun(Exception):
         self.configs = configs
 
 
-def prerun(spec, out: Path, jobs: int, threads: int) -> int:
+def prerun(spec, out: Path, jobs: int, threads: int, driver) -> int:
     """Run every run of ``spec`` that has no finished result, ``jobs`` at a time, each as soon
-    as its config is known; returns the number of runs started."""
-    from opd.compare import driver  # its configs, paths and run_or_reuse; it imports this module
-
+    as its config is known; returns the number of runs started. ``driver``:
+    :mod:`opd.compare.driver`, passed in by it (its configs, paths and ``run_or_reuse``), so
+    that this module does not import it back."""
     context = multiprocessing.get_context("spawn")  # no forked torch state
-    todo = _all_pending(spec, out, driver, set())
+    todo = _all_pending(spec, out, driver, {})
     gpus = worker_gpus(jobs, [cfg.device for _, cfg in todo.values()])
     if gpus:
         print(f"worker GPUs (CUDA_VISIBLE_DEVICES): {', '.join(gpus)}", flush=True)
@@ -102,6 +101,8 @@ def worker_gpus(jobs: int, devices: list[str]) -> list[str] | None:
 
 def _visible_gpus() -> list[str]:
     """The GPUs this process sees, as ``CUDA_VISIBLE_DEVICES`` entries (ids or UUIDs)."""
+    import os
+
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -140,6 +141,8 @@ def _pending(spec, out: Path, label: str, driver) -> list[tuple[str, object]]:
 
 def _init_worker(threads: int, slots, gpus: list[str] | None) -> None:
     """Take a worker slot; pin its GPU (before CUDA starts here) and its torch threads."""
+    import os
+
     slot = slots.get()
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot]
