@@ -223,3 +223,28 @@ def test_sigkill_during_checkpoint_writes_always_leaves_a_resumable_run(tiny_stu
     assert result["failures"] == []
     assert result["resumed"] == kills + 1 and result["trained_after"]
     assert result["partial_writes"] >= kills // 4, result  # the kills landed inside writes
+
+
+def test_weights_sha256_hashes_the_weight_files_alone(tmp_path):
+    """Naive reference: sha256 over ``name:sha256(bytes)`` lines of the weight files in name
+    order; the trainer state, the config and the tokenizer do not count; a changed byte does."""
+    import hashlib
+
+    from opd.run.checkpoint import weights_sha256
+
+    (tmp_path / "model-00002.safetensors").write_bytes(b"second shard")
+    (tmp_path / "model-00001.safetensors").write_bytes(b"first shard")
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "trainer_state.pt").write_bytes(b"optimizer")
+    lines = "".join(f"model-0000{i}.safetensors:{hashlib.sha256(b).hexdigest()}\n"
+                    for i, b in ((1, b"first shard"), (2, b"second shard")))
+    assert weights_sha256(tmp_path) == hashlib.sha256(lines.encode()).hexdigest()
+    (tmp_path / "config.json").write_text('{"changed": 1}')
+    (tmp_path / "trainer_state.pt").write_bytes(b"other optimizer")
+    assert weights_sha256(tmp_path) == hashlib.sha256(lines.encode()).hexdigest()
+    (tmp_path / "model-00002.safetensors").write_bytes(b"second shard!")
+    assert weights_sha256(tmp_path) != hashlib.sha256(lines.encode()).hexdigest()
+    assert weights_sha256(tmp_path / "absent") is None and weights_sha256("org/model-on-the-hub") is None
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert weights_sha256(empty) is None

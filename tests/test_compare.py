@@ -57,6 +57,9 @@ def test_compare_writes_report_and_reruns_give_the_same_numbers(tiny_student_dir
     unmet = " ".join(results["protocol"]["unmet"])
     assert "2 reported seed(s)" in unmet and "at least 4" in unmet and "8 held-out test prompts" in unmet
     assert "`teacher/entropy`" in report and "`rollout/length`" in report
+    sha = results["labels"]["opd"]["student_base"]["weights_sha256"]
+    assert results["labels"]["opd_g1"]["student_base"] == {"student": tiny_student_dir, "weights_sha256": sha}
+    assert f"Student base: `{tiny_student_dir}` (weights sha256 {sha[:12]})" in report
     for label, entry in first["labels"].items():
         assert entry["lr"] == first["lr_info"]["chosen"][label] and f"{entry['lr']:g}" in first["lr_info"]["grid"][label]
         for seed, run in entry["runs"].items():

@@ -442,6 +442,20 @@ def teacher_accuracy(cfg: TrainConfig, sampled: bool = False) -> float | None:
     return sum(env.verify(p, c) for p, c in zip(problems, completions)) / len(problems)
 
 
+def student_base(cfg: TrainConfig, hashed: dict[str, str | None]) -> dict:
+    """``{"student", "weights_sha256"}``: the student a run starts from and one hash of its
+    weight files (None for a hub id), so that two reports say whether they ran from the same
+    base (a testbed base rebuilt on another CPU is another base). ``hashed``: path -> hash
+    already computed in this comparison (labels mostly share one student)."""
+    from opd.run.checkpoint import weights_sha256
+    from opd.run.setup import resolve_student
+
+    path = resolve_student(cfg)
+    if path not in hashed:
+        hashed[path] = weights_sha256(path)
+    return {"student": cfg.student, "weights_sha256": hashed[path]}
+
+
 def compare(spec_path: str, out_dir: str | None = None, overrides: list[str] = (), force: bool = False, jobs: int = 1) -> dict:
     """Run (or reuse) every label x seed under the budget and write the report; returns the
     summary. ``force``: recompute every run; ``jobs`` > 1: the runs on that many worker
@@ -461,7 +475,7 @@ def compare(spec_path: str, out_dir: str | None = None, overrides: list[str] = (
     if jobs > 1:
         prerun(spec, out, jobs, torch.get_num_threads(), sys.modules[__name__])
     lr_info = tune(spec, out, False)
-    labels = {}
+    labels, hashed = {}, {}
     for label in spec.methods:
         lr = lr_info["chosen"][label] if lr_info else None
         runs = {}
@@ -471,7 +485,8 @@ def compare(spec_path: str, out_dir: str | None = None, overrides: list[str] = (
             _say(f"{label} seed {seed}", result)
             runs[seed] = {"history": result["history"], "run_dir": cfg.run_dir, "reused": result["reused"]}
         labels[label] = {"lr": cfg.lr, "method": cfg.method, "overrides": spec.methods[label], "runs": runs,
-                         "degenerate": run_degeneracy(runs), "ppo_epochs": cfg.ppo_epochs}
+                         "degenerate": run_degeneracy(runs), "ppo_epochs": cfg.ppo_epochs,
+                         "student_base": student_base(cfg, hashed)}
     summary = {"spec": spec_path, "seeds": spec.seeds, "budget_kind": spec.budget_kind, "budget": spec.budget,
                "eval_size": cfg.eval_size, "labels": labels, "lr_info": lr_info}
     summary["results"] = results_of(spec, summary, teacher_accuracy(cfg) if spec.target else None)

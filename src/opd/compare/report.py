@@ -222,12 +222,26 @@ def verdict_text(results: dict) -> str:
     return "\n".join(lines)
 
 
+def bases_text(summary: dict) -> str:
+    """One line: the student weights every label started from, by hash (first 12 hex digits),
+    so that two reports show whether they ran from one base."""
+    groups: dict[tuple, list[str]] = {}
+    for label, entry in summary["labels"].items():
+        base = entry.get("student_base") or {}
+        groups.setdefault((base.get("student"), base.get("weights_sha256")), []).append(label)
+    if all(sha is None for _, sha in groups):
+        return ""
+    parts = [f"`{student}` (weights sha256 {sha[:12] if sha else 'n/a: not a local directory'})"
+             + ("" if len(groups) == 1 else f" for {', '.join(labels)}") for (student, sha), labels in groups.items()]
+    return "\nStudent base: " + "; ".join(parts) + " (`student_base` in results.json holds the whole hash)."
+
+
 def write_compare_report(out: Path, summary: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     images = [plot_bands(summary, x_key, out / f"{stem}.png").name for x_key, (stem, _) in AXES.items()]
     plots = "\n".join(f"![{AXES[x][1]}]({name})" for x, name in zip(AXES, images))
     text = REPORT.format(
-        spec=summary["spec"], budget=_budget_text(summary), n=len(summary["seeds"]), eval_size=summary["eval_size"],
+        spec=summary["spec"], budget=_budget_text(summary), bases=bases_text(summary), n=len(summary["seeds"]), eval_size=summary["eval_size"],
         table=markdown_table(COLUMNS, final_rows(summary)), spread=spread_text(summary), plots=plots,
         lrs=_lr_section(summary), diagnostics=diagnostics_table(summary),
         protocol=protocol_text(summary["results"]), verdicts=verdict_text(summary["results"]),
@@ -239,7 +253,7 @@ def write_compare_report(out: Path, summary: dict) -> Path:
 
 REPORT = """# opd compare: `{spec}`
 
-Budget: {budget}. Seeds: {n}. Evaluation: {eval_size} held-out test prompts per evaluation.
+Budget: {budget}. Seeds: {n}. Evaluation: {eval_size} held-out test prompts per evaluation.{bases}
 
 {protocol}
 

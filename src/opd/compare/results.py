@@ -44,6 +44,7 @@ def results_of(spec, summary: dict, teacher_acc: float | None) -> dict:
         labels[label] = {
             "method": entry["method"], "overrides": entry["overrides"], "lr": entry["lr"],
             "ppo_epochs": entry.get("ppo_epochs", 1), "degenerate": entry["degenerate"],
+            "student_base": entry.get("student_base"),
             "final": {seed: _final(h[-1]) for seed, h in histories.items()},
             "curves": {seed: [[r.get("usage/sequences"), r.get("eval/accuracy")] for r in h] for seed, h in histories.items()},
             "sequences_to_target": None if threshold is None else verdicts.target_summary(histories, threshold),

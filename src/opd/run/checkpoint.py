@@ -84,6 +84,23 @@ def _sha256(path: Path, sync: bool = False) -> str:
     return digest.hexdigest()
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def weights_sha256(path: str | Path) -> str | None:
+    """One sha256 of a model directory's weight files (``*.safetensors``, ``*.bin``, ``*.pt``,
+    ``*.pth`` except the trainer state): sha256 over the lines ``name:sha256(file)`` in name
+    order. None for a hub id or a directory without weight files. Two reports with the same
+    value ran from the same weights; a base rebuilt on another CPU gets another value."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return None
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES and f.name != STATE_FILE)
+    if not files:
+        return None
+    return hashlib.sha256("".join(f"{f.name}:{_sha256(f)}\n" for f in files).encode()).hexdigest()
+
+
 def verify_checkpoint(path: Path) -> str | None:
     """None when ``path`` is a complete, intact checkpoint; else what is wrong, in a few words."""
     manifest = path / MANIFEST
