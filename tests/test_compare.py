@@ -194,6 +194,33 @@ def test_a_moved_output_folder_is_still_reused(tiny_student_dir, tmp_path):
     assert again["labels"]["opd"]["runs"][0]["reused"] and _numbers(again) == _numbers(first)
 
 
+def test_a_run_from_other_student_weights_is_rerun_not_reused(tiny_student_dir, tmp_path):
+    """The same config on another build of the student (one changed weight file) is another
+    run; a saved run from before the hash was recorded is still reused."""
+    import shutil
+
+    student = tmp_path / "student"
+    shutil.copytree(tiny_student_dir, student)
+    spec, out = _write_spec(tmp_path, str(student), seeds=1, lr_grid=None, budget=8, methods={"opd": {}}), tmp_path / "o"
+    first = compare(spec, str(out))
+    saved = json.loads((out / "runs/opd/seed0/result.json").read_text())
+    assert saved["student_sha256"] == first["labels"]["opd"]["student_base"]["weights_sha256"] is not None
+    assert all(run["reused"] for run in compare(spec, str(out))["labels"]["opd"]["runs"].values())
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(student)
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    model.save_pretrained(student)  # another build of the student: other weights, the same config
+    again = compare(spec, str(out))
+    assert not any(run["reused"] for run in again["labels"]["opd"]["runs"].values())
+    assert again["labels"]["opd"]["student_base"]["weights_sha256"] != saved["student_sha256"]
+    old = json.loads((out / "runs/opd/seed0/result.json").read_text())
+    del old["student_sha256"]
+    (out / "runs/opd/seed0/result.json").write_text(json.dumps(old))
+    assert all(run["reused"] for run in compare(spec, str(out))["labels"]["opd"]["runs"].values())
+
+
 def test_a_run_from_before_a_new_config_key_is_reused_at_its_default(tiny_student_dir, tmp_path):
     """A key added to the config after a run finished is absent from its result.json: the
     run is reused while the spec leaves the key at its default, and rerun when it does not."""

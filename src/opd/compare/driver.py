@@ -33,8 +33,9 @@ Each run's config is: defaults < the method's recipe < ``base`` < command-line `
 A label whose method reduces to another one on its runs (``opd.methods.degeneracy``: e.g. a
 threshold no token reaches) is marked in the report's table with the knob to change.
 Runs go to ``OUT/runs/LABEL/seedS`` (tuning runs to ``OUT/tune/LABEL/lrX``); each finished
-run leaves ``result.json`` with its config and evaluation history, and a re-run reuses it when
-the config is the same (``--force`` recomputes). ``--jobs N`` runs them on N worker processes
+run leaves ``result.json`` with its config, the hash of its student's weights and its
+evaluation history, and a re-run reuses it when the config is the same and the student's
+weights are too (a base rebuilt elsewhere is another base; ``--force`` recomputes). ``--jobs N`` runs them on N worker processes
 (:mod:`opd.compare.parallel`), with the numbers of a serial run. The whole spec is checked, and every config
 built, before any run starts. Writes ``OUT/report.md``, ``OUT/summary.json`` and PNGs.
 """
@@ -356,7 +357,27 @@ def finished_result(cfg: TrainConfig) -> dict | None:
     if not path.exists():
         return None
     saved = json.loads(path.read_text())
-    return saved if _saved_key(saved.get("config") or {}) == _reuse_key(cfg) else None
+    if _saved_key(saved.get("config") or {}) != _reuse_key(cfg):
+        return None
+    was = saved.get("student_sha256")  # absent: a run from before the hash was saved
+    return None if was is not None and was != student_sha256(cfg) else saved
+
+
+def student_sha256(cfg: TrainConfig) -> str | None:
+    """:func:`opd.run.checkpoint.weights_sha256` of the student ``cfg`` starts from, hashed
+    once per process while its weight files keep their size and modification time."""
+    from opd.run.checkpoint import weights_sha256
+    from opd.run.setup import resolve_student
+
+    path = Path(resolve_student(cfg)).expanduser()
+    files = sorted(path.iterdir()) if path.is_dir() else []
+    stamp = (str(path), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()))
+    if stamp not in _HASHED:
+        _HASHED[stamp] = weights_sha256(path)
+    return _HASHED[stamp]
+
+
+_HASHED: dict[tuple, str | None] = {}
 
 
 def forget_results(spec: Spec, out: Path) -> int:
@@ -378,7 +399,7 @@ def run_or_reuse(cfg: TrainConfig, force: bool = False) -> dict:
         return {**saved, "reused": True}
     path = Path(cfg.run_dir) / RESULT_FILE
     path.unlink(missing_ok=True)
-    result = {"config": _reuse_key(cfg), "history": train(cfg)}
+    result = {"config": _reuse_key(cfg), "student_sha256": student_sha256(cfg), "history": train(cfg)}
     path.write_text(json.dumps(result, indent=1))
     return {**result, "reused": False}
 
@@ -442,18 +463,12 @@ def teacher_accuracy(cfg: TrainConfig, sampled: bool = False) -> float | None:
     return sum(env.verify(p, c) for p, c in zip(problems, completions)) / len(problems)
 
 
-def student_base(cfg: TrainConfig, hashed: dict[str, str | None]) -> dict:
+def student_base(cfg: TrainConfig) -> dict:
     """``{"student", "weights_sha256"}``: the student a run starts from and one hash of its
     weight files (None for a hub id), so that two reports say whether they ran from the same
-    base (a testbed base rebuilt on another CPU is another base). ``hashed``: path -> hash
-    already computed in this comparison (labels mostly share one student)."""
-    from opd.run.checkpoint import weights_sha256
-    from opd.run.setup import resolve_student
-
-    path = resolve_student(cfg)
-    if path not in hashed:
-        hashed[path] = weights_sha256(path)
-    return {"student": cfg.student, "weights_sha256": hashed[path]}
+    base (a testbed base rebuilt on another CPU is another base; a saved run from another
+    base is not reused: :func:`finished_result`)."""
+    return {"student": cfg.student, "weights_sha256": student_sha256(cfg)}
 
 
 def compare(spec_path: str, out_dir: str | None = None, overrides: list[str] = (), force: bool = False, jobs: int = 1) -> dict:
@@ -475,7 +490,7 @@ def compare(spec_path: str, out_dir: str | None = None, overrides: list[str] = (
     if jobs > 1:
         prerun(spec, out, jobs, torch.get_num_threads(), sys.modules[__name__])
     lr_info = tune(spec, out, False)
-    labels, hashed = {}, {}
+    labels = {}
     for label in spec.methods:
         lr = lr_info["chosen"][label] if lr_info else None
         runs = {}
@@ -486,7 +501,7 @@ def compare(spec_path: str, out_dir: str | None = None, overrides: list[str] = (
             runs[seed] = {"history": result["history"], "run_dir": cfg.run_dir, "reused": result["reused"]}
         labels[label] = {"lr": cfg.lr, "method": cfg.method, "overrides": spec.methods[label], "runs": runs,
                          "degenerate": run_degeneracy(runs), "ppo_epochs": cfg.ppo_epochs,
-                         "student_base": student_base(cfg, hashed)}
+                         "student_base": student_base(cfg)}
     summary = {"spec": spec_path, "seeds": spec.seeds, "budget_kind": spec.budget_kind, "budget": spec.budget,
                "eval_size": cfg.eval_size, "labels": labels, "lr_info": lr_info}
     summary["results"] = results_of(spec, summary, teacher_accuracy(cfg) if spec.target else None)
