@@ -55,7 +55,8 @@ import yaml
 from opd.compare import protocol
 from opd.compare.spec_checks import JUDGEABLE, _error, _judge, _planned, _tune_metric  # noqa: F401 (JUDGEABLE: API)
 from opd.compare.results import results_of, subset_finals  # noqa: F401 (subset_finals: part of this module's API)
-from opd.config.loader import ConfigError, config_to_dict
+from opd.compare.saved_runs import RESULT_FILE, finished_result, run_or_reuse, student_base  # noqa: F401 (finished_result: used by parallel)
+from opd.config.loader import ConfigError
 from opd.errors import UserError
 from opd.config.train import TrainConfig
 
@@ -70,8 +71,6 @@ SET_BY_COMPARE = {
 }
 RUN_DEFAULTS = {"progress": False}
 STEP_CAP = 100_000  # `steps` when a non-step budget is set and no steps are given: the budget stops the run
-NOT_IN_REUSE_KEY = ("progress", "tensorboard", "overwrite", "resume", "run_dir")  # run_dir: a moved --out still reuses
-RESULT_FILE = "result.json"
 RESULTS_FILE = "results.json"  # the comparison's numbers, from which its verdicts are made
 _LABEL = re.compile(r"^[A-Za-z0-9_.-]+$")
 EXAMPLE = "methods:\n  opd: {method: opd}\n  opd_g1: {method: opd, gamma: 1}"
@@ -338,48 +337,6 @@ def _tune_path(spec: Spec, out: Path, label: str, lr: float, seed: int) -> Path:
 # ---------------------------------------------------------------- runs
 
 
-def _reuse_key(cfg: TrainConfig) -> dict:
-    key = {k: v for k, v in config_to_dict(cfg).items() if k not in NOT_IN_REUSE_KEY}
-    return json.loads(json.dumps(key))
-
-
-def _saved_key(saved: dict) -> dict:
-    """A finished run's reuse key, read today: a config key added since it ran (absent from
-    its file) takes its default, which by this project's rule is the behaviour before the key."""
-    defaults = _reuse_key(TrainConfig(method=saved.get("method", "opd")))
-    return {**{k: v for k, v in defaults.items() if k not in saved}, **{k: v for k, v in saved.items() if k not in NOT_IN_REUSE_KEY}}
-
-
-def finished_result(cfg: TrainConfig) -> dict | None:
-    """The saved ``{"config", "history"}`` of the finished run in ``cfg.run_dir`` when its
-    config is ``cfg``'s, else None."""
-    path = Path(cfg.run_dir) / RESULT_FILE
-    if not path.exists():
-        return None
-    saved = json.loads(path.read_text())
-    if _saved_key(saved.get("config") or {}) != _reuse_key(cfg):
-        return None
-    was = saved.get("student_sha256")  # absent: a run from before the hash was saved
-    return None if was is not None and was != student_sha256(cfg) else saved
-
-
-def student_sha256(cfg: TrainConfig) -> str | None:
-    """:func:`opd.run.checkpoint.weights_sha256` of the student ``cfg`` starts from, hashed
-    once per process while its weight files keep their size and modification time."""
-    from opd.run.checkpoint import weights_sha256
-    from opd.run.setup import resolve_student
-
-    path = Path(resolve_student(cfg)).expanduser()
-    files = sorted(path.iterdir()) if path.is_dir() else []
-    stamp = (str(path), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()))
-    if stamp not in _HASHED:
-        _HASHED[stamp] = weights_sha256(path)
-    return _HASHED[stamp]
-
-
-_HASHED: dict[tuple, str | None] = {}
-
-
 def forget_results(spec: Spec, out: Path) -> int:
     """Delete the saved results of ``spec``'s labels under ``out`` (``--force``: every run is
     recomputed, and a killed forced comparison reuses none of the old ones); returns how many."""
@@ -387,21 +344,6 @@ def forget_results(spec: Spec, out: Path) -> int:
     for path in paths:
         path.unlink()
     return len(paths)
-
-
-def run_or_reuse(cfg: TrainConfig, force: bool = False) -> dict:
-    """``{"config", "history", "reused"}``: the finished run in ``cfg.run_dir`` if its config is
-    ``cfg`` (and not ``force``), else a fresh run."""
-    from opd.run.runner import train
-
-    saved = None if force else finished_result(cfg)
-    if saved is not None:
-        return {**saved, "reused": True}
-    path = Path(cfg.run_dir) / RESULT_FILE
-    path.unlink(missing_ok=True)
-    result = {"config": _reuse_key(cfg), "student_sha256": student_sha256(cfg), "history": train(cfg)}
-    path.write_text(json.dumps(result, indent=1))
-    return {**result, "reused": False}
 
 
 def _say(what: str, result: dict, metric: str = "accuracy") -> None:
@@ -461,14 +403,6 @@ def teacher_accuracy(cfg: TrainConfig, sampled: bool = False) -> float | None:
     how = dict(temperature=cfg.eval_temperature, generator=torch.Generator().manual_seed(cfg.seed)) if sampled else dict(temperature=0.0)
     completions = teacher.generate([env.encode_prompt(p) for p in problems], max_new_tokens=env.max_new_tokens, **how)
     return sum(env.verify(p, c) for p, c in zip(problems, completions)) / len(problems)
-
-
-def student_base(cfg: TrainConfig) -> dict:
-    """``{"student", "weights_sha256"}``: the student a run starts from and one hash of its
-    weight files (None for a hub id), so that two reports say whether they ran from the same
-    base (a testbed base rebuilt on another CPU is another base; a saved run from another
-    base is not reused: :func:`finished_result`)."""
-    return {"student": cfg.student, "weights_sha256": student_sha256(cfg)}
 
 
 def compare(spec_path: str, out_dir: str | None = None, overrides: list[str] = (), force: bool = False, jobs: int = 1) -> dict:

@@ -1,0 +1,80 @@
+"""Finished runs of a comparison on disk: each leaves ``result.json`` with its config, the
+hash of its student's weights and its evaluation history; a re-run reuses it when the config
+is the same and the student's weights are too (a testbed base rebuilt on another CPU is
+another base)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from opd.config.loader import config_to_dict
+from opd.config.train import TrainConfig
+
+NOT_IN_REUSE_KEY = ("progress", "tensorboard", "overwrite", "resume", "run_dir")  # run_dir: a moved --out still reuses
+RESULT_FILE = "result.json"
+
+
+def _reuse_key(cfg: TrainConfig) -> dict:
+    key = {k: v for k, v in config_to_dict(cfg).items() if k not in NOT_IN_REUSE_KEY}
+    return json.loads(json.dumps(key))
+
+
+def _saved_key(saved: dict) -> dict:
+    """A finished run's reuse key, read today: a config key added since it ran (absent from
+    its file) takes its default, which by this project's rule is the behaviour before the key."""
+    defaults = _reuse_key(TrainConfig(method=saved.get("method", "opd")))
+    return {**{k: v for k, v in defaults.items() if k not in saved}, **{k: v for k, v in saved.items() if k not in NOT_IN_REUSE_KEY}}
+
+
+def finished_result(cfg: TrainConfig) -> dict | None:
+    """The saved ``{"config", "history"}`` of the finished run in ``cfg.run_dir`` when its
+    config is ``cfg``'s, else None."""
+    path = Path(cfg.run_dir) / RESULT_FILE
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    if _saved_key(saved.get("config") or {}) != _reuse_key(cfg):
+        return None
+    was = saved.get("student_sha256")  # absent: a run from before the hash was saved
+    return None if was is not None and was != student_sha256(cfg) else saved
+
+
+def student_sha256(cfg: TrainConfig) -> str | None:
+    """:func:`opd.run.checkpoint.weights_sha256` of the student ``cfg`` starts from, hashed
+    once per process while its weight files keep their size and modification time."""
+    from opd.run.checkpoint import weights_sha256
+    from opd.run.setup import resolve_student
+
+    path = Path(resolve_student(cfg)).expanduser()
+    files = sorted(path.iterdir()) if path.is_dir() else []
+    stamp = (str(path), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()))
+    if stamp not in _HASHED:
+        _HASHED[stamp] = weights_sha256(path)
+    return _HASHED[stamp]
+
+
+_HASHED: dict[tuple, str | None] = {}
+
+
+def run_or_reuse(cfg: TrainConfig, force: bool = False) -> dict:
+    """``{"config", "history", "reused"}``: the finished run in ``cfg.run_dir`` if its config is
+    ``cfg`` (and not ``force``), else a fresh run."""
+    from opd.run.runner import train
+
+    saved = None if force else finished_result(cfg)
+    if saved is not None:
+        return {**saved, "reused": True}
+    path = Path(cfg.run_dir) / RESULT_FILE
+    path.unlink(missing_ok=True)
+    result = {"config": _reuse_key(cfg), "student_sha256": student_sha256(cfg), "history": train(cfg)}
+    path.write_text(json.dumps(result, indent=1))
+    return {**result, "reused": False}
+
+
+def student_base(cfg: TrainConfig) -> dict:
+    """``{"student", "weights_sha256"}``: the student a run starts from and one hash of its
+    weight files (None for a hub id), so that two reports say whether they ran from the same
+    base (a testbed base rebuilt on another CPU is another base; a saved run from another
+    base is not reused: :func:`finished_result`)."""
+    return {"student": cfg.student, "weights_sha256": student_sha256(cfg)}
