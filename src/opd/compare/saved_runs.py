@@ -28,8 +28,9 @@ def _saved_key(saved: dict) -> dict:
 
 
 def finished_result(cfg: TrainConfig) -> dict | None:
-    """The saved ``{"config", "history"}`` of the finished run in ``cfg.run_dir`` when its
-    config is ``cfg``'s, else None."""
+    """The saved ``{"config", "student_sha256", "history"}`` of the finished run in
+    ``cfg.run_dir`` when its config is ``cfg``'s and it started from the same student
+    weights (a run saved before the hash was recorded: from the config alone), else None."""
     path = Path(cfg.run_dir) / RESULT_FILE
     if not path.exists():
         return None
