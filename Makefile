@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(VENV)/bin/opd quickstart
 
+# one pytest worker a core (at most 4): the tests run single-threaded, torchrun's ranks and
+# the servers they start are processes of their own
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --maxprocesses=4
 
 bench-loss: $(STAMP)
 	$(PY) bench/loss_memory.py

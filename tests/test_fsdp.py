@@ -73,12 +73,14 @@ def _train(student: str, run_dir: Path, steps: int, ranks: int, *extra: str) -> 
     assert done.returncode == 0, "\n".join([done.stdout[-2000:], *said[:40], *said[-40:]])
 
 
-def _weights(run_dir: Path) -> dict:
-    """The run's newest checkpoint's weights, through ``opd export`` (a new folder each time)."""
+def _weights(run_dir: Path, merge: bool = False) -> dict:
+    """The run's newest checkpoint's weights, through ``export`` in this process (a new folder
+    each time; a sharded checkpoint is gathered from dcp/ on one process, as ``opd export``
+    does; ``test_lora_under_fsdp`` runs the command itself)."""
+    from opd.run.export import export
+
     out = Path(tempfile.mkdtemp(dir=run_dir.parent)) / "export"
-    done = _opd(["export", str(run_dir), str(out)])
-    assert done.returncode == 0, done.stderr[-3000:]
-    return load_file(str(out / "model.safetensors"))
+    return load_file(str(export(run_dir, out, merge=merge) / "model.safetensors"))
 
 
 def _rows(run_dir: Path) -> dict[int, dict]:
@@ -135,11 +137,9 @@ def test_lora_under_fsdp(student, tmp_path):
     lora = ("lora_r=4", "lora_alpha=8", "lr=3e-2")
     _train(student, tmp_path / "one", 3, 1, *lora)
     _train(student, tmp_path / "two", 3, 2, *lora)
-    merged = {}
-    for name in ("one", "two"):
-        done = _opd(["export", str(tmp_path / name), str(tmp_path / f"{name}_m"), "--merge"])
-        assert done.returncode == 0, done.stderr[-3000:]
-        merged[name] = load_file(str(tmp_path / f"{name}_m" / "model.safetensors"))
+    done = _opd(["export", str(tmp_path / "two"), str(tmp_path / "two_m"), "--merge"])  # the command, on a sharded run
+    assert done.returncode == 0, done.stderr[-3000:]
+    merged = {"one": _weights(tmp_path / "one", merge=True), "two": load_file(str(tmp_path / "two_m" / "model.safetensors"))}
     for key in merged["one"]:
         torch.testing.assert_close(merged["two"][key], merged["one"][key], atol=WEIGHT_ATOL, rtol=0, msg=key)
 
