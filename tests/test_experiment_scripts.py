@@ -229,3 +229,17 @@ def test_every_shipped_spec_builds_every_config(path, tmp_path):
     from opd.compare.driver import check_all, load_spec
 
     check_all(load_spec(str(path)), tmp_path)
+
+
+def test_teacher_samples_classes_and_a_cold_teacher_writes_the_references(tiny_student_dir):
+    ts = _script("teacher_samples")
+    ref = ["1", "+", "2", "=", "3", "<eos>"]
+    assert ts.sample_class(ref, ref) == "same"
+    assert ts.sample_class(["1", "-", "wait", *ref], ref) == "wait"
+    assert ts.sample_class(["1", "+", "2", "=", "4", "<eos>"], ref) == "other"
+    base = dict(student=tiny_student_dir, teacher="oracle", task="addition", horizon=2, max_new_tokens=40)
+    cold = ts.measure({**base, "temperature": 0.01}, prompts=12, seed=0)  # the oracle's mode is the reference
+    assert cold["counts"]["accepted"]["same"] == 12 and cold["prompts"] == 12
+    hot = ts.measure({**base, "temperature": 3.0}, prompts=12, seed=0)
+    assert sum(n for by in hot["counts"].values() for n in by.values()) == 12
+    assert hot["counts"]["accepted"]["same"] < 12

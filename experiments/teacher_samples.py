@@ -1,0 +1,75 @@
+"""What the teacher's sampled solutions hold, next to the task's reference solutions.
+
+    python experiments/teacher_samples.py [--spec sft_rejection_h16] [--prompts 500] [--seed 0]
+
+One teacher sample per training prompt, drawn as SFT on teacher samples draws them (the
+spec's ``base``: task, horizon, teacher, temperature, ``max_new_tokens``), and the same
+prompts' reference solutions. Each sample falls in one class: accepted or rejected by the
+verifier, crossed with ``same`` (the reference word for word), ``wait`` (it holds a
+``wait``: a slip the teacher corrected and redid) or ``other`` (it deviates from the
+reference with no ``wait``: a wrong value carried on). Rejection sampling trains on the
+accepted row. Writes ``docs/results/<spec>/teacher_samples.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from opd.config.train import TrainConfig
+from opd.report import markdown_table
+from opd.rollouts.student import solution_rollout, teacher_rollout
+from opd.run.setup import build_setup
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ("same", "wait", "other")
+
+
+def words(tok, batch, b: int) -> list[str]:
+    return tok.convert_ids_to_tokens(batch.completion_ids_BT[b][batch.completion_mask_BT[b]].tolist())
+
+
+def sample_class(sample: list[str], reference: list[str]) -> str:
+    if sample == reference:
+        return "same"
+    return "wait" if "wait" in sample else "other"
+
+
+def measure(base: dict, prompts: int, seed: int) -> dict:
+    """Counts by (verifier, class) over ``prompts`` training prompts of the config ``base``."""
+    cfg = TrainConfig(**{**base, "method": "sft", "sft_source": "teacher", "seed": seed, "progress": False})
+    setup = build_setup(cfg)
+    rows = setup.train_pool[:prompts]
+    generator = torch.Generator().manual_seed(seed)
+    samples, references = teacher_rollout(setup.env, rows, generator), solution_rollout(setup.env, rows, generator)
+    counts = collections.Counter()
+    for b in range(len(rows)):
+        verdict = "accepted" if float(samples.rewards_B[b]) >= 1 else "rejected"
+        counts[verdict, sample_class(words(setup.tokenizer, samples.batch, b), words(setup.tokenizer, references.batch, b))] += 1
+    return {"prompts": len(rows), "seed": seed, "temperature": cfg.temperature,
+            "counts": {v: {c: counts[v, c] for c in CLASSES} for v in ("accepted", "rejected")}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--spec", default="sft_rejection_h16")
+    ap.add_argument("--prompts", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    base = yaml.safe_load((ROOT / "experiments" / f"{args.spec}.yaml").read_text())["base"]
+    res = {"spec": args.spec, **measure(base, args.prompts, args.seed)}
+    out = ROOT / "docs" / "results" / args.spec
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "teacher_samples.json").write_text(json.dumps(res, indent=1) + "\n")
+    table = [[v, str(sum(res["counts"][v].values())), *(str(res["counts"][v][c]) for c in CLASSES)] for v in res["counts"]]
+    print(markdown_table(["verifier", "samples", "same as the reference", "with a wait (slip redone)", "other deviation"], table))
+
+
+if __name__ == "__main__":
+    main()
