@@ -6,9 +6,10 @@ One teacher sample per training prompt, drawn as SFT on teacher samples draws th
 spec's ``base``: task, horizon, teacher, temperature, ``max_new_tokens``), and the same
 prompts' reference solutions. Each sample falls in one class: accepted or rejected by the
 verifier, crossed with ``same`` (the reference word for word), ``wait`` (it holds a
-``wait``: a slip the teacher corrected and redid) or ``other`` (it deviates from the
-reference with no ``wait``: a wrong value carried on). Rejection sampling trains on the
-accepted row. Writes ``docs/results/<spec>/teacher_samples.json`` and prints a table.
+``wait``: the oracle writes one after a slip and redoes the step) or ``other`` (it deviates
+from the reference with no ``wait``: a wrong value carried on). ``wait_first`` counts the
+``wait`` samples whose first deviation is the ``wait`` itself (sampled with no slip before
+it). Rejection sampling trains on the accepted row. Writes ``docs/results/<spec>/teacher_samples.json`` and prints a table.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def sample_class(sample: list[str], reference: list[str]) -> str:
     return "wait" if "wait" in sample else "other"
 
 
+def first_deviation(sample: list[str], reference: list[str]) -> str | None:
+    return next((a for a, b in zip(sample, reference) if a != b), None)
+
+
 def measure(base: dict, prompts: int, seed: int) -> dict:
     """Counts by (verifier, class) over ``prompts`` training prompts of the config ``base``."""
     cfg = TrainConfig(**{**base, "method": "sft", "sft_source": "teacher", "seed": seed, "progress": False})
@@ -47,12 +52,16 @@ def measure(base: dict, prompts: int, seed: int) -> dict:
     rows = setup.train_pool[:prompts]
     generator = torch.Generator().manual_seed(seed)
     samples, references = teacher_rollout(setup.env, rows, generator), solution_rollout(setup.env, rows, generator)
-    counts = collections.Counter()
+    counts, wait_first = collections.Counter(), collections.Counter()
     for b in range(len(rows)):
         verdict = "accepted" if float(samples.rewards_B[b]) >= 1 else "rejected"
-        counts[verdict, sample_class(words(setup.tokenizer, samples.batch, b), words(setup.tokenizer, references.batch, b))] += 1
+        sample, reference = words(setup.tokenizer, samples.batch, b), words(setup.tokenizer, references.batch, b)
+        counts[verdict, sample_class(sample, reference)] += 1
+        wait_first[verdict] += sample_class(sample, reference) == "wait" and first_deviation(sample, reference) == "wait"
+    verdicts = ("accepted", "rejected")
     return {"prompts": len(rows), "seed": seed, "temperature": cfg.temperature,
-            "counts": {v: {c: counts[v, c] for c in CLASSES} for v in ("accepted", "rejected")}}
+            "counts": {v: {c: counts[v, c] for c in CLASSES} for v in verdicts},
+            "wait_first": {v: wait_first[v] for v in verdicts}}
 
 
 def main() -> None:
@@ -67,8 +76,10 @@ def main() -> None:
     out = ROOT / "docs" / "results" / args.spec
     out.mkdir(parents=True, exist_ok=True)
     (out / "teacher_samples.json").write_text(json.dumps(res, indent=1) + "\n")
-    table = [[v, str(sum(res["counts"][v].values())), *(str(res["counts"][v][c]) for c in CLASSES)] for v in res["counts"]]
-    print(markdown_table(["verifier", "samples", "same as the reference", "with a wait (slip redone)", "other deviation"], table))
+    table = [[v, str(sum(res["counts"][v].values())), *(str(res["counts"][v][c]) for c in CLASSES), str(res["wait_first"][v])]
+             for v in res["counts"]]
+    print(markdown_table(["verifier", "samples", "same as the reference", "with a wait", "other deviation",
+                          "wait as the first deviation"], table))
 
 
 if __name__ == "__main__":

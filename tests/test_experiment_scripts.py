@@ -243,3 +243,5 @@ def test_teacher_samples_classes_and_a_cold_teacher_writes_the_references(tiny_s
     hot = ts.measure({**base, "temperature": 3.0}, prompts=12, seed=0)
     assert sum(n for by in hot["counts"].values() for n in by.values()) == 12
     assert hot["counts"]["accepted"]["same"] < 12
+    assert 0 <= hot["wait_first"]["accepted"] <= hot["counts"]["accepted"]["wait"]
+    assert ts.first_deviation(["1", "wait", *ref], ref) == "wait" and ts.first_deviation(ref, ref) is None
