@@ -31,10 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("same", "wait", "other")
 
 
-def words(tok, batch, b: int) -> list[str]:
-    return tok.convert_ids_to_tokens(batch.completion_ids_BT[b][batch.completion_mask_BT[b]].tolist())
-
-
 def sample_class(sample: list[str], reference: list[str]) -> str:
     if sample == reference:
         return "same"
@@ -52,12 +48,14 @@ def measure(base: dict, prompts: int, seed: int) -> dict:
     rows = setup.train_pool[:prompts]
     generator = torch.Generator().manual_seed(seed)
     samples, references = teacher_rollout(setup.env, rows, generator), solution_rollout(setup.env, rows, generator)
+    words = setup.tokenizer.convert_ids_to_tokens
     counts, wait_first = collections.Counter(), collections.Counter()
-    for b in range(len(rows)):
+    for b, (s_ids, r_ids) in enumerate(zip(samples.batch.completions(), references.batch.completions())):
         verdict = "accepted" if float(samples.rewards_B[b]) >= 1 else "rejected"
-        sample, reference = words(setup.tokenizer, samples.batch, b), words(setup.tokenizer, references.batch, b)
-        counts[verdict, sample_class(sample, reference)] += 1
-        wait_first[verdict] += sample_class(sample, reference) == "wait" and first_deviation(sample, reference) == "wait"
+        sample, reference = words(s_ids), words(r_ids)
+        kind = sample_class(sample, reference)
+        counts[verdict, kind] += 1
+        wait_first[verdict] += kind == "wait" and first_deviation(sample, reference) == "wait"
     verdicts = ("accepted", "rejected")
     return {"prompts": len(rows), "seed": seed, "temperature": cfg.temperature,
             "counts": {v: {c: counts[v, c] for c in CLASSES} for v in verdicts},
