@@ -1,15 +1,17 @@
 """What the teacher's sampled solutions hold, next to the task's reference solutions.
 
-    python experiments/teacher_samples.py [--spec sft_rejection_h16] [--prompts 500] [--seed 0]
+    python experiments/teacher_samples.py [--spec sft_rejection_h16] [--label L] [--prompts 500] [--seed 0]
 
 One teacher sample per training prompt, drawn as SFT on teacher samples draws them (the
-spec's ``base``: task, horizon, teacher, temperature, ``max_new_tokens``), and the same
+spec's ``base``: task, horizon, teacher, temperature, ``max_new_tokens``; with ``--label``,
+that label's settings over it, e.g. its temperature), and the same
 prompts' reference solutions. Each sample falls in one class: accepted or rejected by the
 verifier, crossed with ``same`` (the reference word for word), ``wait`` (it holds a
 ``wait``: the oracle writes one after a slip and redoes the step) or ``other`` (it deviates
 from the reference with no ``wait``: a wrong value carried on). ``wait_first`` counts the
 ``wait`` samples whose first deviation is the ``wait`` itself (sampled with no slip before
-it). Rejection sampling trains on the accepted row. Writes ``docs/results/<spec>/teacher_samples.json`` and prints a table.
+it). Rejection sampling trains on the accepted row. Writes ``docs/results/<spec>/teacher_samples.json``
+(``teacher_samples_<label>.json`` with ``--label``) and prints a table.
 """
 
 from __future__ import annotations
@@ -62,18 +64,29 @@ def measure(base: dict, prompts: int, seed: int) -> dict:
             "wait_first": {v: wait_first[v] for v in verdicts}}
 
 
+def spec_config(spec: dict, label: str | None) -> dict:
+    """The spec's ``base``, with ``label``'s settings over it (a clear error for an unknown label)."""
+    if label is None:
+        return spec["base"]
+    if label not in spec["methods"]:
+        raise SystemExit(f"no label {label!r} in the spec; its labels: {', '.join(spec['methods'])}")
+    return {**spec["base"], **spec["methods"][label]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--spec", default="sft_rejection_h16")
+    ap.add_argument("--label", default=None, help="measure with this label's settings over the spec's base")
     ap.add_argument("--prompts", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    base = yaml.safe_load((ROOT / "experiments" / f"{args.spec}.yaml").read_text())["base"]
-    res = {"spec": args.spec, **measure(base, args.prompts, args.seed)}
+    spec = yaml.safe_load((ROOT / "experiments" / f"{args.spec}.yaml").read_text())
+    res = {"spec": args.spec, "label": args.label, **measure(spec_config(spec, args.label), args.prompts, args.seed)}
     out = ROOT / "docs" / "results" / args.spec
     out.mkdir(parents=True, exist_ok=True)
-    (out / "teacher_samples.json").write_text(json.dumps(res, indent=1) + "\n")
+    name = "teacher_samples.json" if args.label is None else f"teacher_samples_{args.label}.json"
+    (out / name).write_text(json.dumps(res, indent=1) + "\n")
     table = [[v, str(sum(res["counts"][v].values())), *(str(res["counts"][v][c]) for c in CLASSES), str(res["wait_first"][v])]
              for v in res["counts"]]
     print(markdown_table(["verifier", "samples", "same as the reference", "with a wait", "other deviation",

@@ -245,3 +245,12 @@ def test_teacher_samples_classes_and_a_cold_teacher_writes_the_references(tiny_s
     assert hot["counts"]["accepted"]["same"] < 12
     assert 0 <= hot["wait_first"]["accepted"] <= hot["counts"]["accepted"]["wait"]
     assert ts.first_deviation(["1", "wait", *ref], ref) == "wait" and ts.first_deviation(ref, ref) is None
+
+
+def test_teacher_samples_label_settings_override_the_base_and_an_unknown_label_is_named():
+    ts = _script("teacher_samples")
+    spec = {"base": {"temperature": 1.0, "horizon": 16}, "methods": {"cold": {"temperature": 0.7}, "plain": {}}}
+    assert ts.spec_config(spec, None) == {"temperature": 1.0, "horizon": 16}
+    assert ts.spec_config(spec, "cold") == {"temperature": 0.7, "horizon": 16}
+    with pytest.raises(SystemExit, match="no label 'warm'.*cold, plain"):
+        ts.spec_config(spec, "warm")
