@@ -70,7 +70,7 @@ def cmd_config(args) -> int:
 def cmd_quickstart(args) -> int:
     from opd.compare.quickstart import quickstart
 
-    quickstart(out_dir=args.out, tune_lrs=args.tune)
+    quickstart(out_dir=args.out, tune_lrs=args.tune, jobs=args.jobs)
     return 0
 
 
@@ -83,6 +83,9 @@ def cmd_compare(args) -> int:
 
 def cmd_prepare(args) -> int:
     from opd.testbed.builder import prepare
+
+    if args.build:
+        os.environ["OPD_SHIPPED_BASES"] = "0"
 
     print(prepare(args.task, args.horizon, teacher=args.teacher))
     return 0
@@ -133,10 +136,15 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--task", default="addition")
     pr.add_argument("--horizon", type=int, default=4)
     pr.add_argument("--teacher", action="store_true", help="also train the learned teacher")
+    pr.add_argument("--build", action="store_true",
+                    help="build what is not cached from scratch instead of copying a base shipped with opd "
+                         "(as OPD_SHIPPED_BASES=0; a base already cached stays: point OPD_CACHE elsewhere to rebuild)")
     pr.set_defaults(func=cmd_prepare)
     q = sub.add_parser("quickstart", help="SFT vs GRPO vs OPD on the synthetic testbed (a few minutes on a CPU)")
     q.add_argument("--out", default="runs/quickstart", help="where the runs and report.md go")
     q.add_argument("--tune", action="store_true", help="re-run the learning-rate grid on the validation split")
+    q.add_argument("--jobs", type=int, default=None,
+                   help="runs at a time, one worker process (one thread) each; default: one a core, at most 8")
     q.set_defaults(func=cmd_quickstart)
     d = sub.add_parser("diagnose", help="measure the pitfalls on a run or checkpoint (report.md + plots)")
     d.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="a run directory (its latest checkpoint) or a checkpoint")

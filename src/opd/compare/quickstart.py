@@ -7,17 +7,24 @@ tuning seeds that are not reported, from a grid widened past an edge choice
 (:mod:`opd.compare.protocol`; ``opd quickstart --tune`` re-runs it). Five reported seeds:
 the table shows their means, and a ranking is stated only where the verdict rule of
 :mod:`opd.compare.verdicts` gives one. Writes ``report.md`` and ``accuracy.png``.
+
+The 15 reported runs go to ``jobs`` worker processes (default: one a core, at most 8), each
+run on one torch thread, so the numbers are the same at any ``jobs`` on one CPU. The student
+base ships with opd (:mod:`opd.testbed.shipped`): a fresh machine copies it instead of
+building it, and starts where every other machine does.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 from opd.compare import verdicts
 from opd.compare.driver import teacher_accuracy
 from opd.config.loader import with_changes
+from opd.errors import UserError
 from opd.run.runner import train
 from opd.config.train import TrainConfig
 
@@ -74,30 +81,69 @@ def mean_history(histories: list[list[dict]]) -> list[dict]:
     return [{k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if all(k in r for r in rows)} for rows in zip(*histories)]
 
 
-def run_all(out_dir: Path, lrs: dict) -> dict:
-    """Every method at every reported seed: ``history`` is the mean over seeds, ``finals``
-    each seed's final greedy accuracy, ``wall_s`` the mean time of one run."""
+def default_jobs() -> int:
+    """One worker a core this process may use, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores))
+
+
+def _timed_train(cfg: TrainConfig) -> tuple[list[dict], float]:
+    t0 = time.perf_counter()
+    return train(cfg), time.perf_counter() - t0
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def train_all(configs: dict, jobs: int) -> dict:
+    """``{key: (history, seconds)}`` of every config, ``jobs`` runs at a time, one torch
+    thread each (so the numbers do not depend on ``jobs``); one line per finished run."""
+    if jobs <= 1:
+        return {key: _timed_train(cfg) for key, cfg in configs.items()}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    quiet = {key: with_changes(cfg, progress=False) for key, cfg in configs.items()}
+    done = {}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
+        futures = {pool.submit(_timed_train, cfg): key for key, cfg in quiet.items()}
+        for future in as_completed(futures):
+            done[futures[future]] = history, seconds = future.result()
+            print(f"{futures[future]}: accuracy {history[-1]['eval/accuracy']:.3f} ({seconds:.0f} s)", flush=True)
+    return {key: done[key] for key in configs}
+
+
+def run_all(out_dir: Path, lrs: dict, jobs: int = 1) -> dict:
+    """Every method at every reported seed (``jobs`` runs at a time): ``history`` is the mean
+    over seeds, ``finals`` each seed's final greedy accuracy, ``wall_s`` the mean time of one run."""
+    configs = {f"{name} seed {seed}": base_config(out_dir, name, lrs[name], run_name=f"{name}/seed{seed}", seed=seed)
+               for name in RECIPES for seed in SEEDS}
+    runs = train_all(configs, jobs)
     results = {}
     for name in RECIPES:
-        t0, histories = time.perf_counter(), {}
-        for seed in SEEDS:
-            histories[seed] = train(base_config(out_dir, name, lrs[name], run_name=f"{name}/seed{seed}", seed=seed))
-        results[name] = {"lr": lrs[name], "history": mean_history(list(histories.values())),
-                         "finals": {seed: h[-1]["eval/accuracy"] for seed, h in histories.items()},
-                         "wall_s": (time.perf_counter() - t0) / len(SEEDS)}
+        mine = {seed: runs[f"{name} seed {seed}"] for seed in SEEDS}
+        results[name] = {"lr": lrs[name], "history": mean_history([h for h, _ in mine.values()]),
+                         "finals": {seed: h[-1]["eval/accuracy"] for seed, (h, _) in mine.items()},
+                         "wall_s": sum(s for _, s in mine.values()) / len(SEEDS)}
     return results
 
 
-def quickstart(out_dir: str = "runs/quickstart", tune_lrs: bool = False) -> dict:
+def quickstart(out_dir: str = "runs/quickstart", tune_lrs: bool = False, jobs: int | None = None) -> dict:
     from opd.report import print_table, write_report
     from opd.testbed.builder import prepare_student_base
 
+    if jobs is not None and jobs < 1:
+        raise UserError(f"--jobs {jobs}: the number of worker processes must be at least 1")
+    _one_thread()  # every run on one thread, here and in the workers: the same numbers at any ``jobs``
     out = Path(out_dir)
     t0 = time.perf_counter()
     prepare_student_base(TASK, HORIZON)
     prep_s = time.perf_counter() - t0
     lr_info = tune(out) if tune_lrs or not LR_FILE.exists() else json.loads(LR_FILE.read_text())
-    results = run_all(out, {k: float(v) for k, v in lr_info["chosen"].items()})
+    results = run_all(out, {k: float(v) for k, v in lr_info["chosen"].items()}, default_jobs() if jobs is None else jobs)
     teacher_acc = teacher_accuracy(base_config(out, "opd", 1e-3))
     summary = {"results": results, "teacher_accuracy": teacher_acc, "lr_info": lr_info, "prep_s": prep_s, "seeds": list(SEEDS),
                "rule": verdicts.RULE, "verdicts": verdicts.all_verdicts({m: r["finals"] for m, r in results.items()})}

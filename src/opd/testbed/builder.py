@@ -12,7 +12,8 @@
 
 Both are saved with ``save_pretrained`` (model and tokenizer) and loaded with
 ``from_pretrained`` like any Hugging Face model. The warm-up is an ordinary ``opd`` SFT run.
-Cache root: ``$OPD_CACHE`` or ``~/.cache/opd``.
+Cache root: ``$OPD_CACHE`` or ``~/.cache/opd``. A base that ships with ``opd`` (the
+quickstart's, :mod:`opd.testbed.shipped`) is copied into the cache instead of built.
 """
 
 from __future__ import annotations
@@ -199,19 +200,47 @@ def _one_builder(path: Path):
         yield
 
 
-def _prepare(kind: str, task: str, horizon: int, arch: dict, training: dict, seed: int, quiet: bool) -> Path:
+def _settings(kind: str, task: str, horizon: int, arch: dict, training: dict, seed: int) -> tuple[dict, tuple, Path]:
+    """A model's settings, its task's extra words and its cache folder (nothing is built)."""
     settings = {"kind": kind, "task": task, "horizon": horizon, "arch": arch, "training": training, "seed": seed}
     made = make_task(task, horizon)  # an unknown task fails here, before anything is written
     words = getattr(made, "words", ())
     if (version := getattr(getattr(made, "family", None), "FORMAT", None)) is not None:
         settings["format"] = version  # a family whose solutions were rewritten gets new bases
-    path = cache_root() / "testbed" / f"{kind}-{task}-h{horizon}-{_key(settings)}"
+    return settings, words, cache_root() / "testbed" / f"{kind}-{task}-h{horizon}-{_key(settings)}"
+
+
+def _damaged_path(clean: Path, target: float) -> Path:
+    return clean.with_name(f"{clean.name}-target{target:g}")
+
+
+def student_base_path(task: str = "addition", horizon: int = 4, *, seed: int = 0,
+                      target_accuracy: float | None = STUDENT_TARGET) -> Path:
+    """Where :func:`prepare_student_base` with these arguments (its other knobs at their
+    defaults) caches the base; nothing is built."""
+    clean = _settings("student", task, horizon, STUDENT_ARCH, student_warmup(task, horizon=horizon), seed)[2]
+    return clean if target_accuracy is None else _damaged_path(clean, target_accuracy)
+
+
+def _prepare(kind: str, task: str, horizon: int, arch: dict, training: dict, seed: int, quiet: bool) -> Path:
+    settings, words, path = _settings(kind, task, horizon, arch, training, seed)
     if (path / "READY.json").exists():
         return path
     with _one_builder(path):
-        if not (path / "READY.json").exists():
+        if not (path / "READY.json").exists() and not _restored(path, quiet):
             _build(path, settings, words, quiet)
     return path
+
+
+def _restored(path: Path, quiet: bool) -> bool:
+    """The base shipped with opd under ``path``'s cache name, copied there (:mod:`opd.testbed.shipped`)."""
+    from opd.testbed import shipped
+
+    if not shipped.restore(path):
+        return False
+    if not quiet:
+        print(f"using the testbed base shipped with opd (OPD_SHIPPED_BASES=0 builds it anew); cached at {path}")
+    return True
 
 
 def _build(path: Path, settings: dict, words, quiet: bool) -> None:
@@ -233,11 +262,11 @@ def _build(path: Path, settings: dict, words, quiet: bool) -> None:
 def _damaged(clean: Path, target: float, seed: int, quiet: bool) -> Path:
     """The cached copy of ``clean`` damaged by the smallest ``sigma`` of ``DAMAGE_GRID``
     that brings its greedy validation accuracy to ``target`` or below."""
-    path = clean.with_name(f"{clean.name}-target{target:g}")
+    path = _damaged_path(clean, target)
     if (path / "READY.json").exists():
         return path
     with _one_builder(path):
-        if not (path / "READY.json").exists():
+        if not (path / "READY.json").exists() and not _restored(path, quiet):
             _build_damaged(clean, path, target, seed, quiet)
     return path
 

@@ -1,0 +1,112 @@
+"""Testbed bases that ship with ``opd``, so a fresh machine need not build them.
+
+Building the quickstart's student base (1,000 SFT steps, then the damage search) takes
+about 4 minutes on a 2-core CPU, longer than the runs it serves. ``opd`` ships that base as
+built once (``bases/<cache name>/``: weights, config, tokenizer and ``READY.json``, without
+the optimizer state), with every file's sha256 in ``bases/SHA256SUMS.json``. On a cache
+miss the builder first looks here (:func:`restore`): a shipped folder of the same cache name
+(the same recipe, key and version) is copied into the cache, verified, and used as if built.
+A recipe change gives a new cache name, so a stale shipped base is never used, and
+``tests/test_shipped_bases.py`` fails until it is shipped again.
+
+Shipping one base also fixes where every user starts: a base built anew depends on the CPU
+through floating-point order (another CPU lands the damage elsewhere), a shipped one does not.
+``OPD_SHIPPED_BASES=0`` (or ``opd prepare --build``) builds from scratch instead.
+
+Maintainers ship again with ``python -m opd.testbed.shipped`` (from a source checkout): it
+builds each base in :data:`SHIPPED_RECIPES` anew, one torch thread, into a temporary cache,
+and copies it here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from opd.errors import UserError
+
+ROOT = Path(__file__).with_name("bases")
+SUMS = "SHA256SUMS.json"
+FILES = ("config.json", "config.yaml", "generation_config.json", "model.safetensors", "tokenizer.json",
+         "tokenizer_config.json", "READY.json")  # READY.json last: a folder is complete once it is there
+SHIPPED_RECIPES = ({"task": "addition", "horizon": 4},)  # prepare_student_base's arguments; the quickstart's base
+
+
+def enabled() -> bool:
+    return os.environ.get("OPD_SHIPPED_BASES", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def shipped_sums(root: Path | None = None) -> dict[str, dict[str, str]]:
+    """``{cache name: {file: sha256}}`` of the shipped bases (empty when none are)."""
+    sums = (root or ROOT) / SUMS
+    return json.loads(sums.read_text()) if sums.is_file() else {}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def restore(path: Path, root: Path | None = None) -> bool:
+    """Copy the shipped base named ``path.name`` to ``path`` (the cache), verified file by
+    file; False when none is shipped under that name or shipping is off. The caller holds
+    the builder's lock on ``path``."""
+    root = root or ROOT
+    sums = shipped_sums(root).get(path.name)
+    if not enabled() or sums is None:
+        return False
+    work = path.with_name(path.name + ".shipped")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    for name in sorted(sums, key=lambda n: n == "READY.json"):
+        source = root / path.name / name
+        if not source.is_file() or _sha256(source) != sums[name]:
+            shutil.rmtree(work)
+            raise UserError(
+                f"the shipped testbed base file {source} is missing or does not match its sha256 in {root / SUMS}: "
+                "reinstall opd, or set OPD_SHIPPED_BASES=0 to build the base from scratch")
+        shutil.copyfile(source, work / name)
+    shutil.rmtree(path, ignore_errors=True)
+    work.rename(path)
+    return True
+
+
+def ship(source: Path, root: Path | None = None) -> dict[str, str]:
+    """Copy a built base folder ``source`` into the shipped bases (its cache name kept) and
+    record its files' sha256; returns them."""
+    root = root or ROOT
+    target = root / source.name
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    sums = {}
+    for name in FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+            sums[name] = _sha256(target / name)
+    everything = shipped_sums(root)
+    everything[source.name] = sums
+    (root / SUMS).write_text(json.dumps(everything, indent=1, sort_keys=True) + "\n")
+    return sums
+
+
+def main() -> None:
+    """Build every base of :data:`SHIPPED_RECIPES` anew (one thread, a temporary cache) and ship it."""
+    import tempfile
+
+    import torch
+
+    from opd.testbed.builder import prepare_student_base
+
+    torch.set_num_threads(1)
+    os.environ["OPD_SHIPPED_BASES"] = "0"
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["OPD_CACHE"] = cache
+        for recipe in SHIPPED_RECIPES:
+            for folder in (prepare_student_base(**recipe, target_accuracy=None), prepare_student_base(**recipe)):
+                print(f"shipped {folder.name}: {ship(folder)['model.safetensors'][:12]} (model sha256)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""``opd quickstart``'s runs on worker processes: the same numbers as one at a time."""
+
+import json
+
+import pytest
+
+from opd.compare import quickstart as qs
+from opd.errors import UserError
+
+
+@pytest.fixture
+def tiny_quickstart(tiny_cfg, tmp_path, monkeypatch):
+    """Two methods x two seeds of two-step runs on the tiny student (built by the parent:
+    the workers get the configs, not this patch)."""
+    monkeypatch.setattr(qs, "SEEDS", (0, 1))
+    monkeypatch.setattr(qs, "RECIPES", {k: qs.RECIPES[k] for k in ("sft", "opd")})
+
+    def config(out_dir, name, lr, eval_split="test", run_name=None, seed=0):
+        recipe = {k: v for k, v in qs.RECIPES[name].items() if k not in ("prompts_per_step", "group_size")}
+        return tiny_cfg(**recipe, lr=lr, seed=seed, eval_every=1, run_dir=str(out_dir / run_name))
+
+    monkeypatch.setattr(qs, "base_config", config)
+
+
+def test_runs_on_two_workers_give_the_numbers_of_one_at_a_time(tiny_quickstart, tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' setting, so that the serial path matches it
+    try:
+        lrs = {"sft": 1e-2, "opd": 1e-2}
+        serial = qs.run_all(tmp_path / "serial", lrs, jobs=1)
+        pooled = qs.run_all(tmp_path / "pooled", lrs, jobs=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(serial) == set(pooled) == {"sft", "opd"}
+    for name in serial:
+        assert serial[name]["finals"] == pooled[name]["finals"]
+        assert _timeless(serial[name]["history"]) == _timeless(pooled[name]["history"])
+        assert len(serial[name]["history"]) == 3 and pooled[name]["wall_s"] > 0  # evaluations at steps 0, 1, 2
+        for seed in qs.SEEDS:  # every logged number of every run (losses, gradient norms, lengths) but the clock
+            rows = [_timeless(_lines(tmp_path / way / name / f"seed{seed}" / "metrics.jsonl")) for way in ("serial", "pooled")]
+            assert rows[0] == rows[1] and any("optim/grad_norm" in r for r in rows[0])
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _timeless(rows):
+    return [{k: v for k, v in r.items() if k != "time" and not k.startswith("time/") and "wall" not in k}
+            for r in rows]
+
+
+def test_a_worker_count_below_one_is_refused():
+    with pytest.raises(UserError, match="--jobs 0: the number of worker processes must be at least 1"):
+        qs.quickstart(jobs=0)
+    assert 1 <= qs.default_jobs() <= 8
