@@ -56,3 +56,19 @@ def test_a_worker_count_below_one_is_refused():
     with pytest.raises(UserError, match="--jobs 0: the number of worker processes must be at least 1"):
         qs.quickstart(jobs=0)
     assert 1 <= qs.default_jobs() <= 8
+
+
+def test_tuning_runs_the_grid_widens_past_an_edge_and_records_the_base(tiny_quickstart, tmp_path, monkeypatch):
+    monkeypatch.setattr(qs, "LR_GRID", [1e-9, 1e-2])
+    monkeypatch.setattr(qs, "LR_EXTEND", 1)
+    monkeypatch.setattr(qs, "LR_FILE", tmp_path / "lrs.json")
+    info = qs.tune(tmp_path, jobs=1, student_base="abc123")
+    assert json.loads((tmp_path / "lrs.json").read_text()) == info and info["student_base"] == "abc123"
+    for name in ("sft", "opd"):
+        tried = sorted(float(lr) for lr in info["grid"][name])
+        assert tried[:2] == [1e-9, 1e-2] or tried[-2:] == [1e-9, 1e-2]  # the grid, then one widening past an edge choice
+        assert f"{info['chosen'][name]:g}" in info["grid"][name] and (len(tried) == 3 or info["bracketed"][name])
+        runs = sorted(p.name for p in (tmp_path / "tune").iterdir() if p.name.startswith(name))
+        assert len(runs) == 2 * len(tried)  # both tuning seeds at every lr tried
+    with pytest.warns(UserWarning, match="tuned on the student base abc123, not on this one \\(def456"):
+        assert qs.stored_lrs("def456")["chosen"] == info["chosen"]

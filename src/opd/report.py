@@ -87,7 +87,8 @@ def write_report(out_dir: Path, summary: dict) -> Path:
     text = REPORT.format(
         table=markdown_table(COLUMNS, table_rows(summary)), teacher=summary["teacher_accuracy"],
         grid=_grid_table(summary["lr_info"]), budget=summary["lr_info"]["budget_sequences"],
-        verdict=verdict(summary),
+        verdict=verdict(summary), base=str(summary.get("student_base"))[:12],
+        tuned_on=str(summary["lr_info"].get("student_base"))[:12],
     )
     path = out_dir / "report.md"
     path.write_text(text)
@@ -122,7 +123,8 @@ REPORT = """# opd quickstart: SFT vs GRPO vs OPD on the synthetic testbed
 
 Task: multi-digit addition written digit by digit (horizon 4), held-out test split.
 Student: the testbed's tiny student base (trained by SFT until it converged, then damaged
-by Gaussian weight noise, as quantization or pruning would, so that it makes mistakes).
+by Gaussian weight noise, as quantization or pruning would, so that it makes mistakes;
+weights sha256 {base}, the base that ships with opd unless built anew).
 Teacher: the oracle (a perfect program teacher), greedy held-out accuracy **{teacher:.3f}**.
 Each method used the same budget of {budget} training sequences (SFT: teacher solutions;
 GRPO and OPD: the student's own samples, groups of 8 and 4). Accuracies are means over the
@@ -141,7 +143,8 @@ seeds; the verdicts below compare the seeds' final accuracies pair by pair.
 Each method ran at its own learning rate, chosen once by final accuracy on the validation
 split (the mean over the tuning seeds, never reported ones), from a grid widened past a choice at
 its edge (`opd quickstart --tune` re-runs it; the choice is stored in
-`src/opd/compare/quickstart_lrs.json`; "-": not tried for that method):
+`src/opd/compare/quickstart_lrs.json`; "-": not tried for that method; tuned on the student
+base {tuned_on}):
 
 {grid}
 

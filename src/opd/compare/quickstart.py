@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 from opd.compare import verdicts
@@ -52,28 +53,44 @@ def base_config(out_dir: Path, name: str, lr: float, eval_split: str = "test", r
     )
 
 
-def _val_accuracy(out_dir: Path, name: str, lr: float) -> float:
-    """The mean over the tuning seeds of the final validation accuracy at ``lr``."""
-    accs = []
-    for seed in TUNING_SEEDS:
-        cfg = base_config(out_dir / "tune", name, lr, "val", run_name=f"{name}-lr{lr:g}-seed{seed}", seed=seed)
-        accs.append(train(with_changes(cfg, eval_every=0, eval_k=1))[-1]["eval/accuracy"])
-    return sum(accs) / len(accs)
+def _tuning_config(out_dir: Path, name: str, lr: float, seed: int) -> TrainConfig:
+    cfg = base_config(out_dir / "tune", name, lr, "val", run_name=f"{name}-lr{lr:g}-seed{seed}", seed=seed)
+    return with_changes(cfg, eval_every=0, eval_k=1)
 
 
-def tune(out_dir: Path) -> dict:
+def tune(out_dir: Path, jobs: int = 1, student_base: str | None = None) -> dict:
     """Final validation accuracy (mean over the tuning seeds, as the protocol asks) of every
-    method over the grid, widened past an edge choice up to ``LR_EXTEND`` times; writes LR_FILE."""
+    method over the grid, widened past an edge choice up to ``LR_EXTEND`` times; writes
+    LR_FILE with the ``student_base`` (weights sha256) it was tuned on. The whole grid runs
+    at once on ``jobs`` workers, then each widening (both seeds at once)."""
     from opd.compare.protocol import tune_lr
+
+    keys = {(name, lr, seed): f"tune {name} lr {lr:g} seed {seed}" for name in RECIPES for lr in LR_GRID for seed in TUNING_SEEDS}
+    done = train_all({key: _tuning_config(out_dir, *key) for key in keys}, jobs)
+
+    def accuracy(name: str, lr: float) -> float:
+        mine = [(name, lr, seed) for seed in TUNING_SEEDS]
+        done.update(train_all({key: _tuning_config(out_dir, *key) for key in mine if key not in done}, jobs))
+        return sum(done[key][0][-1]["eval/accuracy"] for key in mine) / len(mine)
 
     grid, chosen, bracketed = {}, {}, {}
     for name in RECIPES:
-        scores, chosen[name], bracketed[name] = tune_lr(LR_GRID, lambda lr: _val_accuracy(out_dir, name, lr), LR_EXTEND)
+        scores, chosen[name], bracketed[name] = tune_lr(LR_GRID, lambda lr: accuracy(name, lr), LR_EXTEND)
         grid[name] = {f"{lr:g}": acc for lr, acc in sorted(scores.items())}
     info = {"grid": grid, "chosen": chosen, "bracketed": bracketed, "tuning_seeds": list(TUNING_SEEDS),
-            "budget_sequences": BUDGET_SEQUENCES}
-    LR_FILE.write_text(json.dumps(info, indent=1))
+            "budget_sequences": BUDGET_SEQUENCES, "student_base": student_base}
+    LR_FILE.write_text(json.dumps(info, indent=1) + "\n")
     return json.loads(LR_FILE.read_text())
+
+
+def stored_lrs(student_base: str | None) -> dict:
+    """LR_FILE, with a warning when it was tuned on another student base than ``student_base``."""
+    info = json.loads(LR_FILE.read_text())
+    if info.get("student_base") != student_base:
+        warnings.warn(f"opd quickstart: its learning rates were tuned on the student base {info.get('student_base')}, "
+                      f"not on this one ({student_base}, built on this machine?); `opd quickstart --tune` tunes them here",
+                      stacklevel=2)
+    return info
 
 
 def mean_history(histories: list[list[dict]]) -> list[dict]:
@@ -137,15 +154,19 @@ def quickstart(out_dir: str = "runs/quickstart", tune_lrs: bool = False, jobs: i
 
     if jobs is not None and jobs < 1:
         raise UserError(f"--jobs {jobs}: the number of worker processes must be at least 1")
+    from opd.run.checkpoint import weights_sha256
+
     _one_thread()  # every run on one thread, here and in the workers: the same numbers at any ``jobs``
+    jobs = default_jobs() if jobs is None else jobs
     out = Path(out_dir)
     t0 = time.perf_counter()
-    prepare_student_base(TASK, HORIZON)
+    base = weights_sha256(prepare_student_base(TASK, HORIZON))
     prep_s = time.perf_counter() - t0
-    lr_info = tune(out) if tune_lrs or not LR_FILE.exists() else json.loads(LR_FILE.read_text())
-    results = run_all(out, {k: float(v) for k, v in lr_info["chosen"].items()}, default_jobs() if jobs is None else jobs)
+    lr_info = tune(out, jobs, base) if tune_lrs or not LR_FILE.exists() else stored_lrs(base)
+    results = run_all(out, {k: float(v) for k, v in lr_info["chosen"].items()}, jobs)
     teacher_acc = teacher_accuracy(base_config(out, "opd", 1e-3))
     summary = {"results": results, "teacher_accuracy": teacher_acc, "lr_info": lr_info, "prep_s": prep_s, "seeds": list(SEEDS),
+               "student_base": base,
                "rule": verdicts.RULE, "verdicts": verdicts.all_verdicts({m: r["finals"] for m, r in results.items()})}
     print_table(summary)
     path = write_report(out, summary)
