@@ -95,7 +95,7 @@ def test_opd_prepare_build_turns_shipping_off(monkeypatch):
     assert seen == [False]
 
 
-@pytest.mark.parametrize("recipe", shipped.SHIPPED_RECIPES, ids=lambda r: f"{r['task']}-h{r['horizon']}")
+@pytest.mark.parametrize("recipe", shipped.SHIPPED_RECIPES, ids=lambda r: f"{r['task']}-h{r['horizon']}-x{r.get('layers', 2)}")
 def test_every_shipped_base_is_the_current_recipe_and_intact(recipe):
     """A recipe change renames the base's cache folder: this fails until it is shipped again
     (``python -m opd.testbed.shipped``), so a stale base is never the one users get."""
@@ -111,7 +111,8 @@ def test_every_shipped_base_is_the_current_recipe_and_intact(recipe):
     assert info["target_accuracy"] == builder.STUDENT_TARGET and info["eval_val"]["eval/accuracy"] <= builder.STUDENT_TARGET
     assert info["warmup_eval_val"]["eval/accuracy"] >= builder.STUDENT_CONVERGED
     model = AutoModelForCausalLM.from_pretrained(shipped.ROOT / damaged.name)
-    assert model.config.num_hidden_layers == builder.STUDENT_ARCH["num_hidden_layers"]
+    assert model.config.num_hidden_layers == recipe.get("layers", builder.STUDENT_ARCH["num_hidden_layers"])
+    assert info["task"] == recipe["task"] and info["horizon"] == recipe["horizon"]
 
 
 def test_the_package_data_globs_take_every_shipped_file():

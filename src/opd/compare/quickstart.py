@@ -65,12 +65,14 @@ def tune(out_dir: Path, jobs: int = 1, student_base: str | None = None) -> dict:
     at once on ``jobs`` workers, then each widening (both seeds at once)."""
     from opd.compare.protocol import tune_lr
 
-    keys = {(name, lr, seed): f"tune {name} lr {lr:g} seed {seed}" for name in RECIPES for lr in LR_GRID for seed in TUNING_SEEDS}
-    done = train_all({key: _tuning_config(out_dir, *key) for key in keys}, jobs)
+    def configs(name: str, lrs: list[float]) -> dict:
+        return {f"tune {name} lr {lr:g} seed {seed}": _tuning_config(out_dir, name, lr, seed) for lr in lrs for seed in TUNING_SEEDS}
+
+    done = train_all({key: cfg for name in RECIPES for key, cfg in configs(name, LR_GRID).items()}, jobs)
 
     def accuracy(name: str, lr: float) -> float:
-        mine = [(name, lr, seed) for seed in TUNING_SEEDS]
-        done.update(train_all({key: _tuning_config(out_dir, *key) for key in mine if key not in done}, jobs))
+        mine = configs(name, [lr])
+        done.update(train_all({key: cfg for key, cfg in mine.items() if key not in done}, jobs))
         return sum(done[key][0][-1]["eval/accuracy"] for key in mine) / len(mine)
 
     grid, chosen, bracketed = {}, {}, {}

@@ -215,10 +215,11 @@ def _damaged_path(clean: Path, target: float) -> Path:
 
 
 def student_base_path(task: str = "addition", horizon: int = 4, *, seed: int = 0,
-                      target_accuracy: float | None = STUDENT_TARGET) -> Path:
+                      target_accuracy: float | None = STUDENT_TARGET, layers: int | None = None) -> Path:
     """Where :func:`prepare_student_base` with these arguments (its other knobs at their
     defaults) caches the base; nothing is built."""
-    clean = _settings("student", task, horizon, STUDENT_ARCH, student_warmup(task, horizon=horizon), seed)[2]
+    arch = STUDENT_ARCH if layers is None else dict(STUDENT_ARCH, num_hidden_layers=layers)
+    clean = _settings("student", task, horizon, arch, student_warmup(task, horizon=horizon), seed)[2]
     return clean if target_accuracy is None else _damaged_path(clean, target_accuracy)
 
 

@@ -1,15 +1,17 @@
 """Testbed bases that ship with ``opd``, so a fresh machine need not build them.
 
 Building the quickstart's student base (1,000 SFT steps, then the damage search) took 285 s
-of CPU on this project's 2-core machine, more than the quickstart's 15 runs on both cores. ``opd`` ships that base as
-built once (``bases/<cache name>/``: weights, config, tokenizer and ``READY.json``, without
-the optimizer state), with every file's sha256 in ``bases/SHA256SUMS.json``. On a cache
+of CPU on this project's 2-core machine, more than the quickstart's 15 runs on both cores;
+the 4-layer horizon-16 base of the ``modchain_labeled`` experiments took 41 minutes. ``opd``
+ships both (:data:`SHIPPED_RECIPES`), clean and damaged, as built once there
+(``bases/<cache name>/``: weights, config, tokenizer and ``READY.json``, without the
+optimizer state), with every file's sha256 in ``bases/SHA256SUMS.json``. On a cache
 miss the builder first looks here (:func:`restore`): a shipped folder of the same cache name
 (the same recipe, key and version) is copied into the cache, verified, and used as if built.
 A recipe change gives a new cache name, so a stale shipped base is never used, and
 ``tests/test_shipped_bases.py`` fails until it is shipped again.
 
-Shipping one base also fixes where every user starts: a base built anew depends on the CPU
+Shipping a base also fixes where every user starts: a base built anew depends on the CPU
 through floating-point order (another CPU lands the damage elsewhere), a shipped one does not.
 ``OPD_SHIPPED_BASES=0`` (or ``opd prepare --build``) builds from scratch instead.
 
@@ -32,7 +34,10 @@ ROOT = Path(__file__).with_name("bases")
 SUMS = "SHA256SUMS.json"
 FILES = ("config.json", "config.yaml", "generation_config.json", "model.safetensors", "tokenizer.json",
          "tokenizer_config.json", "READY.json")  # READY.json last: a folder is complete once it is there
-SHIPPED_RECIPES = ({"task": "addition", "horizon": 4},)  # prepare_student_base's arguments; the quickstart's base
+SHIPPED_RECIPES = (
+    {"task": "addition", "horizon": 4},  # the quickstart's base (student=testbed)
+    {"task": "modchain_labeled", "horizon": 16, "layers": 4},  # student=testbed-x4 at horizon 16: 41 minutes to build here
+)  # prepare_student_base's arguments
 
 
 def enabled() -> bool:
