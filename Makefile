@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.opd-installed
 
-.PHONY: quickstart test bench-loss bench-rollout bench-trl bench-gpu bench-scoring bench-scaling clean
+.PHONY: quickstart test bench-loss bench-rollout bench-trl bench-gpu bench-scoring bench-scaling bench-quickstart clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -37,6 +37,9 @@ bench-scoring: $(STAMP)
 
 bench-scaling: $(STAMP)
 	$(PY) bench/scaling.py
+
+bench-quickstart: $(STAMP)
+	$(PY) bench/quickstart.py
 
 clean:
 	rm -rf $(VENV) runs .cache
