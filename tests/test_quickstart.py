@@ -72,3 +72,16 @@ def test_tuning_runs_the_grid_widens_past_an_edge_and_records_the_base(tiny_quic
         assert len(runs) == 2 * len(tried)  # both tuning seeds at every lr tried
     with pytest.warns(UserWarning, match="tuned on the student base abc123, not on this one \\(def456"):
         assert qs.stored_lrs("def456")["chosen"] == info["chosen"]
+
+
+def test_a_failed_run_on_a_worker_raises_and_cancels_the_runs_not_started(tiny_quickstart, tmp_path):
+    """The first run's config names a student that does not exist, so it fails on its worker
+    at once; the error reaches the caller, and of the 15 good runs queued behind it only those
+    a worker took before the failure came back ever start (a few, by timing): the rest are
+    cancelled. Without the cancel, the pool would run all 15 before raising."""
+    configs = {f"run {i:02d}": qs.base_config(tmp_path, "sft", 1e-2, run_name=f"run{i:02d}", seed=i) for i in range(16)}
+    configs["run 00"] = qs.with_changes(configs["run 00"], student=str(tmp_path / "no-such-model"))
+    with pytest.raises(Exception, match="no-such-model"):
+        qs.train_all(configs, jobs=2)
+    started = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("run"))
+    assert "run00" not in started and len(started) < 12 and "run15" not in started, started

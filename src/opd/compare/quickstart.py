@@ -130,6 +130,9 @@ def train_all(configs: dict, jobs: int) -> dict:
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
         futures = {pool.submit(_timed_train, cfg): key for key, cfg in quiet.items()}
         for future in as_completed(futures):
+            if future.exception() is not None:  # the first failure stops the runs not started yet
+                pool.shutdown(cancel_futures=True)
+                raise future.exception()
             done[futures[future]] = history, seconds = future.result()
             print(f"{futures[future]}: accuracy {history[-1]['eval/accuracy']:.3f} ({seconds:.0f} s)", flush=True)
     return {key: done[key] for key in configs}
