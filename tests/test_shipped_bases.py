@@ -98,7 +98,7 @@ def test_opd_prepare_build_turns_shipping_off(monkeypatch):
 @pytest.mark.parametrize("recipe", shipped.SHIPPED_RECIPES, ids=lambda r: f"{r['task']}-h{r['horizon']}-x{r.get('layers', 2)}")
 def test_every_shipped_base_is_the_current_recipe_and_intact(recipe):
     """A recipe change renames the base's cache folder: this fails until it is shipped again
-    (``python -m opd.testbed.shipped``), so a stale base is never the one users get."""
+    (``python -m opd.testbed.ship``), so a stale base is never the one users get."""
     from transformers import AutoModelForCausalLM
 
     sums = shipped.shipped_sums()

@@ -36,6 +36,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from opd.errors import UserError
+from opd.testbed import shipped
 from opd.testbed.tasks import TASKS, make_task
 
 CACHE_VERSION = 2  # 2: the training pool drawn on demand (65,536 problems; 4,096 left SFT at 0.33)
@@ -235,8 +236,6 @@ def _prepare(kind: str, task: str, horizon: int, arch: dict, training: dict, see
 
 def _restored(path: Path, quiet: bool) -> bool:
     """The base shipped with opd under ``path``'s cache name, copied there (:mod:`opd.testbed.shipped`)."""
-    from opd.testbed import shipped
-
     if not shipped.restore(path):
         return False
     if not quiet:

@@ -15,9 +15,9 @@ Shipping a base also fixes where every user starts: a base built anew depends on
 through floating-point order (another CPU lands the damage elsewhere), a shipped one does not.
 ``OPD_SHIPPED_BASES=0`` (or ``opd prepare --build``) builds from scratch instead.
 
-Maintainers ship again with ``python -m opd.testbed.shipped`` (from a source checkout): it
+Maintainers ship again with ``python -m opd.testbed.ship`` (from a source checkout): it
 builds each base in :data:`SHIPPED_RECIPES` anew, one torch thread, into a temporary cache,
-and copies it here.
+and copies it here (:func:`ship`).
 """
 
 from __future__ import annotations
@@ -94,24 +94,3 @@ def ship(source: Path, root: Path | None = None) -> dict[str, str]:
     everything[source.name] = sums
     (root / SUMS).write_text(json.dumps(everything, indent=1, sort_keys=True) + "\n")
     return sums
-
-
-def main() -> None:
-    """Build every base of :data:`SHIPPED_RECIPES` anew (one thread, a temporary cache) and ship it."""
-    import tempfile
-
-    import torch
-
-    from opd.testbed.builder import prepare_student_base
-
-    torch.set_num_threads(1)
-    os.environ["OPD_SHIPPED_BASES"] = "0"
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ["OPD_CACHE"] = cache
-        for recipe in SHIPPED_RECIPES:
-            for folder in (prepare_student_base(**recipe, target_accuracy=None), prepare_student_base(**recipe)):
-                print(f"shipped {folder.name}: {ship(folder)['model.safetensors'][:12]} (model sha256)")
-
-
-if __name__ == "__main__":
-    main()
