@@ -13,7 +13,8 @@
 Both are saved with ``save_pretrained`` (model and tokenizer) and loaded with
 ``from_pretrained`` like any Hugging Face model. The warm-up is an ordinary ``opd`` SFT run.
 Cache root: ``$OPD_CACHE`` or ``~/.cache/opd``. A base that ships with ``opd`` (the
-quickstart's, :mod:`opd.testbed.shipped`) is copied into the cache instead of built.
+quickstart's and the 4-layer horizon-16 one, :mod:`opd.testbed.shipped`) is copied into the
+cache instead of built.
 """
 
 from __future__ import annotations
