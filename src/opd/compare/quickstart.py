@@ -117,6 +117,14 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+def _init_worker() -> None:
+    """One torch thread, and no loading bars: a worker prints one line a finished run."""
+    from transformers.utils import logging as hf_logging
+
+    _one_thread()
+    hf_logging.disable_progress_bar()
+
+
 def train_all(configs: dict, jobs: int) -> dict:
     """``{key: (history, seconds)}`` of every config, ``jobs`` runs at a time, one torch
     thread each (so the numbers do not depend on ``jobs``); one line per finished run."""
@@ -127,7 +135,7 @@ def train_all(configs: dict, jobs: int) -> dict:
 
     quiet = {key: with_changes(cfg, progress=False) for key, cfg in configs.items()}
     done = {}
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker) as pool:
         futures = {pool.submit(_timed_train, cfg): key for key, cfg in quiet.items()}
         for future in as_completed(futures):
             if future.exception() is not None:  # the first failure stops the runs not started yet
