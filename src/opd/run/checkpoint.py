@@ -74,7 +74,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 # ---------------------------------------------------------------- verify
 
 
-def _sha256(path: Path, sync: bool = False) -> str:
+def file_sha256(path: Path, sync: bool = False) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_BLOCK), b""):
@@ -98,7 +98,7 @@ def weights_sha256(path: str | Path) -> str | None:
     files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES and f.name != STATE_FILE)
     if not files:
         return None
-    return hashlib.sha256("".join(f"{f.name}:{_sha256(f)}\n" for f in files).encode()).hexdigest()
+    return hashlib.sha256("".join(f"{f.name}:{file_sha256(f)}\n" for f in files).encode()).hexdigest()
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -117,7 +117,7 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size != size:
             return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
-        if _sha256(file) != sha:
+        if file_sha256(file) != sha:
             return f"{name} does not match its sha256"
     return None
 
@@ -149,7 +149,7 @@ def _write_manifest(folder: Path) -> None:
     """fsync every file of ``folder``, then write (and fsync) the manifest of their sizes
     and checksums, then fsync the folder."""
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    entries = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p, sync=True)} for p in files}
+    entries = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p, sync=True)} for p in files}
     with open(folder / MANIFEST, "w", encoding="utf-8") as f:
         json.dump({"format": 1, "files": entries}, f, indent=1)
         f.flush()

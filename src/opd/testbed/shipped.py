@@ -22,18 +22,18 @@ and copies it here (:func:`ship`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
 from opd.errors import UserError
+from opd.run.checkpoint import file_sha256
 
 ROOT = Path(__file__).with_name("bases")
 SUMS = "SHA256SUMS.json"
 FILES = ("config.json", "config.yaml", "generation_config.json", "model.safetensors", "tokenizer.json",
-         "tokenizer_config.json", "READY.json")  # READY.json last: a folder is complete once it is there
+         "tokenizer_config.json", "READY.json")
 SHIPPED_RECIPES = (
     {"task": "addition", "horizon": 4},  # the quickstart's base (student=testbed)
     {"task": "modchain_labeled", "horizon": 16, "layers": 4},  # student=testbed-x4 at horizon 16: 41 minutes to build here
@@ -50,10 +50,6 @@ def shipped_sums(root: Path | None = None) -> dict[str, dict[str, str]]:
     return json.loads(sums.read_text()) if sums.is_file() else {}
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def restore(path: Path, root: Path | None = None) -> bool:
     """Copy the shipped base named ``path.name`` to ``path`` (the cache), verified file by
     file; False when none is shipped under that name or shipping is off. The caller holds
@@ -65,9 +61,9 @@ def restore(path: Path, root: Path | None = None) -> bool:
     work = path.with_name(path.name + ".shipped")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    for name in sorted(sums, key=lambda n: n == "READY.json"):
+    for name in sums:  # into a work folder, renamed into place once every file is verified
         source = root / path.name / name
-        if not source.is_file() or _sha256(source) != sums[name]:
+        if not source.is_file() or file_sha256(source) != sums[name]:
             shutil.rmtree(work)
             raise UserError(
                 f"the shipped testbed base file {source} is missing or does not match its sha256 in {root / SUMS}: "
@@ -89,7 +85,7 @@ def ship(source: Path, root: Path | None = None) -> dict[str, str]:
     for name in FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, target / name)
-            sums[name] = _sha256(target / name)
+            sums[name] = file_sha256(target / name)
     everything = shipped_sums(root)
     everything[source.name] = sums
     (root / SUMS).write_text(json.dumps(everything, indent=1, sort_keys=True) + "\n")
