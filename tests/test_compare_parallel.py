@@ -66,7 +66,7 @@ def test_a_label_goes_on_to_its_seeds_while_another_label_still_tunes(tiny_stude
     spec, out = _spec(tmp_path, tiny_student_dir), tmp_path / "out"
     pool = _HeldPool(patience=30)
     try:
-        started = parallel._schedule(pool, spec, out, driver)
+        started = parallel._schedule(pool, spec, out, driver, jobs=2)
     finally:
         pool.shutdown()
     assert started == 2 * 2 + 2  # each label: two grid runs, one reported seed
@@ -90,9 +90,22 @@ def test_a_result_that_does_not_read_back_raises_instead_of_looping(tiny_student
     monkeypatch.setattr(driver, "finished_result", lambda cfg: None)  # a result never found
     pool = _HeldPool(patience=0, held=None)
     with pytest.raises(RuntimeError, match="tune fast lr 0.001 seed 5: the worker finished it, but .* holds no result of its config"):
-        parallel._schedule(pool, spec, tmp_path / "out", driver)
+        parallel._schedule(pool, spec, tmp_path / "out", driver, jobs=4)
     pool.shutdown()
     assert [what for what, _ in pool.log].count("submit") == 4  # the grid, each run once
+
+
+def test_a_free_worker_takes_the_first_labels_runs_so_labels_finish_one_after_another(tiny_student_dir, tmp_path):
+    """One worker: ``fast`` tunes and runs its seed before ``slow``'s grid starts (submitting
+    every known run at once would queue ``slow``'s grid ahead of ``fast``'s seed)."""
+    spec, out = _spec(tmp_path, tiny_student_dir), tmp_path / "out"
+    pool = _HeldPool(patience=0, held=None)
+    try:
+        started = parallel._schedule(pool, spec, out, driver, jobs=1)
+    finally:
+        pool.shutdown()
+    submitted = [run_dir.split("/out/")[1] for what, run_dir in pool.log if what == "submit"]
+    assert started == 6 and [p.rsplit("/", 1)[0] for p in submitted] == ["tune/fast"] * 2 + ["runs/fast"] + ["tune/slow"] * 2 + ["runs/slow"]
 
 
 def test_worker_gpus_go_round_robin_and_only_to_unindexed_cuda_runs(monkeypatch):

@@ -10,10 +10,14 @@ may make more known:
 3. the label's reported seeds at its chosen lr, once its tuning is done.
 
 A label's widenings and seeds do not wait for another label's grid: a label with short runs
-goes on while the others tune. A worker writes each run's ``result.json`` as the serial path
-does; the serial path (:func:`opd.compare.driver.compare`) then reuses every one of them and
-writes the report, so the numbers, the choices and the report are those of a serial run with
-the same configs. Each worker gets ``threads // jobs`` torch threads (at least one).
+goes on while the others tune. At most N runs are in flight, and a free worker takes the
+first runnable run in the spec's label order, so the labels finish one after another (the
+first label's seeds before the last label's grid): a comparison stopped part way leaves
+whole labels finished, not every label half tuned. The order changes no number. A worker
+writes each run's ``result.json`` as the serial path does; the serial path
+(:func:`opd.compare.driver.compare`) then reuses every one of them and writes the report, so
+the numbers, the choices and the report are those of a serial run with the same configs.
+Each worker gets ``threads // jobs`` torch threads (at least one).
 
 GPUs: when the runs use ``device: auto`` or ``cuda`` and CUDA sees k GPUs, worker i gets the
 i-th of them (mod k) as its only visible device (``CUDA_VISIBLE_DEVICES``), so ``--jobs 4``
@@ -56,17 +60,19 @@ def prerun(spec, out: Path, jobs: int, threads: int, driver) -> int:
         slots.put(slot)
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
                              initargs=(max(1, threads // jobs), slots, gpus)) as pool:
-        return _schedule(pool, spec, out, driver)
+        return _schedule(pool, spec, out, driver, jobs)
 
 
-def _schedule(pool: ProcessPoolExecutor, spec, out: Path, driver) -> int:
-    """Submit every known unfinished run not yet in flight, wait for one to finish, repeat;
-    the first failure cancels the runs not started and raises."""
+def _schedule(pool: ProcessPoolExecutor, spec, out: Path, driver, jobs: int) -> int:
+    """Fill the ``jobs`` worker slots with the first known unfinished runs not in flight
+    (label order, :func:`_all_pending`), wait for one to finish, repeat; the first failure
+    cancels the runs not started and raises."""
     flying: dict = {}  # future -> (run_dir, what)
     submitted: set = set()
     while True:
         busy = {run_dir for run_dir, _ in flying.values()}
-        for run_dir, (what, cfg) in _all_pending(spec, out, driver, busy).items():
+        free = max(0, jobs - len(flying))
+        for run_dir, (what, cfg) in list(_all_pending(spec, out, driver, busy).items())[:free]:
             if run_dir in submitted:  # each run once: a result that does not read back must not loop
                 pool.shutdown(cancel_futures=True)
                 raise RuntimeError(f"{what}: the worker finished it, but {run_dir} holds no result of its config")
