@@ -182,6 +182,18 @@ def test_example_spec_builds_every_config(tmp_path):
     assert run_config(spec, "opd_g1", 0, 1e-5, tmp_path / "t", tune=True).eval_split == "val"
 
 
+def test_the_reports_teacher_is_the_bases_not_a_labels_degraded_one(tmp_path):
+    """A label that degrades its own teacher (``oracle_decay``, here the last one) sets
+    neither the target nor the teacher's pass@1: the report's teacher is the base's, with
+    the spec's command line, the last reported seed and the test split."""
+    from opd.compare.driver import base_config
+
+    methods = {"opd": {"method": "opd"}, "decayed": {"method": "opd", "oracle_decay": 0.05, "oracle_decay_mode": "position"}}
+    spec = load_spec(_write_spec(tmp_path, "testbed", methods=methods, seeds=[0, 3]), ["max_new_tokens=32"])
+    cfg = base_config(spec, tmp_path / "out")
+    assert (cfg.oracle_decay, cfg.teacher, cfg.seed, cfg.eval_split, cfg.max_new_tokens) == (0.0, "oracle", 3, "test", 32)
+
+
 def test_a_moved_output_folder_is_still_reused(tiny_student_dir, tmp_path):
     """The run folder is not part of what a run is: a comparison moved (or named by another
     relative path) reuses its finished runs, with the same numbers."""

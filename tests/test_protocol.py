@@ -334,6 +334,9 @@ def test_sequences_ratio_needs_every_seed_of_both():
     assert early["lower_bound"] is None and "at least" not in early["sentence"]  # (50 + 100) / 2 / 400 < 1: no bound
     neither = verdicts.sequences_ratio("slow", "other", partly, _reach({"0": None, "1": 5.0}), budget=1000.0)
     assert neither["lower_bound"] is None and "at least" not in neither["sentence"]
+    started = verdicts.sequences_ratio("a", "b", _reach({"0": 300.0, "1": 200.0}), _reach({"0": 0.0, "1": 100.0}))
+    assert started["ratio_of_means"] is None and started["interval"] is None  # not a division by 0
+    assert started["sentence"] == "a / b: no ratio (b at the target before training, 0 sequences)"
     one = verdicts.sequences_ratio("a", "b", _reach({"0": 300.0}), _reach({"0": 100.0}))
     assert one["ratio_of_means"] == 3.0 and one["interval"] is None and "no interval with one seed" in one["sentence"]
 

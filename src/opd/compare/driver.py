@@ -297,6 +297,22 @@ def run_config(spec: Spec, label: str, seed: int, lr: float | None, run_dir: Pat
     return cfg
 
 
+def base_config(spec: Spec, out: Path) -> TrainConfig:
+    """The config of the spec's base (and its command line) with no label's overrides, at the
+    last reported seed, on the test split: its teacher is "the teacher" of the report (the
+    target's and the teacher's pass@1), so a label that degrades its own teacher
+    (``oracle_decay``) moves neither; the first label's method, so that base knobs of it apply."""
+    from opd.config.train import train_config
+
+    first, seed = next(iter(spec.methods)), spec.seeds[-1]
+    layers = {**RUN_DEFAULTS, **spec.base, **_cli_values(spec), "method": spec.methods[first].get("method", "opd"),
+              "seed": seed, "run_dir": str(run_path(out, first, seed)), "eval_split": "test"}
+    try:
+        return train_config(None, [], base=layers)[0]
+    except ConfigError as e:
+        raise _error(spec.path, "base", f"{e} (the report's teacher is the base's)") from None
+
+
 def _cli_values(spec: Spec) -> dict:
     """The command line's config keys, parsed as ``key=value`` text against the spec's base."""
     from opd.config.loader import load_config
@@ -438,9 +454,10 @@ def compare(spec_path: str, out_dir: str | None = None, overrides: list[str] = (
                          "student_base": student_base(cfg)}
     summary = {"spec": spec_path, "seeds": spec.seeds, "budget_kind": spec.budget_kind, "budget": spec.budget,
                "eval_size": cfg.eval_size, "labels": labels, "lr_info": lr_info}
-    summary["results"] = results_of(spec, summary, teacher_accuracy(cfg) if spec.target else None)
+    teacher_cfg = base_config(spec, out)
+    summary["results"] = results_of(spec, summary, teacher_accuracy(teacher_cfg) if spec.target else None)
     if "pass@1" in spec.judge:  # the teacher's own sampled accuracy, beside the students'
-        summary["results"]["teacher_pass@1"] = teacher_accuracy(cfg, sampled=True)
+        summary["results"]["teacher_pass@1"] = teacher_accuracy(teacher_cfg, sampled=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     (out / RESULTS_FILE).write_text(json.dumps(summary["results"], indent=1))

@@ -260,6 +260,9 @@ def sequences_ratio(a: str, b: str, a_reach: dict, b_reach: dict, budget: float 
         why = "; ".join(f"{label} reached it in {reach['reached']} of {len(reach['per_seed'])} seeds" for label, reach in missing)
         bound = _censored(a, b, a_reach, b_reach, budget)
         return {**out, **bound, "sentence": f"{a} / {b}: no ratio ({why or 'no paired seeds'})" + _censored_text(bound, budget)}
+    at_start = [label for label, reach in ((a, a_reach), (b, b_reach)) if any(reach["per_seed"][s] == 0 for s in seeds)]
+    if at_start:  # a seed at the target before any training: a ratio to 0 sequences means nothing
+        return {**out, "sentence": f"{a} / {b}: no ratio ({' and '.join(at_start)} at the target before training, 0 sequences)"}
     if a_reach["mean"] < b_reach["mean"]:
         return sequences_ratio(b, a, b_reach, a_reach, budget)
     logs = [math.log(a_seeds[s] / b_seeds[s]) for s in seeds]
