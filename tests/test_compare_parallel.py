@@ -4,6 +4,9 @@ The end-to-end checks (the workers' numbers equal the serial ones, a failing run
 here) are in ``test_compare.py``."""
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -136,16 +139,54 @@ def _what_a_worker_sees(hold_s: float) -> tuple[int, str, int]:
 
 
 def test_each_spawned_worker_sees_only_its_own_gpu():
-    """Real spawned workers with the pool's initializer: two workers, two GPU ids, one each."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    context = multiprocessing.get_context("spawn")
-    slots = context.Queue()
-    for slot in range(2):
-        slots.put(slot)
-    with ProcessPoolExecutor(2, mp_context=context, initializer=parallel._init_worker, initargs=(1, slots, ["3", "5"])) as pool:
+    """Real spawned workers of :func:`parallel.worker_pool`: two workers, two GPU ids, one each."""
+    with parallel.worker_pool(2, threads=2, gpus=["3", "5"]) as pool:
         seen = [f.result(timeout=120) for f in [pool.submit(_what_a_worker_sees, 2.0) for _ in range(2)]]
     by_pid = {pid: gpu for pid, gpu, _ in seen}
     assert len(by_pid) == 2 and sorted(by_pid.values()) == ["3", "5"]
     assert all(threads == 1 for _, _, threads in seen)
+
+
+_BUSY_POOL = """
+import time
+from opd.compare import parallel
+
+if __name__ == "__main__":
+    with parallel.worker_pool(2, threads=2, gpus=None) as pool:
+        futures = [pool.submit(time.sleep, 120) for _ in range(2)]
+        while len(pool._processes or {}) < 2:
+            time.sleep(0.1)
+        print(*pool._processes, flush=True)
+        futures[0].result()
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process states from /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_parent_leaves_no_worker_running(tmp_path, sig):
+    """A real parent with two busy spawned workers (each in a 120 s task): SIGTERM to the
+    parent terminates them and it exits 143; after SIGKILL (no handler runs) they notice
+    their parent is gone and exit. Either way every worker is gone within 20 s."""
+    script = tmp_path / "busy_pool.py"
+    script.write_text(_BUSY_POOL)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+        parent.send_signal(sig)
+        assert parent.wait(timeout=30) == (143 if sig == signal.SIGTERM else -signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in workers), [pid for pid in workers if _alive(pid)]
+    finally:
+        parent.kill()
+        parent.wait(timeout=30)

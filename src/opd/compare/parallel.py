@@ -25,13 +25,20 @@ on four GPUs runs one run per GPU; an indexed device (``cuda:1``) is left as it 
 run stops the pool (pending runs are cancelled) and raises in the parent; the finished runs
 stay on disk and a re-run reuses them. The workers are spawned, so a script that calls
 ``compare(..., jobs=N)`` needs the ``if __name__ == "__main__":`` guard (``opd compare`` and
-``experiments/run.py`` have it).
+``experiments/run.py`` have it). Stopping the parent stops its workers: SIGTERM or Ctrl-C
+ends the runs in flight (their folders hold no result, so a re-run starts them again; the
+finished runs stay), and a worker whose parent is gone (SIGKILL) exits within a second.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
+import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from pathlib import Path
 
 from opd.compare import protocol
@@ -50,17 +57,54 @@ def prerun(spec, out: Path, jobs: int, threads: int, driver) -> int:
     as its config is known; returns the number of runs started. ``driver``:
     :mod:`opd.compare.driver`, passed in by it (its configs, paths and ``run_or_reuse``), so
     that this module does not import it back."""
-    context = multiprocessing.get_context("spawn")  # no forked torch state
     todo = _all_pending(spec, out, driver, {})
     gpus = worker_gpus(jobs, [cfg.device for _, cfg in todo.values()])
     if gpus:
         print(f"worker GPUs (CUDA_VISIBLE_DEVICES): {', '.join(gpus)}", flush=True)
+    with worker_pool(jobs, threads, gpus) as pool:
+        return _schedule(pool, spec, out, driver, jobs)
+
+
+@contextmanager
+def worker_pool(jobs: int, threads: int, gpus: list[str] | None, setup=None):
+    """A pool of ``jobs`` spawned workers (no forked torch state), ``threads // jobs`` torch
+    threads each, worker i on ``gpus[i]`` (None: every GPU), each calling ``setup()`` (a
+    module-level function, or None) once it starts. SIGTERM to this process (in the main thread)
+    raises ``SystemExit(143)`` here, and on it or Ctrl-C the workers are terminated instead
+    of being waited for: a stopped comparison leaves no run going on behind it."""
+    context = multiprocessing.get_context("spawn")
     slots = context.Queue()
     for slot in range(jobs):
         slots.put(slot)
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
-                             initargs=(max(1, threads // jobs), slots, gpus)) as pool:
-        return _schedule(pool, spec, out, driver, jobs)
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
+                               initargs=(max(1, threads // jobs), slots, gpus, os.getpid(), setup))
+    main = threading.current_thread() is threading.main_thread()  # signal handlers: main thread only
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
+    try:
+        yield pool
+    except (KeyboardInterrupt, SystemExit):
+        _stop_workers(pool)
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+        pool.shutdown(cancel_futures=True)
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _stop_workers(pool: ProcessPoolExecutor, grace_s: float = 5.0) -> None:
+    """Terminate the pool's worker processes (SIGTERM, then SIGKILL after ``grace_s``).
+    ``ProcessPoolExecutor`` lists them only in ``_processes`` before Python 3.14."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(grace_s)
+        if process.is_alive():
+            process.kill()
 
 
 def _schedule(pool: ProcessPoolExecutor, spec, out: Path, driver, jobs: int) -> int:
@@ -107,8 +151,6 @@ def worker_gpus(jobs: int, devices: list[str]) -> list[str] | None:
 
 def _visible_gpus() -> list[str]:
     """The GPUs this process sees, as ``CUDA_VISIBLE_DEVICES`` entries (ids or UUIDs)."""
-    import os
-
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -145,16 +187,25 @@ def _pending(spec, out: Path, label: str, driver) -> list[tuple[str, object]]:
     return [(what, cfg) for what, cfg in seeds if driver.finished_result(cfg) is None]
 
 
-def _init_worker(threads: int, slots, gpus: list[str] | None) -> None:
-    """Take a worker slot; pin its GPU (before CUDA starts here) and its torch threads."""
-    import os
-
+def _init_worker(threads: int, slots, gpus: list[str] | None, parent: int, setup=None) -> None:
+    """Take a worker slot; pin its GPU (before CUDA starts here) and its torch threads;
+    exit when the ``parent`` process is gone; then ``setup()``."""
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     slot = slots.get()
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot]
     import torch
 
     torch.set_num_threads(threads)
+    if setup is not None:
+        setup()
+
+
+def _exit_with_parent(parent: int, every_s: float = 0.5) -> None:
+    """End this worker once its parent has died (it is then re-parented: ``getppid`` changes)."""
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)
 
 
 def _run_one(run_or_reuse, cfg) -> float:

@@ -117,11 +117,10 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _init_worker() -> None:
-    """One torch thread, and no loading bars: a worker prints one line a finished run."""
+def _no_loading_bars() -> None:
+    """A worker prints one line a finished run, no loading bars."""
     from transformers.utils import logging as hf_logging
 
-    _one_thread()
     hf_logging.disable_progress_bar()
 
 
@@ -130,12 +129,13 @@ def train_all(configs: dict, jobs: int) -> dict:
     thread each (so the numbers do not depend on ``jobs``); one line per finished run."""
     if jobs <= 1:
         return {key: _timed_train(cfg) for key, cfg in configs.items()}
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import as_completed
+
+    from opd.compare.parallel import worker_pool
 
     quiet = {key: with_changes(cfg, progress=False) for key, cfg in configs.items()}
     done = {}
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker) as pool:
+    with worker_pool(jobs, threads=jobs, gpus=None, setup=_no_loading_bars) as pool:  # one torch thread each
         futures = {pool.submit(_timed_train, cfg): key for key, cfg in quiet.items()}
         for future in as_completed(futures):
             if future.exception() is not None:  # the first failure stops the runs not started yet
