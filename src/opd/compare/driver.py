@@ -273,8 +273,6 @@ def _cli_dict(cli: list[str]) -> dict:
 
 def run_config(spec: Spec, label: str, seed: int, lr: float | None, run_dir: Path, tune: bool = False) -> TrainConfig:
     """One run's config (see the module docstring for the layers); errors name the label."""
-    from opd.config.train import train_config
-
     controlled = {"seed": seed, "run_dir": str(run_dir), "overwrite": True, "eval_split": "val" if tune else "test",
                   "budget_kind": spec.budget_kind, "budget": spec.budget}
     if lr is not None:
@@ -288,10 +286,7 @@ def run_config(spec: Spec, label: str, seed: int, lr: float | None, run_dir: Pat
     given_steps = "steps" in {**spec.base, **_cli_dict(spec.cli), **spec.methods[label]}
     cap = {"steps": STEP_CAP} if spec.budget_kind != "steps" and not given_steps else {}
     layers = {**RUN_DEFAULTS, **cap, **spec.base, **_cli_values(spec), **spec.methods[label], **controlled}
-    try:
-        cfg = train_config(None, [], base=layers)[0]
-    except ConfigError as e:
-        raise _error(spec.path, f"methods.{label}", f"{e} (fix it in `base:` or in the label's overrides)") from None
+    cfg = _layered_config(spec, layers, f"methods.{label}", "fix it in `base:` or in the label's overrides")
     if cap and cfg.lr_schedule != "constant":
         raise _error(spec.path, f"methods.{label}", f"lr_schedule={cfg.lr_schedule} needs the run's length: set `steps` in base")
     return cfg
@@ -302,15 +297,21 @@ def base_config(spec: Spec, out: Path) -> TrainConfig:
     last reported seed, on the test split: its teacher is "the teacher" of the report (the
     target's and the teacher's pass@1), so a label that degrades its own teacher
     (``oracle_decay``) moves neither; the first label's method, so that base knobs of it apply."""
-    from opd.config.train import train_config
-
     first, seed = next(iter(spec.methods)), spec.seeds[-1]
     layers = {**RUN_DEFAULTS, **spec.base, **_cli_values(spec), "method": spec.methods[first].get("method", "opd"),
               "seed": seed, "run_dir": str(run_path(out, first, seed)), "eval_split": "test"}
+    return _layered_config(spec, layers, "base", "the report's teacher is the base's")
+
+
+def _layered_config(spec: Spec, layers: dict, where: str, hint: str) -> TrainConfig:
+    """The config of the merged ``layers``; a bad value raises an error naming the spec's
+    ``where`` key, with ``hint``."""
+    from opd.config.train import train_config
+
     try:
         return train_config(None, [], base=layers)[0]
     except ConfigError as e:
-        raise _error(spec.path, "base", f"{e} (the report's teacher is the base's)") from None
+        raise _error(spec.path, where, f"{e} ({hint})") from None
 
 
 def _cli_values(spec: Spec) -> dict:
