@@ -2,6 +2,7 @@
 verdict rule (paired bootstrap over seeds), on known numbers."""
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +217,14 @@ def test_verdict_sentences_follow_the_rule():
     assert flipped["sentence"].startswith("opd beats grpo (mean difference +0.193") and flipped["mean_diff"] < 0
     mixed = verdicts.verdict("x", "y", {"0": 0.7, "1": 0.5}, {"0": 0.6, "1": 0.6})
     assert mixed["verdict"] == "none" and mixed["sentence"].startswith("no difference measured between x and y")
+    # a bound that excludes 0 by less than 0.0005 is printed so (not as +0.000): the pass@1
+    # of opd and sft_t07 in docs/results/sft_cold_h16_pass1, interval [+0.00025, +0.053]
+    opd = dict(zip("01234", [0.898, 0.876, 0.918, 0.906, 0.912]))
+    t07 = dict(zip("01234", [0.880, 0.882, 0.878, 0.872, 0.864]))
+    close = verdicts.verdict("sft_t07", "opd", t07, opd, beats="is above")
+    assert 0 < -close["interval"][1] < 0.0005 and close["verdict"] == "b"
+    assert "interval [+0.00025, +0.053]" in close["sentence"], close["sentence"]
+    assert re.search(r"interval \[\+0\.\d{3}, \+0\.\d{3}\] over 3 seeds", verdicts.verdict("opd", "grpo", a, b)["sentence"])
     # the same numbers under the two rules: the bootstrap's narrower interval says "beats"
     a5, b5 = {str(i): v for i, v in enumerate([0.31, 0.29, 0.35, 0.28, 0.30])}, {str(i): 0.3 for i in range(5)}
     a5 = {k: v + 0.012 for k, v in a5.items()}

@@ -164,7 +164,8 @@ def verdict(a: str, b: str, a_by_seed: dict, b_by_seed: dict, beats: str = "beat
     interval, p_value = RULES[rule]
     lo, hi = interval(diffs)
     out["p"] = p_value(diffs)
-    span = lambda m, l, h: f"mean difference {m:+.3f}, {LEVEL:.0%} interval [{l:+.3f}, {h:+.3f}] over {len(diffs)} seeds"  # noqa: E731
+    span = lambda m, l, h: (f"mean difference {m:+.3f}, {LEVEL:.0%} interval [{_bound(l)}, {_bound(h)}] "  # noqa: E731
+                            f"over {len(diffs)} seeds")
     if lo > 0:
         kind, sentence = "a", f"{a} {beats} {b} ({span(out['mean_diff'], lo, hi)})"
     elif hi < 0:  # said of b − a, so that the winner's difference is positive
@@ -172,6 +173,12 @@ def verdict(a: str, b: str, a_by_seed: dict, b_by_seed: dict, beats: str = "beat
     else:
         kind, sentence = "none", f"no difference measured between {a} and {b} ({span(out['mean_diff'], lo, hi)})"
     return {**out, "interval": [lo, hi], "verdict": kind, "sentence": sentence}
+
+
+def _bound(x: float) -> str:
+    """An interval bound to 3 decimals, or to 2 significant digits where 3 decimals would
+    print a bound that excludes 0 as ±0.000 (0.00025 is not 0: it decides the verdict)."""
+    return f"{x:+.2g}" if x != 0 and round(x, 3) == 0 else f"{x:+.3f}"
 
 
 def all_verdicts(finals: dict[str, dict], beats: str = "beats", rule: str = "t",
