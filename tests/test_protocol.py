@@ -296,6 +296,12 @@ def test_planned_pairs_are_the_family_holm_corrects_over():
     everything = verdict_text({"rule": verdicts.RULE, "verdicts": verdicts.all_verdicts({"a": a, "b": b, "base": base}),
                                "labels": {}})
     assert "over these 3 pairs" in everything and "exploratory" not in everything
+    # a further metric's verdicts get their own Holm line, over the same planned pairs
+    labels = {name: {"final": {s: {"pass@1": v} for s, v in finals.items()}} for name, finals in (("a", a), ("b", b), ("base", base))}
+    per_metric = verdicts.metric_verdicts({"pass@1": {"a": a, "b": b, "base": base}}, planned=[("base", "a")])
+    text = verdict_text({"rule": verdicts.RULE, "verdicts": found, "labels": labels, "metric_verdicts": per_metric})
+    after = text.split("On `pass@1`")[1]
+    assert "a is above base" in after and "Holm's correction over the 1 planned pairs" in after and "1 of 1 verdicts stay." in after
 
 
 def test_sequences_to_target():

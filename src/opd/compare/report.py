@@ -198,16 +198,21 @@ def _sentence(v: dict) -> str:
     return f"- {v['sentence']}" + ("" if v.get("planned", True) else " [exploratory: not a planned pair]")
 
 
+def _sentences_and_holm(found: list[dict]) -> list[str]:
+    """The verdicts' lines, then Holm's line when every pair has a p-value (a report made
+    before p-values were saved has none)."""
+    holm_line = holm_text(found) if all("p" in v or v["interval"] is None for v in found) else ""
+    return [_sentence(v) for v in found] + (["", holm_line] if holm_line else [])
+
+
 def verdict_text(results: dict) -> str:
-    lines = [f"Rule: {results['rule']}.", ""] + [_sentence(v) for v in results["verdicts"]]
-    holm_line = holm_text(results["verdicts"]) if all("p" in v or v["interval"] is None for v in results["verdicts"]) else ""
-    lines += ["", holm_line] if holm_line else []
+    lines = [f"Rule: {results['rule']}.", ""] + _sentences_and_holm(results["verdicts"])
     for metric, found in results.get("metric_verdicts", {}).items():
         levels = "; ".join(f"{label} {_pm([f.get(metric, math.nan) for f in entry['final'].values()])}"
                            for label, entry in results["labels"].items())
         teacher = results.get(f"teacher_{metric}")
         levels += f"; the teacher {teacher:.3f}" if teacher is not None else ""
-        lines += ["", f"On `{metric}` (final; mean ± std over seeds: {levels}):", ""] + [_sentence(v) for v in found]
+        lines += ["", f"On `{metric}` (final; mean ± std over seeds: {levels}):", ""] + _sentences_and_holm(found)
     target = results.get("target_accuracy")
     if target is not None:
         lines += ["", f"Sequences to {results['target']:g} of the teacher's test accuracy "
