@@ -157,7 +157,7 @@ if __name__ == "__main__":
         while len(pool._processes or {}) < 2:
             time.sleep(0.1)
         print(*pool._processes, flush=True)
-        futures[0].result()
+        parallel.first_done({futures[0]})
 """
 
 
@@ -169,19 +169,33 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process states from /proc")
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_a_stopped_parent_leaves_no_worker_running(tmp_path, sig):
+def _signal_a_side_thread(pid: int, sig: int) -> None:
+    """Send ``sig`` to a thread of ``pid`` other than its main one (``tgkill``): where the
+    kernel may deliver a signal sent to the process."""
+    import ctypes
+
+    side = min(int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid)
+    assert ctypes.CDLL(None, use_errno=True).tgkill(pid, side, sig) == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process states from /proc; tgkill")
+@pytest.mark.parametrize("how", ["sigterm", "sigterm_to_a_pool_thread", "sigkill"])
+def test_a_stopped_parent_leaves_no_worker_running(tmp_path, how):
     """A real parent with two busy spawned workers (each in a 120 s task): SIGTERM to the
-    parent terminates them and it exits 143; after SIGKILL (no handler runs) they notice
-    their parent is gone and exit. Either way every worker is gone within 20 s."""
+    parent terminates them and it exits 143, also when the kernel hands the signal to one of
+    the pool's threads (the main thread must wake to run the handler); after SIGKILL (no
+    handler runs) they notice their parent is gone and exit. Every worker is gone within 20 s."""
     script = tmp_path / "busy_pool.py"
     script.write_text(_BUSY_POOL)
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    sig = signal.SIGKILL if how == "sigkill" else signal.SIGTERM
     try:
         workers = [int(pid) for pid in parent.stdout.readline().split()]
         assert len(workers) == 2 and all(_alive(pid) for pid in workers)
-        parent.send_signal(sig)
+        if how == "sigterm_to_a_pool_thread":
+            _signal_a_side_thread(parent.pid, sig)
+        else:
+            parent.send_signal(sig)
         assert parent.wait(timeout=30) == (143 if sig == signal.SIGTERM else -signal.SIGKILL)
         deadline = time.monotonic() + 20
         while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:

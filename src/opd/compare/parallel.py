@@ -71,7 +71,8 @@ def worker_pool(jobs: int, threads: int, gpus: list[str] | None, setup=None):
     threads each, worker i on ``gpus[i]`` (None: every GPU), each calling ``setup()`` (a
     module-level function, or None) once it starts. SIGTERM to this process (in the main thread)
     raises ``SystemExit(143)`` here, and on it or Ctrl-C the workers are terminated instead
-    of being waited for: a stopped comparison leaves no run going on behind it."""
+    of being waited for: a stopped comparison leaves no run going on behind it. Wait on the
+    pool's futures with :func:`first_done`, so that the handler runs."""
     context = multiprocessing.get_context("spawn")
     slots = context.Queue()
     for slot in range(jobs):
@@ -89,6 +90,16 @@ def worker_pool(jobs: int, threads: int, gpus: list[str] | None, setup=None):
         if main:
             signal.signal(signal.SIGTERM, previous)
         pool.shutdown(cancel_futures=True)
+
+
+def first_done(futures: set) -> set:
+    """The futures of ``futures`` that have finished, once one has, waking every second: the
+    kernel may deliver SIGTERM to one of the pool's threads, and Python runs the handler only
+    when the main thread next runs, which a wait without a timeout would never let it do."""
+    while True:
+        done, _ = wait(futures, timeout=1.0, return_when=FIRST_COMPLETED)
+        if done:
+            return done
 
 
 def _exit_on_sigterm(signum, frame):
@@ -124,8 +135,7 @@ def _schedule(pool: ProcessPoolExecutor, spec, out: Path, driver, jobs: int) -> 
             submitted.add(run_dir)
         if not flying:
             return len(submitted)
-        done, _ = wait(set(flying), return_when=FIRST_COMPLETED)
-        for future in done:
+        for future in first_done(set(flying)):
             _, what = flying.pop(future)
             if future.exception() is not None:
                 pool.shutdown(cancel_futures=True)

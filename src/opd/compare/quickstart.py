@@ -129,20 +129,19 @@ def train_all(configs: dict, jobs: int) -> dict:
     thread each (so the numbers do not depend on ``jobs``); one line per finished run."""
     if jobs <= 1:
         return {key: _timed_train(cfg) for key, cfg in configs.items()}
-    from concurrent.futures import as_completed
-
-    from opd.compare.parallel import worker_pool
+    from opd.compare.parallel import first_done, worker_pool
 
     quiet = {key: with_changes(cfg, progress=False) for key, cfg in configs.items()}
     done = {}
     with worker_pool(jobs, threads=jobs, gpus=None, setup=_no_loading_bars) as pool:  # one torch thread each
         futures = {pool.submit(_timed_train, cfg): key for key, cfg in quiet.items()}
-        for future in as_completed(futures):
-            if future.exception() is not None:  # the first failure stops the runs not started yet
-                pool.shutdown(cancel_futures=True)
-                raise future.exception()
-            done[futures[future]] = history, seconds = future.result()
-            print(f"{futures[future]}: accuracy {history[-1]['eval/accuracy']:.3f} ({seconds:.0f} s)", flush=True)
+        while len(done) < len(futures):
+            for future in first_done({f for f, key in futures.items() if key not in done}):
+                if future.exception() is not None:  # the first failure stops the runs not started yet
+                    pool.shutdown(cancel_futures=True)
+                    raise future.exception()
+                done[futures[future]] = history, seconds = future.result()
+                print(f"{futures[future]}: accuracy {history[-1]['eval/accuracy']:.3f} ({seconds:.0f} s)", flush=True)
     return {key: done[key] for key in configs}
 
 
