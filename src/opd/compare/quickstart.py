@@ -135,8 +135,10 @@ def train_all(configs: dict, jobs: int) -> dict:
     done = {}
     with worker_pool(jobs, threads=jobs, gpus=None, setup=_no_loading_bars) as pool:  # one torch thread each
         futures = {pool.submit(_timed_train, cfg): key for key, cfg in quiet.items()}
-        while len(done) < len(futures):
-            for future in first_done({f for f, key in futures.items() if key not in done}):
+        pending = set(futures)
+        while pending:
+            for future in first_done(pending):
+                pending.discard(future)
                 if future.exception() is not None:  # the first failure stops the runs not started yet
                     pool.shutdown(cancel_futures=True)
                     raise future.exception()
