@@ -403,7 +403,7 @@ NEW_KEYS = {"keep_last", "max_nonfinite_steps", "max_prompt_tokens", "grpo_kl_be
             "gradient_checkpointing", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "teacher_api_key",
             "teacher_timeout_s", "teacher_retries", "teacher_concurrency", "correction_rate", "shorter_rate", "oracle_blind_spot",
             "oracle_recover_prob", "oracle_noise_kind", "oracle_two_orders",
-            "oracle_noise_legal_only", "loss_kernel"}
+            "oracle_noise_legal_only", "loss_kernel", "base_seed"}
 
 
 def test_train_config_keeps_every_old_key_and_default():

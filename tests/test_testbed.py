@@ -65,6 +65,36 @@ def test_the_deep_base_has_its_layers_and_its_own_cache_entry(tmp_path, monkeypa
     assert (layers(shallow), layers(deep)) == (1, testbed.DEEP_LAYERS)
 
 
+@pytest.mark.filterwarnings("ignore:opd. the 1-layer student base")
+def test_base_seed_builds_another_base_in_its_own_cache_entry(tmp_path, monkeypatch):
+    """``base_seed``: the same recipe from another seed (initial weights, SFT order, damage),
+    cached apart; 0 is the default (the shipped bases' seed)."""
+    import opd.testbed  # noqa: F401  (registers the names)
+    from opd.run.sources import lookup
+
+    monkeypatch.setenv("OPD_CACHE", str(tmp_path))
+    monkeypatch.setattr(testbed, "STUDENT_ARCH", TINY)
+    monkeypatch.setattr(testbed, "STUDENT_WARMUP", dict(steps=2, lr=1e-3, prompts_per_step=4, stop_at_accuracy=None))
+    monkeypatch.setattr(testbed, "DAMAGE_GRID", (0.01, 1.0))
+    source = lookup("student", "testbed")
+    default, zero, one = (source({"task": "addition", "horizon": 2, **extra}) for extra in ({}, {"base_seed": 0}, {"base_seed": 1}))
+    assert default == zero != one and one == testbed.student_base_path("addition", 2, seed=1)
+    assert json.loads((one.with_name(one.name.removesuffix("-target0.4")) / "READY.json").read_text())["seed"] == 1
+    from transformers import AutoModelForCausalLM
+
+    a, b = (AutoModelForCausalLM.from_pretrained(path).state_dict() for path in (zero, one))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # another seed, other weights
+
+
+def test_base_seed_on_a_model_of_its_own_is_refused():
+    from opd.config.train import TrainConfig
+    from opd.errors import UserError
+    from opd.run.setup import resolve_student
+
+    with pytest.raises(UserError, match="base_seed=1 .* drop base_seed"):
+        resolve_student(TrainConfig(student="/models/qwen", base_seed=1))
+
+
 def test_warmup_steps_override_a_tasks_own_warmup():
     """``warmup_steps`` lengthens the SFT of a task with its own :data:`TASK_WARMUP` (modchain's
     4,000 steps) too; it raised a TypeError there before (two ``steps``)."""

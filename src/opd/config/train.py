@@ -35,6 +35,8 @@ class RunConfig(FlatConfig):
                                 "(a wrong word, 'wait', the step again)", 0.0, ge=0, le=1)
     shorter_rate: float = _h("testbed: fraction of training problems drawn at a shorter horizon (uniform in 1 .. horizon-1; "
                              "a curriculum over lengths for a long horizon's SFT); evaluation stays at the horizon", 0.0, ge=0, le=1)
+    base_seed: int = _h("testbed: seed of the student base's SFT and damage (student=testbed, testbed-x4, testbed-wait, "
+                        "testbed-d32 ...); 0 = the bases that ship with opd, another seed builds its own once (cached)", 0, ge=0)
     verifier: Literal["exact", "math"] = _h("answer check for datasets: exact match or math-verify", "exact")
     eval_fraction: float = _h("share of dataset rows held out for evaluation", 0.1, gt=0, lt=1)
     chat_template: Literal["auto", "on", "off"] = _h("wrap dataset prompts in the tokenizer's chat template", "auto")

@@ -50,6 +50,9 @@ def make_task(cfg: TrainConfig):
 def resolve_student(cfg: TrainConfig) -> str:
     """A model directory or hub id: ``student`` itself, or what a named source gives."""
     source = lookup("student", cfg.student)
+    if source is None and cfg.base_seed:
+        raise UserError(f"base_seed={cfg.base_seed} picks the seed of a testbed student base (student=testbed, "
+                        f"testbed-x4, ...); student={cfg.student} is a model of its own: drop base_seed")
     return cfg.student if source is None else str(source(vars(cfg)))
 
 

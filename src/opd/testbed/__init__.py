@@ -22,26 +22,27 @@ from opd.testbed.tasks import TASKS, make_task
 def _student_base(settings: dict):
     from opd.testbed.builder import prepare_student_base
 
-    return prepare_student_base(settings["task"], settings["horizon"])
+    return prepare_student_base(settings["task"], settings["horizon"], seed=settings.get("base_seed", 0))
 
 
 def _deep_base(settings: dict):
     from opd.testbed.builder import DEEP_LAYERS, prepare_student_base
 
-    return prepare_student_base(settings["task"], settings["horizon"], layers=DEEP_LAYERS)
+    return prepare_student_base(settings["task"], settings["horizon"], seed=settings.get("base_seed", 0), layers=DEEP_LAYERS)
 
 
 def _wait_base(settings: dict):
     from opd.testbed.builder import WAIT_CORRECTIONS, prepare_student_base
 
-    return prepare_student_base(settings["task"], settings["horizon"], correction_rate=WAIT_CORRECTIONS)
+    return prepare_student_base(settings["task"], settings["horizon"], seed=settings.get("base_seed", 0),
+                                correction_rate=WAIT_CORRECTIONS)
 
 
 def _capacity_student(capacity: str):
     def source(settings: dict):
         from opd.testbed.builder import prepare_capacity_student
 
-        return prepare_capacity_student(capacity, settings["task"], settings["horizon"])
+        return prepare_capacity_student(capacity, settings["task"], settings["horizon"], seed=settings.get("base_seed", 0))
 
     return source
 
