@@ -161,6 +161,21 @@ if __name__ == "__main__":
 """
 
 
+_FAILED_POOL = """
+import time
+from opd.compare import parallel
+
+if __name__ == "__main__":
+    with parallel.worker_pool(2, threads=2, gpus=None) as pool:
+        futures = {pool.submit(time.sleep, 120), pool.submit(int, "not a number")}
+        while len(pool._processes or {}) < 2:
+            time.sleep(0.1)
+        print(*pool._processes, flush=True)
+        failed = parallel.first_done(futures)
+        parallel.finish_in_flight(futures - failed, "a run")
+"""
+
+
 def _alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
     try:
@@ -204,3 +219,34 @@ def test_a_stopped_parent_leaves_no_worker_running(tmp_path, how):
     finally:
         parent.kill()
         parent.wait(timeout=30)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process states from /proc; tgkill")
+def test_sigterm_while_the_runs_in_flight_finish_after_a_failure_stops_them(tmp_path):
+    """After a failed run the parent waits for the run in flight (120 s here) and says so;
+    a SIGTERM in that wait stops it within seconds, also when the kernel hands it to a pool
+    thread (a pool's shutdown, which waits without a timeout, waited the 120 s out first)."""
+    script = tmp_path / "failed_pool.py"
+    script.write_text(_FAILED_POOL)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        workers = [int(pid) for pid in parent.stdout.readline().split()]
+        assert "a run failed; waiting for the 1 run(s) in flight" in parent.stderr.readline()
+        _signal_a_side_thread(parent.pid, signal.SIGTERM)  # the main thread must wake to handle it
+        assert parent.wait(timeout=30) == 143
+        deadline = time.monotonic() + 20
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in workers)
+    finally:
+        parent.kill()
+        parent.wait(timeout=30)
+
+
+def test_after_a_failure_the_run_in_flight_is_waited_for():
+    done, failing = Future(), Future()
+    failing.set_exception(ValueError("bad"))
+    threading.Timer(0.3, done.set_result, (0.5,)).start()
+    started = time.monotonic()
+    parallel.finish_in_flight({done, failing}, "a run")
+    assert done.done() and time.monotonic() - started >= 0.25

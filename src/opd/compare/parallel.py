@@ -22,8 +22,8 @@ Each worker gets ``threads // jobs`` torch threads (at least one).
 GPUs: when the runs use ``device: auto`` or ``cuda`` and CUDA sees k GPUs, worker i gets the
 i-th of them (mod k) as its only visible device (``CUDA_VISIBLE_DEVICES``), so ``--jobs 4``
 on four GPUs runs one run per GPU; an indexed device (``cuda:1``) is left as it is. A failed
-run stops the pool (pending runs are cancelled) and raises in the parent; the finished runs
-stay on disk and a re-run reuses them. The workers are spawned, so a script that calls
+run stops the schedule: no run starts after it, the runs in flight finish, and the failure
+is raised in the parent; the finished runs stay on disk and a re-run reuses them. The workers are spawned, so a script that calls
 ``compare(..., jobs=N)`` needs the ``if __name__ == "__main__":`` guard (``opd compare`` and
 ``experiments/run.py`` have it). Stopping the parent stops its workers: SIGTERM or Ctrl-C
 ends the runs in flight (their folders hold no result, so a re-run starts them again; the
@@ -35,6 +35,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -102,6 +103,18 @@ def first_done(futures: set) -> set:
             return done
 
 
+def finish_in_flight(futures: set, failed: str) -> None:
+    """After ``failed`` failed: submit nothing more and wait for the runs in flight (their
+    results stay for a re-run), saying so, through :func:`first_done`, so that SIGTERM or
+    Ctrl-C during the wait stops them at once (a pool's shutdown would wait them out first)."""
+    pending = {f for f in futures if not f.done()}
+    if pending:
+        print(f"{failed} failed; waiting for the {len(pending)} run(s) in flight to finish (kept for a re-run; "
+              "SIGTERM or Ctrl-C stops them)", file=sys.stderr, flush=True)
+    while pending:
+        pending -= first_done(pending)
+
+
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
@@ -121,7 +134,7 @@ def _stop_workers(pool: ProcessPoolExecutor, grace_s: float = 5.0) -> None:
 def _schedule(pool: ProcessPoolExecutor, spec, out: Path, driver, jobs: int) -> int:
     """Fill the ``jobs`` worker slots with the first known unfinished runs not in flight
     (label order, :func:`_all_pending`), wait for one to finish, repeat; the first failure
-    cancels the runs not started and raises."""
+    starts no more runs, lets those in flight finish (:func:`finish_in_flight`) and raises."""
     flying: dict = {}  # future -> (run_dir, what)
     submitted: set = set()
     while True:
@@ -129,7 +142,7 @@ def _schedule(pool: ProcessPoolExecutor, spec, out: Path, driver, jobs: int) -> 
         free = max(0, jobs - len(flying))
         for run_dir, (what, cfg) in list(_all_pending(spec, out, driver, busy).items())[:free]:
             if run_dir in submitted:  # each run once: a result that does not read back must not loop
-                pool.shutdown(cancel_futures=True)
+                finish_in_flight(set(flying), what)
                 raise RuntimeError(f"{what}: the worker finished it, but {run_dir} holds no result of its config")
             flying[pool.submit(_run_one, driver.run_or_reuse, cfg)] = (run_dir, what)
             submitted.add(run_dir)
@@ -138,7 +151,7 @@ def _schedule(pool: ProcessPoolExecutor, spec, out: Path, driver, jobs: int) -> 
         for future in first_done(set(flying)):
             _, what = flying.pop(future)
             if future.exception() is not None:
-                pool.shutdown(cancel_futures=True)
+                finish_in_flight(set(flying), what)
                 raise future.exception()
             print(f"{what}: accuracy {future.result():.3f} (worker)", flush=True)
 
