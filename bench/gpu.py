@@ -7,7 +7,7 @@
 Not a test. Four sections (``loss``, ``mfu``, ``rollout``, ``train``: the last in ``gpu_train.py``; what
 they share in ``gpu_common.py``) in one process; a failing one records
 ``error`` and ``traceback`` beside what it had filled, and the others still run; each keeps to its
-budget (``BUDGET_S``; parts that would overrun are skipped, saying so), so the GPU run stays under
+budget (``BUDGET_S``, four times it at ``--size cpu``; parts that would overrun are skipped, saying so), so the GPU run stays under
 8 minutes on one H100/H200. The JSON is rewritten after each section and on SIGTERM.
 
 Model: Qwen2.5-0.5B's shape (hidden 896, intermediate 4864, 24 layers, 14 heads, 2 KV heads,
@@ -89,7 +89,7 @@ from opd.models.hf import completion_hidden
 from opd.models.sampler import sample
 
 from gpu_common import (  # bench/ is the script's directory
-    BETA, BUDGET_S, GIB, NAIVE_BYTES_PER_LOGIT, PAD, SIZES, Budget, attempt, build_model, elapsed_s, free_memory, log,
+    BETA, GIB, NAIVE_BYTES_PER_LOGIT, PAD, SIZES, Budget, attempt, budgets_s, build_model, elapsed_s, free_memory, log,
     peak_extra_bytes, peak_flops, step_flops, timed,
 )
 from gpu_train import section_train
@@ -343,7 +343,7 @@ def meta(size_name: str, device, dtype) -> dict:
         "size": size_name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype), "torch": torch.__version__, "transformers": transformers.__version__,
         "cuda": torch.version.cuda, "python": platform.python_version(), "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(), "budgets_s": BUDGET_S, "liger_kernel": liger[0] if liger else None,
+        "cpus": os.cpu_count(), "budgets_s": budgets_s(SIZES[size_name]), "liger_kernel": liger[0] if liger else None,
     }  # fmt: skip
     if "cache" not in inspect.signature(transformers.Qwen2Model.forward).parameters:
         info["warning"] = "decoder has no `cache` argument: opd's sampler may run without a KV cache"
@@ -386,7 +386,7 @@ def _stop(signum, frame):
 
 def run_section(name: str, res: dict, size: dict, device, dtype, total: Budget) -> bool:
     """Run one section into ``res[name]`` (what it filled is kept on error); False once stopped."""
-    seconds = min(BUDGET_S[name], max(total.left(), 0.0))
+    seconds = min(budgets_s(size)[name], max(total.left(), 0.0))
     log(f"== {name} (budget {seconds:.0f} s)")
     t0, res[name] = time.perf_counter(), {}
     try:
@@ -417,11 +417,12 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     res: dict = {"meta": meta(args.size, device, dtype)}
     log(json.dumps(res["meta"]))
-    total = Budget(BUDGET_S["total"])
+    total_s = budgets_s(SIZES[args.size])["total"]
+    total = Budget(total_s)
     for name in args.sections:
         go_on = run_section(name, res, size=SIZES[args.size], device=device, dtype=dtype, total=total)
         res["summary"] = summary(res)
-        res["meta"]["total_s"] = BUDGET_S["total"] - total.left()
+        res["meta"]["total_s"] = total_s - total.left()
         out.write_text(json.dumps(res, indent=1, default=str))
         if not go_on:
             sys.exit(f"stopped by SIGTERM after {name}: partial results in {out}")

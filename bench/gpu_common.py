@@ -31,9 +31,17 @@ SIZES = {
         teacher=dict(vocab=512, hidden=96, inter=192, layers=2, heads=4, kv_heads=2),
         train=dict(student="model", teacher="teacher", tokenizer_ids=500, batch=4, prompt=8, new=8,
                    micro_batch=2, steps=3, methods=("opd", "gkd")),
+        # a correctness check, not a guard of device time: a CPU shared with other work (a test
+        # suite beside an experiment) ran a 3-step training out of the GPU budget's 60 s
+        budget_scale=4.0,
     ),
 }
 BUDGET_S = {"loss": 90.0, "mfu": 45.0, "rollout": 85.0, "train": 150.0, "total": 340.0}
+
+
+def budgets_s(size: dict) -> dict:
+    """:data:`BUDGET_S` for ``size`` (times its ``budget_scale``, if any)."""
+    return {name: seconds * size.get("budget_scale", 1.0) for name, seconds in BUDGET_S.items()}
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12),
              ("H800", 989.4e12), ("A100", 312e12))  # dense bf16 FLOP/s by device-name substring
 NAIVE_BYTES_PER_LOGIT = 48  # ~12 float32 [N, V] tensors live at the naive JSD's peak

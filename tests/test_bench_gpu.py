@@ -25,6 +25,7 @@ def test_bench_gpu_cpu_size(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads(out.read_text())
+    assert res["meta"]["budgets_s"]["train"] == 600.0  # the GPU budget x 4: a loaded CPU still finishes
     for section in ("meta", "mfu", "loss", "rollout", "summary"):
         assert section in res and "error" not in res[section], res.get(section)
 
