@@ -23,7 +23,8 @@ GPUs: when the runs use ``device: auto`` or ``cuda`` and CUDA sees k GPUs, worke
 i-th of them (mod k) as its only visible device (``CUDA_VISIBLE_DEVICES``), so ``--jobs 4``
 on four GPUs runs one run per GPU; an indexed device (``cuda:1``) is left as it is. A failed
 run stops the schedule: no run starts after it, the runs in flight finish, and the failure
-is raised in the parent; the finished runs stay on disk and a re-run reuses them. The workers are spawned, so a script that calls
+is raised in the parent; the finished runs stay on disk and a re-run reuses them. The
+workers are spawned, so a script that calls
 ``compare(..., jobs=N)`` needs the ``if __name__ == "__main__":`` guard (``opd compare`` and
 ``experiments/run.py`` have it). Stopping the parent stops its workers: SIGTERM or Ctrl-C
 ends the runs in flight (their folders hold no result, so a re-run starts them again; the
