@@ -283,3 +283,22 @@ def test_a_run_that_fails_in_a_worker_raises_its_error_here(tmp_path):
     with pytest.raises(UserError, match="cannot load the student"):
         compare(_write_spec(tmp_path, str(student)), str(tmp_path / "out"), jobs=2)
     assert not list((tmp_path / "out").glob("*/*/*/result.json"))
+
+
+def test_the_report_names_a_testbed_base_seed_other_than_0():
+    from opd.compare.report import bases_text
+
+    labels = {"a": {"student_base": {"student": "testbed-x4", "base_seed": 1, "weights_sha256": "f" * 64}},
+              "b": {"student_base": {"student": "testbed-x4", "weights_sha256": "0" * 64}}}
+    text = bases_text({"labels": labels})
+    assert "`testbed-x4` with `base_seed=1` (weights sha256 ffffffffffff) for a" in text
+    assert "`testbed-x4` (weights sha256 000000000000) for b" in text
+
+
+def test_student_base_records_base_seed_only_when_set(monkeypatch):
+    from opd.compare import saved_runs
+    from opd.config.train import TrainConfig
+
+    monkeypatch.setattr(saved_runs, "student_sha256", lambda cfg: "abc")
+    assert saved_runs.student_base(TrainConfig(student="testbed-x4")) == {"student": "testbed-x4", "weights_sha256": "abc"}
+    assert saved_runs.student_base(TrainConfig(student="testbed-x4", base_seed=2))["base_seed"] == 2

@@ -233,10 +233,11 @@ def bases_text(summary: dict) -> str:
     groups: dict[tuple, list[str]] = {}
     for label, entry in summary["labels"].items():
         base = entry.get("student_base") or {}
-        groups.setdefault((base.get("student"), base.get("weights_sha256")), []).append(label)
+        seed = f" with `base_seed={base['base_seed']}`" if base.get("base_seed") else ""
+        groups.setdefault((f"`{base.get('student')}`{seed}", base.get("weights_sha256")), []).append(label)
     if all(sha is None for _, sha in groups):
         return ""
-    parts = [f"`{student}` (weights sha256 {sha[:12] if sha else 'n/a: not a local directory'})"
+    parts = [f"{student} (weights sha256 {sha[:12] if sha else 'n/a: not a local directory'})"
              + ("" if len(groups) == 1 else f" for {', '.join(labels)}") for (student, sha), labels in groups.items()]
     return "\nStudent base: " + "; ".join(parts) + " (`student_base` in results.json holds the whole hash)."
 

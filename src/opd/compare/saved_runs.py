@@ -77,5 +77,6 @@ def student_base(cfg: TrainConfig) -> dict:
     """``{"student", "weights_sha256"}``: the student a run starts from and one hash of its
     weight files (None for a hub id), so that two reports say whether they ran from the same
     base (a testbed base rebuilt on another CPU is another base; a saved run from another
-    base is not reused: :func:`finished_result`)."""
-    return {"student": cfg.student, "weights_sha256": student_sha256(cfg)}
+    base is not reused: :func:`finished_result`); ``base_seed`` too when it is not 0."""
+    return {"student": cfg.student, **({"base_seed": cfg.base_seed} if cfg.base_seed else {}),
+            "weights_sha256": student_sha256(cfg)}
