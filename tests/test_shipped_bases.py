@@ -90,7 +90,7 @@ def test_opd_prepare_build_turns_shipping_off(monkeypatch):
 
     seen = []
     monkeypatch.setenv("OPD_SHIPPED_BASES", "1")
-    monkeypatch.setattr(builder, "prepare", lambda task, horizon, teacher=False: seen.append(shipped.enabled()) or "path")
+    monkeypatch.setattr(builder, "prepare", lambda task, horizon, teacher=False, **kw: seen.append(shipped.enabled()) or "path")
     assert cli.main(["prepare", "--build", "--horizon", "2"]) == 0
     assert seen == [False]
 

@@ -86,6 +86,21 @@ def test_base_seed_builds_another_base_in_its_own_cache_entry(tmp_path, monkeypa
     assert any(not torch.equal(a[k], b[k]) for k in a)  # another seed, other weights
 
 
+@pytest.mark.filterwarnings("ignore:opd. the 1-layer student base")
+def test_opd_prepare_builds_the_named_student_of_its_base_seed(tmp_path, monkeypatch, capsys):
+    from opd import cli
+    from opd.errors import UserError
+
+    monkeypatch.setenv("OPD_CACHE", str(tmp_path))
+    monkeypatch.setattr(testbed, "STUDENT_ARCH", TINY)
+    monkeypatch.setattr(testbed, "STUDENT_WARMUP", dict(steps=2, lr=1e-3, prompts_per_step=4, stop_at_accuracy=None))
+    monkeypatch.setattr(testbed, "DAMAGE_GRID", (0.01, 1.0))
+    assert cli.main(["prepare", "--horizon", "2", "--base-seed", "1"]) == 0
+    assert str(testbed.student_base_path("addition", 2, seed=1)) in capsys.readouterr().out
+    with pytest.raises(UserError, match="--student gpt2: not a testbed student; use one of testbed, "):
+        testbed.prepare("addition", 2, student="gpt2")
+
+
 def test_base_seed_on_a_model_of_its_own_is_refused():
     from opd.config.train import TrainConfig
     from opd.errors import UserError

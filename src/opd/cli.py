@@ -87,7 +87,7 @@ def cmd_prepare(args) -> int:
     if args.build:
         os.environ["OPD_SHIPPED_BASES"] = "0"
 
-    print(prepare(args.task, args.horizon, teacher=args.teacher))
+    print(prepare(args.task, args.horizon, teacher=args.teacher, student=args.student, base_seed=args.base_seed))
     return 0
 
 
@@ -135,6 +135,8 @@ def parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prepare", help="build and cache the testbed's tiny student base (and learned teacher)")
     pr.add_argument("--task", default="addition")
     pr.add_argument("--horizon", type=int, default=4)
+    pr.add_argument("--student", default="testbed", help="which testbed student: testbed, testbed-x4, testbed-wait, testbed-d32 ...")
+    pr.add_argument("--base-seed", type=int, default=0, help="the student's base_seed (0: the bases shipped with opd)")
     pr.add_argument("--teacher", action="store_true", help="also train the learned teacher")
     pr.add_argument("--build", action="store_true",
                     help="build what is not cached from scratch instead of copying a base shipped with opd "

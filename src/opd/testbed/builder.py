@@ -366,12 +366,21 @@ def prepare_teacher(task: str = "addition", horizon: int = 4, *, seed: int = 0, 
     return _prepare("teacher", task, horizon, TEACHER_ARCH, TEACHER_TRAINING, seed, quiet)
 
 
-def prepare(task: str, horizon: int, teacher: bool = False) -> str:
-    """``opd prepare``: build (or find) the student base, and the learned teacher when asked;
+def prepare(task: str, horizon: int, teacher: bool = False, student: str = "testbed", base_seed: int = 0) -> str:
+    """``opd prepare``: build (or find) the testbed ``student`` (a registered name:
+    ``testbed``, ``testbed-x4``, ...) of ``base_seed``, and the learned teacher when asked;
     one line each with its path and validation accuracy."""
+    import opd.testbed  # noqa: F401  (registers the names)
+    from opd.run.sources import lookup, names
+
+    source = lookup("student", student)
+    if source is None or not student.startswith("testbed"):
+        known = ", ".join(n for n in names("student") if n.startswith("testbed"))
+        raise UserError(f"--student {student}: not a testbed student; use one of {known}")
+    settings = {"task": task, "horizon": horizon, "base_seed": base_seed}
     lines = []
-    for make in [prepare_student_base] + ([prepare_teacher] if teacher else []):
-        path = make(task, horizon)
+    for make in [lambda: source(settings)] + ([lambda: prepare_teacher(task, horizon)] if teacher else []):
+        path = make()
         info = prepared_info(path)
         acc = info.get("eval_val", info["warmup_eval_val"])["eval/accuracy"]
         before = info["warmup_eval_val"]["eval/accuracy"]
