@@ -369,8 +369,8 @@ def prepare_teacher(task: str = "addition", horizon: int = 4, *, seed: int = 0, 
 def prepare(task: str, horizon: int, teacher: bool = False, student: str = "testbed", base_seed: int = 0) -> str:
     """``opd prepare``: build (or find) the testbed ``student`` (a registered name:
     ``testbed``, ``testbed-x4``, ...) of ``base_seed``, and the learned teacher when asked;
-    one line each with its path and validation accuracy."""
-    import opd.testbed  # noqa: F401  (registers the names)
+    one line each with its path and validation accuracy (the names are registered: importing
+    this module imports the :mod:`opd.testbed` package first)."""
     from opd.run.sources import lookup, names
 
     source = lookup("student", student)
