@@ -129,7 +129,7 @@ def train_all(configs: dict, jobs: int) -> dict:
     thread each (so the numbers do not depend on ``jobs``); one line per finished run."""
     if jobs <= 1:
         return {key: _timed_train(cfg) for key, cfg in configs.items()}
-    from opd.compare.parallel import first_done, worker_pool
+    from opd.compare.parallel import finish_in_flight, first_done, worker_pool
 
     quiet = {key: with_changes(cfg, progress=False) for key, cfg in configs.items()}
     done = {}
@@ -140,7 +140,9 @@ def train_all(configs: dict, jobs: int) -> dict:
             for future in first_done(pending):
                 pending.discard(future)
                 if future.exception() is not None:  # the first failure stops the runs not started yet
-                    pool.shutdown(cancel_futures=True)
+                    for waiting in pending:
+                        waiting.cancel()  # not started: dropped; running: finished below
+                    finish_in_flight(pending, futures[future])
                     raise future.exception()
                 done[futures[future]] = history, seconds = future.result()
                 print(f"{futures[future]}: accuracy {history[-1]['eval/accuracy']:.3f} ({seconds:.0f} s)", flush=True)
