@@ -12,6 +12,7 @@ Re-running reuses finished runs whose config is unchanged, with the same numbers
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # the testbed's tiny models gain nothing from more threads
     out = Path(args.out or f"runs/{args.name}")
-    compare(str(ROOT / "experiments" / f"{args.name}.yaml"), str(out), force=args.force, jobs=args.jobs)
+    spec = os.path.relpath(ROOT / "experiments" / f"{args.name}.yaml")  # results.json names no machine's folders
+    compare(spec, str(out), force=args.force, jobs=args.jobs)
     print(f"wrote {publish(args.name, out)}")
 
 

@@ -19,30 +19,35 @@ from opd.run.sources import register
 from opd.testbed.tasks import TASKS, make_task
 
 
+def _recipe(settings: dict) -> dict:
+    """The arguments every student base is built from: the run's task and horizon, and its
+    ``base_seed`` (0: the bases shipped with ``opd``)."""
+    return {"task": settings["task"], "horizon": settings["horizon"], "seed": settings.get("base_seed", 0)}
+
+
 def _student_base(settings: dict):
     from opd.testbed.builder import prepare_student_base
 
-    return prepare_student_base(settings["task"], settings["horizon"], seed=settings.get("base_seed", 0))
+    return prepare_student_base(**_recipe(settings))
 
 
 def _deep_base(settings: dict):
     from opd.testbed.builder import DEEP_LAYERS, prepare_student_base
 
-    return prepare_student_base(settings["task"], settings["horizon"], seed=settings.get("base_seed", 0), layers=DEEP_LAYERS)
+    return prepare_student_base(**_recipe(settings), layers=DEEP_LAYERS)
 
 
 def _wait_base(settings: dict):
     from opd.testbed.builder import WAIT_CORRECTIONS, prepare_student_base
 
-    return prepare_student_base(settings["task"], settings["horizon"], seed=settings.get("base_seed", 0),
-                                correction_rate=WAIT_CORRECTIONS)
+    return prepare_student_base(**_recipe(settings), correction_rate=WAIT_CORRECTIONS)
 
 
 def _capacity_student(capacity: str):
     def source(settings: dict):
         from opd.testbed.builder import prepare_capacity_student
 
-        return prepare_capacity_student(capacity, settings["task"], settings["horizon"], seed=settings.get("base_seed", 0))
+        return prepare_capacity_student(capacity, **_recipe(settings))
 
     return source
 
