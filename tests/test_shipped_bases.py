@@ -95,7 +95,7 @@ def test_opd_prepare_build_turns_shipping_off(monkeypatch):
     assert seen == [False]
 
 
-@pytest.mark.parametrize("recipe", shipped.SHIPPED_RECIPES, ids=lambda r: f"{r['task']}-h{r['horizon']}-x{r.get('layers', 2)}")
+@pytest.mark.parametrize("recipe", shipped.SHIPPED_RECIPES, ids=lambda r: f"{r['task']}-h{r['horizon']}-x{r.get('layers', 2)}-seed{r.get('seed', 0)}")
 def test_every_shipped_base_is_the_current_recipe_and_intact(recipe):
     """A recipe change renames the base's cache folder: this fails until it is shipped again
     (``python -m opd.testbed.ship``), so a stale base is never the one users get."""
