@@ -4,7 +4,7 @@ anew and ship them (maintainers, from a source checkout, after a recipe change).
 Each base is built from its recipe on one torch thread into a temporary cache (shipping
 off, so nothing is copied from the old shipped files), then its clean and damaged folders
 are copied into ``src/opd/testbed/bases/`` with their sha256. On this project's 2-core CPU
-that takes about 45 minutes, most of it the horizon-16 base.
+that takes about 80 minutes, most of it the two horizon-16 bases.
 """
 
 from __future__ import annotations
