@@ -379,8 +379,7 @@ def prepare(task: str, horizon: int, teacher: bool = False, student: str = "test
         raise UserError(f"--student {student}: not a testbed student; use one of {known}")
     settings = {"task": task, "horizon": horizon, "base_seed": base_seed}
     lines = []
-    for make in [lambda: source(settings)] + ([lambda: prepare_teacher(task, horizon)] if teacher else []):
-        path = make()
+    for path in [source(settings)] + ([prepare_teacher(task, horizon)] if teacher else []):
         info = prepared_info(path)
         acc = info.get("eval_val", info["warmup_eval_val"])["eval/accuracy"]
         before = info["warmup_eval_val"]["eval/accuracy"]
