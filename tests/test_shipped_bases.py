@@ -95,7 +95,7 @@ def test_opd_prepare_build_turns_shipping_off(monkeypatch):
     assert seen == [False]
 
 
-@pytest.mark.parametrize("recipe", shipped.SHIPPED_RECIPES, ids=lambda r: f"{r['task']}-h{r['horizon']}-x{r.get('layers', 2)}-seed{r.get('seed', 0)}")
+@pytest.mark.parametrize("recipe", shipped.SHIPPED_RECIPES, ids=shipped.recipe_id)
 def test_every_shipped_base_is_the_current_recipe_and_intact(recipe):
     """A recipe change renames the base's cache folder: this fails until it is shipped again
     (``python -m opd.testbed.ship``), so a stale base is never the one users get."""
@@ -127,3 +127,22 @@ def test_the_package_data_globs_take_every_shipped_file():
     files = [p.relative_to(package).as_posix() for p in shipped.ROOT.rglob("*") if p.is_file()]
     assert len(files) == 1 + sum(len(names) for names in shipped.shipped_sums().values())
     assert all(any(fnmatch.fnmatch(f, g) for g in globs) for f in files), files
+
+
+def test_ship_only_builds_the_named_recipes_and_names_them_on_a_typo(monkeypatch, tmp_path, capsys):
+    from opd.testbed import ship as ship_cli
+
+    built = []
+    monkeypatch.setattr(ship_cli, "prepare_student_base", lambda **kw: built.append(kw) or tmp_path / f"b{len(built)}")
+    monkeypatch.setattr(ship_cli, "ship", lambda folder: {"model.safetensors": folder.name * 12})
+    name = shipped.recipe_id(shipped.SHIPPED_RECIPES[-1])
+    ship_cli.main(["--only", name])
+    assert [{k: v for k, v in kw.items() if k != "target_accuracy"} for kw in built] == [shipped.SHIPPED_RECIPES[-1]] * 2
+    assert [kw.get("target_accuracy", "damaged") for kw in built] == [None, "damaged"]  # clean, then damaged
+    ship_cli.main(["--list"])
+    assert capsys.readouterr().out.splitlines()[-3:] == [shipped.recipe_id(r) for r in shipped.SHIPPED_RECIPES]
+    with pytest.raises(SystemExit):
+        ship_cli.main(["--only", "addition-h5"])
+    err = capsys.readouterr().err
+    assert "no shipped recipe is named addition-h5" in err and name in err
+    assert len(built) == 2  # neither --list nor the typo built anything

@@ -17,8 +17,9 @@ through floating-point order (another CPU lands the damage elsewhere), a shipped
 ``OPD_SHIPPED_BASES=0`` (or ``opd prepare --build``) builds from scratch instead.
 
 Maintainers ship again with ``python -m opd.testbed.ship`` (from a source checkout): it
-builds each base in :data:`SHIPPED_RECIPES` anew, one torch thread, into a temporary cache,
-and copies it here (:func:`ship`).
+builds each base in :data:`SHIPPED_RECIPES` (or only those named by ``--only``, see
+:func:`recipe_id`) anew, one torch thread, into a temporary cache, and copies it here
+(:func:`ship`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ SHIPPED_RECIPES = (
     {"task": "modchain_labeled", "horizon": 16, "layers": 4},  # student=testbed-x4 at horizon 16: 41 minutes to build here
     {"task": "modchain_labeled", "horizon": 16, "layers": 4, "seed": 1},  # the same with base_seed=1: 34 minutes
 )  # prepare_student_base's arguments
+
+
+def recipe_id(recipe: dict) -> str:
+    """A shipped recipe's short name, e.g. ``modchain_labeled-h16-x4-seed1`` (the shipped-base
+    test's id and ``python -m opd.testbed.ship --only``'s argument)."""
+    return f"{recipe['task']}-h{recipe['horizon']}-x{recipe.get('layers', 2)}-seed{recipe.get('seed', 0)}"
 
 
 def enabled() -> bool:
