@@ -1,6 +1,6 @@
 """DAgger's question on the ring walk: after a wrong move, does the trained student turn back?
 
-    python experiments/detour.py NAME [--out runs/NAME] [--probe-prompts 128] [--set KEY=VALUE ...]
+    python experiments/detour.py NAME [--out runs/NAME] [--jobs N] [--probe-prompts 128] [--set KEY=VALUE ...]
 
 Runs a ring experiment (``experiments/NAME.yaml``: ``ring``, ``ring_d128``) with
 ``opd compare`` under the protocol (finished runs are reused), then the detour probe of

@@ -1,16 +1,16 @@
 """Myopic supervision on the testbed: does per-token OPD teach recovery from a wrong step?
 
-    python experiments/myopic.py [--out runs/myopic] [--probe-prompts 128] [--set KEY=VALUE ...]
+    python experiments/myopic.py [NAME] [--out runs/NAME] [--jobs N] [--probe-prompts 128] [--set KEY=VALUE ...]
 
-Runs ``experiments/myopic.yaml`` with ``opd compare`` under the protocol, then the
+Runs ``experiments/NAME.yaml`` (default ``myopic``) with ``opd compare`` under the protocol, then the
 correction-path probe of ``opd diagnose`` on the base and on every reported seed's final
 checkpoint: held-out reference solutions cut after step k, step k's result replaced by a
 wrong digit (k = 1, 2, 4). Per run and depth: the student's P(`wait`) there, how often its
 greedy continuation starts with `wait` (onset), how often it then redoes the step exactly,
 how often it still reaches the right answer, and how often it says `wait` after a correct
 step (false alarm). The probe's metrics, each the mean over depths, get verdicts by the
-same rule as accuracy. Writes ``docs/results/myopic.md``, its plot, and
-``docs/results/myopic/results.json`` (with a ``probe`` section).
+same rule as accuracy. Writes ``docs/results/NAME.md``, its plot, and
+``docs/results/NAME/results.json`` (with a ``probe`` section).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 from dataclasses import dataclass
@@ -99,20 +100,21 @@ def probe_table(probe: Probe, probes: dict) -> list[str]:
 
 
 def main(name: str | None, probe: Probe, doc: str) -> None:
-    """The command line of a probed experiment ``name`` (``experiments/NAME.yaml``; None: the
-    command line names it)."""
+    """The command line of a probed experiment: the spec ``experiments/NAME.yaml`` named on
+    it (``name``, when given, is its default)."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
-    if name is None:
-        ap.add_argument("name", help="the spec: experiments/NAME.yaml")
+    ap.add_argument("name", nargs="?" if name else None, default=name, help="the spec: experiments/NAME.yaml")
     ap.add_argument("--out", default=None, help="default: runs/NAME")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time, one worker process (one thread) each")
     ap.add_argument("--probe-prompts", type=int, default=128)
     ap.add_argument("--set", nargs="*", default=[], help="spec or config overrides, as for opd compare (a smoke test)")
     ap.add_argument("--no-publish", action="store_true", help="leave docs/results alone")
     args = ap.parse_args()
-    name = name or args.name
+    name = args.name
     torch.set_num_threads(1)
     out = Path(args.out or f"runs/{name}")
-    summary = compare(str(ROOT / "experiments" / f"{name}.yaml"), str(out), overrides=args.set)
+    spec = os.path.relpath(ROOT / "experiments" / f"{name}.yaml")  # results.json names no machine's folders
+    summary = compare(spec, str(out), overrides=args.set, jobs=args.jobs)
     probes = probe_all(probe, summary, out, args.probe_prompts)
     per_metric = {f"probe/{key}": {label: {seed: depth_mean(d, key) for seed, d in by_seed.items()}
                                    for label, by_seed in probes["labels"].items()} for key in probe.judged}

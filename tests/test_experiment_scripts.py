@@ -49,7 +49,8 @@ def test_the_detour_script_probes_every_run_and_judges_it(tiny_ring_student, tmp
 
 
 def test_the_myopic_script_still_probes_corrections(tiny_student_dir, tmp_path):
-    results = _run("myopic.py", ["--set", *SMOKE, f"student={tiny_student_dir}"], tmp_path)
+    results = _run("myopic.py", ["--jobs", "2", "--set", *SMOKE, f"student={tiny_student_dir}"], tmp_path)
+    assert results["spec"] == "experiments/myopic.yaml"  # the default spec, named relative to the checkout
     assert set(results["probe"]["base"]) == {"1", "2", "4"}
     assert {"probe/onset", "probe/wait_redo", "probe/recovery", "probe/false_onset"} <= set(results["metric_verdicts"])
 
