@@ -34,6 +34,14 @@ def budget_section(labels: dict, budget: int) -> list[str]:
     return [f"## {budget:,} sequences", "", "Accuracy (mean ± std over seeds): " + "; ".join(cells) + ".", ""] + [f"- {v['sentence']}" for v in found] + [""]
 
 
+def lr_sentence(results: dict) -> str:
+    """Where the lrs came from: tuned at the full budget, or (no ``lr_grid``) the spec's own."""
+    if results["chosen_lr"]:
+        return "tuned once per label at the full budget (" + ", ".join(f"{k} {v:g}" for k, v in results["chosen_lr"].items()) + ")"
+    lrs = ", ".join(f"{label} {entry['lr']:g}" for label, entry in results["labels"].items())
+    return f"the spec's own, not tuned in this experiment ({lrs}; the spec says where they come from)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("name")
@@ -48,9 +56,8 @@ def main() -> None:
              f"Regenerate: `python experiments/budgets.py {args.name} --budgets {args.budgets}` (from "
              f"[{args.name}/results.json]({args.name}/results.json)). Each label's accuracy at a budget is read off its "
              "runs' curves at the evaluation that used exactly that many sequences; the runs use a constant learning rate, "
-             "so that is the state of a run stopped there. Learning rates: tuned once per label at the full budget "
-             f"({', '.join(f'{k} {v:g}' for k, v in results['chosen_lr'].items())}). Seeds: {results['seeds']}. Test prompts: "
-             f"{results['test_prompts']}.", "", f"Rule: {verdicts.RULE}.", ""]
+             f"so that is the state of a run stopped there. Learning rates: {lr_sentence(results)}. Seeds: "
+             f"{results['seeds']}. Test prompts: {results['test_prompts']}.", "", f"Rule: {verdicts.RULE}.", ""]
     budgets = [int(b) for b in args.budgets.split(",")]
     for budget in budgets:
         lines += budget_section(results["labels"], budget)

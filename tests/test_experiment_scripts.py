@@ -255,3 +255,11 @@ def test_teacher_samples_label_settings_override_the_base_and_an_unknown_label_i
     assert ts.spec_config(spec, "cold") == {"temperature": 0.7, "horizon": 16}
     with pytest.raises(SystemExit, match="no label 'warm'.*cold, plain"):
         ts.spec_config(spec, "warm")
+
+
+def test_budgets_names_where_the_lrs_came_from():
+    budgets = _script("budgets")
+    tuned = {"chosen_lr": {"sft": 3e-4, "opd": 1e-4}, "labels": {"sft": {"lr": 3e-4}, "opd": {"lr": 1e-4}}}
+    assert budgets.lr_sentence(tuned) == "tuned once per label at the full budget (sft 0.0003, opd 0.0001)"
+    untuned = {"chosen_lr": {}, "labels": {"sft": {"lr": 1e-5}, "opd": {"lr": 3e-5}}}
+    assert "not tuned in this experiment (sft 1e-05, opd 3e-05;" in budgets.lr_sentence(untuned)
