@@ -55,9 +55,21 @@ def test_the_myopic_script_still_probes_corrections(tiny_student_dir, tmp_path):
     assert {"probe/onset", "probe/wait_redo", "probe/recovery", "probe/false_onset"} <= set(results["metric_verdicts"])
 
 
+def test_the_orders_script_probes_both_openings(tiny_student_dir, tmp_path):
+    results = _run("orders.py", ["--set", *SMOKE, f"student={tiny_student_dir}"], tmp_path)
+    assert results["spec"] == "experiments/eopd_orders.yaml"
+    probe = results["probe"]
+    assert set(probe["base"]) == {"1", "2", "4"} and set(probe["labels"]) == {"opd_one_order", "opd", "eopd"}
+    assert {"probe/p_swap", "probe/swap_onset", "probe/swap_recovery"} <= set(results["metric_verdicts"])
+    depths = probe["labels"]["eopd"]["0"].values()
+    assert all(0 < d["n"] <= 3 for d in depths) and all(0.0 <= d["p_swap"] <= 1.0 for d in depths)
+
+
 def _script(name: str):
     import importlib.util
 
+    if str(ROOT / "experiments") not in sys.path:  # the scripts import each other (probed, run)
+        sys.path.insert(0, str(ROOT / "experiments"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -263,3 +275,32 @@ def test_budgets_names_where_the_lrs_came_from():
     assert budgets.lr_sentence(tuned) == "tuned once per label at the full budget (sft 0.0003, opd 0.0001)"
     untuned = {"chosen_lr": {}, "labels": {"sft": {"lr": 1e-5}, "opd": {"lr": 3e-5}}}
     assert "not tuned in this experiment (sft 1e-05, opd 3e-05;" in budgets.lr_sentence(untuned)
+
+
+def test_grpo_stall_places_the_first_mistake_by_step_and_word():
+    from opd.testbed import modchain_labeled
+    from opd.testbed.oracle import OracleTeacher
+    from opd.testbed.tasks import make_task
+    from opd.testbed.tokenizer import build_tokenizer
+
+    stall = _script("grpo_stall")
+    tok = build_tokenizer(modchain_labeled.WORDS)
+    oracle = OracleTeacher(tokenizer=tok, recovers=False)
+    problem = make_task("modchain_labeled", 4).problems("test", 1, seed=0)[0]
+    spec = problem.meta["spec"]
+    prompt = tok(problem.prompt, add_special_tokens=False)["input_ids"]
+    words = problem.solution.split() + ["<eos>"]
+
+    def place(ws):
+        return stall.first_mistake(oracle, prompt, tok.convert_tokens_to_ids(ws), ws)
+
+    assert place(words) is None
+    wrong_result = list(words)
+    wrong_result[7 * 2 + 5] = str((int(words[7 * 2 + 5]) + 1) % spec.m)  # step 2's result
+    assert place(wrong_result) == (2, 5)
+    wrong_operand = list(words)
+    wrong_operand[3] = str(int(words[3]) % (spec.m - 1) + 1)  # step 0's operand, another legal one
+    assert place(wrong_operand) == (0, 3)
+    wrong_answer = list(words)
+    wrong_answer[-2] = str((int(words[-2]) + 1) % spec.m)
+    assert place(wrong_answer) == (4, 1)

@@ -79,14 +79,17 @@ def first_deviation(oracle, prompt: list[int], completion: list[int]) -> int | N
 
 
 @torch.no_grad()
-def next_token_logp(model, prompts: list[list[int]], prefixes: list[list[int]], token_id: int, pad_id: int) -> torch.Tensor:
-    """``log pi(token | x, prefix)`` per row, ``[N]`` (one batched forward pass)."""
-    batch = make_batch(prompts, [list(q) + [token_id] for q in prefixes], pad_id)
+def next_token_logp(model, prompts: list[list[int]], prefixes: list[list[int]], token_id: int | list[int], pad_id: int) -> torch.Tensor:
+    """``log pi(token | x, prefix)`` per row, ``[N]`` (one batched forward pass); ``token_id``
+    one id for every row or one per row."""
+    ids = [token_id] * len(prefixes) if isinstance(token_id, int) else list(token_id)
+    batch = make_batch(prompts, [list(q) + [t] for q, t in zip(prefixes, ids)], pad_id)
     hidden_BTH = completion_hidden(model, batch)
     last_B = torch.tensor([len(q) for q in prefixes], device=hidden_BTH.device)
     rows_B = torch.arange(len(prefixes), device=hidden_BTH.device)
     logits_BV = model.get_output_embeddings()(hidden_BTH[rows_B, last_B]).float()  # one position per row
-    return torch.log_softmax(logits_BV, -1)[:, token_id].cpu()
+    ids_B = torch.tensor(ids, device=logits_BV.device)
+    return torch.log_softmax(logits_BV, -1)[rows_B, ids_B].cpu()
 
 
 @torch.no_grad()
