@@ -2,9 +2,10 @@
 
     python experiments/orders.py [NAME] [--out runs/NAME] [--jobs N] [--probe-prompts 128] [--set KEY=VALUE ...]
 
-Runs ``experiments/NAME.yaml`` (default ``eopd_orders``: OPD on the one-order oracle, OPD
-and EOPD on the oracle that lets a step write its operands in either order) with
-``opd compare`` under the protocol (finished runs are reused), then the order probe
+Runs ``experiments/NAME.yaml`` (default ``eopd_orders_tune2``, ``eopd_orders`` tuned on two
+seeds: OPD on the one-order oracle, OPD and EOPD on the oracle that lets a step write its
+operands in either order; ``eopd_orders_mixed``: the same from a base that learned both
+orders) with ``opd compare`` under the protocol (finished runs are reused), then the order probe
 (:mod:`opd.diagnostics.orders`) on the base and on every reported seed's final checkpoint:
 held-out reference solutions cut before step k (k = 1, 2, 4), on the problems whose step k
 has two different operand digits. Per run and depth: the student's probability of opening
@@ -49,4 +50,4 @@ PROBE = probed.Probe(
 )
 
 if __name__ == "__main__":
-    probed.main("eopd_orders", PROBE, __doc__)
+    probed.main("eopd_orders_tune2", PROBE, __doc__)

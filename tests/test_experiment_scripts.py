@@ -57,7 +57,7 @@ def test_the_myopic_script_still_probes_corrections(tiny_student_dir, tmp_path):
 
 def test_the_orders_script_probes_both_openings(tiny_student_dir, tmp_path):
     results = _run("orders.py", ["--set", *SMOKE, f"student={tiny_student_dir}"], tmp_path)
-    assert results["spec"] == "experiments/eopd_orders.yaml"
+    assert results["spec"] == "experiments/eopd_orders_tune2.yaml"
     probe = results["probe"]
     assert set(probe["base"]) == {"1", "2", "4"} and set(probe["labels"]) == {"opd_one_order", "opd", "eopd"}
     assert {"probe/p_swap", "probe/swap_onset", "probe/swap_recovery"} <= set(results["metric_verdicts"])

@@ -94,7 +94,7 @@ def test_builders_validate_their_knobs_when_called_from_code():
 def test_unknown_task_is_refused_with_the_known_ones(tiny_cfg):
     from opd.run.setup import build_setup
 
-    with pytest.raises(UserError, match=r"unknown task 'addtion'; known tasks: addition, addition_swapped, modchain"):
+    with pytest.raises(UserError, match=r"unknown task 'addtion'; known tasks: addition, addition_mixed, addition_swapped, modchain"):
         build_setup(tiny_cfg(task="addtion"))
 
 

@@ -160,7 +160,7 @@ def test_modchain_one_wrong_value_spoils_the_answer():
 
 
 def test_registry():
-    assert set(TASKS) == set(NAMES) | {"addition_swapped"}
+    assert set(TASKS) == set(NAMES) | {"addition_swapped", "addition_mixed"}
     task = make_task("modchain", 6, moduli=(7,))
     assert task.horizon == 6 and all(p.meta["spec"].m == 7 for p in task.problems("train", 10, 0))
     with pytest.raises(KeyError):
@@ -259,6 +259,30 @@ def test_the_swapped_style_writes_the_same_problems_b_first():
     p = b[0]
     for text in (a[0].solution, p.solution):
         assert [target.deviations for target in oracle.trace(ids(p.prompt), ids(text))][-1] == 0
+
+
+def test_the_mixed_style_writes_each_step_in_an_order_drawn_for_it():
+    from opd.testbed.oracle import OracleTeacher
+    from opd.testbed.tokenizer import build_tokenizer
+
+    plain, mixed = make_task("addition", 4), make_task("addition_mixed", 4)
+    a, b = plain.problems("test", 60, 0), mixed.problems("test", 60, 0)
+    assert [(p.prompt, p.answer) for p in a] == [(p.prompt, p.answer) for p in b]
+    assert [p.solution for p in b] == [p.solution for p in mixed.problems("test", 60, 0)]  # the same draw every time
+    swapped = kept = 0
+    for p, q in zip(a, b):
+        steps_p, steps_q = [s.split() for s in p.solution.split(" ; ")[:4]], [s.split() for s in q.solution.split(" ; ")[:4]]
+        for sp, sq in zip(steps_p, steps_q):
+            assert sq in (sp, [sp[1], sp[0], *sp[2:]])
+            if sp[0] != sp[1]:
+                swapped, kept = swapped + (sq != sp), kept + (sq == sp)
+        assert p.solution.split(" ; ")[4] == q.solution.split(" ; ")[4] and mixed.verify(q, q.solution)
+    assert 0.35 < swapped / (swapped + kept) < 0.65  # about half of the steps with two orders, of ~220
+    tok = build_tokenizer()
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]
+    deviations = lambda oracle, p: [t.deviations for t in oracle.trace(ids(p.prompt), ids(p.solution))][-1]
+    assert all(deviations(OracleTeacher(tokenizer=tok, two_orders=True), q) == 0 for q in b)
+    assert sum(deviations(OracleTeacher(tokenizer=tok, recovers=False), q) > 0 for q in b) > 40
 
 
 def test_the_swapped_teacher_exists_for_addition_only():

@@ -143,7 +143,7 @@ def test_a_rewritten_family_gets_new_bases(tmp_path, monkeypatch):
 
 def test_unknown_task_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.setenv("OPD_CACHE", str(tmp_path))
-    with pytest.raises(KeyError, match="unknown task 'no-such-task'; known: \\['addition', 'addition_swapped', 'modchain', 'modchain_labeled', 'ring'\\]"):
+    with pytest.raises(KeyError, match="unknown task 'no-such-task'; known: \\['addition', 'addition_mixed', 'addition_swapped', 'modchain', 'modchain_labeled', 'ring'\\]"):
         testbed.prepare_student_base("no-such-task", 2, quiet=True)
     assert not any(tmp_path.rglob("*"))
 

@@ -185,10 +185,33 @@ class SwappedAdditionTask(AdditionTask):
     Corrected solutions (``correction_rate``) keep the ``a b`` order."""
 
     name: str = "addition_swapped"
+    write = staticmethod(swapped_solution_text)  # the reference solution of a spec in this style
 
     def split_key(self, seed: int) -> str:
         return f"addition:{self.horizon}:{seed}"
 
     def make_problem(self, spec) -> Problem:
         problem = super().make_problem(spec)
-        return Problem(problem.prompt, problem.answer, swapped_solution_text(spec), {**problem.meta, "task": self.name})
+        return Problem(problem.prompt, problem.answer, self.write(spec), {**problem.meta, "task": self.name})
+
+
+def mixed_solution_text(spec: AdditionSpec) -> str:
+    """The reference solution with each step's operands in an order drawn for it: ``b a``
+    with probability 1/2 (a generator seeded by the prompt, so a problem always reads the
+    same), else ``a b``."""
+    rng = random.Random(prompt_text(spec))
+    rows = [[s[1], s[0], *s[2:]] if rng.random() < 0.5 else s for s in reference_steps(spec)]
+    return steps.write_solution(rows, answer_text(spec))
+
+
+@dataclass
+class MixedAdditionTask(SwappedAdditionTask):
+    """``task=addition_mixed``: the problems of ``addition`` (same splits), with reference
+    solutions whose steps write their operands in either order, each with probability 1/2
+    (:func:`mixed_solution_text`). A student trained on them can finish a step it opens
+    either way, which the two-order oracle (``oracle_two_orders``) allows; a student trained
+    on ``addition`` opens with ``a`` and cannot finish a step opened with ``b``
+    (``docs/results/eopd_orders.md``, order probe)."""
+
+    name: str = "addition_mixed"
+    write = staticmethod(mixed_solution_text)

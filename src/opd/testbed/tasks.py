@@ -8,6 +8,7 @@ from opd.testbed.steps import Grammar
 TASKS = {
     "addition": addition.AdditionTask,
     "addition_swapped": addition.SwappedAdditionTask,
+    "addition_mixed": addition.MixedAdditionTask,
     "modchain": modchain.ModChainTask,
     "modchain_labeled": modchain_labeled.LabeledModChainTask,
     "ring": ring.RingTask,
