@@ -301,6 +301,9 @@ def test_grpo_stall_places_the_first_mistake_by_step_and_word():
     wrong_operand = list(words)
     wrong_operand[3] = str(int(words[3]) % (spec.m - 1) + 1)  # step 0's operand, another legal one
     assert place(wrong_operand) == (0, 3)
+    committed = [(0, 0.372), (512, 0.174), (1024, 0.16)]
+    assert stall.same_through([(0, 0.372), (512, 0.174), (1024, 0.2)], committed) == 512
+    assert stall.same_through([(0, 0.3)], committed) == -1 and stall.same_through(committed, committed) == 1024
     wrong_answer = list(words)
     wrong_answer[-2] = str((int(words[-2]) + 1) % spec.m)
     assert place(wrong_answer) == (4, 1)
