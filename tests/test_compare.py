@@ -60,6 +60,10 @@ def test_compare_writes_report_and_reruns_give_the_same_numbers(tiny_student_dir
     sha = results["labels"]["opd"]["student_base"]["weights_sha256"]
     assert results["labels"]["opd_g1"]["student_base"] == {"student": tiny_student_dir, "weights_sha256": sha}
     assert f"Student base: `{tiny_student_dir}` (weights sha256 {sha[:12]})" in report
+    from opd.compare.saved_runs import machine
+    here = machine()
+    assert "torch " in here and results["labels"]["opd"]["machines"] == {"0": here, "1": here}
+    assert f"Computed on: {here}." in report and json.loads((out / "runs/opd/seed0/result.json").read_text())["machine"] == here
     for label, entry in first["labels"].items():
         assert entry["lr"] == first["lr_info"]["chosen"][label] and f"{entry['lr']:g}" in first["lr_info"]["grid"][label]
         for seed, run in entry["runs"].items():

@@ -449,7 +449,8 @@ def compare(spec_path: str, out_dir: str | None = None, overrides: list[str] = (
             cfg = run_config(spec, label, seed, lr, run_path(out, label, seed))
             result = run_or_reuse(cfg)
             _say(f"{label} seed {seed}", result)
-            runs[seed] = {"history": result["history"], "run_dir": cfg.run_dir, "reused": result["reused"]}
+            runs[seed] = {"history": result["history"], "run_dir": cfg.run_dir, "reused": result["reused"],
+                          "machine": result.get("machine")}  # None: saved before runs said where they ran
         labels[label] = {"lr": cfg.lr, "method": cfg.method, "overrides": spec.methods[label], "runs": runs,
                          "degenerate": run_degeneracy(runs), "ppo_epochs": cfg.ppo_epochs,
                          "student_base": student_base(cfg)}

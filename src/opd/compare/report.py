@@ -242,12 +242,22 @@ def bases_text(summary: dict) -> str:
     return "\nStudent base: " + "; ".join(parts) + " (`student_base` in results.json holds the whole hash)."
 
 
+def machines_text(summary: dict) -> str:
+    """The machines the reported runs were computed on (runs saved before runs said so: unknown)."""
+    counts: dict[str, int] = {}
+    for entry in summary["labels"].values():
+        for run in entry["runs"].values():
+            name = run.get("machine") or "not recorded"
+            counts[name] = counts.get(name, 0) + 1
+    return "\nComputed on: " + "; ".join(f"{name} ({n} runs)" if len(counts) > 1 else name for name, n in counts.items()) + "."
+
+
 def write_compare_report(out: Path, summary: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     images = [plot_bands(summary, x_key, out / f"{stem}.png").name for x_key, (stem, _) in AXES.items()]
     plots = "\n".join(f"![{AXES[x][1]}]({name})" for x, name in zip(AXES, images))
     text = REPORT.format(
-        spec=summary["spec"], budget=_budget_text(summary), bases=bases_text(summary), n=len(summary["seeds"]), eval_size=summary["eval_size"],
+        spec=summary["spec"], budget=_budget_text(summary), bases=bases_text(summary) + machines_text(summary), n=len(summary["seeds"]), eval_size=summary["eval_size"],
         table=markdown_table(COLUMNS, final_rows(summary)), spread=spread_text(summary), plots=plots,
         lrs=_lr_section(summary), diagnostics=diagnostics_table(summary),
         protocol=protocol_text(summary["results"]), verdicts=verdict_text(summary["results"]),

@@ -48,6 +48,7 @@ def results_of(spec, summary: dict, teacher_acc: float | None) -> dict:
             "final": {seed: _final(h[-1]) for seed, h in histories.items()},
             "curves": {seed: [[r.get("usage/sequences"), r.get("eval/accuracy")] for r in h] for seed, h in histories.items()},
             "sequences_to_target": None if threshold is None else verdicts.target_summary(histories, threshold),
+            "machines": {str(seed): run.get("machine") for seed, run in entry["runs"].items()},
         }
     unbracketed = [label for label, ok in info.get("bracketed", {}).items() if not ok]
     n_tuning = summary["eval_size"] * max(1, len(_tuning_seeds(info)))  # prompts x tuning seeds

@@ -1,11 +1,13 @@
 """Finished runs of a comparison on disk: each leaves ``result.json`` with its config, the
-hash of its student's weights and its evaluation history; a re-run reuses it when the config
-is the same and the student's weights are too (a testbed base rebuilt on another CPU is
-another base)."""
+hash of its student's weights, its evaluation history and the machine it ran on; a re-run
+reuses it when the config is the same and the student's weights are too (a testbed base
+rebuilt on another CPU is another base). A run recomputed on another machine can part from
+the saved one after many steps (``docs/results/grpo_stall.md``), so each says where it ran."""
 
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 from opd.config.loader import config_to_dict
@@ -25,6 +27,21 @@ def _saved_key(saved: dict) -> dict:
     its file) takes its default, which by this project's rule is the behaviour before the key."""
     defaults = _reuse_key(TrainConfig(method=saved.get("method", "opd")))
     return {**{k: v for k, v in defaults.items() if k not in saved}, **{k: v for k, v in saved.items() if k not in NOT_IN_REUSE_KEY}}
+
+
+def machine() -> str:
+    """Where a run is computed: the CPU's model, the GPU's when CUDA is up, and the builds
+    of torch and Python (e.g. ``AMD EPYC; torch 2.13.0+cpu; Python 3.11.7; x86_64``)."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = [f"{torch.cuda.get_device_name(0)}"] if torch.cuda.is_available() else []
+    return "; ".join([cpu, *gpu, f"torch {torch.__version__}", f"Python {platform.python_version()}", platform.machine()])
 
 
 def finished_result(cfg: TrainConfig) -> dict | None:
@@ -68,7 +85,7 @@ def run_or_reuse(cfg: TrainConfig, force: bool = False) -> dict:
         return {**saved, "reused": True}
     path = Path(cfg.run_dir) / RESULT_FILE
     path.unlink(missing_ok=True)
-    result = {"config": _reuse_key(cfg), "student_sha256": student_sha256(cfg), "history": train(cfg)}
+    result = {"config": _reuse_key(cfg), "student_sha256": student_sha256(cfg), "history": train(cfg), "machine": machine()}
     path.write_text(json.dumps(result, indent=1))
     return {**result, "reused": False}
 
