@@ -81,6 +81,34 @@ def base_checkpoint(summary: dict, out: Path) -> Path:
     return probe_dir
 
 
+def spec_base_checkpoint(spec_path: str, overrides: list[str], out: Path) -> Path:
+    """The same step-0 stand-in without any run: the config the spec gives its first label
+    at its last reported seed, with that label's prepared student as the student."""
+    from opd.compare.driver import load_spec, run_config, run_path
+    from opd.config.loader import save_config
+    from opd.run.setup import resolve_student
+
+    spec = load_spec(spec_path, overrides)
+    label, seed = next(iter(spec.methods)), spec.seeds[-1]
+    cfg = run_config(spec, label, seed, spec.lr_grid[0] if spec.lr_grid else None, run_path(out, label, seed))
+    probe_dir = out / "base_probe"
+    if not (probe_dir / "config.json").exists():
+        shutil.copytree(resolve_student(cfg), probe_dir, dirs_exist_ok=True)
+    save_config(cfg, probe_dir / "config.yaml")
+    return probe_dir
+
+
+def base_only(probe: Probe, spec: str, args, out: Path) -> None:
+    """``--base-only``: probe the base alone (no training) and write ``base_probe.json``
+    beside the report's results (``docs/results/NAME/`` unless ``--no-publish``)."""
+    probes = {"prompts_per_depth": args.probe_prompts, "base": run_probe(probe, spec_base_checkpoint(spec, args.set, out), args.probe_prompts)}
+    where = out if args.no_publish else ROOT / "docs" / "results" / args.name
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "base_probe.json").write_text(json.dumps(no_nan(probes), indent=1))
+    print("\n".join(probe_table(probe, {**probes, "labels": {}})))
+    print(f"wrote {where / 'base_probe.json'}")
+
+
 def probe_all(probe: Probe, summary: dict, out: Path, n: int) -> dict:
     """``{"base": depths, "labels": {label: {seed: depths}}}`` for every reported run."""
     labels = {label: {str(seed): run_probe(probe, resolve(run["run_dir"])[1], n) for seed, run in entry["runs"].items()}
@@ -109,11 +137,14 @@ def main(name: str | None, probe: Probe, doc: str) -> None:
     ap.add_argument("--probe-prompts", type=int, default=128)
     ap.add_argument("--set", nargs="*", default=[], help="spec or config overrides, as for opd compare (a smoke test)")
     ap.add_argument("--no-publish", action="store_true", help="leave docs/results alone")
+    ap.add_argument("--base-only", action="store_true", help="probe the base alone, train nothing")
     args = ap.parse_args()
     name = args.name
     torch.set_num_threads(1)
     out = Path(args.out or f"runs/{name}")
     spec = os.path.relpath(ROOT / "experiments" / f"{name}.yaml")  # results.json names no machine's folders
+    if args.base_only:
+        return base_only(probe, spec, args, out)
     summary = compare(spec, str(out), overrides=args.set, jobs=args.jobs)
     probes = probe_all(probe, summary, out, args.probe_prompts)
     per_metric = {f"probe/{key}": {label: {seed: depth_mean(d, key) for seed, d in by_seed.items()}

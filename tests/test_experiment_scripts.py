@@ -65,6 +65,17 @@ def test_the_orders_script_probes_both_openings(tiny_student_dir, tmp_path):
     assert all(0 < d["n"] <= 3 for d in depths) and all(0.0 <= d["p_swap"] <= 1.0 for d in depths)
 
 
+def test_a_probed_script_probes_the_base_alone_without_training(tiny_student_dir, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "experiments" / "orders.py"), "--base-only", "--no-publish", "--out", str(out),
+           "--probe-prompts", "3", "--set", *SMOKE, f"student={tiny_student_dir}"]
+    done = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    probe = json.loads((out / "base_probe.json").read_text())
+    assert probe["prompts_per_depth"] == 3 and set(probe["base"]) == {"1", "2", "4"} and not (out / "runs").exists()
+    assert "| base (before training) | 1 |" in done.stdout
+
+
 def _script(name: str):
     import importlib.util
 
