@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -161,7 +162,7 @@ def main(name: str | None, probe: Probe, doc: str) -> None:
     if args.no_publish:
         print(f"wrote {report} (not published)")
         return
-    path = publish(name, out)
+    path = publish(name, out, f"python experiments/{Path(sys.argv[0]).name} {name}")
     lines = ["", f"## {probe.title}", "", probe.intro.format(n=args.probe_prompts), ""]
     path.write_text(path.read_text() + "\n".join(lines + probe_table(probe, probes)) + "\n")
     print(f"wrote {path}")

@@ -23,7 +23,9 @@ from opd.compare.driver import compare
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def publish(name: str, out: Path) -> Path:
+def publish(name: str, out: Path, command: str | None = None) -> Path:
+    """Write the report of ``out`` as ``docs/results/NAME.md``; ``command`` regenerates it
+    (default ``python experiments/run.py NAME``)."""
     doc = ROOT / "docs" / "results" / f"{name}.md"
     spec = (ROOT / "experiments" / f"{name}.yaml").read_text().splitlines()
     intro = [ln[2:] for ln in spec if ln.startswith("# ") and not ln.startswith("# Run with")]
@@ -33,7 +35,7 @@ def publish(name: str, out: Path) -> Path:
     (doc.parent / name).mkdir(exist_ok=True)
     shutil.copy(out / "results.json", doc.parent / name / "results.json")
     doc.write_text(
-        f"# Experiment: {name}\n\n" + "\n".join(intro) + f"\n\nRegenerate: `python experiments/run.py {name}` "
+        f"# Experiment: {name}\n\n" + "\n".join(intro) + f"\n\nRegenerate: `{command or f'python experiments/run.py {name}'}` "
         f"(spec: `experiments/{name}.yaml`).\n\n![accuracy vs training sequences]({name}_accuracy.png)\n" + report + "\n"
     )
     return doc
