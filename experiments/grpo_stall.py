@@ -1,6 +1,6 @@
 """Where GRPO's horizon-16 runs stall (a diagnostic of E1's 6,144-sequence comparison).
 
-    python experiments/grpo_stall.py [--seeds 0 2] [--out runs/grpo_stall] [--measure-every 32] [--train-only]
+    python experiments/grpo_stall.py [--seeds 0 1 2 3 4] [--out runs/grpo_stall] [--measure-every 32] [--train-only]
 
 In ``modchain_labeled_promise_h16_6144`` GRPO split over seeds: 0.984, 0.900 and 0.906
 (seeds 1, 3, 4) against 0.494 and 0.570 (seeds 0, 2), and every seed's curve sat near
@@ -184,7 +184,7 @@ def measure_tables(results: dict) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--out", default="runs/grpo_stall")
     ap.add_argument("--measure-every", type=int, default=32, help="optimizer steps between the checkpoints read")
     ap.add_argument("--train-only", action="store_true", help="train (or reuse) the seeds' runs, measure and write nothing")
