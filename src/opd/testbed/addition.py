@@ -210,8 +210,8 @@ class MixedAdditionTask(SwappedAdditionTask):
     solutions whose steps write their operands in either order, each with probability 1/2
     (:func:`mixed_solution_text`). A student trained on them can finish a step it opens
     either way, which the two-order oracle (``oracle_two_orders``) allows; a student trained
-    on ``addition`` opens with ``a`` and cannot finish a step opened with ``b``
-    (``docs/results/eopd_orders.md``, order probe)."""
+    on ``addition`` opens with ``a`` and cannot finish a step opened with ``b`` (the order
+    probe of its base: ``docs/results/eopd_orders_tune2/base_probe.json``)."""
 
     name: str = "addition_mixed"
     write = staticmethod(mixed_solution_text)
