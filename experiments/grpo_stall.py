@@ -34,8 +34,8 @@ from opd.compare.saved_runs import run_or_reuse
 from opd.config.loader import with_changes
 from opd.diagnostics.diagnose import load
 from opd.diagnostics.probe import first_deviation
-from opd.models.sampler import sample
 from opd.report import markdown_table
+from opd.run.evaluate import complete
 from opd.testbed.oracle import OracleTeacher
 
 from probed import base_checkpoint  # experiments/probed.py
@@ -63,15 +63,9 @@ def first_mistake(oracle, prompt: list[int], completion: list[int], words: list[
 def rollouts(ckpt: Path) -> tuple[list, list[list[int]], list[list[int]], object]:
     """The checkpoint's test problems, their prompts and greedy completions (as its evaluation)."""
     cfg, setup = load(ckpt)
-    env = setup.env
     problems = setup.eval_problems
-    prompts = [env.encode_prompt(p) for p in problems]
-    completions = []
-    for i in range(0, len(prompts), 256):
-        out = sample(env.student, prompts[i:i + 256], max_new_tokens=env.max_new_tokens, eos_id=env.eos_id,
-                     pad_id=env.pad_id, temperature=0.0, top_p=1.0)
-        completions.extend(out.batch.completions())
-    return problems, prompts, completions, setup
+    completions = complete(setup.env, problems, temperature=0.0, generator=None)
+    return problems, [setup.env.encode_prompt(p) for p in problems], completions, setup
 
 
 def measure(ckpt: Path) -> dict:

@@ -9,7 +9,8 @@ from opd.models.sampler import sample
 from opd.tasks.base import Problem
 
 
-def _complete(env: RolloutEnv, problems, *, temperature: float, generator, chunk: int = 256):
+def complete(env: RolloutEnv, problems, *, temperature: float, generator, chunk: int = 256):
+    """The student's completion ids of each problem (``temperature=0``: greedy), ``chunk`` prompts a batch."""
     out = []
     for i in range(0, len(problems), chunk):
         part = problems[i : i + chunk]
@@ -44,15 +45,15 @@ def evaluate(env: RolloutEnv, problems: list[Problem], *, k: int, temperature: f
     was_training = env.student.training
     env.student.eval()
     if not all(p.answer for p in problems):
-        sampled = _complete(env, problems, temperature=temperature, generator=torch.Generator().manual_seed(seed))
+        sampled = complete(env, problems, temperature=temperature, generator=torch.Generator().manual_seed(seed))
         env.student.train(was_training)
         return {"eval/length": sum(len(c) for c in sampled) / len(sampled)}
-    greedy = _complete(env, problems, temperature=0.0, generator=None)
+    greedy = complete(env, problems, temperature=0.0, generator=None)
     right = [env.verify(p, c) for p, c in zip(problems, greedy)]
     accuracy = sum(right) / len(problems)
     generator = torch.Generator().manual_seed(seed)
     rows = [p for p in problems for _ in range(k)]
-    sampled = _complete(env, rows, temperature=temperature, generator=generator)
+    sampled = complete(env, rows, temperature=temperature, generator=generator)
     correct = torch.tensor([env.verify(p, c) for p, c in zip(rows, sampled)], device="cpu").view(len(problems), k)
     env.student.train(was_training)
     return {
