@@ -103,8 +103,9 @@ def train(seeds: list[int], out: Path, overrides: list[str] = ()) -> dict[int, d
     for seed in seeds:
         cfg = with_changes(run_config(spec, LABEL, seed, None, out / f"seed{seed}"), save_every=EVERY, keep_last=0)
         result = run_or_reuse(cfg)
-        print(f"{LABEL} seed {seed}: {'reused' if result['reused'] else 'trained'}", flush=True)
-        done[seed] = {"run_dir": Path(cfg.run_dir), "history": result["history"]}
+        how = "reused" if result["reused"] else "continued from a shorter budget" if result["extended"] else "trained"
+        print(f"{LABEL} seed {seed}: {how}", flush=True)
+        done[seed] = {"run_dir": Path(cfg.run_dir), "history": result["history"], "machine": result.get("machine")}
     return done
 
 

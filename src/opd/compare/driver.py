@@ -365,7 +365,8 @@ def forget_results(spec: Spec, out: Path) -> int:
 
 def _say(what: str, result: dict, metric: str = "accuracy") -> None:
     value = result["history"][-1].get(f"eval/{metric}", float("nan"))
-    print(f"{what}: {metric} {value:.3f}{' (reused)' if result['reused'] else ''}", flush=True)
+    how = " (reused)" if result["reused"] else " (extended from a shorter budget)" if result.get("extended") else ""
+    print(f"{what}: {metric} {value:.3f}{how}", flush=True)
 
 
 def run_degeneracy(runs: dict) -> list[str]:

@@ -10,7 +10,7 @@ import json
 import platform
 from pathlib import Path
 
-from opd.config.loader import config_to_dict
+from opd.config.loader import config_to_dict, with_changes
 from opd.config.train import TrainConfig
 
 NOT_IN_REUSE_KEY = ("progress", "tensorboard", "overwrite", "resume", "run_dir")  # run_dir: a moved --out still reuses
@@ -76,18 +76,62 @@ _HASHED: dict[tuple, str | None] = {}
 
 
 def run_or_reuse(cfg: TrainConfig, force: bool = False) -> dict:
-    """``{"config", "history", "reused"}``: the finished run in ``cfg.run_dir`` if its config is
-    ``cfg`` (and not ``force``), else a fresh run."""
+    """``{"config", "history", "reused", "extended"}``: the finished run in ``cfg.run_dir`` if
+    its config is ``cfg`` (and not ``force``); that run continued from its last checkpoint when
+    it is ``cfg`` stopped at a smaller budget (:func:`extendable`); else a fresh run."""
     from opd.run.runner import train
 
     saved = None if force else finished_result(cfg)
     if saved is not None:
-        return {**saved, "reused": True}
+        return {**saved, "reused": True, "extended": False}
+    shorter = None if force else extendable(cfg)
     path = Path(cfg.run_dir) / RESULT_FILE
     path.unlink(missing_ok=True)
-    result = {"config": _reuse_key(cfg), "student_sha256": student_sha256(cfg), "history": train(cfg), "machine": machine()}
+    if shorter is None:
+        history, where = train(cfg), machine()
+    else:
+        history = shorter["history"] + train(with_changes(cfg, resume=True))
+        where = _machines(shorter.get("machine"), shorter["history"][-1]["step"])
+    result = {"config": _reuse_key(cfg), "student_sha256": student_sha256(cfg), "history": history, "machine": where}
     path.write_text(json.dumps(result, indent=1))
-    return {**result, "reused": False}
+    return {**result, "reused": False, "extended": shorter is not None}
+
+
+EXTENDABLE_KINDS = ("steps", "sequences", "teacher_tokens")  # counted exactly; wall time is not
+
+
+def extendable(cfg: TrainConfig) -> dict | None:
+    """The saved result of the finished run in ``cfg.run_dir`` when that run is ``cfg``
+    stopped earlier: the same config but a smaller ``budget`` of the same counted kind, from
+    the same student weights, with a checkpoint at its last step. Continuing it to ``cfg``'s
+    budget gives the run ``cfg`` would train from scratch: every step draws its randomness
+    from (seed, step), the lr schedule follows ``steps`` (not the budget), and a resumed run
+    replays exactly (``tests/test_stop_and_resume.py``). Its history keeps the evaluations a fresh run
+    makes (the stop's own evaluation is dropped when ``eval_every`` would skip that step).
+    None otherwise."""
+    from opd.run.checkpoint import checkpoint_dir, latest_checkpoint
+
+    path = Path(cfg.run_dir) / RESULT_FILE
+    if cfg.budget is None or cfg.budget_kind not in EXTENDABLE_KINDS or not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    before, now = _saved_key(saved.get("config") or {}), _reuse_key(cfg)
+    if {**before, "budget": now["budget"]} != now or before["budget"] is None or before["budget"] >= now["budget"]:
+        return None
+    if saved.get("student_sha256") != student_sha256(cfg) or not saved.get("history"):
+        return None
+    last = saved["history"][-1]["step"]
+    ckpt = latest_checkpoint(cfg.run_dir)
+    if ckpt is None or ckpt != checkpoint_dir(cfg.run_dir, last) or last >= cfg.steps:
+        return None
+    fresh = lambda step: step == 0 or (cfg.eval_every > 0 and step % cfg.eval_every == 0)  # noqa: E731
+    return {**saved, "history": [row for row in saved["history"] if fresh(row["step"])]}
+
+
+def _machines(before: str | None, step: int) -> str:
+    """Where an extended run was computed: one machine, or each with its steps."""
+    here = machine()
+    return here if before == here else f"{before or 'not recorded'} (steps 1-{step}); {here} (from step {step + 1})"
 
 
 def student_base(cfg: TrainConfig) -> dict:
