@@ -146,3 +146,13 @@ def test_ship_only_builds_the_named_recipes_and_names_them_on_a_typo(monkeypatch
     err = capsys.readouterr().err
     assert "no shipped recipe is named addition-h5" in err and name in err
     assert len(built) == 2  # neither --list nor the typo built anything
+
+
+def test_a_chained_recipe_ships_from_the_shipped_base_it_starts_from():
+    """``python -m opd.testbed.ship`` takes a recipe's start base (``from_horizon``) as shipped."""
+    from opd.testbed.ship import start_recipe
+
+    recipe = {"task": "modchain_labeled", "horizon": 32, "layers": 4, "seed": 1}
+    assert start_recipe(recipe) == {**recipe, "horizon": 16}
+    assert start_recipe({"task": "modchain_labeled", "horizon": 16, "layers": 4}) is None
+    assert start_recipe({"task": "addition", "horizon": 4}) is None

@@ -119,11 +119,35 @@ def test_warmup_steps_override_a_tasks_own_warmup():
     assert testbed.student_warmup("addition", correction_rate=0.05)["correction_rate"] == 0.05
     assert "shorter_rate" not in testbed.student_warmup("modchain")  # the cache keys of bases without it stay
     long = testbed.student_warmup("modchain_labeled", horizon=16)
-    assert (long["steps"], long["lr"]) == (1200, 1e-3) and testbed.student_warmup("modchain_labeled", horizon=32)["lr"] == 1e-3
+    assert (long["steps"], long["lr"]) == (1200, 1e-3) and testbed.student_warmup("modchain_labeled", horizon=24) == long
+    longest = testbed.student_warmup("modchain_labeled", horizon=32)  # from the horizon-16 base
+    assert (longest["steps"], longest["lr"], longest["from_horizon"]) == (1800, 5e-4, 16)
     assert testbed.student_warmup("modchain_labeled", horizon=8) == testbed.student_warmup("modchain_labeled")  # h8 unchanged
     assert testbed.student_warmup("modchain", horizon=16)["lr"] == testbed.STUDENT_WARMUP["lr"]  # plain modchain unchanged
     before = testbed.student_warmup("modchain_labeled", 4000, horizon=16, lr=3e-3)  # the recipe horizon 16 had before
     assert before == {**testbed.STUDENT_WARMUP, "steps": 4000, "lr": 3e-3}
+
+
+def test_a_longer_horizon_can_start_from_the_shorter_base(tmp_path, monkeypatch):
+    """``from_horizon``: the base's SFT starts from the clean base of that horizon (built
+    first), not from a random model; at an lr of 1e-12 its weights stay that base's, which
+    its own 2 steps at lr 3e-2 moved away from the random start (by 1000x more)."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("OPD_CACHE", str(tmp_path))
+    monkeypatch.setattr(testbed, "STUDENT_ARCH", TINY)
+    monkeypatch.setattr(testbed, "STUDENT_WARMUP", dict(steps=2, lr=1e-3, prompts_per_step=4, stop_at_accuracy=None))
+    monkeypatch.setattr(testbed, "LONG_WARMUP", {"addition": ((2, dict(lr=3e-2)), (3, dict(lr=1e-12, from_horizon=2)))})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the 2-step bases have not learned the task
+        longer = testbed.prepare_student_base("addition", 3, quiet=True, target_accuracy=None)
+        start = testbed.prepare_student_base("addition", 2, quiet=True, target_accuracy=None)
+    assert json.loads((longer / "READY.json").read_text())["training"]["from_horizon"] == 2
+    weights = lambda path: AutoModelForCausalLM.from_pretrained(path).state_dict()  # noqa: E731
+    a, b = weights(longer), weights(start)
+    c = weights(testbed.save_initial(tmp_path / "random", TINY, seed=0))  # the random model both began from
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    assert max(float((c[k] - b[k]).abs().max()) for k in c) > 1e-3  # 2 steps of a 10-step warm-up: 0.009
 
 
 def test_a_rewritten_family_gets_new_bases(tmp_path, monkeypatch):

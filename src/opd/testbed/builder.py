@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import shutil
 import warnings
@@ -65,7 +64,12 @@ TASK_WARMUP = {"modchain": dict(steps=4000), "modchain_labeled": dict(steps=4000
 # and 0.980 greedy validation accuracy with seeds 0 and 1, 12-13 minutes on one core each),
 # where lr 3e-3 over 4,000 steps gave 0.316 and 0.152 (its loss stuck near 0.2 for 2,000 steps).
 # At horizon 32 the same recipe does not: 0.191 (seed 0, 222-token solutions, 31 minutes).
-LONG_WARMUP = {"modchain_labeled": (16, dict(steps=1200, lr=1e-3))}
+# There the SFT starts from the clean horizon-16 base of the same depth and seed instead
+# (``from_horizon``: a curriculum over lengths, the labels s17-s32 new to it) at half the lr.
+# Over 900 steps that reached 0.281 (seed 0; loss 0.011 and still falling), teacher-forced
+# every word right but the operation of step 12 (0.38) and the operands of steps 5 and 16
+# (0.68, 0.74): the copy misses of the 4,000-step horizon-16 recipe again; so 1,800 steps.
+LONG_WARMUP = {"modchain_labeled": ((16, dict(steps=1200, lr=1e-3)), (32, dict(steps=1800, lr=5e-4, from_horizon=16)))}
 # The damage (noise std as a fraction of each weight tensor's std) is the smallest of the grid
 # that brings greedy validation accuracy down to the target, so that every task and horizon
 # starts from about the same accuracy (addition, horizon 4: 0.4, which gives 0.36).
@@ -161,6 +165,7 @@ def _sft(init_dir: Path, run_dir: Path, task: str, horizon: int, seed: int, trai
 
     training = dict(training)
     target = training.pop("stop_at_accuracy")
+    training.pop("from_horizon", None)  # where the SFT starts (``init_dir``), not a run setting
     cfg = TrainConfig(
         method="sft", student=str(init_dir), teacher=None, task=task, horizon=horizon, seed=seed,
         eval_every=20 if target else 0, eval_size=256, eval_k=1, eval_split="val", max_new_tokens=eval_tokens(horizon), run_dir=str(run_dir),
@@ -246,18 +251,28 @@ def _restored(path: Path, quiet: bool) -> bool:
 
 def _build(path: Path, settings: dict, words, quiet: bool) -> None:
     kind, task, horizon, seed = settings["kind"], settings["task"], settings["horizon"], settings["seed"]
-    arch, training = settings["arch"], settings["training"]
+    training = settings["training"]
     work = path.with_name(path.name + ".work")
     shutil.rmtree(work, ignore_errors=True)
     if not quiet:
         print(f"preparing the testbed {kind} ({task}, horizon {horizon}) once; cached at {path}")
-    history = _sft(save_initial(work / "init", arch, seed, words), work / "sft", task, horizon, seed, training, quiet)
+    history = _sft(_initial(work, settings, words, quiet), work / "sft", task, horizon, seed, training, quiet)
     final = sorted((work / "sft" / "checkpoints").glob("step_*"))[-1]
     shutil.rmtree(path, ignore_errors=True)
     final.rename(path)
     info = {**settings, "warmup_eval_val": history[-1], "eval_val": history[-1]}
     (path / "READY.json").write_text(json.dumps(info, indent=1))
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _initial(work: Path, settings: dict, words, quiet: bool) -> Path:
+    """Where a base's SFT starts: a random model, or (``from_horizon`` in its training) the
+    clean student base of that horizon with the same depth and seed, built or found first."""
+    arch, start = settings["arch"], settings["training"].get("from_horizon")
+    if start is None:
+        return save_initial(work / "init", arch, settings["seed"], words)
+    return prepare_student_base(settings["task"], start, seed=settings["seed"], quiet=quiet, target_accuracy=None,
+                                layers=arch["num_hidden_layers"])
 
 
 def _damaged(clean: Path, target: float, seed: int, quiet: bool) -> Path:
@@ -299,11 +314,11 @@ def _build_damaged(clean: Path, path: Path, target: float, seed: int, quiet: boo
 def student_warmup(task: str, warmup_steps: int | None = None, correction_rate: float = 0.0, shorter_rate: float = 0.0,
                    horizon: int = 0, lr: float | None = None) -> dict:
     """The student base's SFT settings: :data:`STUDENT_WARMUP`, then the task's
-    :data:`TASK_WARMUP` (its :data:`LONG_WARMUP` from that horizon on), then ``warmup_steps``
+    :data:`TASK_WARMUP` (from each horizon of its :data:`LONG_WARMUP` on, that one), then ``warmup_steps``
     when given (it overrides both), and ``lr`` likewise; the rates only when non-zero (so the
     cache keys of bases without them stay as they were)."""
-    start, long = LONG_WARMUP.get(task, (math.inf, {}))
-    task_warmup = long if horizon >= start else TASK_WARMUP.get(task, {})
+    longer = [warmup for start, warmup in LONG_WARMUP.get(task, ()) if horizon >= start]
+    task_warmup = longer[-1] if longer else TASK_WARMUP.get(task, {})
     warmup = {**STUDENT_WARMUP, **task_warmup, **({"steps": warmup_steps} if warmup_steps else {}), **({"lr": lr} if lr else {})}
     if correction_rate:
         warmup["correction_rate"] = correction_rate

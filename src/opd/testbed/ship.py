@@ -4,7 +4,8 @@ anew and ship them (maintainers, from a source checkout, after a recipe change).
     python -m opd.testbed.ship [--only NAME ...] [--list]
 
 Each base is built from its recipe on one torch thread into a temporary cache (shipping
-off, so nothing is copied from the old shipped files), then its clean and damaged folders
+off, so nothing is copied from the old shipped files; a recipe that starts from another
+base, :func:`start_recipe`, starts from that base as shipped), then its clean and damaged folders
 are copied into ``src/opd/testbed/bases/`` with their sha256. On this project's 2-core CPU
 that takes about 80 minutes for all three, most of it the two horizon-16 bases (34–41
 minutes each); ``--only`` names the recipes to ship (``--list`` prints their names, the ids
@@ -19,7 +20,7 @@ import os
 import tempfile
 
 from opd.errors import UserError
-from opd.testbed.builder import prepare_student_base
+from opd.testbed.builder import prepare_student_base, student_warmup
 from opd.testbed.shipped import SHIPPED_RECIPES, recipe_id, ship
 
 
@@ -31,6 +32,14 @@ def chosen(only: list[str] | None) -> list[dict]:
         raise UserError(f"no shipped recipe is named {', '.join(unknown)}: the names are {', '.join(names)} "
                         "(python -m opd.testbed.ship --list)")
     return [r for r, name in zip(SHIPPED_RECIPES, names) if only is None or name in only]
+
+
+def start_recipe(recipe: dict) -> dict | None:
+    """The recipe of the base whose SFT ``recipe``'s starts from (``from_horizon`` in its
+    warm-up, :data:`opd.testbed.builder.LONG_WARMUP`), or None: that base is taken as shipped
+    (or as built earlier in the same invocation), not rebuilt."""
+    start = student_warmup(recipe["task"], horizon=recipe["horizon"]).get("from_horizon")
+    return None if start is None else {**recipe, "horizon": start}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,10 +57,13 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)
-    os.environ["OPD_SHIPPED_BASES"] = "0"
     with tempfile.TemporaryDirectory() as cache:
         os.environ["OPD_CACHE"] = cache
         for recipe in recipes:
+            if (start := start_recipe(recipe)) is not None:  # the chain starts from the base users get
+                os.environ["OPD_SHIPPED_BASES"] = "1"
+                prepare_student_base(**start, target_accuracy=None)
+            os.environ["OPD_SHIPPED_BASES"] = "0"
             for folder in (prepare_student_base(**recipe, target_accuracy=None), prepare_student_base(**recipe)):
                 print(f"shipped {folder.name}: {ship(folder)['model.safetensors'][:12]} (model sha256)")
 
