@@ -119,8 +119,8 @@ def main() -> None:
     intro = __doc__.split("\n\n", 2)[2].rsplit("Writes", 1)[0].strip()
     doc = ["# GRPO's sequences to the target at horizon 16", "", intro, "",
            f"Regenerate: `python experiments/grpo_stall.py --train-only; python experiments/grpo_ratio.py --budget "
-           f"{args.budget}`; numbers in [grpo_ratio/results.json](grpo_ratio/results.json). Computed on: "
-           f"{'; '.join(machines)}.", "",
+           f"{args.budget}`; numbers in [grpo_ratio/results.json](grpo_ratio/results.json). Computed on "
+           f"(each run's record): {' | '.join(machines)}.", "",
            f"## GRPO to {args.budget:,} sequences", "", "Greedy test accuracy every 512 sequences.", "",
            curve_table(grpo, committed("grpo")), "",
            f"## OPD to {OPD_BUDGET:,} sequences", "", curve_table(opd, committed("opd")), "",
