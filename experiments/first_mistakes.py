@@ -33,6 +33,7 @@ BASES = [
     ("testbed", "modchain", 8), ("testbed-d128", "modchain", 8), ("testbed-d128", "modchain", 16),
     ("testbed-d64", "ring", 8), ("testbed-d128x4", "ring", 8), ("testbed-d64", "ring", 16), ("testbed-d64", "ring", 32),
     ("testbed-x4", "modchain", 4), ("testbed-x4", "modchain", 8),
+    ("testbed-x4", "modchain_labeled", 16), ("testbed-x4", "modchain_labeled", 32),
 ]
 
 
@@ -60,8 +61,9 @@ def row(key: str, m: dict) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=256)
-    ap.add_argument("--only", nargs="+", metavar="STUDENT", help="measure only these students' bases; keep the "
-                    "committed numbers of the others (each base not in the cache is built first, minutes each)")
+    ap.add_argument("--only", nargs="+", metavar="BASE", help="measure only these bases (a student, e.g. testbed-x4, "
+                    "or one row's key, e.g. 'testbed-x4 modchain_labeled h32'); keep the committed numbers of the "
+                    "others (each base not in the cache is built first, minutes each)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = ROOT / "docs" / "results"
@@ -70,7 +72,7 @@ def main() -> None:
         raise SystemExit(f"--only keeps the committed rows, measured on {saved['prompts']} prompts; pass that --prompts")
     results = saved["bases"]
     for s, t, h in BASES:
-        if not args.only or s in args.only:
+        if not args.only or s in args.only or f"{s} {t} h{h}" in args.only:
             results[f"{s} {t} h{h}"] = measure(s, t, h, args.prompts)
     results = {f"{s} {t} h{h}": results[f"{s} {t} h{h}"] for s, t, h in BASES}
     (out / "first_mistakes").mkdir(exist_ok=True)
