@@ -133,19 +133,29 @@ def test_ship_only_builds_the_named_recipes_and_names_them_on_a_typo(monkeypatch
     from opd.testbed import ship as ship_cli
 
     built = []
-    monkeypatch.setattr(ship_cli, "prepare_student_base", lambda **kw: built.append(kw) or tmp_path / f"b{len(built)}")
+    monkeypatch.setenv("OPD_SHIPPED_BASES", "1")
+    monkeypatch.setattr(ship_cli, "prepare_student_base",
+                        lambda **kw: built.append((kw, shipped.enabled())) or tmp_path / f"b{len(built)}")
     monkeypatch.setattr(ship_cli, "ship", lambda folder: {"model.safetensors": folder.name * 12})
-    name = shipped.recipe_id(shipped.SHIPPED_RECIPES[-1])
-    ship_cli.main(["--only", name])
-    assert [{k: v for k, v in kw.items() if k != "target_accuracy"} for kw in built] == [shipped.SHIPPED_RECIPES[-1]] * 2
-    assert [kw.get("target_accuracy", "damaged") for kw in built] == [None, "damaged"]  # clean, then damaged
+    plain = shipped.SHIPPED_RECIPES[0]
+    ship_cli.main(["--only", shipped.recipe_id(plain)])
+    assert [{k: v for k, v in kw.items() if k != "target_accuracy"} for kw, _ in built] == [plain] * 2
+    assert [kw.get("target_accuracy", "damaged") for kw, _ in built] == [None, "damaged"]  # clean, then damaged
+    assert [on for _, on in built] == [False, False]  # built anew, not copied from the shipped files
+    chained = next(r for r in shipped.SHIPPED_RECIPES if ship_cli.start_recipe(r) is not None)
+    built.clear()
+    ship_cli.main(["--only", shipped.recipe_id(chained)])  # its start base as shipped, then it anew
+    start = ship_cli.start_recipe(chained)
+    assert built == [({**start, "target_accuracy": None}, True), ({**chained, "target_accuracy": None}, False),
+                     (chained, False)]
     ship_cli.main(["--list"])
-    assert capsys.readouterr().out.splitlines()[-3:] == [shipped.recipe_id(r) for r in shipped.SHIPPED_RECIPES]
+    listed = capsys.readouterr().out.splitlines()[-len(shipped.SHIPPED_RECIPES):]
+    assert listed == [shipped.recipe_id(r) for r in shipped.SHIPPED_RECIPES]
     with pytest.raises(SystemExit):
         ship_cli.main(["--only", "addition-h5"])
     err = capsys.readouterr().err
-    assert "no shipped recipe is named addition-h5" in err and name in err
-    assert len(built) == 2  # neither --list nor the typo built anything
+    assert "no shipped recipe is named addition-h5" in err and shipped.recipe_id(chained) in err
+    assert len(built) == 3  # neither --list nor the typo built anything
 
 
 def test_a_chained_recipe_ships_from_the_shipped_base_it_starts_from():
