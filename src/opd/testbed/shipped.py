@@ -4,7 +4,7 @@ Building the quickstart's student base (1,000 SFT steps, then the damage search)
 of CPU on this project's 2-core machine, more than the quickstart's 15 runs on both cores;
 the 4-layer horizon-16 base of the ``modchain_labeled`` experiments took 41 minutes, and its
 seed-1 twin (``base_seed: 1``, the base of ``horizon_labeled_h16_base1``) 34, and the 4-layer
-horizon-32 base (its SFT from the horizon-16 one) 53 minutes beside other work. ``opd`` ships
+horizon-32 base (its SFT from the horizon-16 one) 56 minutes beside other work. ``opd`` ships
 all four (:data:`SHIPPED_RECIPES`), clean and damaged, as built once there
 (``bases/<cache name>/``: weights, config, tokenizer and ``READY.json``, without the
 optimizer state), with every file's sha256 in ``bases/SHA256SUMS.json``. On a cache
@@ -41,7 +41,7 @@ SHIPPED_RECIPES = (
     {"task": "addition", "horizon": 4},  # the quickstart's base (student=testbed)
     {"task": "modchain_labeled", "horizon": 16, "layers": 4},  # student=testbed-x4 at horizon 16: 41 minutes to build here
     {"task": "modchain_labeled", "horizon": 16, "layers": 4, "seed": 1},  # the same with base_seed=1: 34 minutes
-    {"task": "modchain_labeled", "horizon": 32, "layers": 4},  # from the horizon-16 one: 53 minutes beside other work
+    {"task": "modchain_labeled", "horizon": 32, "layers": 4},  # from the horizon-16 one: 56 minutes beside other work
 )  # prepare_student_base's arguments
 
 
