@@ -318,3 +318,16 @@ def test_grpo_stall_places_the_first_mistake_by_step_and_word():
     wrong_answer = list(words)
     wrong_answer[-2] = str((int(words[-2]) + 1) % spec.m)
     assert place(wrong_answer) == (4, 1)
+
+
+def test_grpo_ratio_rows_show_each_seeds_crossing_and_the_mean_only_when_all_reached():
+    from opd.compare.verdicts import target_summary
+
+    ratio = _script("grpo_ratio")
+    rows = lambda evals: [{"eval/accuracy": a, "usage/sequences": n} for n, a in evals]  # noqa: E731
+    reaches = {"grpo": target_summary({0: rows([(0, 0.3), (512, 0.95)]), 1: rows([(0, 0.3), (512, 0.5)])}, 0.9),
+               "opd": target_summary({0: rows([(0, 0.3), (512, 0.91)]), 1: rows([(0, 0.3), (1024, 0.92)])}, 0.9)}
+    assert ratio.reach_rows(reaches) == [["grpo", "512", "not reached", "1 of 2", "-"],
+                                         ["opd", "512", "1,024", "2 of 2", "768"]]
+    final = {"accuracy": 0.75, "by_modulus": {"5": {"problems": 2, "right": 2}, "7": {"problems": 2, "right": 1}}}
+    assert ratio.modulus_rows({3: final}) == [["3", "0.750", "1.000", "0.500"]]
