@@ -31,6 +31,7 @@ from opd.compare.driver import load_spec, run_config
 from opd.compare.saved_runs import run_or_reuse
 from opd.compare.verdicts import sequences_ratio, target_summary
 from opd.report import markdown_table
+from opd.run.checkpoint import latest_checkpoint
 
 import grpo_stall  # experiments/grpo_stall.py
 from grpo_stall import NAME, ROOT, curve, same_through
@@ -107,7 +108,7 @@ def main() -> None:
     histories = {"grpo": {s: r["history"] for s, r in grpo.items()}, "opd": {s: r["history"] for s, r in opd.items()}}
     reaches = {label: target_summary(h, TARGET) for label, h in histories.items()}
     ratio = sequences_ratio("grpo", "opd", reaches["grpo"], reaches["opd"], float(args.budget))
-    finals = {s: grpo_stall.measure(grpo_stall.saved(r["run_dir"])[max(grpo_stall.saved(r["run_dir"]))]) for s, r in grpo.items()}
+    finals = {s: grpo_stall.measure(latest_checkpoint(r["run_dir"])) for s, r in grpo.items()}
     machines = sorted({r.get("machine") or "not recorded" for r in [*grpo.values(), *opd.values()]})
     doc_dir = ROOT / "docs" / "results"
     (doc_dir / "grpo_ratio").mkdir(exist_ok=True)
