@@ -217,6 +217,10 @@ def test_verdict_sentences_follow_the_rule():
     assert flipped["sentence"].startswith("opd beats grpo (mean difference +0.193") and flipped["mean_diff"] < 0
     mixed = verdicts.verdict("x", "y", {"0": 0.7, "1": 0.5}, {"0": 0.6, "1": 0.6})
     assert mixed["verdict"] == "none" and mixed["sentence"].startswith("no difference measured between x and y")
+    # labels equal in every seed (two methods that both leave a rate at 0) say so, not [+0.000, +0.000]
+    same = verdicts.verdict("skd", "trd", {"0": 0.0, "1": 0.0, "2": 0.0}, {"0": 0.0, "1": 0.0, "2": 0.0})
+    assert same["verdict"] == "none" and same["interval"] == [0.0, 0.0]
+    assert same["sentence"] == "no difference measured between skd and trd (equal in each of 3 seeds)"
     # a bound that excludes 0 by less than 0.0005 is printed so (not as +0.000): the pass@1
     # of opd and sft_t07 in docs/results/sft_cold_h16_pass1, interval [+0.00025, +0.053]
     opd = dict(zip("01234", [0.898, 0.876, 0.918, 0.906, 0.912]))

@@ -170,6 +170,8 @@ def verdict(a: str, b: str, a_by_seed: dict, b_by_seed: dict, beats: str = "beat
         kind, sentence = "a", f"{a} {beats} {b} ({span(out['mean_diff'], lo, hi)})"
     elif hi < 0:  # said of b − a, so that the winner's difference is positive
         kind, sentence = "b", f"{b} {beats} {a} ({span(-out['mean_diff'], -hi, -lo)})"
+    elif not any(diffs):
+        kind, sentence = "none", f"no difference measured between {a} and {b} (equal in each of {len(diffs)} seeds)"
     else:
         kind, sentence = "none", f"no difference measured between {a} and {b} ({span(out['mean_diff'], lo, hi)})"
     return {**out, "interval": [lo, hi], "verdict": kind, "sentence": sentence}
