@@ -23,7 +23,7 @@ import json
 import math
 from pathlib import Path
 
-from opd.compare import verdicts
+from opd.compare import shared_runs, verdicts
 from opd.report import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,17 +57,32 @@ def both_rules(finals: dict, committed: list[dict], rule: str, beats: str = "bea
             "t_new": [_short(v) for v in by_t if v["verdict"] != "none" and kinds.get((v["a"], v["b"])) != v["verdict"]]}
 
 
-def metric_check(results: dict, rule: str) -> dict:
+def metric_check(results: dict, rule: str, own=lambda v: True) -> dict:
     """The further metrics' "is above" verdicts (probes, pass@k, subsets) recomputed under the
-    report's rule (checked against the committed ones) and under the t rule."""
+    report's rule (checked against the committed ones) and under the t rule; the counts only
+    over the pairs ``own`` keeps (those whose home is this report)."""
     out = {"above": 0, "t_above": 0, "mismatched": [], "t_go": []}
     for metric, committed in results.get("metric_verdicts", {}).items():
         got = both_rules(finals_of(results, metric), committed, rule, "is above")
         out["mismatched"] += [f"{metric}: {m}" for m in got["mismatched"]]
-        out["above"] += len(got["decided"])
-        out["t_above"] += len(got["decided"]) - len(got["t_go"])
-        out["t_go"] += [f"{metric}: {g}" for g in got["t_go"]]
+        decided = [v for v in got["decided"] if own(v)]
+        t_go = [_short(v) for v in decided if _short(v) in got["t_go"]]
+        out["above"] += len(decided)
+        out["t_above"] += len(decided) - len(t_go)
+        out["t_go"] += [f"{metric}: {g}" for g in t_go]
     return out
+
+
+def own_counts(found: list[dict], by_t: list[dict], own) -> dict:
+    """The counts of :func:`check` over the pairs ``own`` keeps: those no other report holds
+    with a smaller family (``opd.compare.shared_runs``), so a sum over reports counts each
+    pair's runs once."""
+    mine, mine_t = [v for v in found if own(v)], [v for v in by_t if own(v)]
+    summary, t_summary = verdicts.holm_summary(mine), verdicts.holm_summary(mine_t)
+    decided = [v for v in mine if v["verdict"] != "none"]
+    return {"pairs": summary["pairs"], "beats": summary["beats"], "holm_stay": summary["stay"],
+            "same_sign_all_seeds": sum(v.get("sign_flip_p", 1.0) <= 2 / 2 ** len(v["seeds"]) + 1e-12 for v in decided),
+            "t_beats": t_summary["beats"], "t_holm_stay": t_summary["stay"]}
 
 
 def rule_of(results: dict) -> str:
@@ -76,9 +91,13 @@ def rule_of(results: dict) -> str:
     return "bootstrap" if "bootstrap" in results.get("rule", "bootstrap") else "t"
 
 
-def check(name: str, results: dict) -> dict:
+def check(name: str, results: dict, homes: dict | None = None) -> dict:
     """One comparison's verdicts recomputed under its own rule (checked against the committed
-    ones) and under the t rule, each with Holm's correction, and the sign-flip p's."""
+    ones) and under the t rule, each with Holm's correction, and the sign-flip p's. ``homes``
+    (:func:`opd.compare.shared_runs.pair_homes`) marks the pairs another report holds too
+    (``repeated``); ``own`` counts the rest."""
+    homes = homes or {}
+    own = lambda v: homes.get((name, v["a"], v["b"]), name) == name  # noqa: E731
     finals, rule = finals_of(results), rule_of(results)
     got = both_rules(finals, results["verdicts"], rule)
     found, by_t, decided = got["found"], got["by_t"], got["decided"]
@@ -93,17 +112,19 @@ def check(name: str, results: dict) -> dict:
             "same_sign_all_seeds": sum(v.get("sign_flip_p", 1.0) <= 2 / 2 ** len(v["seeds"]) + 1e-12 for v in decided),
             "min_sign_flip_p": min((v["sign_flip_p"] for v in found if "sign_flip_p" in v), default=None),
             "t_beats": t_summary["beats"], "t_holm_stay": t_summary["stay"], "t_go": got["t_go"], "t_new": got["t_new"],
-            "metrics": metric_check(results, rule),
+            "metrics": metric_check(results, rule, own), "own": own_counts(found, by_t, own),
+            "repeated": sorted({homes[name, v["a"], v["b"]] for v in found if not own(v)}),
             "verdicts": [{k: v.get(k) for k in keep} for v in found],
             "t_verdicts": [{k: v.get(k) for k in keep[:-1]} for v in by_t]}  # fmt: skip
 
 
 def _table(rows: list[dict]) -> str:
     return markdown_table(
-        ["comparison", "seeds", "pairs", "beats (its rule)", "stay under Holm", "every seed the same sign",
-         "beats under the t rule", "t rule + Holm", "verdicts the t rule does not give"],
-        [[r["name"], *map(str, (r["seeds"], r["pairs"], r["beats"], r["holm_stay"], r["same_sign_all_seeds"],
-                                r["t_beats"], r["t_holm_stay"])), "; ".join(r["t_go"]) or "-"] for r in rows],
+        ["comparison", "rule", "seeds", "pairs", "beats (its rule)", "stay under Holm", "every seed the same sign",
+         "beats under the t rule", "t rule + Holm", "verdicts the t rule does not give", "pairs counted at another report"],
+        [[r["name"], r["rule"], *map(str, (r["seeds"], r["pairs"], r["beats"], r["holm_stay"], r["same_sign_all_seeds"],
+                                r["t_beats"], r["t_holm_stay"])), "; ".join(r["t_go"]) or "-",
+          f"{r['pairs'] - r['own']['pairs']} ({', '.join(r['repeated'])})" if r["repeated"] else "-"] for r in rows],
     )  # fmt: skip
 
 
@@ -117,8 +138,7 @@ def _metric_table(rows: list[dict]) -> str:
 
 
 def report(rows: list[dict]) -> str:
-    total = lambda key, rs=rows: sum(r[key] for r in rs)  # noqa: E731
-    first = [r for r in rows if not r["name"].endswith("_tune2")]  # the _tune2 reruns repeat many verdicts
+    total = lambda key, rs=rows: sum(r["own"][key] for r in rs)  # noqa: E731  each pair's runs once
     beats, stay, same = total("beats"), total("holm_stay"), total("same_sign_all_seeds")
     boot = [r for r in rows if r["rule"] == "bootstrap"]  # judged by the old rule: what the t rule keeps of them
     boot_first = [r for r in boot if not r["name"].endswith("_tune2")]
@@ -134,9 +154,16 @@ Generated by `python experiments/multiple_comparisons.py` from the committed
 
 The comparisons published before the rule changed were judged by the bootstrap rule: "A beats
 B" when the 95% percentile bootstrap interval of the mean per-seed difference excludes 0
-({len(boot)} of the {len(rows)} here; {', '.join(judged_t) or 'none'} judged by the t rule). Each report's
+({len(boot)} of the {len(rows)} here; the other {len(judged_t)}, published since, by the t rule: the table says which). Each report's
 verdicts (and those on its further metrics) are recomputed here under the rule it states;
 every one matched the committed verdict{'' if not mism else ' except: ' + '; '.join(mism)}.
+
+**Each pair's runs counted once.** A report can reuse another's runs or gather several
+reports' labels side by side, so the same pair of runs can be judged in several reports. The
+totals below count each such pair once, at its home: of the reports that hold both runs, the
+one with the fewest labels (`opd.compare.shared_runs`; the table's last column names the
+pairs left to another report: {sum(r["pairs"] - r["own"]["pairs"] for r in rows)} of {sum(r["pairs"] for r in rows)}). The
+table's other columns count each report's own family, the one its Holm correction ran over.
 
 **The bootstrap rule's level.** At 5 seeds that interval is about `mean ± 1.75 sd/√5`, and
 it excludes 0 in about 16% of comparisons where nothing differs, not 5%
@@ -169,18 +196,19 @@ reports judged by the t rule, where every one stays).
 
 
 def main() -> None:
-    rows = []
+    found = {}
     for path in sorted(RESULTS.glob("*/results.json")):
         results = json.loads(path.read_text())
-        has_verdicts = "labels" in results and any(v.get("interval") for v in results.get("verdicts", []))
-        if has_verdicts:
-            rows.append(check(path.parent.name, results))
+        if "labels" in results and any(v.get("interval") for v in results.get("verdicts", [])):
+            found[path.parent.name] = results
+    homes = shared_runs.pair_homes(found)
+    rows = [check(name, results, homes) for name, results in found.items()]
     out = RESULTS / "multiple_comparisons"
     out.mkdir(exist_ok=True)
     (out / "results.json").write_text(json.dumps({"comparisons": rows}, indent=1) + "\n")
     (RESULTS / "multiple_comparisons.md").write_text(report(rows))
     boot = [r for r in rows if r["rule"] == "bootstrap"]
-    beats, t_beats = sum(r["beats"] for r in boot), sum(r["t_beats"] for r in boot)
+    beats, t_beats = sum(r["own"]["beats"] for r in boot), sum(r["own"]["t_beats"] for r in boot)
     print(f"{t_beats} of the bootstrap rule's {beats} beats verdicts stay under the t rule over {len(boot)} comparisons; "
           f"wrote {RESULTS / 'multiple_comparisons.md'}")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from opd.compare import verdicts
+from opd.compare import shared_runs, verdicts
 from opd.report import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,13 +66,16 @@ def abs_skewness(draws: np.ndarray) -> np.ndarray:
 
 def observed_differences(root: Path | None = None, n: int = 5) -> np.ndarray:
     """The per-seed differences of final test accuracy of every judged pair in the committed
-    ``results.json`` files with ``n`` seeds (pairs × n; pairs whose differences are all equal left out)."""
+    ``results.json`` files with ``n`` seeds (pairs × n; pairs whose differences are all equal
+    left out; a pair whose runs several reports hold counted once: ``opd.compare.shared_runs``)."""
     rows = []
-    for path in sorted((root or ROOT / "docs" / "results").glob("*/results.json")):
-        results = json.loads(path.read_text())
+    reports = {path.parent.name: json.loads(path.read_text())
+               for path in sorted((root or ROOT / "docs" / "results").glob("*/results.json"))}
+    homes = shared_runs.pair_homes({name: r for name, r in reports.items() if "labels" in r})
+    for name, results in reports.items():
         labels = results.get("labels", {})
         for v in results.get("verdicts", []):
-            if len(v["seeds"]) == n and v["a"] in labels and v["b"] in labels:
+            if len(v["seeds"]) == n and v["a"] in labels and v["b"] in labels and homes[name, v["a"], v["b"]] == name:
                 a, b = labels[v["a"]]["final"], labels[v["b"]]["final"]
                 rows.append([a[s]["accuracy"] - b[s]["accuracy"] for s in v["seeds"]])
     rows = np.asarray(rows, dtype=float)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from opd.compare import protocol
+from opd.compare import protocol, shared_runs
 from opd.report import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,10 +32,14 @@ def smallest_within_noise(scores: dict, best: float, n: int) -> float:
     return min(float(lr) for lr, acc in scores.items() if best - acc <= protocol.difference_noise(best, acc, n))
 
 
-def experiment_rows(name: str, results: dict) -> list[dict]:
+def experiment_rows(name: str, results: dict, homes: dict | None = None) -> list[dict]:
+    """The lr choices of one comparison, less those of labels whose home (``homes``:
+    :func:`opd.compare.shared_runs.label_homes`) is another comparison."""
     n = results["test_prompts"] * len(results.get("tuning_seeds") or [1])  # prompts x tuning seeds
     rows = []
     for label, scores in results.get("lr_tuning", {}).items():
+        if homes and homes.get((name, label), name) != name:
+            continue
         chosen = results["chosen_lr"][label]
         m = protocol.tuning_margin(scores, chosen, n)
         finals = [f.get("accuracy") for f in results["labels"][label]["final"].values()]
@@ -76,7 +80,7 @@ def two_seed_table(checks: list[dict]) -> str:
             f"stay**.\n\n{table}")
 
 
-def report(rows: list[dict], checks: list[dict]) -> str:
+def report(rows: list[dict], checks: list[dict], skipped: int = 0) -> str:
     undecided = [r for r in rows if not r["decided"]]
     moved = [r for r in undecided if r["smallest_within_noise"] != r["chosen_lr"]]
     fell = [r for r in rows if r["reported_mean"] is not None
@@ -98,7 +102,10 @@ def report(rows: list[dict], checks: list[dict]) -> str:
 nothing). For each label of each published comparison: the chosen lr's final validation
 accuracy on the tuning seed against the best other lr's, and the noise of that difference,
 `1.96·sqrt((a1(1−a1) + a2(1−a2))/n)` on the `n` validation prompts (times the tuning
-seeds, for a comparison tuned on the mean over several; `opd.compare.protocol.tuning_margin`). "decided: no" means the margin is inside the noise:
+seeds, for a comparison tuned on the mean over several; `opd.compare.protocol.tuning_margin`).
+A label whose runs several comparisons report (reused or gathered: `opd.compare.shared_runs`)
+is counted once, at its home; {skipped} such repeats are left out. "decided: no" means the
+margin is inside the noise:
 another tuning seed could have chosen another lr. The protocol still uses the best lr; the
 last column is the smallest lr that a rule preferring smaller lrs inside the noise would
 have taken instead (empty: the same lr); the last, the label's mean final test accuracy over
@@ -130,13 +137,16 @@ def main() -> None:
     for path in sorted(RESULTS.glob("*/results.json")):
         results = json.loads(path.read_text())
         if "lr_tuning" in results and "chosen_lr" in results:
-            rows += experiment_rows(path.parent.name, results)
             found[path.parent.name] = results
+    homes = shared_runs.label_homes(found, with_tuning=True)
+    for name, results in found.items():
+        rows += experiment_rows(name, results, homes)
+    repeats = sum(homes[name, label] != name for name, results in found.items() for label in results["lr_tuning"])
     checks = [two_seed_check(found[name], found[f"{name}_tune2"], name) for name in sorted(found) if f"{name}_tune2" in found]
     out = RESULTS / "tuning_noise"
     out.mkdir(exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"choices": rows, "two_seed_checks": checks}, indent=1) + "\n")
-    (RESULTS / "tuning_noise.md").write_text(report(rows, checks))
+    (out / "results.json").write_text(json.dumps({"choices": rows, "repeats_left_out": repeats, "two_seed_checks": checks}, indent=1) + "\n")
+    (RESULTS / "tuning_noise.md").write_text(report(rows, checks, repeats))
     undecided = sum(not r["decided"] for r in rows)
     print(f"{undecided} of {len(rows)} lr choices inside the tuning noise; wrote {RESULTS / 'tuning_noise.md'}")
 

@@ -14,6 +14,20 @@ def subprocess_env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
 
 
+def experiment_script(name: str):
+    """``experiments/<name>.py`` imported as a module (the scripts import each other: probed, run)."""
+    import importlib.util
+    import sys
+
+    experiments = Path(__file__).resolve().parents[1] / "experiments"
+    if str(experiments) not in sys.path:
+        sys.path.insert(0, str(experiments))
+    spec = importlib.util.spec_from_file_location(name, experiments / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_cli_args(student: str, run_dir: Path) -> list[str]:
     """``tiny_cfg``'s settings as ``key=value``."""
     return [f"student={student}", "teacher=oracle", "prompts_per_step=4", "group_size=2", "micro_batch_size=3",

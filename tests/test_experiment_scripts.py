@@ -12,6 +12,7 @@ import pytest
 
 from opd.compare import verdicts
 
+from run_helpers import experiment_script as _script
 from run_helpers import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,15 +77,6 @@ def test_a_probed_script_probes_the_base_alone_without_training(tiny_student_dir
     assert "| base (before training) | 1 |" in done.stdout
 
 
-def _script(name: str):
-    import importlib.util
-
-    if str(ROOT / "experiments") not in sys.path:  # the scripts import each other (probed, run)
-        sys.path.insert(0, str(ROOT / "experiments"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_grad_agreement_takes_the_loss_gradient_and_leaves_the_student_as_it_was(tiny_cfg):

@@ -1,0 +1,82 @@
+"""Runs that several comparisons report are counted once by the instrument checks: a report
+``a`` ran labels x and y, ``b`` reused x, ``g`` gathered x and y beside a new z, and ``r``
+reran x's config (same accuracies, other wall times: other runs)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from opd.compare import shared_runs, verdicts
+
+from run_helpers import experiment_script
+
+
+def _label(accs: list[float], wall: float, lr: float = 1e-4) -> dict:
+    return {"method": "opd", "overrides": {}, "lr": lr, "student_base": "s",
+            "final": {str(i): {"accuracy": a, "wall_s": wall + i} for i, a in enumerate(accs)}}
+
+
+X, Y, Z = _label([0.9, 0.92, 0.91, 0.93, 0.9], 100.0), _label([0.5, 0.52, 0.48, 0.51, 0.5], 200.0), \
+    _label([0.7, 0.71, 0.69, 0.72, 0.7], 300.0)
+REPORTS = {"a": {"labels": {"x": X, "y": Y}}, "b": {"labels": {"x": X, "w": _label([0.1] * 5, 400.0)}},
+           "g": {"labels": {"x2": X, "y2": Y, "z": Z}}, "r": {"labels": {"x": _label([0.9, 0.92, 0.91, 0.93, 0.9], 500.0)}}}
+
+
+def test_a_label_s_home_is_the_smallest_report_that_holds_its_runs():
+    homes = shared_runs.label_homes(REPORTS)
+    assert homes["a", "x"] == "a" and homes["b", "x"] == "a" and homes["g", "x2"] == "a"  # (2, "a") < (2, "b") < (3, "g")
+    assert homes["g", "y2"] == "a" and homes["g", "z"] == "g" and homes["b", "w"] == "b"
+    assert homes["r", "x"] == "r"  # a rerun is other runs, though its accuracies match
+    tuned = {name: {**r, "lr_tuning": {label: {"0.0001": 0.8 if name != "b" else 0.7} for label in r["labels"]}}
+             for name, r in REPORTS.items()}
+    homes = shared_runs.label_homes(tuned, with_tuning=True)
+    assert homes["b", "x"] == "b" and homes["g", "x2"] == "a"  # b tuned x again and chose the same lr
+
+
+def test_a_pair_s_home_needs_both_runs_and_ignores_order():
+    homes = shared_runs.pair_homes(REPORTS)
+    assert homes["g", "x2", "y2"] == homes["g", "y2", "x2"] == "a"
+    assert homes["g", "x2", "z"] == homes["g", "y2", "z"] == "g"
+    assert homes["b", "w", "x"] == "b"  # x is a's, but the pair (x, w) is only in b
+
+
+def _write(tmp_path, reports: dict) -> None:
+    for name, results in reports.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+
+
+def _comparison(labels: dict) -> dict:
+    """A comparison judged by the t rule, tuned on one seed over two lrs (each label's own)."""
+    finals = {label: {s: f["accuracy"] for s, f in entry["final"].items()} for label, entry in labels.items()}
+    tuning = {label: {"0.0001": 0.8, "0.0003": 0.2} for label in labels}
+    return {"seeds": list(range(5)), "labels": labels, "rule": verdicts.RULE, "test_prompts": 500,
+            "verdicts": verdicts.all_verdicts(finals), "lr_tuning": tuning, "chosen_lr": dict.fromkeys(labels, 1e-4)}
+
+
+def test_the_instrument_checks_count_a_gathered_pair_once(tmp_path, monkeypatch):
+    _write(tmp_path, {"a": _comparison({"x": X, "y": Y}), "g": _comparison({"x2": X, "y2": Y, "z": Z})})
+    mc = experiment_script("multiple_comparisons")
+    monkeypatch.setattr(mc, "RESULTS", tmp_path)
+    mc.main()
+    rows = {r["name"]: r for r in json.loads((tmp_path / "multiple_comparisons" / "results.json").read_text())["comparisons"]}
+    assert (rows["a"]["beats"], rows["a"]["own"]["beats"]) == (1, 1)  # x beats y, far apart on every seed
+    assert (rows["g"]["pairs"], rows["g"]["beats"], rows["g"]["repeated"]) == (3, 3, ["a"])
+    assert (rows["g"]["own"]["pairs"], rows["g"]["own"]["beats"]) == (2, 2)  # x2 vs y2 is a's pair
+    text = (tmp_path / "multiple_comparisons.md").read_text()
+    assert "over all 2, 3 of 3" in text and "1 (a)" in text and "pairs left to another report: 1 of 4" in text
+    tn = experiment_script("tuning_noise")
+    monkeypatch.setattr(tn, "RESULTS", tmp_path)
+    tn.main()
+    out = json.loads((tmp_path / "tuning_noise" / "results.json").read_text())
+    assert sorted((r["experiment"], r["label"]) for r in out["choices"]) == [("a", "x"), ("a", "y"), ("g", "z")]
+    assert out["repeats_left_out"] == 2 and "2 such repeats are left out" in (tmp_path / "tuning_noise.md").read_text()
+
+
+def test_rule_level_takes_each_pair_of_runs_once(tmp_path):
+    rl = experiment_script("rule_level")
+    _write(tmp_path, {"a": _comparison({"x": X, "y": Y}), "g": _comparison({"x2": X, "y2": Y, "z": Z})})
+    rows = rl.observed_differences(tmp_path)
+    assert rows.shape == (3, 5)  # x-y once, x2-z, y2-z
+    assert sorted(np.abs(rows[:, 0]).round(3).tolist()) == pytest.approx([0.2, 0.2, 0.4])
