@@ -5,7 +5,8 @@
 Writes ``docs/results/NAME.md`` (the comparison report: the protocol and what of it is not
 met, seeds, learning-rate grid, final accuracy mean ± std, the verdicts by the stated rule,
 diagnostics side by side), ``docs/results/NAME_accuracy.png`` and
-``docs/results/NAME/results.json`` (every number the verdicts come from).
+``docs/results/NAME/results.json`` (every number the verdicts come from), and regenerates the
+instrument checks over every published report (``tuning_noise``, ``multiple_comparisons``).
 Re-running reuses finished runs whose config is unchanged, with the same numbers.
 """
 
@@ -38,7 +39,19 @@ def publish(name: str, out: Path, command: str | None = None) -> Path:
         f"# Experiment: {name}\n\n" + "\n".join(intro) + f"\n\nRegenerate: `{command or f'python experiments/run.py {name}'}` "
         f"(spec: `experiments/{name}.yaml`).\n\n![accuracy vs training sequences]({name}_accuracy.png)\n" + report + "\n"
     )
+    refresh_checks()
     return doc
+
+
+def refresh_checks() -> None:
+    """Regenerate the instrument checks that read every published ``results.json``
+    (``tuning_noise``, ``multiple_comparisons``: seconds, no runs), so they never lag the
+    reports they count (``tests/test_shared_runs.py`` holds the committed ones to it)."""
+    import multiple_comparisons  # experiments/ is this script's folder, on sys.path
+    import tuning_noise
+
+    tuning_noise.main()
+    multiple_comparisons.main()
 
 
 def main() -> None:

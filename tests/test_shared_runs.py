@@ -3,6 +3,7 @@
 reran x's config (same accuracies, other wall times: other runs)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,3 +81,23 @@ def test_rule_level_takes_each_pair_of_runs_once(tmp_path):
     rows = rl.observed_differences(tmp_path)
     assert rows.shape == (3, 5)  # x-y once, x2-z, y2-z
     assert sorted(np.abs(rows[:, 0]).round(3).tolist()) == pytest.approx([0.2, 0.2, 0.4])
+
+
+CHECKS = ("tuning_noise", "multiple_comparisons")
+
+
+def test_the_committed_instrument_checks_count_every_published_report(tmp_path, monkeypatch):
+    """Regenerated from the committed reports, the committed checks come out unchanged:
+    publishing a report (``experiments/run.py``) regenerates them, so none lags."""
+    committed = Path(__file__).resolve().parents[1] / "docs" / "results"
+    for path in committed.glob("*/results.json"):
+        if path.parent.name not in CHECKS:
+            (tmp_path / path.parent.name).mkdir()
+            (tmp_path / path.parent.name / "results.json").write_bytes(path.read_bytes())
+    for name in CHECKS:
+        script = experiment_script(name)
+        monkeypatch.setattr(script, "RESULTS", tmp_path)
+        script.main()
+        for part in (f"{name}.md", f"{name}/results.json"):
+            fresh, kept = (tmp_path / part).read_text(), (committed / part).read_text()
+            assert fresh == kept, f"docs/results/{part} is stale: run python experiments/{name}.py"
