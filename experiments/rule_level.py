@@ -185,7 +185,7 @@ def skew_text(skew: dict) -> str:
     return f"""**How skewed are the real differences?** The 11.5% above is the level on a centred
 exponential, a strong skew. The committed reports hold {skew['pairs']} judged pairs at {skew['seeds']} seeds
 (`observed_differences`: every `results.json` under `docs/results/`, pairs whose {skew['seeds']} differences
-are all equal left out). Their mean `|g1|` (the sample skewness of a pair's {skew['seeds']} differences, in
+are all equal left out, a pair of runs that several reports hold counted once). Their mean `|g1|` (the sample skewness of a pair's {skew['seeds']} differences, in
 absolute value) is **{obs:.3f} ± {se:.3f}** (two standard errors as if the pairs were independent;
 they share labels, so the true error is larger). A family of shifted gammas of skewness `2/√k`,
 with the same number of draws, places it ({skew['family']['normal']['mean_abs_g1']:.3f} is what normal differences give):
