@@ -73,13 +73,11 @@ def metric_check(results: dict, rule: str, own=lambda v: True) -> dict:
     return out
 
 
-def own_counts(found: list[dict], by_t: list[dict], own) -> dict:
-    """The counts of :func:`check` over the pairs ``own`` keeps: those no other report holds
-    with a smaller family (``opd.compare.shared_runs``), so a sum over reports counts each
-    pair's runs once."""
-    mine, mine_t = [v for v in found if own(v)], [v for v in by_t if own(v)]
-    summary, t_summary = verdicts.holm_summary(mine), verdicts.holm_summary(mine_t)
-    decided = [v for v in mine if v["verdict"] != "none"]
+def counts(found: list[dict], by_t: list[dict]) -> dict:
+    """Pairs, "beats" verdicts, those Holm keeps and those of the same sign on every seed, under
+    the report's rule (``found``) and the t rule (``by_t``)."""
+    summary, t_summary = verdicts.holm_summary(found), verdicts.holm_summary(by_t)
+    decided = [v for v in found if v["verdict"] != "none"]
     return {"pairs": summary["pairs"], "beats": summary["beats"], "holm_stay": summary["stay"],
             "same_sign_all_seeds": sum(v.get("sign_flip_p", 1.0) <= 2 / 2 ** len(v["seeds"]) + 1e-12 for v in decided),
             "t_beats": t_summary["beats"], "t_holm_stay": t_summary["stay"]}
@@ -100,19 +98,16 @@ def check(name: str, results: dict, homes: dict | None = None) -> dict:
     own = lambda v: homes.get((name, v["a"], v["b"]), name) == name  # noqa: E731
     finals, rule = finals_of(results), rule_of(results)
     got = both_rules(finals, results["verdicts"], rule)
-    found, by_t, decided = got["found"], got["by_t"], got["decided"]
+    found, by_t = got["found"], got["by_t"]
     for v in found:
         if v["interval"] is not None:
             v["sign_flip_p"] = verdicts.sign_flip_p([finals[v["a"]][s] - finals[v["b"]][s] for s in v["seeds"]])
-    summary, t_summary = verdicts.holm_summary(found), verdicts.holm_summary(by_t)
     keep = ("a", "b", "verdict", "mean_diff", "interval", "p", "holm", "sign_flip_p")
-    return {"name": name, "rule": rule, "seeds": len(results["seeds"]), "pairs": summary["pairs"],
-            "beats": summary["beats"], "holm_stay": summary["stay"], "holm_go": summary["go"],
-            "mismatched": got["mismatched"],
-            "same_sign_all_seeds": sum(v.get("sign_flip_p", 1.0) <= 2 / 2 ** len(v["seeds"]) + 1e-12 for v in decided),
+    return {"name": name, "rule": rule, "seeds": len(results["seeds"]), **counts(found, by_t),
+            "holm_go": verdicts.holm_summary(found)["go"], "mismatched": got["mismatched"],
             "min_sign_flip_p": min((v["sign_flip_p"] for v in found if "sign_flip_p" in v), default=None),
-            "t_beats": t_summary["beats"], "t_holm_stay": t_summary["stay"], "t_go": got["t_go"], "t_new": got["t_new"],
-            "metrics": metric_check(results, rule, own), "own": own_counts(found, by_t, own),
+            "t_go": got["t_go"], "t_new": got["t_new"], "metrics": metric_check(results, rule, own),
+            "own": counts([v for v in found if own(v)], [v for v in by_t if own(v)]),  # each pair's runs once
             "repeated": sorted({homes[name, v["a"], v["b"]] for v in found if not own(v)}),
             "verdicts": [{k: v.get(k) for k in keep} for v in found],
             "t_verdicts": [{k: v.get(k) for k in keep[:-1]} for v in by_t]}  # fmt: skip
