@@ -190,6 +190,27 @@ reports judged by the t rule, where every one stays).
 """
 
 
+def quoted(out: dict) -> list[str]:
+    """The phrases of this check that findings 9 and 10 of ``docs/results/README.md`` quote,
+    from the check's ``results.json`` (``tests/test_shared_runs.py`` holds the prose to them)."""
+    rows = out["comparisons"]
+    boot = [r for r in rows if r["rule"] == "bootstrap"]
+    first, judged_t = [r for r in boot if not r["name"].endswith("_tune2")], [r for r in rows if r["rule"] == "t"]
+    n = lambda key, rs: sum(r["own"][key] for r in rs)  # noqa: E731
+    above = lambda key, rs: sum(r["metrics"][key] for r in rs)  # noqa: E731
+    return [f"{n('holm_stay', first)} of the {n('beats', first)} \"beats\" verdicts of the {len(first)} first-run comparisons stay",
+            f"({n('holm_stay', boot)} of {n('beats', boot)} with the `_tune2` reruns",
+            f"In {n('same_sign_all_seeds', first)} of the {n('beats', first)} the difference has the same sign",
+            f"Over all {len(rows)} published comparisons, the {len(judged_t)} judged by the t rule",
+            f"{n('holm_stay', rows)} of the {n('beats', rows)} \"beats\" verdicts stay under Holm's correction",
+            f"{n('holm_stay', boot)} of the {n('beats', boot)} bootstrap-judged ones and "
+            f"{n('holm_stay', judged_t)} of the {n('beats', judged_t)} t-judged ones",
+            f"{n('t_beats', first)} of the {n('beats', first)} \"beats\" verdicts of the {len(first)} first-run comparisons stay",
+            f"({n('t_beats', boot)} of {n('beats', boot)} with the `_tune2` reruns",
+            f"{n('t_holm_stay', first)} and {n('t_holm_stay', boot)} with Holm's correction",
+            f"{above('t_above', boot)} of the {above('above', boot)} \"is above\" verdicts"]
+
+
 def main() -> None:
     found = {}
     for path in sorted(RESULTS.glob("*/results.json")):

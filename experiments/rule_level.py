@@ -45,6 +45,14 @@ def beats_share(draws: np.ndarray, rule: str) -> float:
     return hits / len(draws)
 
 
+def quoted(out: dict) -> list[str]:
+    """The phrases of this check that finding 10 of ``docs/results/README.md`` quotes, from the
+    check's ``results.json`` (``tests/test_shared_runs.py`` holds the prose to them)."""
+    skew = out["skew"]
+    return [f"{skew['pairs']} judged pairs at {skew['seeds']} seeds",
+            f"mean |g1| {skew['observed_mean_abs_g1']:.3f} ± {skew['observed_two_se']:.3f}"]
+
+
 def measure(trials: int) -> dict:
     rng = np.random.default_rng(0)
     level = {shape: {n: {rule: beats_share(draw(rng, (trials, n)), rule) for rule in verdicts.RULES} for n in SEED_COUNTS}

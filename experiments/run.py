@@ -45,13 +45,16 @@ def publish(name: str, out: Path, command: str | None = None) -> Path:
 
 def refresh_checks() -> None:
     """Regenerate the instrument checks that read every published ``results.json``
-    (``tuning_noise``, ``multiple_comparisons``: seconds, no runs), so they never lag the
-    reports they count (``tests/test_shared_runs.py`` holds the committed ones to it)."""
-    import multiple_comparisons  # experiments/ is this script's folder, on sys.path
+    (``tuning_noise``, ``multiple_comparisons``, ``greedy_vs_sampled``: seconds, no runs), so
+    they never lag the reports they count (``tests/test_shared_runs.py`` holds the committed
+    ones to it)."""
+    import greedy_vs_sampled  # experiments/ is this script's folder, on sys.path
+    import multiple_comparisons
     import tuning_noise
 
     tuning_noise.main()
     multiple_comparisons.main()
+    greedy_vs_sampled.main()
 
 
 def main() -> None:

@@ -132,6 +132,19 @@ task, so part of each gap is expected; a collapse such as modchain_promise's GRP
 """
 
 
+def quoted(out: dict) -> list[str]:
+    """The phrases of this check that finding 8 of ``docs/results/README.md`` quotes, from the
+    check's ``results.json`` (``tests/test_shared_runs.py`` holds the prose to them)."""
+    rows = out["choices"]
+    undecided = [r for r in rows if not r["decided"]]
+    fell = [r for r in rows if r["reported_mean"] is not None
+            and r["accuracy"] - r["reported_mean"] > protocol.difference_noise(r["accuracy"], r["reported_mean"], r["prompts"])]
+    return [f"{out['repeats_left_out']} such repeats left out", f"In {len(undecided)} of the {len(rows)} choices",
+            f"In {sum(r['smallest_within_noise'] != r['chosen_lr'] for r in undecided)} of those a smaller lr",
+            f"{len(fell)} labels report a test mean below their tuning value",
+            f"{sum(not r['decided'] for r in fell)} of them were chosen inside the noise"]
+
+
 def main() -> None:
     rows, found = [], {}
     for path in sorted(RESULTS.glob("*/results.json")):

@@ -83,7 +83,7 @@ def test_rule_level_takes_each_pair_of_runs_once(tmp_path):
     assert sorted(np.abs(rows[:, 0]).round(3).tolist()) == pytest.approx([0.2, 0.2, 0.4])
 
 
-CHECKS = ("tuning_noise", "multiple_comparisons")
+CHECKS = ("tuning_noise", "multiple_comparisons", "greedy_vs_sampled")
 
 
 def test_the_committed_instrument_checks_count_every_published_report(tmp_path, monkeypatch):
@@ -101,3 +101,15 @@ def test_the_committed_instrument_checks_count_every_published_report(tmp_path, 
         for part in (f"{name}.md", f"{name}/results.json"):
             fresh, kept = (tmp_path / part).read_text(), (committed / part).read_text()
             assert fresh == kept, f"docs/results/{part} is stale: run python experiments/{name}.py"
+
+
+def test_the_findings_quote_the_committed_instrument_checks():
+    """Findings 8-11 of docs/results/README.md quote counts of the instrument checks; a
+    published report moves those counts (the checks regenerate themselves), and this names
+    each phrase the prose must then carry."""
+    docs = Path(__file__).resolve().parents[1] / "docs" / "results"
+    prose = " ".join((docs / "README.md").read_text().replace("**", "").split())
+    for name in CHECKS + ("rule_level",):
+        out = json.loads((docs / name / "results.json").read_text())
+        for phrase in experiment_script(name).quoted(out):
+            assert phrase in prose, f"docs/results/README.md should quote {phrase!r} (from docs/results/{name}.md)"
