@@ -146,6 +146,7 @@ def quoted(out: dict) -> list[str]:
     return [f"{len(out['reports'])} comparisons that record pass@1", f"{s['pairs']} pairs of labels",
             f"{c['same winner']} of the {s['greedy_beats']} greedy \"beats\" hold on pass@1",
             f"{c['greedy only']} are not told apart on pass@1 and {c['opposite']} reverse", f"{c['pass@1 only']} pairs are told apart on pass@1 alone",
+            f"it is in {s['sharper']['winner']} pairs, the narrower in {s['sharper']['loser']}",
             *(f"{m[method]['same winner']} of {name}'s {m[method]['greedy_beats']}" for method, name in QUOTED_METHODS.items()
               if method in m)]
 

@@ -188,7 +188,7 @@ def test_multiple_comparisons_recomputes_verdicts_and_applies_holm(tmp_path, mon
 
 def test_rule_level_measures_both_rules(tmp_path, monkeypatch):
     rl = _script("rule_level")
-    monkeypatch.setattr(rl, "ROOT", tmp_path)
+    monkeypatch.setattr(rl, "RESULTS", tmp_path / "docs" / "results")
     (tmp_path / "docs" / "results" / "x").mkdir(parents=True)
     finals = lambda xs: {"final": {str(i): {"accuracy": x} for i, x in enumerate(xs)}}  # noqa: E731
     pair = lambda a, b: {"a": a, "b": b, "seeds": [str(i) for i in range(5)]}  # noqa: E731
