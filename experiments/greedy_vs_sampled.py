@@ -5,7 +5,7 @@ what the verdicts measure).
 
 Every comparison's verdicts are on greedy test accuracy (the argmax answer); most also record
 pass@1 (one sample at temperature 1, on the same 500 prompts). A method can raise the argmax
-without raising the mass on the right answer: it sharpens. For every
+without raising the mass on the right answer. For every
 ``docs/results/<name>/results.json`` whose runs all record pass@1, each pair of labels is judged
 on both metrics by the protocol's rule (the paired t interval at 95%, whatever rule the report
 was published under) and put in one class: the same winner on both, a winner on greedy alone,
@@ -14,8 +14,9 @@ per-seed difference of the two gains,
 
     Δ_greedy(s) − Δ_pass@1(s) = (greedy − pass@1)_A(s) − (greedy − pass@1)_B(s),
 
-says whether the winner's gain is larger on greedy than on pass@1 ("sharper": the winner's
-greedy−pass@1 gap is the wider). Each pair of runs is counted once, at its home
+says whether the winner's gain is larger on greedy than on pass@1 (the winner's
+greedy − pass@1 gap is the wider). ``experiments/reference_fit.py`` probes where along the
+solution such a gap comes from. Each pair of runs is counted once, at its home
 (:func:`opd.compare.shared_runs.pair_homes`). Reads committed files only; runs nothing. Writes
 ``docs/results/greedy_vs_sampled.md`` and ``docs/results/greedy_vs_sampled/results.json``.
 """
@@ -61,9 +62,9 @@ def judge_pair(labels: dict, a: str, b: str) -> dict:
            "greedy_gain": sign * g["mean_diff"], "pass1_gain": sign * p["mean_diff"]}
     if g["verdict"] != "none":
         gap = lambda label: {s: f["accuracy"] - f["pass@1"] for s, f in labels[label]["final"].items()}  # noqa: E731
-        sharp = verdicts.verdict(win, lose, gap(win), gap(lose), "is above")
-        out["sharper"] = {"a": "winner", "b": "loser", "none": "no difference measured"}[sharp["verdict"]]
-        out["gap_gain"] = sharp["mean_diff"]
+        wider = verdicts.verdict(win, lose, gap(win), gap(lose), "is above")
+        out["wider_gap"] = {"a": "winner", "b": "loser", "none": "no difference measured"}[wider["verdict"]]
+        out["gap_gain"] = wider["mean_diff"]
     return out
 
 
@@ -78,26 +79,26 @@ def by_method(pairs: list[dict]) -> dict[str, dict]:
     """The greedy "beats" grouped by the winner's method: how many hold on pass@1, how many
     reverse, and in how many the winner's greedy − pass@1 gap is measured the wider."""
     out: dict[str, dict] = {}
-    for p in (p for p in pairs if "sharper" in p):
+    for p in (p for p in pairs if "wider_gap" in p):
         row = out.setdefault(p["winner_method"], {"greedy_beats": 0, **dict.fromkeys(CLASSES[:2] + CLASSES[3:4], 0),
-                                                   "winner_sharper": 0})
+                                                   "winner_gap_wider": 0})
         row["greedy_beats"] += 1
         row[p["class"]] += 1
-        row["winner_sharper"] += p["sharper"] == "winner"
+        row["winner_gap_wider"] += p["wider_gap"] == "winner"
     return dict(sorted(out.items(), key=lambda kv: (-kv[1]["greedy_beats"], kv[0])))
 
 
 def summary(pairs: list[dict]) -> dict:
     by_class = {c: sum(p["class"] == c for p in pairs) for c in CLASSES}
-    greedy = [p for p in pairs if "sharper" in p]
-    sharper = {s: sum(p["sharper"] == s for p in greedy) for s in ("winner", "loser", "no difference measured")}
-    return {"pairs": len(pairs), "classes": by_class, "greedy_beats": len(greedy), "sharper": sharper,
+    greedy = [p for p in pairs if "wider_gap" in p]
+    wider = {s: sum(p["wider_gap"] == s for p in greedy) for s in ("winner", "loser", "no difference measured")}
+    return {"pairs": len(pairs), "classes": by_class, "greedy_beats": len(greedy), "wider_gap": wider,
             "by_winner_method": by_method(pairs)}
 
 
 def _fmt(p: dict) -> list[str]:
     return [p["report"], f"{p['winner']} over {p['loser']}", f"{p['greedy_gain']:+.3f}", f"{p['pass1_gain']:+.3f}",
-            p.get("sharper", "-")]
+            p.get("wider_gap", "-")]
 
 
 def report(pairs: list[dict], reports: list[str]) -> str:
@@ -106,7 +107,7 @@ def report(pairs: list[dict], reports: list[str]) -> str:
     methods = markdown_table(["winner's method", "greedy \"beats\"", "same winner on pass@1", "greedy only", "opposite",
                               "winner's gap the wider"],
                              [[m, *map(str, r.values())] for m, r in s["by_winner_method"].items()])
-    header = ["comparison", "pair (winner first: greedy's, else pass@1's)", "greedy gain", "pass@1 gain", "sharper (greedy − pass@1 gap)"]
+    header = ["comparison", "pair (winner first: greedy's, else pass@1's)", "greedy gain", "pass@1 gain", "wider greedy − pass@1 gap"]
     tables = "\n\n".join(f"### {k.capitalize()} ({c[k]})\n\n" + markdown_table(header, [_fmt(p) for p in parted if p["class"] == k])
                          for k in ("greedy only", "opposite", "pass@1 only") if c[k])
     return f"""# Greedy and sampled accuracy: which gains are both
@@ -124,10 +125,10 @@ interval at 95% (a report published under the bootstrap rule is judged again her
 **Of the {s['greedy_beats']} greedy "beats", {c['same winner']} hold on pass@1, {c['greedy only']} are not told
 apart on pass@1 and {c['opposite']} reverse.** {c['pass@1 only']} pairs are told apart on pass@1 alone.
 
-**Sharper winners.** For each greedy "beats", the rule on the per-seed difference of the two
+**Wider gaps.** For each greedy "beats", the rule on the per-seed difference of the two
 gains (the winner's greedy − pass@1 gap less the loser's): the winner's gap is the wider in
-{s['sharper']['winner']}, the narrower in {s['sharper']['loser']}, no difference measured in
-{s['sharper']['no difference measured']}. A wider gap means the winner gained more on its argmax
+{s['wider_gap']['winner']}, the narrower in {s['wider_gap']['loser']}, no difference measured in
+{s['wider_gap']['no difference measured']}. A wider gap means the winner gained more on its argmax
 answer than on the mass it puts on the right answer. This counts pairs in each report as they
 were planned and gathered, so it says how often the two metrics part; the tables name the
 pairs. By the winner's method (a method's count depends on which rivals its reports hold):
@@ -146,7 +147,7 @@ def quoted(out: dict) -> list[str]:
     return [f"{len(out['reports'])} comparisons that record pass@1", f"{s['pairs']} pairs of labels",
             f"{c['same winner']} of the {s['greedy_beats']} greedy \"beats\" hold on pass@1",
             f"{c['greedy only']} are not told apart on pass@1 and {c['opposite']} reverse", f"{c['pass@1 only']} pairs are told apart on pass@1 alone",
-            f"it is in {s['sharper']['winner']} pairs, the narrower in {s['sharper']['loser']}",
+            f"it is in {s['wider_gap']['winner']} pairs, the narrower in {s['wider_gap']['loser']}",
             *(f"{m[method]['same winner']} of {name}'s {m[method]['greedy_beats']}" for method, name in QUOTED_METHODS.items()
               if method in m)]
 

@@ -23,7 +23,7 @@ def _naive_t(diffs: list[float]) -> tuple[float, float]:
     return mean - T_975_DF4 * sd / math.sqrt(n), mean + T_975_DF4 * sd / math.sqrt(n)
 
 
-# a sharpens: +0.2 greedy on every seed (give or take 0.01), the same pass@1 as b give or take noise
+# a gains on its argmax alone: +0.2 greedy on every seed (give or take 0.01), the same pass@1 as b give or take noise
 A = _label([0.90, 0.91, 0.89, 0.90, 0.92], [0.50, 0.52, 0.49, 0.51, 0.50], "sft", 300.0)
 B = _label([0.70, 0.70, 0.70, 0.71, 0.71], [0.51, 0.50, 0.50, 0.50, 0.52], "opd", 200.0)
 C = _label([0.50, 0.51, 0.50, 0.49, 0.50], [0.30, 0.31, 0.29, 0.30, 0.32], "grpo", 100.0)  # lower on both
@@ -34,7 +34,7 @@ def test_the_classes_cover_every_pair_of_verdicts():
         == ["same winner", "same winner", "greedy only", "pass@1 only", "opposite", "neither"]
 
 
-def test_a_greedy_only_gain_is_judged_sharper_against_a_naive_t_interval():
+def test_a_greedy_only_gain_is_judged_a_wider_gap_against_a_naive_t_interval():
     got = gvs.judge_pair({"b": B, "a": A}, "b", "a")  # the winner is a though it is named second
     assert (got["winner"], got["loser"], got["class"], "sft") \
         == ("a", "b", "greedy only", "sft")
@@ -43,16 +43,16 @@ def test_a_greedy_only_gain_is_judged_sharper_against_a_naive_t_interval():
     assert _naive_t(greedy)[0] > 0 and _naive_t(sampled)[0] < 0 < _naive_t(sampled)[1]  # the class, by hand
     assert got["greedy_gain"] == pytest.approx(sum(greedy) / 5) and got["pass1_gain"] == pytest.approx(sum(sampled) / 5)
     gap = [g - s for g, s in zip(greedy, sampled)]
-    assert _naive_t(gap)[0] > 0 and got["sharper"] == "winner" and got["gap_gain"] == pytest.approx(sum(gap) / 5)
+    assert _naive_t(gap)[0] > 0 and got["wider_gap"] == "winner" and got["gap_gain"] == pytest.approx(sum(gap) / 5)
 
 
-def test_a_gain_on_both_with_equal_gaps_is_not_called_sharper():
+def test_a_gain_on_both_with_equal_gaps_is_not_called_wider():
     got = gvs.judge_pair({"b": B, "c": C}, "c", "b")
     assert (got["winner"], got["class"]) == ("b", "same winner")
     gap = [(g - s) - (g2 - s2) for g, s, g2, s2 in zip([0.70, 0.70, 0.70, 0.71, 0.71], [0.51, 0.50, 0.50, 0.50, 0.52],
                                                        [0.50, 0.51, 0.50, 0.49, 0.50], [0.30, 0.31, 0.29, 0.30, 0.32])]
     lo, hi = _naive_t(gap)
-    assert lo < 0 < hi and got["sharper"] == "no difference measured"
+    assert lo < 0 < hi and got["wider_gap"] == "no difference measured"
 
 
 def test_each_pair_of_runs_is_counted_once_and_reports_without_pass1_are_left_out(tmp_path, monkeypatch):
@@ -67,6 +67,6 @@ def test_each_pair_of_runs_is_counted_once_and_reports_without_pass1_are_left_ou
     assert out["reports"] == ["a", "g"] and out["summary"]["pairs"] == 3  # a-b once (at a), a2-c, b2-c
     assert out["summary"]["classes"] == {"same winner": 2, "greedy only": 1, "pass@1 only": 0, "opposite": 0, "neither": 0}
     assert out["summary"]["by_winner_method"]["sft"] == {"greedy_beats": 2, "same winner": 1, "greedy only": 1,
-                                                         "opposite": 0, "winner_sharper": 2}  # a over c too: gaps 0.40 vs 0.20
+                                                         "opposite": 0, "winner_gap_wider": 2}  # a over c too: gaps 0.40 vs 0.20
     text = (tmp_path / "greedy_vs_sampled.md").read_text()
     assert "Of the 3 greedy \"beats\", 2 hold on pass@1, 1 are not told apart" in " ".join(text.split()) and "| a | a over b | +0.200 |" in text
