@@ -32,7 +32,7 @@ def measure(cfg, setup, problems, seed: int) -> dict[int, dict]:
 PROBE = probed.Probe(
     measure=measure,
     keys=("p_ref", "argmax_ref", "entropy", "follow", "p_follow"),
-    judged=("p_ref", "argmax_ref", "follow", "p_follow"),
+    judged=("p_ref", "argmax_ref", "entropy", "follow", "p_follow"),
     names={"p_ref": "P(reference token)", "argmax_ref": "argmax = reference", "entropy": "entropy (nats)",
            "follow": "argmax follows the reference so far", "p_follow": "P(sampling the reference so far)"},
     title="Reference-fit probe",

@@ -115,3 +115,10 @@ def test_the_findings_quote_the_committed_instrument_checks():
         out = json.loads((docs / name / "results.json").read_text())
         for phrase in experiment_script(name).quoted(out):
             assert phrase in prose, f"docs/results/README.md should quote {phrase!r} (from docs/results/{name}.md)"
+
+
+def test_a_probe_measured_on_the_runs_afterwards_does_not_make_them_other_runs():
+    probed = {**X, "final": {s: {**f, "probe/p_ref": 0.9} for s, f in X["final"].items()}}
+    assert shared_runs.fingerprint(probed) == shared_runs.fingerprint(X)
+    homes = shared_runs.pair_homes({"a": {"labels": {"x": X, "y": Y}}, "p": {"labels": {"x": probed, "y": Y, "z": Z}}})
+    assert homes["p", "x", "y"] == "a"

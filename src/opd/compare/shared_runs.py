@@ -16,8 +16,11 @@ import json
 
 
 def fingerprint(entry: dict) -> str:
-    """The identity of a label's runs, from its ``results.json`` entry."""
-    keep = {k: entry.get(k) for k in ("method", "overrides", "lr", "student_base", "final")}
+    """The identity of a label's runs, from its ``results.json`` entry. A probe's metrics
+    (``probe/*``, measured on the runs' checkpoints after training: ``experiments/probed.py``)
+    are left out: a report that probes the runs holds the same runs as one that does not."""
+    keep = {k: entry.get(k) for k in ("method", "overrides", "lr", "student_base")}
+    keep["final"] = {seed: {k: v for k, v in f.items() if not k.startswith("probe/")} for seed, f in entry.get("final", {}).items()}
     return json.dumps(keep, sort_keys=True)
 
 
