@@ -38,6 +38,7 @@ class Probe:
     title: str
     intro: str  # the paragraph above the table
     small: tuple[str, ...] = ()  # keys printed as 1.2e-03
+    prompts: int = 128  # held-out problems per depth unless --probe-prompts says otherwise
 
 
 def run_probe(probe: Probe, ckpt: Path, n: int) -> dict[int, dict]:
@@ -135,7 +136,7 @@ def main(name: str | None, probe: Probe, doc: str) -> None:
     ap.add_argument("name", nargs="?" if name else None, default=name, help="the spec: experiments/NAME.yaml")
     ap.add_argument("--out", default=None, help="default: runs/NAME")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time, one worker process (one thread) each")
-    ap.add_argument("--probe-prompts", type=int, default=128)
+    ap.add_argument("--probe-prompts", type=int, default=probe.prompts)
     ap.add_argument("--set", nargs="*", default=[], help="spec or config overrides, as for opd compare (a smoke test)")
     ap.add_argument("--no-publish", action="store_true", help="leave docs/results alone")
     ap.add_argument("--base-only", action="store_true", help="probe the base alone, train nothing")

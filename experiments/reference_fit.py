@@ -3,6 +3,8 @@ probe behind greedy-only gains (``experiments/greedy_vs_sampled.py``).
 
     python experiments/reference_fit.py NAME [--out runs/NAME] [--jobs N] [--probe-prompts 500]
 
+(500 held-out problems by default: the evaluation's test prompts.)
+
 Runs ``experiments/NAME.yaml`` with ``opd compare`` under the protocol (finished runs are
 reused), then a teacher-forced pass over the reference solutions of held-out test problems
 (:mod:`opd.diagnostics.reference_fit`) on the base and on every reported seed's final
@@ -40,6 +42,7 @@ PROBE = probed.Probe(
           "tokens. The first three columns are means over the quarter's tokens; the last two run from the start of the "
           "solution to the end of quarter k (k = 4: the whole solution). Mean ± std over the reported seeds. The "
           "verdicts above on `probe/*` take each run's mean over the quarters.",
+    prompts=500,
 )
 
 if __name__ == "__main__":
