@@ -102,7 +102,8 @@ def _fmt(p: dict) -> list[str]:
 
 
 def report(pairs: list[dict], reports: list[str]) -> str:
-    s, c = summary(pairs), summary(pairs)["classes"]
+    s = summary(pairs)
+    c = s["classes"]
     parted = [p for p in pairs if p["class"] in ("greedy only", "pass@1 only", "opposite")]
     methods = markdown_table(["winner's method", "greedy \"beats\"", "same winner on pass@1", "greedy only", "opposite",
                               "winner's gap the wider"],
