@@ -101,8 +101,8 @@ def _fmt(p: dict) -> list[str]:
             p.get("wider_gap", "-")]
 
 
-def report(pairs: list[dict], reports: list[str]) -> str:
-    s = summary(pairs)
+def report(pairs: list[dict], reports: list[str], s: dict) -> str:
+    """The markdown of the check, ``s`` the :func:`summary` of ``pairs``."""
     c = s["classes"]
     parted = [p for p in pairs if p["class"] in ("greedy only", "pass@1 only", "opposite")]
     methods = markdown_table(["winner's method", "greedy \"beats\"", "same winner on pass@1", "greedy only", "opposite",
@@ -161,12 +161,11 @@ def main() -> None:
             found[path.parent.name] = results
     homes = shared_runs.pair_homes(found)
     pairs = [p for name, results in found.items() for p in pairs_of(name, results, homes)]
+    s = summary(pairs)
     out = RESULTS / "greedy_vs_sampled"
     out.mkdir(exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"reports": sorted(found), "summary": summary(pairs), "pairs": pairs},
-                                                 indent=1) + "\n")
-    (RESULTS / "greedy_vs_sampled.md").write_text(report(pairs, sorted(found)))
-    s = summary(pairs)
+    (out / "results.json").write_text(json.dumps({"reports": sorted(found), "summary": s, "pairs": pairs}, indent=1) + "\n")
+    (RESULTS / "greedy_vs_sampled.md").write_text(report(pairs, sorted(found), s))
     print(f"{s['classes']['same winner']} of {s['greedy_beats']} greedy beats hold on pass@1 over {len(found)} "
           f"comparisons; wrote {RESULTS / 'greedy_vs_sampled.md'}")
 

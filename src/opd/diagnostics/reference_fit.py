@@ -34,15 +34,15 @@ from opd.models.hf import completion_logits
 
 @torch.no_grad()
 def token_fit_BT(model, prompts: list[list[int]], solutions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Per reference token (padded ``[B, T]``, ``mask_BT`` marks real ones): ``logp_BT`` of
-    the reference token, ``argmax_BT`` (it is the argmax) and ``entropy_BT``."""
+    """Per reference token (``[B, T]``, right-padded: row ``b``'s first ``len(solutions[b])``
+    columns are its tokens): ``logp_BT`` of the reference token, ``argmax_BT`` (it is the
+    argmax) and ``entropy_BT``."""
     batch = make_batch(prompts, solutions, pad_id)
     logp_BTV = torch.log_softmax(completion_logits(model, batch), -1).cpu()
     ref_BT = batch.input_ids_BL[:, batch.prompt_len:]
     logp_BT = logp_BTV.gather(-1, ref_BT.unsqueeze(-1)).squeeze(-1)
     entropy_BT = -(logp_BTV.exp() * logp_BTV).sum(-1)
-    return {"logp_BT": logp_BT, "argmax_BT": logp_BTV.argmax(-1) == ref_BT, "entropy_BT": entropy_BT,
-            "mask_BT": batch.completion_mask_BT}
+    return {"logp_BT": logp_BT, "argmax_BT": logp_BTV.argmax(-1) == ref_BT, "entropy_BT": entropy_BT}
 
 
 def part_ends(length: int, parts: int) -> list[int]:
