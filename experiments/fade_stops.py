@@ -1,0 +1,97 @@
+"""Where suffix fade stops supervising, rollout by rollout: the spread behind its mean.
+
+    python experiments/fade_stops.py NAME [--label fade_light_h32] [--prompts 256]
+
+A suffix-fade run logs only the mean share of each rollout it kept (``signal/kept_frac``).
+This takes the base student and every reported seed's final checkpoint of the label in
+``runs/NAME`` (a published report's runs), samples rollouts of the first ``--prompts``
+training prompts (``group_size`` each, generator seed 0, as a training step samples them),
+has the teacher score them, and applies the method's own signal: per rollout, the number of
+tokens its loss keeps (``k_i = Σ_t keep_it``, the tokens before the change point). Per
+checkpoint it reports the mean, standard deviation, range and percentiles of ``k_i`` and
+the share of rollouts at each ``k``; the most common ``k`` is the place a fixed rollout cut
+would copy. Trains nothing. Writes ``docs/results/NAME/fade_stops.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PERCENTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def kept_stats(kept: list[int]) -> dict:
+    """Summary of per-rollout kept-token counts: mean, sd, min, max, percentiles (the value at
+    index ``floor(q n)`` of the sorted counts), the mode and its share, and every count's share."""
+    q, n = sorted(kept), len(kept)
+    if n < 2:
+        raise ValueError("kept_stats needs at least 2 rollouts")
+    counts = Counter(q)
+    mode, mode_n = max(counts.items(), key=lambda kv: (kv[1], -kv[0]))
+    return {"rollouts": n, "mean": statistics.mean(q), "sd": statistics.stdev(q), "min": q[0], "max": q[-1],
+            "percentiles": {str(p): q[int(p * n)] for p in PERCENTILES}, "mode": mode, "mode_share": mode_n / n,
+            "shares": {str(k): c / n for k, c in sorted(counts.items())}}
+
+
+def kept_tokens(setup, prompts: int, batch: int = 64) -> list[int]:
+    """Per rollout, the tokens suffix fade's loss mask keeps (the method's own signal)."""
+    env, method = setup.env, setup.method
+    if method.name != "suffix_fade":
+        raise SystemExit(f"the label's method is {method.name}, not suffix_fade")
+    generator, kept = torch.Generator().manual_seed(0), []
+    for start in range(0, prompts, batch):
+        exp = method.rollout(env, setup.train_pool[start:min(start + batch, prompts)], generator)
+        teacher, context = method.context(env, exp)
+        scores = teacher.score(context, topk=method.teacher_request.topk, full=True, temperature=1.0)
+        kept += method.signal(exp, scores)["mask_BT"].sum(-1).tolist()
+    return [int(k) for k in kept]
+
+
+def measure(run_root: Path, seeds: list[str], prompts: int) -> dict:
+    from opd.config.loader import load_config
+    from opd.config.train import TrainConfig
+    from opd.diagnostics.diagnose import load, resolve
+    from opd.run.setup import build_setup
+
+    first = run_root / f"seed{seeds[0]}"
+    out = {"base": kept_stats(kept_tokens(build_setup(load_config(TrainConfig, first / "config.yaml")), prompts))}
+    for seed in seeds:
+        out[seed] = kept_stats(kept_tokens(load(resolve(run_root / f"seed{seed}")[1])[1], prompts))
+    return out
+
+
+def table(found: dict) -> list[str]:
+    head = "| checkpoint | rollouts | mean ± sd | min–max | p10 / p25 / p50 / p75 / p90 | mode (share) |"
+    lines = [head, "|---|---|---|---|---|---|"]
+    for name, s in found.items():
+        pct = " / ".join(str(s["percentiles"][str(p)]) for p in PERCENTILES)
+        lines.append(f"| {name} | {s['rollouts']} | {s['mean']:.1f} ± {s['sd']:.1f} | {s['min']}–{s['max']} | {pct} | {s['mode']} ({s['mode_share']:.3f}) |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("name", help="a published report whose runs are in runs/NAME")
+    ap.add_argument("--label", default="fade_light_h32")
+    ap.add_argument("--prompts", type=int, default=256, help="training prompts per checkpoint (x group_size rollouts)")
+    args = ap.parse_args()
+    results = json.loads((ROOT / "docs" / "results" / args.name / "results.json").read_text())
+    if args.label not in results["labels"]:
+        raise SystemExit(f"{args.name} has no label {args.label}; its labels: {', '.join(results['labels'])}")
+    seeds = [str(s) for s in results["seeds"]]
+    found = measure(ROOT / "runs" / args.name / "runs" / args.label, seeds, args.prompts)
+    path = ROOT / "docs" / "results" / args.name / "fade_stops.json"
+    path.write_text(json.dumps({"label": args.label, "prompts": args.prompts, "generator_seed": 0, "checkpoints": found}, indent=1))
+    print("\n".join(table(found)))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
