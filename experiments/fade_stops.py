@@ -10,7 +10,13 @@ has the teacher score them, and applies the method's own signal: per rollout, th
 tokens its loss keeps (``k_i = Σ_t keep_it``, the tokens before the change point). Per
 checkpoint it reports the mean, standard deviation, range and percentiles of ``k_i`` and
 the share of rollouts at each ``k``; the most common ``k`` is the place a fixed rollout cut
-would copy. Trains nothing. Writes ``docs/results/NAME/fade_stops.json`` and prints a table.
+would copy. With the testbed's oracle as teacher it also reads, per rollout, the clean
+prefix ``c_i``: the tokens before the first position whose teacher has seen a deviation
+(the position after the student's first wrong word; the whole rollout when it has none).
+Under a decay keyed on deviations that is where the teacher's noise starts, and the table
+adds where the stop falls against it (``k_i - c_i`` on the rollouts that deviate) and the
+share of clean rollouts kept whole. Trains nothing. Writes
+``docs/results/NAME/fade_stops.json`` and prints a table.
 """
 
 from __future__ import annotations
@@ -40,18 +46,57 @@ def kept_stats(kept: list[int]) -> dict:
             "shares": {str(k): c / n for k, c in sorted(counts.items())}}
 
 
-def kept_tokens(setup, prompts: int, batch: int = 64) -> list[int]:
-    """Per rollout, the tokens suffix fade's loss mask keeps (the method's own signal)."""
+def stops(setup, prompts: int, batch: int = 64) -> list[tuple[int, int | None, int]]:
+    """Per rollout ``(k_i, c_i, length)``: the tokens suffix fade's loss mask keeps (the
+    method's own signal), the clean prefix (None when the teacher cannot trace a prefix) and
+    the rollout's length."""
     env, method = setup.env, setup.method
     if method.name != "suffix_fade":
         raise SystemExit(f"the label's method is {method.name}, not suffix_fade")
-    generator, kept = torch.Generator().manual_seed(0), []
+    generator, out = torch.Generator().manual_seed(0), []
     for start in range(0, prompts, batch):
         exp = method.rollout(env, setup.train_pool[start:min(start + batch, prompts)], generator)
         teacher, context = method.context(env, exp)
         scores = teacher.score(context, topk=method.teacher_request.topk, full=True, temperature=1.0)
-        kept += method.signal(exp, scores)["mask_BT"].sum(-1).tolist()
-    return [int(k) for k in kept]
+        kept = method.signal(exp, scores)["mask_BT"].sum(-1).tolist()
+        for k, problem, y in zip(kept, exp.problems, exp.batch.completions()):
+            out.append((int(k), clean_prefix(env.teacher, env.encode_prompt(problem), y), len(y)))
+    return out
+
+
+def kept_tokens(setup, prompts: int, batch: int = 64) -> list[int]:
+    """Per rollout, the tokens suffix fade's loss mask keeps (the method's own signal)."""
+    return [k for k, _, _ in stops(setup, prompts, batch)]
+
+
+def clean_prefix(teacher, prompt_ids: list[int], completion_ids: list[int]) -> int | None:
+    """Tokens before the first position whose teacher has seen a deviation in the prefix
+    (``len(completion_ids)`` when none); None for a teacher without ``trace`` (not the oracle)."""
+    if not hasattr(teacher, "trace"):
+        return None
+    targets = teacher.trace(prompt_ids, completion_ids)
+    return next((i for i, t in enumerate(targets) if t.deviations > 0), len(completion_ids))
+
+
+def against_deviations(rows: list[tuple[int, int | None, int]]) -> dict | None:
+    """Where the stops fall against the clean prefix: the share of rollouts that deviate,
+    the percentiles (as :func:`kept_stats`) of ``k_i - c_i`` over them, the share of those
+    stopped within 2 tokens of ``c_i``, and the share of clean rollouts kept whole."""
+    if any(c is None for _, c, _ in rows):
+        return None
+    lag = sorted(k - c for k, c, n in rows if c < n)
+    clean = [(k, n) for k, c, n in rows if c == n]
+    n = len(lag)
+    return {"deviating": n / len(rows),
+            "lag_percentiles": {str(p): lag[int(p * n)] for p in PERCENTILES} if n else None,
+            "within_2": sum(abs(x) <= 2 for x in lag) / n if n else None,
+            "clean_kept_whole": sum(k == m for k, m in clean) / len(clean) if clean else None}
+
+
+def checkpoint_stats(setup, prompts: int) -> dict:
+    """:func:`kept_stats` of one checkpoint's rollouts, with :func:`against_deviations` beside."""
+    rows = stops(setup, prompts)
+    return {**kept_stats([k for k, _, _ in rows]), "against_deviations": against_deviations(rows)}
 
 
 def measure(run_root: Path, seeds: list[str], prompts: int) -> dict:
@@ -61,9 +106,9 @@ def measure(run_root: Path, seeds: list[str], prompts: int) -> dict:
     from opd.run.setup import build_setup
 
     first = run_root / f"seed{seeds[0]}"
-    out = {"base": kept_stats(kept_tokens(build_setup(load_config(TrainConfig, first / "config.yaml")), prompts))}
+    out = {"base": checkpoint_stats(build_setup(load_config(TrainConfig, first / "config.yaml")), prompts)}
     for seed in seeds:
-        out[seed] = kept_stats(kept_tokens(load(resolve(run_root / f"seed{seed}")[1])[1], prompts))
+        out[seed] = checkpoint_stats(load(resolve(run_root / f"seed{seed}")[1])[1], prompts)
     return out
 
 
@@ -73,6 +118,20 @@ def table(found: dict) -> list[str]:
     for name, s in found.items():
         pct = " / ".join(str(s["percentiles"][str(p)]) for p in PERCENTILES)
         lines.append(f"| {name} | {s['rollouts']} | {s['mean']:.1f} ± {s['sd']:.1f} | {s['min']}–{s['max']} | {pct} | {s['mode']} ({s['mode_share']:.3f}) |")
+    return lines + deviation_table(found)
+
+
+def deviation_table(found: dict) -> list[str]:
+    """The stops against the clean prefix, one row per checkpoint (none without an oracle)."""
+    rows = [(name, s["against_deviations"]) for name, s in found.items() if s.get("against_deviations")]
+    if not rows:
+        return []
+    fmt = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
+    lines = ["", "| checkpoint | deviating | k − c: p10 / p25 / p50 / p75 / p90 | within 2 tokens | clean kept whole |",
+             "|---|---|---|---|---|"]
+    for name, d in rows:
+        pct = " / ".join(str(d["lag_percentiles"][str(p)]) for p in PERCENTILES) if d["lag_percentiles"] else "–"
+        lines.append(f"| {name} | {d['deviating']:.3f} | {pct} | {fmt(d['within_2'])} | {fmt(d['clean_kept_whole'])} |")
     return lines
 
 

@@ -1,11 +1,13 @@
 """Suffix fade's per-rollout stops: the summary against by-hand values, and the counts against
 what the rollouts themselves say (a change point that is never accepted keeps every token;
-one that is keeps whole steps)."""
+one that is keeps whole steps); the clean prefix against the oracle's own deviation count."""
 
 import pytest
 import torch
 
 from opd.run.setup import build_setup
+from opd.testbed.oracle import OracleTeacher
+from opd.testbed.tokenizer import build_tokenizer
 from run_helpers import experiment_script
 
 stops = experiment_script("fade_stops")
@@ -26,8 +28,9 @@ def test_kept_stats_matches_by_hand_values():
 
 
 def _setup(tiny_cfg, **changes):
+    settings = dict(oracle_decay=0.05, oracle_decay_mode="position") | changes
     return build_setup(tiny_cfg(method="suffix_fade", task="modchain_labeled", horizon=4, max_new_tokens=48,
-                                oracle_decay=0.05, oracle_decay_mode="position", group_size=2, **changes))
+                                group_size=2, **settings))
 
 
 def _rollouts(setup, prompts: int, batch: int) -> list[list[int]]:
@@ -62,3 +65,43 @@ def test_an_accepted_change_point_keeps_whole_steps(tiny_cfg):
 def test_kept_tokens_refuses_another_method(tiny_cfg):
     with pytest.raises(SystemExit, match="not suffix_fade"):
         stops.kept_tokens(build_setup(tiny_cfg(method="opd")), prompts=2)
+
+
+TOK = build_tokenizer()
+ADD = TOK("add 2 7 4 5 + 5 1 9 8 =").input_ids  # solution: 2 5 0 = 0 7 ; 7 1 0 = 0 8 ; ...
+
+
+def test_clean_prefix_ends_after_the_first_wrong_word():
+    oracle = OracleTeacher(tokenizer=TOK, decay=0.3, decay_mode="deviations", recovers=False)
+    right = TOK("2 5 0 = 0 7 ; 7 1 0 = 0 8 ;").input_ids
+    assert stops.clean_prefix(oracle, ADD, right) == len(right)  # no deviation: the whole rollout
+    wrong = TOK("2 5 0 = 0 8 ; 7 1 0 = 0 8 ;").input_ids  # token 5 ("8" for "7") is the first deviation
+    assert stops.clean_prefix(oracle, ADD, wrong) == 6
+    assert stops.clean_prefix(oracle, ADD, TOK("3 5 0").input_ids) == 1
+    assert stops.clean_prefix(object(), ADD, wrong) is None  # a teacher that cannot trace
+
+
+def test_against_deviations_matches_by_hand_values():
+    # (kept, clean prefix, length): three deviate (lags -3, 0, +2), two clean (one kept whole)
+    rows = [(10, 13, 40), (20, 20, 40), (30, 28, 40), (40, 40, 40), (21, 40, 40)]
+    d = stops.against_deviations(rows)
+    assert d["deviating"] == pytest.approx(3 / 5)
+    assert d["lag_percentiles"] == {"0.1": -3, "0.25": -3, "0.5": 0, "0.75": 2, "0.9": 2}  # sorted -3 0 2
+    assert d["within_2"] == pytest.approx(2 / 3)
+    assert d["clean_kept_whole"] == pytest.approx(1 / 2)
+    assert stops.against_deviations([(5, None, 9), (9, None, 9)]) is None
+    none_deviate = stops.against_deviations([(9, 9, 9), (9, 9, 9)])
+    assert none_deviate["lag_percentiles"] is None and none_deviate["clean_kept_whole"] == 1.0
+
+
+def test_stops_pair_each_rollout_with_the_oracles_count(tiny_cfg):
+    decayed = dict(oracle_decay_mode="deviations", oracle_decay=0.3, fade_penalty=0.0)
+    setup = _setup(tiny_cfg, **decayed)
+    rows = stops.stops(setup, prompts=6, batch=4)
+    ys = _rollouts(_setup(tiny_cfg, **decayed), prompts=6, batch=4)
+    prompts = [setup.env.encode_prompt(p) for p in setup.train_pool[:6] for _ in range(2)]
+    assert [n for _, _, n in rows] == [len(y) for y in ys]
+    for (k, c, n), x, y in zip(rows, prompts, ys):
+        devs = [t.deviations for t in setup.env.teacher.trace(x, y)]
+        assert all(d == 0 for d in devs[:c]) and (c == n or devs[c] > 0)
+    assert any(c < n for _, c, n in rows), "the tiny student made no mistake: the check saw nothing"
