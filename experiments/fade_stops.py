@@ -33,6 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PERCENTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
+def percentiles(sorted_values: list[int]) -> dict | None:
+    """The value at index ``floor(q n)`` of the sorted values for each q in PERCENTILES (None
+    when there are none)."""
+    n = len(sorted_values)
+    return {str(p): sorted_values[int(p * n)] for p in PERCENTILES} if n else None
+
+
 def kept_stats(kept: list[int]) -> dict:
     """Summary of per-rollout kept-token counts: mean, sd, min, max, percentiles (the value at
     index ``floor(q n)`` of the sorted counts), the mode and its share, and every count's share."""
@@ -42,7 +49,7 @@ def kept_stats(kept: list[int]) -> dict:
     counts = Counter(q)
     mode, mode_n = max(counts.items(), key=lambda kv: (kv[1], -kv[0]))
     return {"rollouts": n, "mean": statistics.mean(q), "sd": statistics.stdev(q), "min": q[0], "max": q[-1],
-            "percentiles": {str(p): q[int(p * n)] for p in PERCENTILES}, "mode": mode, "mode_share": mode_n / n,
+            "percentiles": percentiles(q), "mode": mode, "mode_share": mode_n / n,
             "shares": {str(k): c / n for k, c in sorted(counts.items())}}
 
 
@@ -79,16 +86,18 @@ def clean_prefix(teacher, prompt_ids: list[int], completion_ids: list[int]) -> i
 
 
 def against_deviations(rows: list[tuple[int, int | None, int]]) -> dict | None:
-    """Where the stops fall against the clean prefix: the share of rollouts that deviate,
-    the percentiles (as :func:`kept_stats`) of ``k_i - c_i`` over them, the share of those
-    stopped within 2 tokens of ``c_i``, and the share of clean rollouts kept whole."""
+    """Where the stops fall against the clean prefix: the share of rollouts that deviate, the
+    percentiles (as :func:`kept_stats`) of their clean prefix ``c_i`` (where the first
+    deviation falls) and of ``k_i - c_i``, the share of them stopped within 2 tokens of
+    ``c_i``, and the share of clean rollouts kept whole."""
     if any(c is None for _, c, _ in rows):
         return None
     lag = sorted(k - c for k, c, n in rows if c < n)
     clean = [(k, n) for k, c, n in rows if c == n]
     n = len(lag)
     return {"deviating": n / len(rows),
-            "lag_percentiles": {str(p): lag[int(p * n)] for p in PERCENTILES} if n else None,
+            "clean_prefix_percentiles": percentiles(sorted(c for _, c, m in rows if c < m)),
+            "lag_percentiles": percentiles(lag),
             "within_2": sum(abs(x) <= 2 for x in lag) / n if n else None,
             "clean_kept_whole": sum(k == m for k, m in clean) / len(clean) if clean else None}
 
@@ -127,11 +136,13 @@ def deviation_table(found: dict) -> list[str]:
     if not rows:
         return []
     fmt = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
-    lines = ["", "| checkpoint | deviating | k − c: p10 / p25 / p50 / p75 / p90 | within 2 tokens | clean kept whole |",
-             "|---|---|---|---|---|"]
+    pcts = lambda q: " / ".join(str(q[str(p)]) for p in PERCENTILES) if q else "–"  # noqa: E731
+    lines = ["", "| checkpoint | deviating | c (deviating): p10 / p25 / p50 / p75 / p90 | k − c: p10 / p25 / p50 / p75 / p90 "
+             "| within 2 tokens | clean kept whole |", "|---|---|---|---|---|---|"]
     for name, d in rows:
-        pct = " / ".join(str(d["lag_percentiles"][str(p)]) for p in PERCENTILES) if d["lag_percentiles"] else "–"
-        lines.append(f"| {name} | {d['deviating']:.3f} | {pct} | {fmt(d['within_2'])} | {fmt(d['clean_kept_whole'])} |")
+        first = pcts(d.get("clean_prefix_percentiles"))  # absent from files written before it was measured
+        lines.append(f"| {name} | {d['deviating']:.3f} | {first} | {pcts(d['lag_percentiles'])} | {fmt(d['within_2'])} "
+                     f"| {fmt(d['clean_kept_whole'])} |")
     return lines
 
 

@@ -86,12 +86,14 @@ def test_against_deviations_matches_by_hand_values():
     rows = [(10, 13, 40), (20, 20, 40), (30, 28, 40), (40, 40, 40), (21, 40, 40)]
     d = stops.against_deviations(rows)
     assert d["deviating"] == pytest.approx(3 / 5)
+    assert d["clean_prefix_percentiles"] == {"0.1": 13, "0.25": 13, "0.5": 20, "0.75": 28, "0.9": 28}  # 13 20 28
     assert d["lag_percentiles"] == {"0.1": -3, "0.25": -3, "0.5": 0, "0.75": 2, "0.9": 2}  # sorted -3 0 2
     assert d["within_2"] == pytest.approx(2 / 3)
     assert d["clean_kept_whole"] == pytest.approx(1 / 2)
     assert stops.against_deviations([(5, None, 9), (9, None, 9)]) is None
     none_deviate = stops.against_deviations([(9, 9, 9), (9, 9, 9)])
-    assert none_deviate["lag_percentiles"] is None and none_deviate["clean_kept_whole"] == 1.0
+    assert none_deviate["lag_percentiles"] is None and none_deviate["clean_prefix_percentiles"] is None
+    assert none_deviate["clean_kept_whole"] == 1.0
 
 
 def test_stops_pair_each_rollout_with_the_oracles_count(tiny_cfg):
