@@ -40,6 +40,11 @@ def percentiles(sorted_values: list[int]) -> dict | None:
     return {str(p): sorted_values[int(p * n)] for p in PERCENTILES} if n else None
 
 
+def percentile_cell(found: dict | None) -> str:
+    """A :func:`percentiles` dict as one table cell, ``p10 / p25 / p50 / p75 / p90`` ("–" for None)."""
+    return " / ".join(str(found[str(p)]) for p in PERCENTILES) if found else "–"
+
+
 def kept_stats(kept: list[int]) -> dict:
     """Summary of per-rollout kept-token counts: mean, sd, min, max, percentiles (the value at
     index ``floor(q n)`` of the sorted counts), the mode and its share, and every count's share."""
@@ -125,8 +130,8 @@ def table(found: dict) -> list[str]:
     head = "| checkpoint | rollouts | mean ± sd | min–max | p10 / p25 / p50 / p75 / p90 | mode (share) |"
     lines = [head, "|---|---|---|---|---|---|"]
     for name, s in found.items():
-        pct = " / ".join(str(s["percentiles"][str(p)]) for p in PERCENTILES)
-        lines.append(f"| {name} | {s['rollouts']} | {s['mean']:.1f} ± {s['sd']:.1f} | {s['min']}–{s['max']} | {pct} | {s['mode']} ({s['mode_share']:.3f}) |")
+        lines.append(f"| {name} | {s['rollouts']} | {s['mean']:.1f} ± {s['sd']:.1f} | {s['min']}–{s['max']} "
+                     f"| {percentile_cell(s['percentiles'])} | {s['mode']} ({s['mode_share']:.3f}) |")
     return lines + deviation_table(found)
 
 
@@ -136,12 +141,11 @@ def deviation_table(found: dict) -> list[str]:
     if not rows:
         return []
     fmt = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
-    pcts = lambda q: " / ".join(str(q[str(p)]) for p in PERCENTILES) if q else "–"  # noqa: E731
     lines = ["", "| checkpoint | deviating | c (deviating): p10 / p25 / p50 / p75 / p90 | k − c: p10 / p25 / p50 / p75 / p90 "
              "| within 2 tokens | clean kept whole |", "|---|---|---|---|---|---|"]
     for name, d in rows:
-        first = pcts(d.get("clean_prefix_percentiles"))  # absent from files written before it was measured
-        lines.append(f"| {name} | {d['deviating']:.3f} | {first} | {pcts(d['lag_percentiles'])} | {fmt(d['within_2'])} "
+        first = percentile_cell(d.get("clean_prefix_percentiles"))  # absent from files written before it was measured
+        lines.append(f"| {name} | {d['deviating']:.3f} | {first} | {percentile_cell(d['lag_percentiles'])} | {fmt(d['within_2'])} "
                      f"| {fmt(d['clean_kept_whole'])} |")
     return lines
 
