@@ -45,17 +45,19 @@ def publish(name: str, out: Path, command: str | None = None) -> Path:
 
 def refresh_checks() -> None:
     """Regenerate the instrument checks that read every published ``results.json``
-    (``tuning_noise``, ``multiple_comparisons``, ``greedy_vs_sampled``, and ``rule_level``'s
+    (``tuning_noise``, ``multiple_comparisons``, ``greedy_vs_sampled``, ``seed_splits``, and ``rule_level``'s
     skew of the committed pairs: seconds, no runs), so they never lag the reports they count
     (``tests/test_shared_runs.py`` holds the committed ones to it)."""
     import greedy_vs_sampled  # experiments/ is this script's folder, on sys.path
     import multiple_comparisons
     import rule_level
+    import seed_splits
     import tuning_noise
 
     tuning_noise.main()
     multiple_comparisons.main()
     greedy_vs_sampled.main()
+    seed_splits.main()
     rule_level.refresh_observed()
 
 

@@ -412,3 +412,35 @@ def test_the_report_states_what_holm_keeps():
     text = holm_text(verdicts.all_verdicts({"a": a, "b": b, "base": base}))
     assert "0 of 2 verdicts stay; these go: a beats base; b beats base." in text
     assert holm_text(verdicts.all_verdicts({"x": base, "y": dict(base)})) == ""  # nothing decided: no line
+
+
+def test_seed_split_finds_two_groups_far_apart_by_hand():
+    """Sorted 0.00, 0.01, 0.12 | 0.93, 0.96: the widest gap 0.81 (0.12 → 0.93) is over 0.2 and
+    over 2x the wider group's range (0.12), so the seeds split there."""
+    s = protocol.seed_split({"0": 0.96, "1": 0.0, "2": 0.93, "3": 0.12, "4": 0.01})
+    assert s["gap"] == pytest.approx(0.81) and s["low"] == {"1": 0.0, "4": 0.01, "3": 0.12} and s["high"] == {"2": 0.93, "0": 0.96}
+    lone = protocol.seed_split({"0": 0.42, "1": 0.86, "2": 0.9, "3": 0.88, "4": 0.87})  # one low seed: range 0
+    assert lone["low"] == {"0": 0.42} and lone["gap"] == pytest.approx(0.44)
+
+
+def test_seed_split_needs_a_wide_gap_and_tight_groups():
+    assert protocol.seed_split({"0": 0.5, "1": 0.52, "2": 0.69, "3": 0.7}) is None  # gap 0.17 < 0.2
+    # gap 0.3 (0.3 → 0.6) but the high group spans 0.6-0.95 (0.35): 0.3 <= 2 x 0.35, no split
+    assert protocol.seed_split({"0": 0.2, "1": 0.3, "2": 0.6, "3": 0.95}) is None
+    # the same gap with a high group of range 0.149: 0.3 > 2 x 0.149, a split
+    assert protocol.seed_split({"0": 0.2, "1": 0.3, "2": 0.6, "3": 0.749})["gap"] == pytest.approx(0.3)
+    assert protocol.seed_split({"0": 0.0, "1": 1.0}) is None  # two seeds: no groups to speak of
+    assert protocol.seed_split({"0": 0.0, "1": 0.9, "2": float("nan")}) is None
+
+
+def test_split_sentences_name_the_groups_and_the_tuning_score():
+    finals = {"opd": {"0": 0.936, "2": 0.004, "3": 0.0, "1": 0.966}, "sft": {"0": 0.9, "1": 0.91, "2": 0.92}}
+    out = protocol.split_sentences(finals, {"opd": 0.911, "sft": 0.9})
+    assert out == ["opd: 2 at 0.000–0.004 (seeds 2, 3) and 2 at 0.936–0.966 (seeds 0, 1), a gap of 0.932; "
+                   "the mean 0.477 falls in the gap between them; the tuning scored 0.911 at the chosen lr"]
+    assert protocol.split_sentences({"x": {"7": 0.5, "10": 0.9, "11": 0.9}}) == [
+        "x: 1 at 0.500 (seed 7) and 2 at 0.900 (seeds 10, 11), a gap of 0.400; the mean 0.767 falls in the gap between them"]
+    from opd.compare.report import protocol_text
+    text = protocol_text({"protocol": {"unmet": [], "split_seeds": out}})
+    assert text.startswith("Every rule of the protocol") and "split into two groups" in text and out[0] in text
+    assert protocol_text({"protocol": {"unmet": []}}) == "Every rule of the protocol (`opd.compare.protocol`) is met."

@@ -75,6 +75,25 @@ def test_the_instrument_checks_count_a_gathered_pair_once(tmp_path, monkeypatch)
     assert out["repeats_left_out"] == 2 and "2 such repeats are left out" in (tmp_path / "tuning_noise.md").read_text()
 
 
+def test_seed_splits_counts_a_split_label_once_and_its_pairs_wherever_judged(tmp_path, monkeypatch):
+    """s splits (0.00, 0.02 | 0.90, 0.91, 0.92: gap 0.88); a ran it beside x, g gathered it
+    beside x and z: s is counted at a, and its pairs are (s, x) at a and (s, z) at g."""
+    s = _label([0.0, 0.02, 0.9, 0.92, 0.91], 600.0)
+    _write(tmp_path, {"a": _comparison({"x": X, "s": s}), "g": _comparison({"x2": X, "s2": s, "z": Z})})
+    ss = experiment_script("seed_splits")
+    monkeypatch.setattr(ss, "RESULTS", tmp_path)
+    ss.main()
+    out = json.loads((tmp_path / "seed_splits" / "results.json").read_text())
+    (row,) = out["splits"]
+    assert (row["report"], row["label"], row["low"], row["gap"]) == ("a", "s", {"0": 0.0, "1": 0.02}, pytest.approx(0.88))
+    assert row["tuning"] == 0.8 and row["tuning_side"] == "high"  # 0.8 >= (0.02 + 0.9) / 2
+    assert out["summary"] == {"labels": 3, "split": 1, "one_low_seed": 0, "one_high_seed": 0, "tuned": 1, "tuning_high": 1,
+                              "pairs": 2, "beats_or_beaten": 0}
+    # by hand, s - x per seed: 0.90, 0.90, 0.01, 0.01, -0.01 (mean 0.362, sd 0.491, t interval ±0.61): no verdict
+    assert row["judged"] == {"pairs": 2, "beats": 0, "beaten": 0, "none": 2}
+    assert out["repeats_left_out"] == 2 and "**1 of the 3 labels split**" in (tmp_path / "seed_splits.md").read_text()
+
+
 def test_rule_level_takes_each_pair_of_runs_once(tmp_path):
     rl = experiment_script("rule_level")
     _write(tmp_path, {"a": _comparison({"x": X, "y": Y}), "g": _comparison({"x2": X, "y2": Y, "z": Z})})
@@ -83,7 +102,7 @@ def test_rule_level_takes_each_pair_of_runs_once(tmp_path):
     assert sorted(np.abs(rows[:, 0]).round(3).tolist()) == pytest.approx([0.2, 0.2, 0.4])
 
 
-CHECKS = ("tuning_noise", "multiple_comparisons", "greedy_vs_sampled")
+CHECKS = ("tuning_noise", "multiple_comparisons", "greedy_vs_sampled", "seed_splits")
 
 
 def test_the_committed_instrument_checks_count_every_published_report(tmp_path, monkeypatch):
@@ -106,7 +125,7 @@ def test_the_committed_instrument_checks_count_every_published_report(tmp_path, 
 
 
 def test_the_findings_quote_the_committed_instrument_checks():
-    """Findings 8-11 of docs/results/README.md quote counts of the instrument checks; a
+    """Findings 8-12 of docs/results/README.md quote counts of the instrument checks; a
     published report moves those counts (the checks regenerate themselves), and this names
     each phrase the prose must then carry."""
     docs = Path(__file__).resolve().parents[1] / "docs" / "results"

@@ -17,6 +17,10 @@ the report and in ``results.json`` under ``protocol.unmet``, never silently pass
 - one budget for every label (``budget``), and every counter shown: sequences, teacher
   tokens, optimizer steps (``ppo_epochs`` > 1 shows there) and wall time;
 - at least :data:`MIN_TEST` held-out test prompts.
+
+Flagged, not rules: a label whose lr the tuning chose inside its noise (:func:`tuning_margin`),
+and a label whose reported seeds split into two groups far apart (:func:`seed_split`), where
+the mean over seeds describes no seed and two tuning seeds can miss the low group.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ MIN_GRID = 4
 MAX_SPACING = 10 / 3
 MIN_TEST = 500
 SPACING_SLACK = 1e-9  # float ratios such as 1e-3 / 3e-4 = 3.3333333333333335
+SPLIT_GAP = 0.2  # seed_split: the least gap between two groups of seeds' final accuracies
+SPLIT_RATIO = 2.0  # seed_split: the gap over the wider group's range
 
 
 def grid_problems(grid: list[float]) -> list[str]:
@@ -129,3 +135,52 @@ def undecided(margins: dict) -> list[str]:
     return [f"{label}: {m['accuracy']:.3f} at lr {m['chosen_lr']:g} against {m['runner_up']:.3f} at lr "
             f"{m['runner_up_lr']:g} (margin {m['margin']:+.3f}, noise ±{m['noise']:.3f})"
             for label, m in margins.items() if m is not None and not m["decided"]]
+
+
+def seed_split(finals: dict[str, float]) -> dict | None:
+    """Whether a label's reported seeds fall into two groups far apart (a bimodal label: some
+    seeds collapse, the rest do not). With the per-seed final accuracies sorted,
+    ``a_(1) <= ... <= a_(n)``, the widest gap between neighbours
+
+        g = max_k (a_(k+1) - a_(k))
+
+    splits them into a low group ``a_(1..k)`` and a high group ``a_(k+1..n)``; it is a split
+    when ``g >= SPLIT_GAP`` and ``g > SPLIT_RATIO * max(range(low), range(high))`` (each group
+    tight against the gap; a group of one seed has range 0). ``{"gap", "low", "high"}`` (the
+    groups as ``{seed: accuracy}``), or None: no split, fewer than three seeds, or a NaN."""
+    items = sorted(finals.items(), key=lambda kv: kv[1])
+    values = [v for _, v in items]
+    if len(values) < 3 or any(math.isnan(v) for v in values):
+        return None
+    k = max(range(1, len(values)), key=lambda i: values[i] - values[i - 1])
+    gap, low, high = values[k] - values[k - 1], values[:k], values[k:]
+    if gap < SPLIT_GAP or gap <= SPLIT_RATIO * max(low[-1] - low[0], high[-1] - high[0]):
+        return None
+    return {"gap": gap, "low": dict(items[:k]), "high": dict(items[k:])}
+
+
+def _group(accs: dict[str, float]) -> str:
+    seeds = ", ".join(sorted(accs, key=lambda s: (len(str(s)), str(s))))
+    lo, hi = min(accs.values()), max(accs.values())
+    where = f"{lo:.3f}" if hi - lo < 5e-4 else f"{lo:.3f}–{hi:.3f}"
+    return f"{len(accs)} at {where} (seed{'s' if len(accs) > 1 else ''} {seeds})"
+
+
+def split_sentences(finals: dict[str, dict[str, float]], tuned: dict[str, float] | None = None) -> list[str]:
+    """One sentence per label whose reported seeds split (:func:`seed_split`); ``finals``:
+    ``{label: {seed: final accuracy}}``; ``tuned``: ``{label: the tuning score at the chosen
+    lr}``, shown beside the groups (a tuning score level with the high group did not see the
+    low one)."""
+    out = []
+    for label, accs in finals.items():
+        s = seed_split(accs)
+        if s is None:
+            continue
+        mean = sum(accs.values()) / len(accs)
+        inside = max(s["low"].values()) < mean < min(s["high"].values())
+        text = (f"{label}: {_group(s['low'])} and {_group(s['high'])}, a gap of {s['gap']:.3f}; "
+                f"the mean {mean:.3f}" + (" falls in the gap between them" if inside else ""))
+        if tuned and tuned.get(label) is not None:
+            text += f"; the tuning scored {tuned[label]:.3f} at the chosen lr"
+        out.append(text)
+    return out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from opd.compare import verdicts
+from opd.compare import protocol, verdicts
 from opd.run.metrics_log import read_metrics
 from opd.report import accuracy_axes, markdown_table, save_accuracy_plot
 
@@ -169,7 +169,7 @@ def protocol_text(results: dict) -> str:
         text = "Every rule of the protocol (`opd.compare.protocol`) is met."
     else:
         text = "Rules of the protocol (`opd.compare.protocol`) this comparison does not meet:\n\n" + "\n".join(f"- {u}" for u in unmet)
-    return text + undecided_text(results["protocol"].get("undecided_lr", []))
+    return text + undecided_text(results["protocol"].get("undecided_lr", [])) + split_text(results["protocol"].get("split_seeds", []))
 
 
 def undecided_text(undecided: list[str]) -> str:
@@ -179,6 +179,16 @@ def undecided_text(undecided: list[str]) -> str:
     return ("\n\nLearning rates chosen inside the tuning noise (the chosen lr's validation accuracy over the "
             "runner-up's is within a 95% interval of their difference; another tuning seed could have chosen "
             "another lr; flagged, not a rule):\n\n" + "\n".join(f"- {u}" for u in undecided))
+
+
+def split_text(splits: list[str]) -> str:
+    """The labels whose reported seeds split into two groups far apart (``protocol.seed_split``)."""
+    if not splits:
+        return ""
+    return (f"\n\nLabels whose reported seeds split into two groups (the widest gap between neighbouring final "
+            f"accuracies at least {protocol.SPLIT_GAP:g} and over {protocol.SPLIT_RATIO:g}x the wider group's range; "
+            "a mean over seeds and a verdict on it then describe a mixture, and two tuning seeds can miss the low "
+            "group; flagged, not a rule):\n\n" + "\n".join(f"- {s}" for s in splits))
 
 
 def holm_text(found: list[dict]) -> str:

@@ -1,0 +1,163 @@
+"""Which published labels' reported seeds split into two groups far apart (an instrument check
+of the protocol).
+
+    python experiments/seed_splits.py
+
+A label whose seeds partly collapse (five of OPD's ten seeds under the strong deviations
+decay ended at 0.000-0.128, the other five at 0.936-0.966) has a mean over seeds that
+describes no seed, a wide spread that the verdict rule turns into "no difference measured"
+or into a "beats" carried by the low seeds, and a tuning on two seeds that can miss the low
+group. For every ``docs/results/<name>/results.json``, each label's per-seed final test
+accuracy is tested by :func:`opd.compare.protocol.seed_split` (the widest gap between
+neighbouring sorted values at least ``SPLIT_GAP`` and over ``SPLIT_RATIO`` times the wider
+group's range; ``opd compare`` flags the same in each new report). Listed beside each split:
+the tuning score at the chosen lr (validation, mean over the tuning seeds) and which side of
+the gap it falls on, and the verdicts that judged the label's runs (in any report). Each label's runs are counted
+once, at their home, and each pair of runs once (:mod:`opd.compare.shared_runs`). Reads
+committed files only; runs nothing. Writes ``docs/results/seed_splits.md`` and
+``docs/results/seed_splits/results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from opd.compare import protocol, shared_runs
+from opd.report import markdown_table
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+
+
+def tuning_score(results: dict, label: str) -> float | None:
+    """The label's validation score at its chosen lr (None: untuned)."""
+    scores, chosen = results.get("lr_tuning", {}).get(label), results.get("chosen_lr", {}).get(label)
+    if not scores or chosen is None:
+        return None
+    return {f"{float(lr):g}": acc for lr, acc in scores.items()}.get(f"{chosen:g}")
+
+
+def side(split: dict, score: float | None) -> str:
+    """Where a tuning score falls against the groups: ``high`` (at or above the gap's middle),
+    ``low``, or ``-`` (untuned)."""
+    if score is None:
+        return "-"
+    middle = (max(split["low"].values()) + min(split["high"].values())) / 2
+    return "high" if score >= middle else "low"
+
+
+def judged(runs: str, found: dict[str, dict], pair_homes: dict) -> dict:
+    """The published verdicts that judged the label whose runs have the fingerprint ``runs``
+    (:func:`opd.compare.shared_runs.fingerprint`) against another label, in any report, each
+    pair of runs at its home only: ``{"pairs", "beats", "beaten", "none"}``."""
+    counts = {"pairs": 0, "beats": 0, "beaten": 0, "none": 0}
+    for name, results in found.items():
+        prints = {label: shared_runs.fingerprint(entry) for label, entry in results["labels"].items()}
+        for v in results.get("verdicts", []):
+            mine = [label for label in (v["a"], v["b"]) if prints.get(label) == runs]
+            if len(mine) != 1 or pair_homes.get((name, v["a"], v["b"]), name) != name:
+                continue
+            counts["pairs"] += 1
+            won = {"a": v["a"], "b": v["b"]}.get(v["verdict"])
+            counts["none" if won is None else "beats" if won == mine[0] else "beaten"] += 1
+    return counts
+
+
+def rows_of(name: str, found: dict[str, dict], homes: dict, pair_homes: dict) -> tuple[list[dict], int]:
+    """``(splits, labels looked at)`` of one comparison, less the labels at another home."""
+    rows, looked, results = [], 0, found[name]
+    for label, entry in results["labels"].items():
+        if homes.get((name, label), name) != name:
+            continue
+        finals = {seed: f.get("accuracy", float("nan")) for seed, f in entry["final"].items()}
+        looked += len(finals) >= 3
+        split = protocol.seed_split(finals)
+        if split is None:
+            continue
+        score = tuning_score(results, label)
+        rows.append({"report": name, "label": label, "method": entry["method"], **split,
+                     "mean": sum(finals.values()) / len(finals), "tuning": score, "tuning_side": side(split, score),
+                     "judged": judged(shared_runs.fingerprint(entry), found, pair_homes)})
+    return rows, looked
+
+
+def summary(rows: list[dict], looked: int) -> dict:
+    return {"labels": looked, "split": len(rows), "one_low_seed": sum(len(r["low"]) == 1 for r in rows),
+            "one_high_seed": sum(len(r["high"]) == 1 for r in rows),
+            "tuned": sum(r["tuning"] is not None for r in rows), "tuning_high": sum(r["tuning_side"] == "high" for r in rows),
+            "pairs": sum(r["judged"]["pairs"] for r in rows), "beats_or_beaten": sum(r["judged"]["beats"] + r["judged"]["beaten"] for r in rows)}
+
+
+def _group(accs: dict) -> str:
+    lo, hi = min(accs.values()), max(accs.values())
+    return f"{len(accs)} at " + (f"{lo:.3f}" if hi - lo < 5e-4 else f"{lo:.3f}–{hi:.3f}")
+
+
+def _row(r: dict) -> list[str]:
+    j = r["judged"]
+    tuning = "-" if r["tuning"] is None else f"{r['tuning']:.3f} ({r['tuning_side']})"
+    return [r["report"], r["label"], r["method"], _group(r["low"]), _group(r["high"]), f"{r['gap']:.3f}", f"{r['mean']:.3f}",
+            tuning, f"{j['pairs']} ({j['beats']} won, {j['beaten']} lost, {j['none']} none)"]
+
+
+def report(rows: list[dict], s: dict, repeats: int) -> str:
+    table = markdown_table(["comparison", "label", "method", "low group", "high group", "gap", "mean", "tuning at the chosen lr",
+                            "pairs judged"], [_row(r) for r in rows]) if rows else "No label splits."
+    return f"""# Seeds that split: labels whose reported seeds fall into two groups
+
+Generated by `python experiments/seed_splits.py` from the committed
+`docs/results/*/results.json`; it runs nothing. A label's seeds *split* when, with its
+per-seed final test accuracies sorted, the widest gap between neighbours is at least
+{protocol.SPLIT_GAP:g} and more than {protocol.SPLIT_RATIO:g} times the wider group's range
+(`opd.compare.protocol.seed_split`; a group of one seed has range 0; three seeds at least).
+Then the mean over seeds describes neither group, and a verdict on it judges a mixture: the
+paired interval widens with the gap (often "no difference measured"), or a "beats" rests on
+the low seeds. Each label's runs are counted once, at their home (the smallest report that
+holds them; {repeats} repeats left out), each pair of runs once.
+
+**{s['split']} of the {s['labels']} labels split**; the low group is a single seed in
+{s['one_low_seed']} of them and the high group in {s['one_high_seed']}. **In {s['tuning_high']} of the
+{s['tuned']} tuned ones the tuning score at the chosen lr falls on the high side of the gap**
+(at or above its middle: the tuning seeds did not show the low group; the score is the
+mean over the tuning seeds on the validation split, so one tuning seed in the low group
+would pull it toward the middle). These labels take part in {s['pairs']} judged pairs (in any report,
+each pair of runs once), {s['beats_or_beaten']} of them a "beats" either way. A flag, not a rule: a split can be a
+real property of the method at that lr (it collapses on some seeds), and the report states it
+so the mean is not read as a typical seed.
+
+{table}
+"""
+
+
+def quoted(out: dict) -> list[str]:
+    """The phrases of this check that finding 12 of ``docs/results/README.md`` quotes, from the
+    check's ``results.json`` (``tests/test_shared_runs.py`` holds the prose to them)."""
+    s = out["summary"]
+    return [f"{s['split']} of the {s['labels']} labels split", f"a single seed in {s['one_low_seed']} of them",
+            f"In {s['tuning_high']} of the {s['tuned']} tuned ones", f"{s['pairs']} judged pairs",
+            f"{s['beats_or_beaten']} of them a \"beats\""]
+
+
+def main() -> None:
+    found = {}
+    for path in sorted(RESULTS.glob("*/results.json")):
+        results = json.loads(path.read_text())
+        if "labels" in results:
+            found[path.parent.name] = results
+    homes, pair_homes = shared_runs.label_homes(found), shared_runs.pair_homes(found)
+    rows, looked = [], 0
+    for name in found:
+        mine, n = rows_of(name, found, homes, pair_homes)
+        rows, looked = rows + mine, looked + n
+    repeats = sum(homes[name, label] != name for name, results in found.items() for label in results["labels"])
+    s = summary(rows, looked)
+    out = RESULTS / "seed_splits"
+    out.mkdir(exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"summary": s, "repeats_left_out": repeats, "splits": rows}, indent=1) + "\n")
+    (RESULTS / "seed_splits.md").write_text(report(rows, s, repeats))
+    print(f"{s['split']} of {s['labels']} labels split; wrote {RESULTS / 'seed_splits.md'}")
+
+
+if __name__ == "__main__":
+    main()
