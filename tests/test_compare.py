@@ -53,6 +53,12 @@ def test_compare_writes_report_and_reruns_give_the_same_numbers(tiny_student_dir
     assert results["planned"] == [["opd_g1", "opd"]] and results["verdicts"][0]["planned"]
     assert results["seeds"] == [0, 1] and results["tuning_seed"] == 2 and results["budget"] == {"kind": "sequences", "value": 20}
     assert set(results["labels"]) == {"opd", "opd_g1"} and len(results["verdicts"]) == 1
+    for label, scores in results["lr_tuning"].items():  # each lr's score is the mean of the seeds' scores kept beside it
+        by_seed = results["lr_tuning_by_seed"][label]
+        assert set(by_seed) == set(scores) and results["tuning_seeds"] == [2, 3]
+        for lr, score in scores.items():
+            assert sorted(by_seed[lr]) == ["2", "3"] and (by_seed[lr]["2"] + by_seed[lr]["3"]) / 2 == pytest.approx(score)
+    assert isinstance(results["protocol"]["split_seeds"], list)
     assert set(results["labels"]["opd"]["final"]) == {"0", "1"} and results["labels"]["opd"]["final"]["0"]["optimizer_steps"] == 3
     unmet = " ".join(results["protocol"]["unmet"])
     assert "2 reported seed(s)" in unmet and "at least 4" in unmet and "8 held-out test prompts" in unmet

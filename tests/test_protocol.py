@@ -108,6 +108,8 @@ def test_two_tuning_seeds_choose_by_their_mean(monkeypatch, tmp_path):
     scores, chosen, bracketed = driver._tune_label(spec, tmp_path / "out", "opd", force=False)
     assert chosen == pytest.approx(3e-4) and bracketed and scores[1e-3] == pytest.approx(0.475)
     assert dirs[:2] == ["lr0.0001", "lr0.0001-seed3"]
+    info = driver.tune(spec, tmp_path / "out", force=False)  # keeps each tuning seed's score
+    assert info["by_seed"]["opd"]["0.0003"] == {"2": 0.50, "3": 0.70} and info["grid"]["opd"]["0.0003"] == pytest.approx(0.6)
     for bad, why in (([2, 2], "distinct"), ([2, "x"], "distinct"), ([], "distinct"), ([2, 1], "1 is also a reported seed")):
         with pytest.raises(UserError, match=why):
             _spec(tmp_path, tuning_seed=bad)
@@ -435,9 +437,10 @@ def test_seed_split_needs_a_wide_gap_and_tight_groups():
 
 def test_split_sentences_name_the_groups_and_the_tuning_score():
     finals = {"opd": {"0": 0.936, "2": 0.004, "3": 0.0, "1": 0.966}, "sft": {"0": 0.9, "1": 0.91, "2": 0.92}}
-    out = protocol.split_sentences(finals, {"opd": 0.911, "sft": 0.9})
+    out = protocol.split_sentences(finals, {"opd": {"6": 0.972, "5": 0.85}, "sft": {"5": 0.9}})
     assert out == ["opd: 2 at 0.000–0.004 (seeds 2, 3) and 2 at 0.936–0.966 (seeds 0, 1), a gap of 0.932; "
-                   "the mean 0.477 falls in the gap between them; the tuning scored 0.911 at the chosen lr"]
+                   "the mean 0.477 falls in the gap between them; at the chosen lr the tuning seeds scored "
+                   "0.850 (seed 5), 0.972 (seed 6) on the validation split"]
     assert protocol.split_sentences({"x": {"7": 0.5, "10": 0.9, "11": 0.9}}) == [
         "x: 1 at 0.500 (seed 7) and 2 at 0.900 (seeds 10, 11), a gap of 0.400; the mean 0.767 falls in the gap between them"]
     from opd.compare.report import protocol_text

@@ -378,17 +378,20 @@ def run_degeneracy(runs: dict) -> list[str]:
     return degenerate_knobs([row for run in runs.values() for row in read_metrics(run["run_dir"])])
 
 
-def _tune_label(spec: Spec, out: Path, label: str, force: bool) -> tuple[dict, float, bool]:
+def _tune_label(spec: Spec, out: Path, label: str, force: bool, by_seed: dict | None = None) -> tuple[dict, float, bool]:
     """``(score by lr, chosen lr, bracketed)`` for one label (:func:`opd.compare.protocol.tune_lr`),
-    the score being ``spec.tune_metric``."""
+    the score being ``spec.tune_metric``; ``by_seed`` (when given) collects each tuning
+    seed's score, ``{"%g" lr: {seed: score}}``."""
     def score(lr: float) -> float:
         """The final validation ``spec.tune_metric`` at ``lr``, the mean over the tuning seeds."""
-        values = []
+        values = {}
         for seed in spec.tuning_seeds:
             result = run_or_reuse(run_config(spec, label, seed, lr, _tune_path(spec, out, label, lr, seed), tune=True), force)
             _say(f"tune {label} lr {lr:g}" + (f" seed {seed}" if len(spec.tuning_seeds) > 1 else ""), result, spec.tune_metric)
-            values.append(result["history"][-1].get(f"eval/{spec.tune_metric}", float("nan")))
-        return sum(values) / len(values)
+            values[str(seed)] = result["history"][-1].get(f"eval/{spec.tune_metric}", float("nan"))
+        if by_seed is not None:
+            by_seed[f"{lr:g}"] = values
+        return sum(values.values()) / len(values)
 
     return protocol.tune_lr(spec.lr_grid, score, spec.lr_extend)
 
@@ -398,12 +401,13 @@ def tune(spec: Spec, out: Path, force: bool) -> dict | None:
     past an edge choice (see :func:`_tune_label`)."""
     if not spec.lr_grid:
         return None
-    grid, chosen, bracketed = {}, {}, {}
+    grid, chosen, bracketed, by_seed = {}, {}, {}, {}
     for label in spec.methods:
-        scores, chosen[label], bracketed[label] = _tune_label(spec, out, label, force)
+        by_seed[label] = {}
+        scores, chosen[label], bracketed[label] = _tune_label(spec, out, label, force, by_seed[label])
         grid[label] = {f"{lr:g}": acc for lr, acc in sorted(scores.items())}
     return {"grid": grid, "chosen": chosen, "bracketed": bracketed, "seed": spec.tuning_seed, "seeds": spec.tuning_seeds,
-            "metric": spec.tune_metric}
+            "metric": spec.tune_metric, "by_seed": by_seed}
 
 
 def teacher_accuracy(cfg: TrainConfig, sampled: bool = False) -> float | None:

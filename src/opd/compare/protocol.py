@@ -166,11 +166,11 @@ def _group(accs: dict[str, float]) -> str:
     return f"{len(accs)} at {where} (seed{'s' if len(accs) > 1 else ''} {seeds})"
 
 
-def split_sentences(finals: dict[str, dict[str, float]], tuned: dict[str, float] | None = None) -> list[str]:
+def split_sentences(finals: dict[str, dict[str, float]], tuned: dict[str, dict[str, float]] | None = None) -> list[str]:
     """One sentence per label whose reported seeds split (:func:`seed_split`); ``finals``:
-    ``{label: {seed: final accuracy}}``; ``tuned``: ``{label: the tuning score at the chosen
-    lr}``, shown beside the groups (a tuning score level with the high group did not see the
-    low one)."""
+    ``{label: {seed: final accuracy}}``; ``tuned``: ``{label: {tuning seed: its score at the
+    chosen lr}}``, shown beside the groups (tuning seeds all level with the high group did not
+    see the low one)."""
     out = []
     for label, accs in finals.items():
         s = seed_split(accs)
@@ -180,7 +180,8 @@ def split_sentences(finals: dict[str, dict[str, float]], tuned: dict[str, float]
         inside = max(s["low"].values()) < mean < min(s["high"].values())
         text = (f"{label}: {_group(s['low'])} and {_group(s['high'])}, a gap of {s['gap']:.3f}; "
                 f"the mean {mean:.3f}" + (" falls in the gap between them" if inside else ""))
-        if tuned and tuned.get(label) is not None:
-            text += f"; the tuning scored {tuned[label]:.3f} at the chosen lr"
+        if tuned and tuned.get(label):
+            scores = ", ".join(f"{v:.3f} (seed {seed})" for seed, v in sorted(tuned[label].items(), key=lambda kv: int(kv[0])))
+            text += f"; at the chosen lr the tuning seeds scored {scores} on the validation split"
         out.append(text)
     return out

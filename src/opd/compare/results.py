@@ -31,6 +31,12 @@ def _tuning_seeds(info: dict) -> list:
     return info.get("seeds") or ([] if info.get("seed") is None else [info["seed"]])
 
 
+def _at_chosen(info: dict) -> dict[str, dict[str, float]]:
+    """``{label: {tuning seed: score at the chosen lr}}`` from ``summary["lr_info"]`` (empty
+    for a label tuned before the per-seed scores were kept)."""
+    return {label: seeds.get(f"{info['chosen'][label]:g}", {}) for label, seeds in info.get("by_seed", {}).items()}
+
+
 def results_of(spec, summary: dict, teacher_acc: float | None) -> dict:
     """``results.json``: the protocol, the budget, each label's per-seed final metrics and
     accuracy curves (against sequences), sequences to the target, and the verdicts.
@@ -57,14 +63,14 @@ def results_of(spec, summary: dict, teacher_acc: float | None) -> dict:
     return {
         "spec": spec.path, "seeds": spec.seeds, "tuning_seed": info.get("seed"), "tuning_seeds": info.get("seeds"),
         "lr_grid": {label: [float(lr) for lr in grid] for label, grid in info.get("grid", {}).items()},
-        "lr_tuning": info.get("grid", {}), "tune_metric": info.get("metric", "accuracy") if info else None,
+        "lr_tuning": info.get("grid", {}), "lr_tuning_by_seed": info.get("by_seed", {}), "tune_metric": info.get("metric", "accuracy") if info else None,
         "chosen_lr": info.get("chosen", {}), "bracketed": info.get("bracketed", {}),
         "budget": {"kind": spec.budget_kind, "value": spec.budget},
         "test_prompts": summary["eval_size"],
         "protocol": {"unmet": protocol.unmet(seeds=spec.seeds, tuning_seeds=_tuning_seeds(info), grid=spec.lr_grid,
                                              unbracketed=unbracketed, budget=spec.budget, test_size=summary["eval_size"]),
                      "undecided_lr": protocol.undecided(margins),
-                     "split_seeds": protocol.split_sentences(finals, {label: m and m["accuracy"] for label, m in margins.items()})},
+                     "split_seeds": protocol.split_sentences(finals, _at_chosen(info))},
         "lr_margin": margins,
         "teacher_accuracy": teacher_acc, "target": spec.target, "target_accuracy": threshold,
         "labels": labels, "rule": verdicts.RULE, "planned": spec.planned and [list(pair) for pair in spec.planned],
