@@ -89,15 +89,10 @@ def summary(rows: list[dict], looked: int) -> dict:
             "pairs": sum(r["judged"]["pairs"] for r in rows), "beats_or_beaten": sum(r["judged"]["beats"] + r["judged"]["beaten"] for r in rows)}
 
 
-def _group(accs: dict) -> str:
-    lo, hi = min(accs.values()), max(accs.values())
-    return f"{len(accs)} at " + (f"{lo:.3f}" if hi - lo < 5e-4 else f"{lo:.3f}–{hi:.3f}")
-
-
 def _row(r: dict) -> list[str]:
     j = r["judged"]
     tuning = "-" if r["tuning"] is None else f"{r['tuning']:.3f} ({r['tuning_side']})"
-    return [r["report"], r["label"], r["method"], _group(r["low"]), _group(r["high"]), f"{r['gap']:.3f}", f"{r['mean']:.3f}",
+    return [r["report"], r["label"], r["method"], protocol.group_text(r["low"]), protocol.group_text(r["high"]), f"{r['gap']:.3f}", f"{r['mean']:.3f}",
             tuning, f"{j['pairs']} ({j['beats']} won, {j['beaten']} lost, {j['none']} none)"]
 
 

@@ -159,11 +159,15 @@ def seed_split(finals: dict[str, float]) -> dict | None:
     return {"gap": gap, "low": dict(items[:k]), "high": dict(items[k:])}
 
 
+def group_text(accs: dict[str, float]) -> str:
+    """A group of seeds' accuracies as ``"N at lo–hi"`` (``"N at x"`` when they are equal)."""
+    lo, hi = min(accs.values()), max(accs.values())
+    return f"{len(accs)} at " + (f"{lo:.3f}" if hi - lo < 5e-4 else f"{lo:.3f}–{hi:.3f}")
+
+
 def _group(accs: dict[str, float]) -> str:
     seeds = ", ".join(sorted(accs, key=lambda s: (len(str(s)), str(s))))
-    lo, hi = min(accs.values()), max(accs.values())
-    where = f"{lo:.3f}" if hi - lo < 5e-4 else f"{lo:.3f}–{hi:.3f}"
-    return f"{len(accs)} at {where} (seed{'s' if len(accs) > 1 else ''} {seeds})"
+    return f"{group_text(accs)} (seed{'s' if len(accs) > 1 else ''} {seeds})"
 
 
 def split_sentences(finals: dict[str, dict[str, float]], tuned: dict[str, dict[str, float]] | None = None) -> list[str]:
