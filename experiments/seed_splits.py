@@ -12,8 +12,10 @@ accuracy is tested by :func:`opd.compare.protocol.seed_split` (the widest gap be
 neighbouring sorted values at least ``SPLIT_GAP`` and over ``SPLIT_RATIO`` times the wider
 group's range; ``opd compare`` flags the same in each new report). Listed beside each split:
 the tuning score at the chosen lr (validation, mean over the tuning seeds) and which side of
-the gap it falls on, and the verdicts that judged the label's runs (in any report). Each label's runs are counted
-once, at their home, and each pair of runs once (:mod:`opd.compare.shared_runs`). Reads
+the gap it falls on, each tuning seed's own score where the report keeps it
+(``lr_tuning_by_seed``), and the verdicts that judged the label's runs (in any report). Each
+label's runs are counted once, at their home, and each pair of runs once
+(:mod:`opd.compare.shared_runs`). Reads
 committed files only; runs nothing. Writes ``docs/results/seed_splits.md`` and
 ``docs/results/seed_splits/results.json``.
 """
@@ -21,6 +23,7 @@ committed files only; runs nothing. Writes ``docs/results/seed_splits.md`` and
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 from opd.compare import protocol, shared_runs
@@ -36,6 +39,15 @@ def tuning_score(results: dict, label: str) -> float | None:
     if not scores or chosen is None:
         return None
     return {f"{float(lr):g}": acc for lr, acc in scores.items()}.get(f"{chosen:g}")
+
+
+def tuning_by_seed(results: dict, label: str) -> dict[str, float] | None:
+    """Each tuning seed's validation score at the label's chosen lr, where the report keeps
+    them (``lr_tuning_by_seed``; reports before it kept the mean only): ``{seed: score}``."""
+    scores, chosen = results.get("lr_tuning_by_seed", {}).get(label), results.get("chosen_lr", {}).get(label)
+    if not scores or chosen is None:
+        return None
+    return {f"{float(lr):g}": by_seed for lr, by_seed in scores.items()}.get(f"{chosen:g}")
 
 
 def side(split: dict, score: float | None) -> str:
@@ -75,9 +87,11 @@ def rows_of(name: str, found: dict[str, dict], homes: dict, pair_homes: dict) ->
         split = protocol.seed_split(finals)
         if split is None:
             continue
-        score = tuning_score(results, label)
+        score, by_seed = tuning_score(results, label), tuning_by_seed(results, label)
         rows.append({"report": name, "label": label, "method": entry["method"], **split,
                      "mean": sum(finals.values()) / len(finals), "tuning": score, "tuning_side": side(split, score),
+                     "tuning_by_seed": None if by_seed is None else {seed: {"score": v, "side": side(split, v)}
+                                                                     for seed, v in by_seed.items()},
                      "judged": judged(shared_runs.fingerprint(entry), found, pair_homes)})
     return rows, looked
 
@@ -86,14 +100,34 @@ def summary(rows: list[dict], looked: int) -> dict:
     return {"labels": looked, "split": len(rows), "one_low_seed": sum(len(r["low"]) == 1 for r in rows),
             "one_high_seed": sum(len(r["high"]) == 1 for r in rows),
             "tuned": sum(r["tuning"] is not None for r in rows), "tuning_high": sum(r["tuning_side"] == "high" for r in rows),
-            "pairs": sum(r["judged"]["pairs"] for r in rows), "beats_or_beaten": sum(r["judged"]["beats"] + r["judged"]["beaten"] for r in rows)}
+            "pairs": sum(r["judged"]["pairs"] for r in rows), "beats_or_beaten": sum(r["judged"]["beats"] + r["judged"]["beaten"] for r in rows),
+            "tuned_by_seed": sum(r["tuning_by_seed"] is not None for r in rows),
+            "tuning_seed_low": sum(any(v["side"] == "low" for v in (r["tuning_by_seed"] or {}).values()) for r in rows)}
 
 
 def _row(r: dict) -> list[str]:
     j = r["judged"]
     tuning = "-" if r["tuning"] is None else f"{r['tuning']:.3f} ({r['tuning_side']})"
+    if r["tuning_by_seed"]:
+        seeds = sorted(r["tuning_by_seed"].items(), key=lambda kv: (len(kv[0]), kv[0]))
+        tuning += "; " + ", ".join(f"seed {seed} {v['score']:.3f} ({v['side']})" for seed, v in seeds)
     return [r["report"], r["label"], r["method"], protocol.group_text(r["low"]), protocol.group_text(r["high"]), f"{r['gap']:.3f}", f"{r['mean']:.3f}",
             tuning, f"{j['pairs']} ({j['beats']} won, {j['beaten']} lost, {j['none']} none)"]
+
+
+def _summary_text(s: dict) -> str:
+    """The summary paragraph, wrapped whole (the counts change the lengths of its lines)."""
+    text = f"""**{s['split']} of the {s['labels']} labels split**; the low group is a single seed in
+{s['one_low_seed']} of them and the high group in {s['one_high_seed']}. **In {s['tuning_high']} of the
+{s['tuned']} tuned ones the tuning score at the chosen lr falls on the high side of the gap**
+(at or above its middle: the tuning seeds did not show the low group; the score is the
+mean over the tuning seeds on the validation split, so one tuning seed in the low group
+would pull it toward the middle; of the {s['tuned_by_seed']} whose report keeps each tuning seed's
+score, {s['tuning_seed_low']} had a tuning seed on the low side). These labels take part in {s['pairs']} judged pairs (in any report,
+each pair of runs once), {s['beats_or_beaten']} of them a "beats" either way. A flag, not a rule: a split can be a
+real property of the method at that lr (it collapses on some seeds), and the report states it
+so the mean is not read as a typical seed."""
+    return textwrap.fill(" ".join(text.split()), width=92)
 
 
 def report(rows: list[dict], s: dict, repeats: int) -> str:
@@ -111,15 +145,7 @@ paired interval widens with the gap (often "no difference measured"), or a "beat
 the low seeds. Each label's runs are counted once, at their home (the smallest report that
 holds them; {repeats} repeats left out), each pair of runs once.
 
-**{s['split']} of the {s['labels']} labels split**; the low group is a single seed in
-{s['one_low_seed']} of them and the high group in {s['one_high_seed']}. **In {s['tuning_high']} of the
-{s['tuned']} tuned ones the tuning score at the chosen lr falls on the high side of the gap**
-(at or above its middle: the tuning seeds did not show the low group; the score is the
-mean over the tuning seeds on the validation split, so one tuning seed in the low group
-would pull it toward the middle). These labels take part in {s['pairs']} judged pairs (in any report,
-each pair of runs once), {s['beats_or_beaten']} of them a "beats" either way. A flag, not a rule: a split can be a
-real property of the method at that lr (it collapses on some seeds), and the report states it
-so the mean is not read as a typical seed.
+{_summary_text(s)}
 
 {table}
 """

@@ -79,19 +79,27 @@ def test_seed_splits_counts_a_split_label_once_and_its_pairs_wherever_judged(tmp
     """s splits (0.00, 0.02 | 0.90, 0.91, 0.92: gap 0.88); a ran it beside x, g gathered it
     beside x and z: s is counted at a, and its pairs are (s, x) at a and (s, z) at g."""
     s = _label([0.0, 0.02, 0.9, 0.92, 0.91], 600.0)
-    _write(tmp_path, {"a": _comparison({"x": X, "s": s}), "g": _comparison({"x2": X, "s2": s, "z": Z})})
+    a = _comparison({"x": X, "s": s})
+    a["lr_tuning_by_seed"] = {"s": {"0.0001": {"5": 0.95, "6": 0.3}, "0.0003": {"5": 0.2, "6": 0.2}}}
+    a["lr_tuning"]["s"] = {"0.0001": 0.625, "0.0003": 0.2}  # their means
+    _write(tmp_path, {"a": a, "g": _comparison({"x2": X, "s2": s, "z": Z})})
     ss = experiment_script("seed_splits")
     monkeypatch.setattr(ss, "RESULTS", tmp_path)
     ss.main()
     out = json.loads((tmp_path / "seed_splits" / "results.json").read_text())
     (row,) = out["splits"]
     assert (row["report"], row["label"], row["low"], row["gap"]) == ("a", "s", {"0": 0.0, "1": 0.02}, pytest.approx(0.88))
-    assert row["tuning"] == 0.8 and row["tuning_side"] == "high"  # 0.8 >= (0.02 + 0.9) / 2
+    assert row["tuning"] == 0.625 and row["tuning_side"] == "high"  # 0.625 >= (0.02 + 0.9) / 2 = 0.46
+    # each tuning seed against the same middle: seed 5 high, seed 6 low (the mean hid it)
+    assert row["tuning_by_seed"] == {"5": {"score": 0.95, "side": "high"}, "6": {"score": 0.3, "side": "low"}}
     assert out["summary"] == {"labels": 3, "split": 1, "one_low_seed": 0, "one_high_seed": 0, "tuned": 1, "tuning_high": 1,
-                              "pairs": 2, "beats_or_beaten": 0}
+                              "pairs": 2, "beats_or_beaten": 0, "tuned_by_seed": 1, "tuning_seed_low": 1}
     # by hand, s - x per seed: 0.90, 0.90, 0.01, 0.01, -0.01 (mean 0.362, sd 0.491, t interval ±0.61): no verdict
     assert row["judged"] == {"pairs": 2, "beats": 0, "beaten": 0, "none": 2}
-    assert out["repeats_left_out"] == 2 and "**1 of the 3 labels split**" in (tmp_path / "seed_splits.md").read_text()
+    text = " ".join((tmp_path / "seed_splits.md").read_text().split())
+    assert out["repeats_left_out"] == 2 and "**1 of the 3 labels split**" in text
+    assert "of the 1 whose report keeps each tuning seed's score, 1 had a tuning seed on the low side" in text
+    assert "0.625 (high); seed 5 0.950 (high), seed 6 0.300 (low)" in text
 
 
 def test_rule_level_takes_each_pair_of_runs_once(tmp_path):
