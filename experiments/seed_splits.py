@@ -13,7 +13,9 @@ neighbouring sorted values at least ``SPLIT_GAP`` and over ``SPLIT_RATIO`` times
 group's range; ``opd compare`` flags the same in each new report). Listed beside each split:
 the tuning score at the chosen lr (validation, mean over the tuning seeds) and which side of
 the gap it falls on, each tuning seed's own score where the report keeps it
-(``lr_tuning_by_seed``), and the verdicts that judged the label's runs (in any report). Each
+(``lr_tuning_by_seed``), and the verdicts that judged the label's runs (in any report).
+Over every label looked at, the split rate where the next larger lr of its grid collapsed on
+tuning against the rest (Fisher's exact test), an association that bears on a remedy. Each
 label's runs are counted once, at their home, and each pair of runs once
 (:mod:`opd.compare.shared_runs`). Reads
 committed files only; runs nothing. Writes ``docs/results/seed_splits.md`` and
@@ -23,6 +25,7 @@ committed files only; runs nothing. Writes ``docs/results/seed_splits.md`` and
 from __future__ import annotations
 
 import json
+import math
 import textwrap
 from pathlib import Path
 
@@ -48,6 +51,19 @@ def tuning_by_seed(results: dict, label: str) -> dict[str, float] | None:
     if not scores or chosen is None:
         return None
     return {f"{float(lr):g}": by_seed for lr, by_seed in scores.items()}.get(f"{chosen:g}")
+
+
+NEXT_COLLAPSE = 0.5  # the next larger lr "collapsed" on tuning: its score under half the chosen lr's
+
+
+def next_lr_collapsed(results: dict, label: str) -> bool | None:
+    """Whether the next larger lr of the label's grid scored under ``NEXT_COLLAPSE`` times the
+    chosen lr's score on tuning (None: untuned, or the chosen lr is the grid's largest)."""
+    scores, chosen = results.get("lr_tuning", {}).get(label), tuning_score(results, label)
+    if not scores or chosen is None:
+        return None
+    larger = sorted((float(lr), acc) for lr, acc in scores.items() if float(lr) > results["chosen_lr"][label] * (1 + 1e-6))
+    return larger[0][1] < NEXT_COLLAPSE * chosen if larger else None
 
 
 def side(split: dict, score: float | None) -> str:
@@ -76,15 +92,17 @@ def judged(runs: str, found: dict[str, dict], pair_homes: dict) -> dict:
     return counts
 
 
-def rows_of(name: str, found: dict[str, dict], homes: dict, pair_homes: dict) -> tuple[list[dict], int]:
-    """``(splits, labels looked at)`` of one comparison, less the labels at another home."""
-    rows, looked, results = [], 0, found[name]
+def rows_of(name: str, found: dict[str, dict], homes: dict, pair_homes: dict) -> tuple[list[dict], list[tuple]]:
+    """``(splits, labels looked at)`` of one comparison, less the labels at another home; each
+    label looked at (three seeds at least) as ``(split?, next larger lr collapsed?)``."""
+    rows, looked, results = [], [], found[name]
     for label, entry in results["labels"].items():
         if homes.get((name, label), name) != name:
             continue
         finals = {seed: f.get("accuracy", float("nan")) for seed, f in entry["final"].items()}
-        looked += len(finals) >= 3
         split = protocol.seed_split(finals)
+        if len(finals) >= 3:
+            looked.append((split is not None, next_lr_collapsed(results, label)))
         if split is None:
             continue
         score, by_seed = tuning_score(results, label), tuning_by_seed(results, label)
@@ -96,8 +114,42 @@ def rows_of(name: str, found: dict[str, dict], homes: dict, pair_homes: dict) ->
     return rows, looked
 
 
-def summary(rows: list[dict], looked: int) -> dict:
-    return {"labels": looked, "split": len(rows), "one_low_seed": sum(len(r["low"]) == 1 for r in rows),
+def fisher_p(a: int, n1: int, c: int, n2: int) -> float:
+    """Fisher's exact test, two-sided, of ``a`` of ``n1`` against ``c`` of ``n2``: the chance,
+    with the margins held, of a table no likelier than the one seen,
+
+        P(x) = C(n1, x) C(n2, k − x) / C(n1 + n2, k),   k = a + c,   p = Σ_{P(x) ≤ P(a)} P(x)."""
+    k, total = a + c, math.comb(n1 + n2, a + c)
+    probs = [math.comb(n1, x) * math.comb(n2, k - x) / total for x in range(max(0, k - n2), min(k, n1) + 1)]
+    seen = math.comb(n1, a) * math.comb(n2, c) / total
+    return min(1.0, sum(q for q in probs if q <= seen * (1 + 1e-7)))
+
+
+def by_next_lr(looked: list[tuple]) -> dict:
+    """Labels and splits among those whose next larger lr collapsed on tuning, and the rest, with
+    Fisher's two-sided p of the two split rates."""
+    groups = {"collapsed": [s for s, c in looked if c is True], "held": [s for s, c in looked if c is False]}
+    out = {k: {"labels": len(v), "split": sum(v)} for k, v in groups.items()}
+    one, two = out["collapsed"], out["held"]
+    return {**out, "fisher_p": fisher_p(one["split"], one["labels"], two["split"], two["labels"])}
+
+
+def next_lr_text(n: dict) -> str:
+    """The sentence on splits beside a collapsing larger lr; "more often" only at p < 0.05."""
+    one, two = n["collapsed"], n["held"]
+    rate = lambda g: g["split"] / g["labels"] if g["labels"] else float("nan")  # noqa: E731
+    told = n["fisher_p"] < 0.05
+    verdict = (f"so labels tuned next to a collapse split {'more' if rate(one) > rate(two) else 'less'} often" if told
+               else "the two rates are not told apart")
+    return (f"Where the next larger lr of the grid collapsed on tuning (its score under {NEXT_COLLAPSE:g} times the "
+            f"chosen lr's; the threshold set before the count was first made), {one['split']} of {one['labels']} labels "
+            f"split; where it did not, {two['split']} of {two['labels']} (labels tuned with a larger lr in their grid; "
+            f"Fisher's exact test, two-sided, p = {n['fisher_p']:.3f}: {verdict} at the 0.05 level). An association "
+            f"over published labels, not a test of a remedy: taking the smaller lr there would need the runs again.")
+
+
+def summary(rows: list[dict], looked: list[tuple]) -> dict:
+    return {"labels": len(looked), "split": len(rows), "next_lr": by_next_lr(looked), "one_low_seed": sum(len(r["low"]) == 1 for r in rows),
             "one_high_seed": sum(len(r["high"]) == 1 for r in rows),
             "tuned": sum(r["tuning"] is not None for r in rows), "tuning_high": sum(r["tuning_side"] == "high" for r in rows),
             "pairs": sum(r["judged"]["pairs"] for r in rows), "beats_or_beaten": sum(r["judged"]["beats"] + r["judged"]["beaten"] for r in rows),
@@ -126,7 +178,7 @@ would pull it toward the middle; of the {s['tuned_by_seed']} whose report keeps 
 score, {s['tuning_seed_low']} had a tuning seed on the low side). These labels take part in {s['pairs']} judged pairs (in any report,
 each pair of runs once), {s['beats_or_beaten']} of them a "beats" either way. A flag, not a rule: a split can be a
 real property of the method at that lr (it collapses on some seeds), and the report states it
-so the mean is not read as a typical seed."""
+so the mean is not read as a typical seed. {next_lr_text(s['next_lr'])}"""
     return textwrap.fill(" ".join(text.split()), width=92)
 
 
@@ -157,7 +209,13 @@ def quoted(out: dict) -> list[str]:
     s = out["summary"]
     return [f"{s['split']} of the {s['labels']} labels split", f"a single seed in {s['one_low_seed']} of them",
             f"In {s['tuning_high']} of the {s['tuned']} tuned ones", f"{s['pairs']} judged pairs",
-            f"{s['beats_or_beaten']} of them a \"beats\""]
+            f"{s['beats_or_beaten']} of them a \"beats\"", f"of the {s['tuned_by_seed']} whose report keeps each tuning seed's score, "
+            f"{s['tuning_seed_low']} had a tuning seed on the low side", next_lr_quoted(s["next_lr"])]
+
+
+def next_lr_quoted(n: dict) -> str:
+    one, two = n["collapsed"], n["held"]
+    return f"{one['split']} of {one['labels']} labels split; where it did not, {two['split']} of {two['labels']} (Fisher's exact test, two-sided, p = {n['fisher_p']:.3f})"
 
 
 def main() -> None:
@@ -167,7 +225,7 @@ def main() -> None:
         if "labels" in results:
             found[path.parent.name] = results
     homes, pair_homes = shared_runs.label_homes(found), shared_runs.pair_homes(found)
-    rows, looked = [], 0
+    rows, looked = [], []
     for name in found:
         mine, n = rows_of(name, found, homes, pair_homes)
         rows, looked = rows + mine, looked + n

@@ -92,14 +92,31 @@ def test_seed_splits_counts_a_split_label_once_and_its_pairs_wherever_judged(tmp
     assert row["tuning"] == 0.625 and row["tuning_side"] == "high"  # 0.625 >= (0.02 + 0.9) / 2 = 0.46
     # each tuning seed against the same middle: seed 5 high, seed 6 low (the mean hid it)
     assert row["tuning_by_seed"] == {"5": {"score": 0.95, "side": "high"}, "6": {"score": 0.3, "side": "low"}}
-    assert out["summary"] == {"labels": 3, "split": 1, "one_low_seed": 0, "one_high_seed": 0, "tuned": 1, "tuning_high": 1,
-                              "pairs": 2, "beats_or_beaten": 0, "tuned_by_seed": 1, "tuning_seed_low": 1}
+    # x, s (at a) and z (at g) were tuned at 1e-4 with 3e-4 next, under half their score: all three beside a collapse
+    next_lr = {"collapsed": {"labels": 3, "split": 1}, "held": {"labels": 0, "split": 0}, "fisher_p": 1.0}
+    assert out["summary"] == {"labels": 3, "split": 1, "next_lr": next_lr, "one_low_seed": 0, "one_high_seed": 0, "tuned": 1,
+                              "tuning_high": 1, "pairs": 2, "beats_or_beaten": 0, "tuned_by_seed": 1, "tuning_seed_low": 1}
     # by hand, s - x per seed: 0.90, 0.90, 0.01, 0.01, -0.01 (mean 0.362, sd 0.491, t interval ±0.61): no verdict
     assert row["judged"] == {"pairs": 2, "beats": 0, "beaten": 0, "none": 2}
     text = " ".join((tmp_path / "seed_splits.md").read_text().split())
     assert out["repeats_left_out"] == 2 and "**1 of the 3 labels split**" in text
     assert "of the 1 whose report keeps each tuning seed's score, 1 had a tuning seed on the low side" in text
     assert "0.625 (high); seed 5 0.950 (high), seed 6 0.300 (low)" in text
+
+
+def test_seed_splits_fisher_p_and_its_sentence():
+    ss = experiment_script("seed_splits")
+    # 8 of 10 against 1 of 6 (k = 9): P(x) * C(16, 9) = 120, 1260, 3780, 4200, 1800, 270, 10 for
+    # x = 3..9; the tables no likelier than x = 8 (270) sum to 400, and 400 / 11440 = 0.034965
+    assert ss.fisher_p(8, 10, 1, 6) == pytest.approx(400 / 11440)
+    assert ss.fisher_p(1, 6, 8, 10) == pytest.approx(400 / 11440) and ss.fisher_p(2, 10, 1, 5) == pytest.approx(1.0)
+    told = ss.next_lr_text({"collapsed": {"labels": 10, "split": 8}, "held": {"labels": 6, "split": 1}, "fisher_p": 0.035})
+    assert "8 of 10 labels split; where it did not, 1 of 6" in told and "split more often at the 0.05 level" in told
+    untold = ss.next_lr_text({"collapsed": {"labels": 10, "split": 2}, "held": {"labels": 5, "split": 1}, "fisher_p": 1.0})
+    assert "the two rates are not told apart" in untold and "more often" not in untold
+    grid = {"lr_tuning": {"a": {"1e-05": 0.5, "3e-05": 0.9, "0.0001": 0.44}, "b": {"1e-05": 0.5, "3e-05": 0.9, "0.0001": 0.46},
+                          "c": {"1e-05": 0.5, "3e-05": 0.9}}, "chosen_lr": {"a": 3e-5, "b": 3e-5, "c": 3e-5}}
+    assert [ss.next_lr_collapsed(grid, label) for label in "abc"] == [True, False, None]  # 0.44 < 0.45 <= 0.46; c: none larger
 
 
 def test_rule_level_takes_each_pair_of_runs_once(tmp_path):
