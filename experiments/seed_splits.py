@@ -53,17 +53,16 @@ def tuning_by_seed(results: dict, label: str) -> dict[str, float] | None:
     return {f"{float(lr):g}": by_seed for lr, by_seed in scores.items()}.get(f"{chosen:g}")
 
 
-NEXT_COLLAPSE = 0.5  # the next larger lr "collapsed" on tuning: its score under half the chosen lr's
-
-
 def next_lr_collapsed(results: dict, label: str) -> bool | None:
-    """Whether the next larger lr of the label's grid scored under ``NEXT_COLLAPSE`` times the
-    chosen lr's score on tuning (None: untuned, or the chosen lr is the grid's largest)."""
-    scores, chosen = results.get("lr_tuning", {}).get(label), tuning_score(results, label)
-    if not scores or chosen is None:
+    """Whether the next larger lr of the label's grid collapsed on tuning
+    (:func:`opd.compare.protocol.beside_collapse`; None: untuned, or the chosen lr is the
+    grid's largest)."""
+    scores, chosen = results.get("lr_tuning", {}).get(label), results.get("chosen_lr", {}).get(label)
+    if not scores or chosen is None or f"{chosen:g}" not in {f"{float(lr):g}" for lr in scores}:
         return None
-    larger = sorted((float(lr), acc) for lr, acc in scores.items() if float(lr) > results["chosen_lr"][label] * (1 + 1e-6))
-    return larger[0][1] < NEXT_COLLAPSE * chosen if larger else None
+    if not any(float(lr) > chosen * (1 + 1e-6) for lr in scores):
+        return None
+    return protocol.beside_collapse(scores, chosen) is not None
 
 
 def side(split: dict, score: float | None) -> str:
@@ -141,7 +140,7 @@ def next_lr_text(n: dict) -> str:
     told = n["fisher_p"] < 0.05
     verdict = (f"so labels tuned next to a collapse split {'more' if rate(one) > rate(two) else 'less'} often" if told
                else "the two rates are not told apart")
-    return (f"Where the next larger lr of the grid collapsed on tuning (its score under {NEXT_COLLAPSE:g} times the "
+    return (f"Where the next larger lr of the grid collapsed on tuning (its score under {protocol.NEXT_COLLAPSE:g} times the "
             f"chosen lr's; the threshold set before the count was first made), {one['split']} of {one['labels']} labels "
             f"split; where it did not, {two['split']} of {two['labels']} (labels tuned with a larger lr in their grid; "
             f"Fisher's exact test, two-sided, p = {n['fisher_p']:.3f}: {verdict} at the 0.05 level). An association "

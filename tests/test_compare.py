@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from opd.cli import main
+from opd.compare import protocol
 from opd.compare.driver import compare, load_spec
 from opd.config.loader import ConfigError, load_config
 from opd.errors import UserError
@@ -59,6 +60,8 @@ def test_compare_writes_report_and_reruns_give_the_same_numbers(tiny_student_dir
         for lr, score in scores.items():
             assert sorted(by_seed[lr]) == ["2", "3"] and (by_seed[lr]["2"] + by_seed[lr]["3"]) / 2 == pytest.approx(score)
     assert isinstance(results["protocol"]["split_seeds"], list)
+    tuned = {label: {"scores": scores, "chosen": results["chosen_lr"][label]} for label, scores in results["lr_tuning"].items()}
+    assert results["protocol"]["beside_collapse"] == protocol.collapse_sentences(tuned)  # as kept in results.json
     assert set(results["labels"]["opd"]["final"]) == {"0", "1"} and results["labels"]["opd"]["final"]["0"]["optimizer_steps"] == 3
     unmet = " ".join(results["protocol"]["unmet"])
     assert "2 reported seed(s)" in unmet and "at least 4" in unmet and "8 held-out test prompts" in unmet

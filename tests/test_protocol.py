@@ -447,3 +447,25 @@ def test_split_sentences_name_the_groups_and_the_tuning_score():
     text = protocol_text({"protocol": {"unmet": [], "split_seeds": out}})
     assert text.startswith("Every rule of the protocol") and "split into two groups" in text and out[0] in text
     assert protocol_text({"protocol": {"unmet": []}}) == "Every rule of the protocol (`opd.compare.protocol`) is met."
+
+
+def test_beside_collapse_reads_the_next_larger_lr_only():
+    """Chosen 3e-5 at 0.911; the next larger lr 1e-4 at 0.000 < 0.5 x 0.911: beside a collapse.
+    The collapse two lrs up (3e-4) does not count when 1e-4 held (0.6 >= 0.4555)."""
+    scores = {"9e-06": 0.597, "3e-05": 0.911, "0.0001": 0.0, "0.0003": 0.004}
+    assert protocol.beside_collapse(scores, 3e-5) == {"chosen_lr": 3e-5, "accuracy": 0.911, "next_lr": 1e-4, "next_accuracy": 0.0}
+    assert protocol.beside_collapse({**scores, "0.0001": 0.6}, 3e-5) is None
+    assert protocol.beside_collapse({**scores, "0.0001": 0.455}, 3e-5)["next_lr"] == 1e-4  # 0.455 < 0.4555
+    assert protocol.beside_collapse({3e-5: 0.9, 1e-4: 0.1}, 3e-5)["next_accuracy"] == 0.1  # float keys too
+    assert protocol.beside_collapse(scores, 3e-4) is None  # the grid's largest: nothing larger
+    assert protocol.beside_collapse(scores, 5e-5) is None  # not a tuned lr
+
+
+def test_collapse_sentences_and_their_report_flag():
+    grid = {"strong": {"scores": {"3e-05": 0.911, "0.0001": 0.0}, "chosen": 3e-5},
+            "opd": {"scores": {"3e-05": 0.966, "0.0001": 0.965}, "chosen": 3e-5}}
+    out = protocol.collapse_sentences(grid)
+    assert out == ["strong: 0.911 at lr 3e-05, the next larger lr 0.0001 0.000"]
+    from opd.compare.report import protocol_text
+    text = protocol_text({"protocol": {"unmet": [], "beside_collapse": out}})
+    assert "Learning rates chosen beside a collapse" in text and out[0] in text

@@ -35,6 +35,7 @@ MIN_TEST = 500
 SPACING_SLACK = 1e-9  # float ratios such as 1e-3 / 3e-4 = 3.3333333333333335
 SPLIT_GAP = 0.2  # seed_split: the least gap between two groups of seeds' final accuracies
 SPLIT_RATIO = 2.0  # seed_split: the gap over the wider group's range
+NEXT_COLLAPSE = 0.5  # beside_collapse: the next larger lr's tuning score under this times the chosen lr's
 
 
 def grid_problems(grid: list[float]) -> list[str]:
@@ -135,6 +136,34 @@ def undecided(margins: dict) -> list[str]:
     return [f"{label}: {m['accuracy']:.3f} at lr {m['chosen_lr']:g} against {m['runner_up']:.3f} at lr "
             f"{m['runner_up_lr']:g} (margin {m['margin']:+.3f}, noise ±{m['noise']:.3f})"
             for label, m in margins.items() if m is not None and not m["decided"]]
+
+
+def beside_collapse(scores: dict, chosen: float) -> dict | None:
+    """The next larger lr of a tuned grid and its score when it collapsed on tuning,
+
+        a(next) < NEXT_COLLAPSE * a(chosen),
+
+    else None (it did not, the chosen lr is the grid's largest, or ``chosen`` was not tuned).
+    ``scores`` maps lr (a float, or its ``%g`` string) to accuracy. Over the published labels
+    a choice beside a collapse split its reported seeds more often (``experiments/seed_splits.py``)."""
+    by_lr = {f"{float(lr):g}": (float(lr), acc) for lr, acc in scores.items()}
+    mine = by_lr.get(f"{chosen:g}")
+    larger = sorted(pair for pair in by_lr.values() if pair[0] > chosen * (1 + 1e-6))
+    if mine is None or not larger or larger[0][1] >= NEXT_COLLAPSE * mine[1]:
+        return None
+    return {"chosen_lr": mine[0], "accuracy": mine[1], "next_lr": larger[0][0], "next_accuracy": larger[0][1]}
+
+
+def collapse_sentences(grid: dict[str, dict]) -> list[str]:
+    """One sentence per label tuned beside a collapse (:func:`beside_collapse`); ``grid``:
+    ``{label: {"scores": {lr: accuracy}, "chosen": lr}}``."""
+    out = []
+    for label, g in grid.items():
+        c = beside_collapse(g["scores"], g["chosen"])
+        if c is not None:
+            out.append(f"{label}: {c['accuracy']:.3f} at lr {c['chosen_lr']:g}, the next larger lr {c['next_lr']:g} "
+                       f"{c['next_accuracy']:.3f}")
+    return out
 
 
 def seed_split(finals: dict[str, float]) -> dict | None:

@@ -169,7 +169,9 @@ def protocol_text(results: dict) -> str:
         text = "Every rule of the protocol (`opd.compare.protocol`) is met."
     else:
         text = "Rules of the protocol (`opd.compare.protocol`) this comparison does not meet:\n\n" + "\n".join(f"- {u}" for u in unmet)
-    return text + undecided_text(results["protocol"].get("undecided_lr", [])) + split_text(results["protocol"].get("split_seeds", []))
+    flags = results["protocol"]
+    return (text + undecided_text(flags.get("undecided_lr", [])) + collapse_text(flags.get("beside_collapse", []))
+            + split_text(flags.get("split_seeds", [])))
 
 
 def undecided_text(undecided: list[str]) -> str:
@@ -179,6 +181,16 @@ def undecided_text(undecided: list[str]) -> str:
     return ("\n\nLearning rates chosen inside the tuning noise (the chosen lr's validation accuracy over the "
             "runner-up's is within a 95% interval of their difference; another tuning seed could have chosen "
             "another lr; flagged, not a rule):\n\n" + "\n".join(f"- {u}" for u in undecided))
+
+
+def collapse_text(beside: list[str]) -> str:
+    """The labels whose chosen lr sits next to a larger lr that collapsed on tuning (``protocol.beside_collapse``)."""
+    if not beside:
+        return ""
+    return (f"\n\nLearning rates chosen beside a collapse (the next larger lr of the grid scored under "
+            f"{protocol.NEXT_COLLAPSE:g}x the chosen lr's validation accuracy; over the published labels such a choice "
+            "split its reported seeds more often, docs/results/seed_splits.md; flagged, not a rule):\n\n"
+            + "\n".join(f"- {b}" for b in beside))
 
 
 def split_text(splits: list[str]) -> str:

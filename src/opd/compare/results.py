@@ -70,7 +70,9 @@ def results_of(spec, summary: dict, teacher_acc: float | None) -> dict:
         "protocol": {"unmet": protocol.unmet(seeds=spec.seeds, tuning_seeds=_tuning_seeds(info), grid=spec.lr_grid,
                                              unbracketed=unbracketed, budget=spec.budget, test_size=summary["eval_size"]),
                      "undecided_lr": protocol.undecided(margins),
-                     "split_seeds": protocol.split_sentences(finals, _at_chosen(info))},
+                     "split_seeds": protocol.split_sentences(finals, _at_chosen(info)),
+                     "beside_collapse": protocol.collapse_sentences(
+                         {label: {"scores": scores, "chosen": info["chosen"][label]} for label, scores in info.get("grid", {}).items()})},
         "lr_margin": margins,
         "teacher_accuracy": teacher_acc, "target": spec.target, "target_accuracy": threshold,
         "labels": labels, "rule": verdicts.RULE, "planned": spec.planned and [list(pair) for pair in spec.planned],
