@@ -174,33 +174,32 @@ def protocol_text(results: dict) -> str:
             + split_text(flags.get("split_seeds", [])))
 
 
+def _flag_list(heading: str, items: list[str]) -> str:
+    """A flag of the protocol: ``heading (reason; flagged, not a rule):`` and one bullet per
+    label ("" when none is flagged); ``heading`` ends inside its open parenthesis."""
+    return f"\n\n{heading}; flagged, not a rule):\n\n" + "\n".join(f"- {x}" for x in items) if items else ""
+
+
 def undecided_text(undecided: list[str]) -> str:
     """The labels whose lr the tuning chose inside its noise (``protocol.tuning_margin``)."""
-    if not undecided:
-        return ""
-    return ("\n\nLearning rates chosen inside the tuning noise (the chosen lr's validation accuracy over the "
-            "runner-up's is within a 95% interval of their difference; another tuning seed could have chosen "
-            "another lr; flagged, not a rule):\n\n" + "\n".join(f"- {u}" for u in undecided))
+    return _flag_list("Learning rates chosen inside the tuning noise (the chosen lr's validation accuracy over the "
+                      "runner-up's is within a 95% interval of their difference; another tuning seed could have "
+                      "chosen another lr", undecided)
 
 
 def collapse_text(beside: list[str]) -> str:
     """The labels whose chosen lr sits next to a larger lr that collapsed on tuning (``protocol.beside_collapse``)."""
-    if not beside:
-        return ""
-    return (f"\n\nLearning rates chosen beside a collapse (the next larger lr of the grid scored under "
-            f"{protocol.NEXT_COLLAPSE:g}x the chosen lr's validation accuracy; over the published labels such a choice "
-            "split its reported seeds more often, docs/results/seed_splits.md; flagged, not a rule):\n\n"
-            + "\n".join(f"- {b}" for b in beside))
+    return _flag_list(f"Learning rates chosen beside a collapse (the next larger lr of the grid scored under "
+                      f"{protocol.NEXT_COLLAPSE:g}x the chosen lr's validation accuracy; over the published labels "
+                      "such a choice split its reported seeds more often, docs/results/seed_splits.md", beside)
 
 
 def split_text(splits: list[str]) -> str:
     """The labels whose reported seeds split into two groups far apart (``protocol.seed_split``)."""
-    if not splits:
-        return ""
-    return (f"\n\nLabels whose reported seeds split into two groups (the widest gap between neighbouring final "
-            f"accuracies at least {protocol.SPLIT_GAP:g} and over {protocol.SPLIT_RATIO:g}x the wider group's range; "
-            "a mean over seeds and a verdict on it then describe a mixture, and two tuning seeds can miss the low "
-            "group; flagged, not a rule):\n\n" + "\n".join(f"- {s}" for s in splits))
+    return _flag_list(f"Labels whose reported seeds split into two groups (the widest gap between neighbouring final "
+                      f"accuracies at least {protocol.SPLIT_GAP:g} and over {protocol.SPLIT_RATIO:g}x the wider group's "
+                      "range; a mean over seeds and a verdict on it then describe a mixture, and two tuning seeds can "
+                      "miss the low group", splits)
 
 
 def holm_text(found: list[dict]) -> str:
