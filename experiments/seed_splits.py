@@ -91,6 +91,18 @@ def judged(runs: str, found: dict[str, dict], pair_homes: dict) -> dict:
     return counts
 
 
+def tuned_holder(runs: str, found: dict[str, dict], home: str, label: str) -> tuple[dict, str]:
+    """``(results, label)`` of a report that tuned the runs with fingerprint ``runs``: the home
+    when it did, else the first that did in home order (a report that fixed the lr of runs it
+    reused holds no tuning of them), else the home."""
+    order = sorted(found, key=lambda name: (len(found[name]["labels"]), name))
+    for name in [home] + order:
+        for other, entry in found[name]["labels"].items():
+            if found[name].get("lr_tuning", {}).get(other) and shared_runs.fingerprint(entry) == runs:
+                return found[name], other
+    return found[home], label
+
+
 def rows_of(name: str, found: dict[str, dict], homes: dict, pair_homes: dict) -> tuple[list[dict], list[tuple]]:
     """``(splits, labels looked at)`` of one comparison, less the labels at another home; each
     label looked at (three seeds at least) as ``(split?, next larger lr collapsed?)``."""
@@ -99,12 +111,12 @@ def rows_of(name: str, found: dict[str, dict], homes: dict, pair_homes: dict) ->
         if homes.get((name, label), name) != name:
             continue
         finals = {seed: f.get("accuracy", float("nan")) for seed, f in entry["final"].items()}
-        split = protocol.seed_split(finals)
+        split, tuned = protocol.seed_split(finals), tuned_holder(shared_runs.fingerprint(entry), found, name, label)
         if len(finals) >= 3:
-            looked.append((split is not None, next_lr_collapsed(results, label)))
+            looked.append((split is not None, next_lr_collapsed(*tuned)))
         if split is None:
             continue
-        score, by_seed = tuning_score(results, label), tuning_by_seed(results, label)
+        score, by_seed = tuning_score(*tuned), tuning_by_seed(*tuned)
         rows.append({"report": name, "label": label, "method": entry["method"], **split,
                      "mean": sum(finals.values()) / len(finals), "tuning": score, "tuning_side": side(split, score),
                      "tuning_by_seed": None if by_seed is None else {seed: {"score": v, "side": side(split, v)}

@@ -104,6 +104,27 @@ def test_seed_splits_counts_a_split_label_once_and_its_pairs_wherever_judged(tmp
     assert "0.625 (high); seed 5 0.950 (high), seed 6 0.300 (low)" in text
 
 
+def test_runs_reused_at_a_fixed_lr_are_the_same_runs_and_keep_their_tuning(tmp_path, monkeypatch):
+    """f fixes s's lr in its overrides (no grid) and holds s's runs alone: it is their home (one
+    label), and the check reads s's tuning from a, the report that tuned them."""
+    s = _label([0.0, 0.02, 0.9, 0.92, 0.91], 600.0)
+    fixed = {**s, "overrides": {"lr": 1e-4}}
+    assert shared_runs.fingerprint(fixed) == shared_runs.fingerprint(s)
+    assert shared_runs.fingerprint({**fixed, "lr": 3e-4}) != shared_runs.fingerprint(s)  # the lr the runs used counts
+    a = _comparison({"x": X, "s": s})
+    a["lr_tuning_by_seed"] = {"s": {"0.0001": {"5": 0.9, "6": 0.7}, "0.0003": {"5": 0.2, "6": 0.2}}}
+    f = {"seeds": list(range(5)), "labels": {"s": fixed}, "rule": verdicts.RULE, "test_prompts": 500, "verdicts": []}
+    _write(tmp_path, {"a": a, "f": f})
+    ss = experiment_script("seed_splits")
+    monkeypatch.setattr(ss, "RESULTS", tmp_path)
+    ss.main()
+    out = json.loads((tmp_path / "seed_splits" / "results.json").read_text())
+    (row,) = out["splits"]
+    assert (row["report"], row["tuning"], row["tuning_side"]) == ("f", 0.8, "high")
+    assert row["tuning_by_seed"] == {"5": {"score": 0.9, "side": "high"}, "6": {"score": 0.7, "side": "high"}}
+    assert out["summary"]["labels"] == 2 and out["summary"]["next_lr"]["collapsed"] == {"labels": 2, "split": 1}
+
+
 def test_seed_splits_fisher_p_and_its_sentence():
     ss = experiment_script("seed_splits")
     # 8 of 10 against 1 of 6 (k = 9): P(x) * C(16, 9) = 120, 1260, 3780, 4200, 1800, 270, 10 for

@@ -8,7 +8,8 @@ family it was judged in), ties broken by name.
 A label's runs are recognised by their fingerprint: method, overrides, lr, student base and
 every seed's final metrics, wall time included, so two reports share a fingerprint only
 when they report the same run files (a rerun, even one that lands on the same accuracies,
-has other wall times)."""
+has other wall times). The lr counts once, as the runs used it: a report that fixes it in
+the label's overrides holds the same runs as one whose grid chose it."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def fingerprint(entry: dict) -> str:
     """The identity of a label's runs, from its ``results.json`` entry. A probe's metrics
     (``probe/*``, measured on the runs' checkpoints after training: ``experiments/probed.py``)
     are left out: a report that probes the runs holds the same runs as one that does not."""
-    keep = {k: entry.get(k) for k in ("method", "overrides", "lr", "student_base")}
+    keep = {k: entry.get(k) for k in ("method", "lr", "student_base")}
+    keep["overrides"] = {k: v for k, v in (entry.get("overrides") or {}).items() if k != "lr"}
     keep["final"] = {seed: {k: v for k, v in f.items() if not k.startswith("probe/")} for seed, f in entry.get("final", {}).items()}
     return json.dumps(keep, sort_keys=True)
 
