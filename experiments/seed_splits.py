@@ -58,9 +58,7 @@ def next_lr_collapsed(results: dict, label: str) -> bool | None:
     (:func:`opd.compare.protocol.beside_collapse`; None: untuned, or the chosen lr is the
     grid's largest)."""
     scores, chosen = results.get("lr_tuning", {}).get(label), results.get("chosen_lr", {}).get(label)
-    if not scores or chosen is None or f"{chosen:g}" not in {f"{float(lr):g}" for lr in scores}:
-        return None
-    if not any(float(lr) > chosen * (1 + 1e-6) for lr in scores):
+    if not scores or chosen is None or protocol.next_larger(scores, chosen) is None:
         return None
     return protocol.beside_collapse(scores, chosen) is not None
 

@@ -146,12 +146,20 @@ def beside_collapse(scores: dict, chosen: float) -> dict | None:
     else None (it did not, the chosen lr is the grid's largest, or ``chosen`` was not tuned).
     ``scores`` maps lr (a float, or its ``%g`` string) to accuracy. Over the published labels
     a choice beside a collapse split its reported seeds more often (``experiments/seed_splits.py``)."""
+    pair = next_larger(scores, chosen)
+    if pair is None or pair[1][1] >= NEXT_COLLAPSE * pair[0][1]:
+        return None
+    (lr, acc), (next_lr, next_acc) = pair
+    return {"chosen_lr": lr, "accuracy": acc, "next_lr": next_lr, "next_accuracy": next_acc}
+
+
+def next_larger(scores: dict, chosen: float) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """``((chosen lr, its score), (next larger lr, its score))`` of a tuned grid, or None when
+    ``chosen`` was not tuned or is the grid's largest. ``scores``: lr (float or ``%g``) → accuracy."""
     by_lr = {f"{float(lr):g}": (float(lr), acc) for lr, acc in scores.items()}
     mine = by_lr.get(f"{chosen:g}")
     larger = sorted(pair for pair in by_lr.values() if pair[0] > chosen * (1 + 1e-6))
-    if mine is None or not larger or larger[0][1] >= NEXT_COLLAPSE * mine[1]:
-        return None
-    return {"chosen_lr": mine[0], "accuracy": mine[1], "next_lr": larger[0][0], "next_accuracy": larger[0][1]}
+    return None if mine is None or not larger else (mine, larger[0])
 
 
 def collapse_sentences(grid: dict[str, dict]) -> list[str]:
