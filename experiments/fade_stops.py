@@ -1,8 +1,12 @@
-"""Where suffix fade stops supervising, rollout by rollout: the spread behind its mean.
+"""Where suffix fade (or Prune-OPD) stops supervising, rollout by rollout: the spread behind its mean.
 
     python experiments/fade_stops.py NAME [--label fade_light_h32] [--prompts 256]
 
-A suffix-fade run logs only the mean share of each rollout it kept (``signal/kept_frac``).
+A suffix-fade run logs only the mean share of each rollout it kept (``signal/kept_frac``);
+a Prune-OPD run only the mean reliable length (``signal/reliable_len``). Both stop
+supervising each rollout at a point of their own (suffix fade at a change point of the
+teacher's margin, Prune-OPD once its reliability falls under ``w_min``), so both are read
+here the same way.
 This takes the base student and every reported seed's final checkpoint of the label in
 ``runs/NAME`` (a published report's runs), samples rollouts of the first ``--prompts``
 training prompts (``group_size`` each, generator seed 0, as a training step samples them),
@@ -31,6 +35,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PERCENTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+STOPPING = ("suffix_fade", "prune_opd")  # methods whose signal's mask_BT stops each rollout at a point of its own
 
 
 def percentiles(sorted_values: list[int]) -> dict | None:
@@ -59,14 +64,16 @@ def kept_stats(kept: list[int]) -> dict:
 
 
 def stops(setup, prompts: int, batch: int = 64) -> list[tuple[int, int | None, int]]:
-    """Per rollout ``(k_i, c_i, length)``: the tokens suffix fade's loss mask keeps (the
-    method's own signal), the clean prefix (None when the teacher cannot trace a prefix) and
+    """Per rollout ``(k_i, c_i, length)``: the tokens the method's loss mask keeps (its own
+    signal; Prune-OPD's adaptive budget is reset to the cap before every batch, so its
+    rollouts run to the same length as suffix fade's and the mask alone sets the stop), the clean prefix (None when the teacher cannot trace a prefix) and
     the rollout's length."""
     env, method = setup.env, setup.method
-    if method.name != "suffix_fade":
-        raise SystemExit(f"the label's method is {method.name}, not suffix_fade")
+    if method.name not in STOPPING:
+        raise SystemExit(f"the label's method is {method.name}, not one of {', '.join(STOPPING)}")
     generator, out = torch.Generator().manual_seed(0), []
     for start in range(0, prompts, batch):
+        full_length(method)
         exp = method.rollout(env, setup.train_pool[start:min(start + batch, prompts)], generator)
         teacher, context = method.context(env, exp)
         scores = teacher.score(context, topk=method.teacher_request.topk, full=True, temperature=1.0)
@@ -74,6 +81,13 @@ def stops(setup, prompts: int, batch: int = 64) -> list[tuple[int, int | None, i
         for k, problem, y in zip(kept, exp.problems, exp.batch.completions()):
             out.append((int(k), clean_prefix(env.teacher, env.encode_prompt(problem), y), len(y)))
     return out
+
+
+def full_length(method) -> None:
+    """Set an adaptive generation budget (Prune-OPD's ``state``) back to its cap."""
+    budget = getattr(method, "state", None)
+    if getattr(budget, "schedule", None) == "adaptive":
+        budget.set_next(budget.max_tokens)
 
 
 def kept_tokens(setup, prompts: int, batch: int = 64) -> list[int]:
