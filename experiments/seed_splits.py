@@ -72,15 +72,15 @@ def side(split: dict, score: float | None) -> str:
     return "high" if score >= middle else "low"
 
 
-def judged(runs: str, found: dict[str, dict], pair_homes: dict) -> dict:
-    """The published verdicts that judged the label whose runs have the fingerprint ``runs``
-    (:func:`opd.compare.shared_runs.fingerprint`) against another label, in any report, each
-    pair of runs at its home only: ``{"pairs", "beats", "beaten", "none"}``."""
+def judged(entry: dict, found: dict[str, dict], pair_homes: dict) -> dict:
+    """The published verdicts that judged the runs of the label ``entry`` (all of them or some
+    of its seeds: :func:`opd.compare.shared_runs.contains`) against another label, in any
+    report, each pair of runs at its home only: ``{"pairs", "beats", "beaten", "none"}``."""
     counts = {"pairs": 0, "beats": 0, "beaten": 0, "none": 0}
     for name, results in found.items():
-        prints = {label: shared_runs.fingerprint(entry) for label, entry in results["labels"].items()}
         for v in results.get("verdicts", []):
-            mine = [label for label in (v["a"], v["b"]) if prints.get(label) == runs]
+            mine = [label for label in (v["a"], v["b"]) if label in results["labels"]
+                    and shared_runs.contains(entry, results["labels"][label])]
             if len(mine) != 1 or pair_homes.get((name, v["a"], v["b"]), name) != name:
                 continue
             counts["pairs"] += 1
@@ -89,14 +89,15 @@ def judged(runs: str, found: dict[str, dict], pair_homes: dict) -> dict:
     return counts
 
 
-def tuned_holder(runs: str, found: dict[str, dict], home: str, label: str) -> tuple[dict, str]:
-    """``(results, label)`` of a report that tuned the runs with fingerprint ``runs``: the home
-    when it did, else the first that did in home order (a report that fixed the lr of runs it
-    reused holds no tuning of them), else the home."""
+def tuned_holder(entry: dict, found: dict[str, dict], home: str, label: str) -> tuple[dict, str]:
+    """``(results, label)`` of a report that tuned runs holding those of the label ``entry``
+    (:func:`opd.compare.shared_runs.contains`): the home when it did, else the first that did
+    in home order (a report that fixed the lr of runs it reused holds no tuning of them),
+    else the home."""
     order = sorted(found, key=lambda name: (len(found[name]["labels"]), name))
     for name in [home] + order:
-        for other, entry in found[name]["labels"].items():
-            if found[name].get("lr_tuning", {}).get(other) and shared_runs.fingerprint(entry) == runs:
+        for other, held in found[name]["labels"].items():
+            if found[name].get("lr_tuning", {}).get(other) and shared_runs.contains(held, entry):
                 return found[name], other
     return found[home], label
 
@@ -109,7 +110,7 @@ def rows_of(name: str, found: dict[str, dict], homes: dict, pair_homes: dict) ->
         if homes.get((name, label), name) != name:
             continue
         finals = {seed: f.get("accuracy", float("nan")) for seed, f in entry["final"].items()}
-        split, tuned = protocol.seed_split(finals), tuned_holder(shared_runs.fingerprint(entry), found, name, label)
+        split, tuned = protocol.seed_split(finals), tuned_holder(entry, found, name, label)
         if len(finals) >= 3:
             looked.append((split is not None, next_lr_collapsed(*tuned)))
         if split is None:
@@ -119,7 +120,7 @@ def rows_of(name: str, found: dict[str, dict], homes: dict, pair_homes: dict) ->
                      "mean": sum(finals.values()) / len(finals), "tuning": score, "tuning_side": side(split, score),
                      "tuning_by_seed": None if by_seed is None else {seed: {"score": v, "side": side(split, v)}
                                                                      for seed, v in by_seed.items()},
-                     "judged": judged(shared_runs.fingerprint(entry), found, pair_homes)})
+                     "judged": judged(entry, found, pair_homes)})
     return rows, looked
 
 

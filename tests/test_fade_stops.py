@@ -1,6 +1,8 @@
-"""Suffix fade's per-rollout stops: the summary against by-hand values, and the counts against
-what the rollouts themselves say (a change point that is never accepted keeps every token;
-one that is keeps whole steps); the clean prefix against the oracle's own deviation count."""
+"""Suffix fade's and Prune-OPD's per-rollout stops: the summary against by-hand values, and the
+counts against what the rollouts themselves say (a change point that is never accepted keeps
+every token; one that is keeps whole steps; Prune-OPD stopping at its first drift event, the
+student's and the teacher's argmax computed here from full logits); the clean prefix against
+the oracle's own deviation count."""
 
 import pytest
 import torch
@@ -63,8 +65,50 @@ def test_an_accepted_change_point_keeps_whole_steps(tiny_cfg):
 
 
 def test_kept_tokens_refuses_another_method(tiny_cfg):
-    with pytest.raises(SystemExit, match="not suffix_fade"):
+    with pytest.raises(SystemExit, match="not one of suffix_fade, prune_opd"):
         stops.kept_tokens(build_setup(tiny_cfg(method="opd")), prompts=2)
+
+
+def _prune(tiny_cfg, **knobs):
+    """Prune-OPD on the shipped addition base (a trained student: its argmax agrees with the
+    teacher's on most clean prefixes), under a strong decay keyed on deviations."""
+    return build_setup(tiny_cfg(method="prune_opd", student="testbed", task="addition", horizon=4, max_new_tokens=40,
+                                group_size=2, oracle_decay=0.9, oracle_decay_mode="deviations", **knobs))
+
+
+@torch.no_grad()
+def _before_second_drift(setup, prompts: int, batch: int) -> list[int]:
+    """Per rollout (the same generator stream as ``stops``), the completion positions before
+    the second drift event, a drift event being a position where the student's argmax is not
+    among the teacher's most likely ids (ties as a set): one full forward pass per rollout,
+    the full vocabulary."""
+    generator, out = torch.Generator().manual_seed(0), []
+    model = setup.env.student
+    for start in range(0, prompts, batch):
+        stops.full_length(setup.method)
+        exp = setup.method.rollout(setup.env, setup.train_pool[start:min(start + batch, prompts)], generator)
+        teacher, context = setup.method.context(setup.env, exp)
+        logits_BTV = teacher.score(context, topk=1, full=True, temperature=1.0).logits_BTV.float()
+        model.eval()
+        for i, (prompt, y) in enumerate(zip(exp.batch.prompts(), exp.batch.completions())):
+            ids = torch.tensor([prompt + y])
+            student_T = model(input_ids=ids).logits[0, len(prompt) - 1:len(prompt) - 1 + len(y)].argmax(-1)
+            t_logp_TV = logits_BTV[i, :len(y)].log_softmax(-1)
+            best_T = t_logp_TV.max(-1, keepdim=True).values
+            agrees_T = t_logp_TV.gather(-1, student_T[:, None])[:, 0] >= best_T[:, 0] - 1e-6
+            drifts = [t for t, ok in enumerate(agrees_T.tolist()) if not ok]
+            out.append(drifts[1] if len(drifts) > 1 else len(y))
+    return out
+
+
+def test_prune_opd_stops_at_its_second_drift_event_and_generates_at_the_cap(tiny_cfg):
+    setup = _prune(tiny_cfg, prune_eta=0.5)  # w = 0.5 after one drift event, 0.25 < w_min 0.3 after two
+    setup.method.state.set_next(1)  # a budget a run left at 1 token: reset to the cap here
+    rows = stops.stops(setup, prompts=8, batch=4)
+    assert [k for k, _, _ in rows] == _before_second_drift(_prune(tiny_cfg, prune_eta=0.5), prompts=8, batch=4)
+    assert any(k == n for k, _, n in rows) and any(0 < k < n for k, _, n in rows)  # some kept whole, some stopped
+    never = stops.stops(_prune(tiny_cfg, prune_w_min=0.0), prompts=8, batch=4)  # w >= 0 always: nothing stops
+    assert [k for k, _, _ in never] == [n for _, _, n in never]
 
 
 TOK = build_tokenizer()

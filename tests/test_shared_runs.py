@@ -1,6 +1,6 @@
 """Runs that several comparisons report are counted once by the instrument checks: a report
 ``a`` ran labels x and y, ``b`` reused x, ``g`` gathered x and y beside a new z, and ``r``
-reran x's config (same accuracies, other wall times: other runs)."""
+reran x's config and landed elsewhere on one seed (other runs)."""
 
 import json
 from pathlib import Path
@@ -21,18 +21,37 @@ def _label(accs: list[float], wall: float, lr: float = 1e-4) -> dict:
 X, Y, Z = _label([0.9, 0.92, 0.91, 0.93, 0.9], 100.0), _label([0.5, 0.52, 0.48, 0.51, 0.5], 200.0), \
     _label([0.7, 0.71, 0.69, 0.72, 0.7], 300.0)
 REPORTS = {"a": {"labels": {"x": X, "y": Y}}, "b": {"labels": {"x": X, "w": _label([0.1] * 5, 400.0)}},
-           "g": {"labels": {"x2": X, "y2": Y, "z": Z}}, "r": {"labels": {"x": _label([0.9, 0.92, 0.91, 0.93, 0.9], 500.0)}}}
+           "g": {"labels": {"x2": X, "y2": Y, "z": Z}}, "r": {"labels": {"x": _label([0.9, 0.92, 0.91, 0.93, 0.89], 500.0)}}}
 
 
 def test_a_label_s_home_is_the_smallest_report_that_holds_its_runs():
     homes = shared_runs.label_homes(REPORTS)
     assert homes["a", "x"] == "a" and homes["b", "x"] == "a" and homes["g", "x2"] == "a"  # (2, "a") < (2, "b") < (3, "g")
     assert homes["g", "y2"] == "a" and homes["g", "z"] == "g" and homes["b", "w"] == "b"
-    assert homes["r", "x"] == "r"  # a rerun is other runs, though its accuracies match
+    assert homes["r", "x"] == "r"  # a rerun that lands elsewhere on one seed is other runs
     tuned = {name: {**r, "lr_tuning": {label: {"0.0001": 0.8 if name != "b" else 0.7} for label in r["labels"]}}
              for name, r in REPORTS.items()}
     homes = shared_runs.label_homes(tuned, with_tuning=True)
     assert homes["b", "x"] == "b" and homes["g", "x2"] == "a"  # b tuned x again and chose the same lr
+
+
+def test_an_exact_rerun_and_a_seed_subset_are_counted_at_the_runs_home():
+    """e reran x's config and got every seed's metrics again (other wall times); f reported
+    seeds 0-2 of x alone; h reported seeds 0-2 beside a seed 9 that x lacks."""
+    rerun = _label([0.9, 0.92, 0.91, 0.93, 0.9], 500.0)
+    subset = {**X, "final": {s: f for s, f in X["final"].items() if s in "012"}}
+    beyond = {**subset, "final": {**subset["final"], "9": {"accuracy": 0.9, "wall_s": 1.0}}}
+    assert shared_runs.fingerprint(rerun) == shared_runs.fingerprint(X)
+    assert shared_runs.contains(X, subset) and not shared_runs.contains(subset, X)
+    assert not shared_runs.contains(X, beyond) and not shared_runs.contains(X, {**subset, "lr": 3e-4})
+    reports = {"a": {"labels": {"x": X, "y": Y}}, "e": {"labels": {"x": rerun, "w": Z}},
+               "f": {"labels": {"x": subset}}, "h": {"labels": {"x": beyond}}}
+    homes = shared_runs.label_homes(reports)
+    assert homes["a", "x"] == homes["e", "x"] == "a"  # same seeds, same size: by name
+    assert homes["f", "x"] == "a"  # the subset's home holds the most seeds, though f has fewer labels
+    assert homes["h", "x"] == "h"  # seed 9 is nowhere else
+    pairs = shared_runs.pair_homes({**reports, "f": {"labels": {"x": subset, "y": Y}}})
+    assert pairs["f", "x", "y"] == "f"  # a verdict over seeds 0-2 is another verdict
 
 
 def test_a_pair_s_home_needs_both_runs_and_ignores_order():
@@ -187,3 +206,22 @@ def test_a_probe_measured_on_the_runs_afterwards_does_not_make_them_other_runs()
     assert shared_runs.fingerprint(probed) == shared_runs.fingerprint(X)
     homes = shared_runs.pair_homes({"a": {"labels": {"x": X, "y": Y}}, "p": {"labels": {"x": probed, "y": Y, "z": Z}}})
     assert homes["p", "x", "y"] == "a"
+
+
+def test_seed_splits_counts_a_rerun_and_a_seed_subset_of_a_split_label_once(tmp_path, monkeypatch):
+    """a ran x and s (s splits); e ran s's config again beside z and got the same metrics; f
+    reported s's seeds 0-2 at the lr a chose: s is one label, counted at a, tuned at a."""
+    s = _label([0.0, 0.02, 0.9, 0.92, 0.91], 600.0)
+    a = _comparison({"x": X, "s": s})
+    e = _comparison({"s": _label([0.0, 0.02, 0.9, 0.92, 0.91], 900.0), "z": Z})
+    subset = {**s, "overrides": {"lr": 1e-4}, "final": {k: f for k, f in s["final"].items() if k in "012"}}
+    f = {"seeds": [0, 1, 2], "labels": {"s": subset}, "rule": verdicts.RULE, "test_prompts": 500, "verdicts": []}
+    _write(tmp_path, {"a": a, "e": e, "f": f})
+    ss = experiment_script("seed_splits")
+    monkeypatch.setattr(ss, "RESULTS", tmp_path)
+    ss.main()
+    out = json.loads((tmp_path / "seed_splits" / "results.json").read_text())
+    (row,) = out["splits"]
+    assert (row["report"], row["label"], row["tuning"]) == ("a", "s", 0.8)
+    assert out["repeats_left_out"] == 2 and (out["summary"]["labels"], out["summary"]["split"]) == (3, 1)
+    assert row["judged"]["pairs"] == 2  # (s, x) at a and (s, z) at e: the rerun's verdicts judged the same runs
