@@ -153,8 +153,9 @@ B" when the 95% percentile bootstrap interval of the mean per-seed difference ex
 verdicts (and those on its further metrics) are recomputed here under the rule it states;
 every one matched the committed verdict{'' if not mism else ' except: ' + '; '.join(mism)}.
 
-**Each pair's runs counted once.** A report can reuse another's runs or gather several
-reports' labels side by side, so the same pair of runs can be judged in several reports. The
+**Each pair's runs counted once.** A report can reuse another's runs, gather several
+reports' labels side by side or run a config again to the same numbers on every seed, so
+the same pair of runs can be judged in several reports. The
 totals below count each such pair once, at its home: of the reports that hold both runs, the
 one with the fewest labels (`opd.compare.shared_runs`; the table's last column names the
 pairs left to another report: {sum(r["pairs"] - r["own"]["pairs"] for r in rows)} of {sum(r["pairs"] for r in rows)}). The

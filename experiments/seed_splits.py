@@ -204,8 +204,9 @@ per-seed final test accuracies sorted, the widest gap between neighbours is at l
 (`opd.compare.protocol.seed_split`; a group of one seed has range 0; three seeds at least).
 Then the mean over seeds describes neither group, and a verdict on it judges a mixture: the
 paired interval widens with the gap (often "no difference measured"), or a "beats" rests on
-the low seeds. Each label's runs are counted once, at their home (the smallest report that
-holds them; {repeats} repeats left out), each pair of runs once.
+the low seeds. Each label's runs are counted once, at their home (of the reports that hold
+all its seeds' runs, or ran its config again to the same numbers, one with the most seeds,
+the smallest such; {repeats} repeats left out), each pair of runs once.
 
 {_summary_text(s)}
 

@@ -103,8 +103,8 @@ nothing). For each label of each published comparison: the chosen lr's final val
 accuracy on the tuning seed against the best other lr's, and the noise of that difference,
 `1.96·sqrt((a1(1−a1) + a2(1−a2))/n)` on the `n` validation prompts (times the tuning
 seeds, for a comparison tuned on the mean over several; `opd.compare.protocol.tuning_margin`).
-A label whose runs several comparisons report (reused or gathered: `opd.compare.shared_runs`)
-is counted once, at its home; {skipped} such repeats are left out. "decided: no" means the
+A label whose runs several comparisons report (reused, gathered, rerun to the same numbers or
+reported for some of its seeds: `opd.compare.shared_runs`) is counted once, at its home; {skipped} such repeats are left out. "decided: no" means the
 margin is inside the noise:
 another tuning seed could have chosen another lr. The protocol still uses the best lr; the
 last column is the smallest lr that a rule preferring smaller lrs inside the noise would
