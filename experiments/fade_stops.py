@@ -66,8 +66,8 @@ def kept_stats(kept: list[int]) -> dict:
 def stops(setup, prompts: int, batch: int = 64) -> list[tuple[int, int | None, int]]:
     """Per rollout ``(k_i, c_i, length)``: the tokens the method's loss mask keeps (its own
     signal; Prune-OPD's adaptive budget is reset to the cap before every batch, so its
-    rollouts run to the same length as suffix fade's and the mask alone sets the stop), the clean prefix (None when the teacher cannot trace a prefix) and
-    the rollout's length."""
+    rollouts run to the same length as suffix fade's and the mask alone sets the stop), the
+    clean prefix (None when the teacher cannot trace a prefix) and the rollout's length."""
     env, method = setup.env, setup.method
     if method.name not in STOPPING:
         raise SystemExit(f"the label's method is {method.name}, not one of {', '.join(STOPPING)}")
@@ -91,7 +91,7 @@ def full_length(method) -> None:
 
 
 def kept_tokens(setup, prompts: int, batch: int = 64) -> list[int]:
-    """Per rollout, the tokens suffix fade's loss mask keeps (the method's own signal)."""
+    """Per rollout, the tokens the method's loss mask keeps (its own signal)."""
     return [k for k, _, _ in stops(setup, prompts, batch)]
 
 
