@@ -323,3 +323,14 @@ def test_grpo_ratio_rows_show_each_seeds_crossing_and_the_mean_only_when_all_rea
                                          ["opd", "512", "1,024", "2 of 2", "768"]]
     final = {"accuracy": 0.75, "by_modulus": {"5": {"problems": 2, "right": 2}, "7": {"problems": 2, "right": 1}}}
     assert ratio.modulus_rows({3: final}) == [["3", "0.750", "1.000", "0.500"]]
+
+
+def test_step_trace_reads_training_rows_and_their_early_mean(tmp_path):
+    st = _script("step_trace")
+    rows = [{"step": 0, "rollout/budget": 256}, {"eval/accuracy": 0.5}, {"step": 1, "rollout/budget": 80},
+            {"step": 2, "rollout/budget": 100}, {"step": 3, "rollout/budget": 256}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    trace = st.seed_trace(path, ["rollout/budget"])["rollout/budget"]
+    assert trace["steps"] == [256, 80, 100, 256]  # the evaluation row is not a step
+    assert trace["early_mean"] == (256 + 80 + 100 + 256) / 4 and trace["first_back_at_max"] == 3
